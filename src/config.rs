@@ -1,0 +1,1158 @@
+//! `clouds.yml`: a superset of cloudeye-exporter's file, parsed strictly (unknown keys are errors that name
+//! the key), then validated into a typed [`Config`] before anything is built. Every key and its default is
+//! documented in `clouds.example.yml`.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem, always naming the field path and, where there is one, the bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config field `{field}` = {value:?}: {reason}")]
+    Invalid {
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: &str, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The field path the error is about, when known.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// A string that never prints: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Secret(String::deserialize(d)?))
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`, `1m30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty duration; use e.g. \"500ms\", \"5s\", \"2m\", \"1h\"".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return Err(format!(
+                "invalid duration {s:?}; use e.g. \"500ms\", \"5s\", \"2m\", \"1h\""
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => {
+                return Err(format!(
+                    "invalid duration {s:?}: unit must be ms, s, m or h"
+                ));
+            }
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Prints a duration the way the config accepts it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    global: RawGlobal,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    endpoints: RawEndpoints,
+    #[serde(default)]
+    discovery: RawDiscovery,
+    #[serde(default)]
+    collection: RawCollection,
+    #[serde(default)]
+    cloud: RawCloud,
+    #[serde(default)]
+    log: RawLog,
+}
+
+/// cloudeye-exporter keys that load unchanged but have no effect here (the exporter is ELB-only and
+/// Kubernetes-driven). They are reported once at startup.
+const IGNORED_GLOBAL_KEYS: &[&str] = &[
+    "eps_path",
+    "metric_info_expiration_days",
+    "metric_info_clean_threshold",
+    "ep_ids",
+    "metrics_conf_path",
+    "logs_conf_path",
+    "endpoints_conf_path",
+    "rms_retry_times",
+    "namespaces",
+    "export_rms_labels",
+    "client_cn",
+    "unit_standardization_enabled",
+    "i18n_config_file_path",
+    "unit_standardization_file_path",
+    "metric_timestamp_export_enabled",
+    "metric_query_duration",
+    "enable_https",
+    "https_port",
+    "tls_cert",
+    "tls_key",
+    "proxy_schema",
+    "proxy_host",
+    "proxy_port",
+    "proxy_username",
+    "proxy_password",
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    port: Option<String>,
+    metric_path: Option<String>,
+    prefix: Option<String>,
+    scrape_batch_size: Option<i64>,
+    // cloudeye-exporter keys with an equivalent here.
+    max_routines: Option<i64>,
+    resource_sync_interval_minutes: Option<i64>,
+    ignore_ssl_verify: Option<bool>,
+    // cloudeye-exporter keys accepted for compatibility, without effect.
+    eps_path: Option<serde_yaml::Value>,
+    metric_info_expiration_days: Option<serde_yaml::Value>,
+    metric_info_clean_threshold: Option<serde_yaml::Value>,
+    ep_ids: Option<serde_yaml::Value>,
+    metrics_conf_path: Option<serde_yaml::Value>,
+    logs_conf_path: Option<serde_yaml::Value>,
+    endpoints_conf_path: Option<serde_yaml::Value>,
+    rms_retry_times: Option<serde_yaml::Value>,
+    namespaces: Option<serde_yaml::Value>,
+    export_rms_labels: Option<serde_yaml::Value>,
+    client_cn: Option<serde_yaml::Value>,
+    unit_standardization_enabled: Option<serde_yaml::Value>,
+    i18n_config_file_path: Option<serde_yaml::Value>,
+    unit_standardization_file_path: Option<serde_yaml::Value>,
+    metric_timestamp_export_enabled: Option<serde_yaml::Value>,
+    metric_query_duration: Option<serde_yaml::Value>,
+    enable_https: Option<serde_yaml::Value>,
+    https_port: Option<serde_yaml::Value>,
+    tls_cert: Option<serde_yaml::Value>,
+    tls_key: Option<serde_yaml::Value>,
+    proxy_schema: Option<serde_yaml::Value>,
+    proxy_host: Option<serde_yaml::Value>,
+    proxy_port: Option<serde_yaml::Value>,
+    proxy_username: Option<serde_yaml::Value>,
+    proxy_password: Option<Secret>,
+}
+
+impl RawGlobal {
+    fn ignored_present(&self) -> Vec<&'static str> {
+        let present = [
+            self.eps_path.is_some(),
+            self.metric_info_expiration_days.is_some(),
+            self.metric_info_clean_threshold.is_some(),
+            self.ep_ids.is_some(),
+            self.metrics_conf_path.is_some(),
+            self.logs_conf_path.is_some(),
+            self.endpoints_conf_path.is_some(),
+            self.rms_retry_times.is_some(),
+            self.namespaces.is_some(),
+            self.export_rms_labels.is_some(),
+            self.client_cn.is_some(),
+            self.unit_standardization_enabled.is_some(),
+            self.i18n_config_file_path.is_some(),
+            self.unit_standardization_file_path.is_some(),
+            self.metric_timestamp_export_enabled.is_some(),
+            self.metric_query_duration.is_some(),
+            self.enable_https.is_some(),
+            self.https_port.is_some(),
+            self.tls_cert.is_some(),
+            self.tls_key.is_some(),
+            self.proxy_schema.is_some(),
+            self.proxy_host.is_some(),
+            self.proxy_port.is_some(),
+            self.proxy_username.is_some(),
+            self.proxy_password.is_some(),
+        ];
+        IGNORED_GLOBAL_KEYS
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| *p)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    auth_url: Option<String>,
+    region: Option<String>,
+    project_name: Option<String>,
+    project_id: Option<String>,
+    access_key: Option<String>,
+    secret_key: Option<Secret>,
+    security_token: Option<Secret>,
+    // cloudeye-exporter keys: the account is identified by AK/SK here.
+    domain_name: Option<String>,
+    domain_id: Option<String>,
+    user_name: Option<String>,
+    password: Option<Secret>,
+    oidc: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoints {
+    iam: Option<String>,
+    elb: Option<String>,
+    ces: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    annotation: Option<String>,
+    namespaces: Option<Vec<String>>,
+    listener_refresh: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCollection {
+    interval: Option<String>,
+    lookback: Option<String>,
+    filter: Option<String>,
+    metrics: Option<Vec<String>>,
+    stale_intervals: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloud {
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+    max_concurrency: Option<i64>,
+    ca_file: Option<String>,
+    insecure_skip_verify: Option<bool>,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    rate_limit: RawRateLimit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<i64>,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+    max_elapsed: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    iam_per_minute: Option<i64>,
+    elb_per_minute: Option<i64>,
+    ces_per_minute: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The validated configuration.
+
+/// The full, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Socket address to listen on (`global.port`, cloudeye style `":8087"` means all interfaces).
+    pub listen: String,
+    pub metric_path: String,
+    pub prefix: String,
+    pub scrape_batch_size: usize,
+    pub auth: Auth,
+    pub endpoints: Endpoints,
+    pub discovery: Discovery,
+    pub collection: Collection,
+    pub cloud: CloudSettings,
+    pub log: LogSettings,
+    /// cloudeye-exporter keys present in the file that have no effect here.
+    pub ignored_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub auth_url: String,
+    pub region: String,
+    pub project_name: String,
+    /// Empty: resolved through IAM from `project_name`.
+    pub project_id: String,
+    pub domain_id: String,
+    pub credentials: Credentials,
+}
+
+/// AK/SK credentials. `Debug` never shows the SK or the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key: String,
+    pub secret_key: Secret,
+    pub security_token: Option<Secret>,
+}
+
+/// A parsed `scheme://host[:port]` base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub scheme: String,
+    /// `host` or `host:port`, exactly as it goes into the `Host` header and the signature.
+    pub authority: String,
+}
+
+impl Endpoint {
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub iam: Endpoint,
+    pub elb: Endpoint,
+    pub ces: Endpoint,
+}
+
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    pub annotation: String,
+    pub namespaces: Vec<String>,
+    pub listener_refresh: Duration,
+}
+
+/// CES statistic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Average,
+    Max,
+    Min,
+    Sum,
+    Variance,
+}
+
+impl Filter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Filter::Average => "average",
+            Filter::Max => "max",
+            Filter::Min => "min",
+            Filter::Sum => "sum",
+            Filter::Variance => "variance",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "average" => Filter::Average,
+            "max" => Filter::Max,
+            "min" => Filter::Min,
+            "sum" => Filter::Sum,
+            "variance" => Filter::Variance,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Collection {
+    pub interval: Duration,
+    pub lookback: Duration,
+    pub filter: Filter,
+    pub metrics: Vec<String>,
+    /// How many intervals the last good values keep being served after collection fails.
+    pub stale_intervals: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct CloudSettings {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Cloud requests in flight at once, across all APIs.
+    pub max_concurrency: usize,
+    pub ca_file: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+    pub retry: RetrySettings,
+    pub rate_limit: RateLimits,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetrySettings {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// No retry starts once this much time has passed since the first attempt.
+    pub max_elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimits {
+    pub iam_per_minute: u32,
+    pub elb_per_minute: u32,
+    pub ces_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// The default metric set (PRODUCT.md).
+pub const DEFAULT_METRICS: &[&str] = &[
+    "m1_cps",
+    "m1e_server_rps",
+    "m1f_lvs_rps",
+    "m21_client_rps",
+    "m22_in_bandwidth",
+    "m23_out_bandwidth",
+    "m2_act_conn",
+    "m3_inact_conn",
+    "m4_ncps",
+    "m5_in_pps",
+    "m6_out_pps",
+    "m7_in_Bps",
+    "m8_out_Bps",
+];
+
+pub const DEFAULT_ANNOTATION: &str = "kubernetes.io/elb.id";
+/// CES accepts at most this many metrics per batch call.
+pub const CES_MAX_BATCH: usize = 500;
+/// CES returns at most this many datapoints per call; beyond it `from` is silently moved forward.
+pub const CES_DATAPOINT_BUDGET: u64 = 3000;
+
+/// Environment variables that override the file.
+pub const ENV_AK: &str = "HUAWEICLOUD_SDK_AK";
+pub const ENV_SK: &str = "HUAWEICLOUD_SDK_SK";
+pub const ENV_TOKEN: &str = "HUAWEICLOUD_SDK_SECURITY_TOKEN";
+pub const ENV_PROJECT_ID: &str = "HUAWEICLOUD_SDK_PROJECT_ID";
+
+impl Config {
+    /// Reads and validates `path`, with the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml(&text, &|k| std::env::var(k).ok())
+    }
+
+    /// Parses and validates a `clouds.yml` text; `env` supplies environment variables.
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        // An empty file is an empty mapping, so that environment-only setups work.
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?
+        };
+        build(raw, env)
+    }
+
+    /// Metrics-per-call limit: the configured batch size, CES' 500, and the 3000-datapoint budget of the
+    /// lookback window at 1-minute resolution (so CES never silently truncates the window).
+    pub fn effective_batch_size(&self) -> usize {
+        let minutes = self.collection.lookback.as_secs().div_ceil(60).max(1);
+        let budget = (CES_DATAPOINT_BUDGET / minutes).max(1) as usize;
+        self.scrape_batch_size.min(CES_MAX_BATCH).min(budget)
+    }
+}
+
+fn dur(field: &str, v: Option<String>) -> Result<Option<Duration>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(s) => parse_duration(&s)
+            .map(Some)
+            .map_err(|reason| ConfigError::invalid(field, &s, reason)),
+    }
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+fn positive(field: &str, v: Option<i64>, default: i64, max: i64) -> Result<i64, ConfigError> {
+    let n = v.unwrap_or(default);
+    if n < 1 || n > max {
+        return Err(ConfigError::invalid(
+            field,
+            n,
+            format!("must be between 1 and {max}"),
+        ));
+    }
+    Ok(n)
+}
+
+fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let env_nonempty = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let mut ignored: Vec<String> = raw
+        .global
+        .ignored_present()
+        .into_iter()
+        .map(|k| format!("global.{k}"))
+        .collect();
+
+    // global
+    let g = &raw.global;
+    let listen = parse_listen(g.port.as_deref().unwrap_or(":8087"))?;
+    let metric_path = g.metric_path.clone().unwrap_or_else(|| "/metrics".into());
+    if !metric_path.starts_with('/')
+        || metric_path.len() < 2
+        || metric_path.contains(['?', '#', ' '])
+        || matches!(metric_path.as_str(), "/healthz" | "/readyz")
+    {
+        return Err(ConfigError::invalid(
+            "global.metric_path",
+            &metric_path,
+            "must be an absolute path such as /metrics, other than / /healthz /readyz",
+        ));
+    }
+    let prefix = g.prefix.clone().unwrap_or_else(|| "huaweicloud".into());
+    if !is_metric_name(&prefix) {
+        return Err(ConfigError::invalid(
+            "global.prefix",
+            &prefix,
+            "must match [a-zA-Z_:][a-zA-Z0-9_:]*",
+        ));
+    }
+    let batch = g.scrape_batch_size.unwrap_or(CES_MAX_BATCH as i64);
+    if !(1..=CES_MAX_BATCH as i64).contains(&batch) {
+        return Err(ConfigError::invalid(
+            "global.scrape_batch_size",
+            batch,
+            "CES accepts 1..500 metrics per batch call",
+        ));
+    }
+
+    // auth
+    let a = raw.auth;
+    let auth_url = non_empty(a.auth_url).ok_or_else(|| {
+        ConfigError::invalid(
+            "auth.auth_url",
+            "",
+            "required, e.g. https://iam.cn-east-3.myhuaweicloud.com/v3",
+        )
+    })?;
+    let (auth_scheme, auth_host, auth_port) = parse_url("auth.auth_url", &auth_url, true)?;
+    let region = non_empty(a.region)
+        .ok_or_else(|| ConfigError::invalid("auth.region", "", "required, e.g. cn-east-3"))?;
+    if !region
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ConfigError::invalid(
+            "auth.region",
+            &region,
+            "a region id looks like cn-east-3",
+        ));
+    }
+    let project_id = env_nonempty(ENV_PROJECT_ID)
+        .or(non_empty(a.project_id))
+        .unwrap_or_default();
+    if !project_id.is_empty()
+        && !project_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ConfigError::invalid(
+            "auth.project_id",
+            &project_id,
+            "must be the project's id (letters and digits)",
+        ));
+    }
+    let project_name = non_empty(a.project_name).unwrap_or_else(|| region.clone());
+    let access_key = env_nonempty(ENV_AK)
+        .or(non_empty(a.access_key))
+        .unwrap_or_default();
+    let secret_key = env_nonempty(ENV_SK)
+        .map(Secret)
+        .or(a.secret_key.filter(|s| !s.0.trim().is_empty()))
+        .map(|s| Secret(s.0.trim().to_string()))
+        .unwrap_or_default();
+    let security_token = env_nonempty(ENV_TOKEN)
+        .map(Secret)
+        .or(a.security_token.filter(|s| !s.0.trim().is_empty()))
+        .map(|s| Secret(s.0.trim().to_string()));
+    if access_key.is_empty() || secret_key.is_empty() {
+        if a.password.is_some_and(|p| !p.is_empty()) {
+            return Err(ConfigError::invalid(
+                "auth.password",
+                "[redacted]",
+                "password authentication is not supported; set auth.access_key and auth.secret_key",
+            ));
+        }
+        let field = if access_key.is_empty() {
+            "auth.access_key"
+        } else {
+            "auth.secret_key"
+        };
+        return Err(ConfigError::invalid(
+            field,
+            "",
+            format!("required (or set {ENV_AK} and {ENV_SK})"),
+        ));
+    }
+    if access_key.contains(|c: char| c.is_whitespace() || c == ',') {
+        return Err(ConfigError::invalid(
+            "auth.access_key",
+            &access_key,
+            "must not contain spaces or commas",
+        ));
+    }
+    for (k, present) in [
+        ("auth.domain_name", a.domain_name.is_some()),
+        ("auth.user_name", a.user_name.is_some()),
+        ("auth.password", a.password.is_some()),
+        ("auth.oidc", a.oidc.is_some()),
+    ] {
+        if present {
+            ignored.push(k.to_string());
+        }
+    }
+    let domain_id = non_empty(a.domain_id).unwrap_or_default();
+
+    // endpoints: explicit, else the auth_url host with `iam` replaced by the service name.
+    let service_default = |svc: &str| -> Endpoint {
+        let host = derive_host(&auth_host, svc, &region);
+        Endpoint {
+            scheme: auth_scheme.clone(),
+            authority: authority(&auth_scheme, &host, auth_port),
+        }
+    };
+    let endpoint = |field: &str, v: Option<String>, svc: &str| -> Result<Endpoint, ConfigError> {
+        match non_empty(v) {
+            None => Ok(service_default(svc)),
+            Some(u) => {
+                let (scheme, host, port) = parse_url(field, &u, false)?;
+                Ok(Endpoint {
+                    authority: authority(&scheme, &host, port),
+                    scheme,
+                })
+            }
+        }
+    };
+    let iam = match non_empty(raw.endpoints.iam.clone()) {
+        Some(_) => endpoint("endpoints.iam", raw.endpoints.iam, "iam")?,
+        None => Endpoint {
+            scheme: auth_scheme.clone(),
+            authority: authority(&auth_scheme, &auth_host, auth_port),
+        },
+    };
+    let endpoints = Endpoints {
+        iam,
+        elb: endpoint("endpoints.elb", raw.endpoints.elb, "elb")?,
+        ces: endpoint("endpoints.ces", raw.endpoints.ces, "ces")?,
+    };
+
+    // discovery
+    let d = raw.discovery;
+    let annotation = d
+        .annotation
+        .unwrap_or_else(|| DEFAULT_ANNOTATION.to_string());
+    if !is_annotation_key(&annotation) {
+        return Err(ConfigError::invalid(
+            "discovery.annotation",
+            &annotation,
+            "must be a Kubernetes annotation key such as kubernetes.io/elb.id",
+        ));
+    }
+    let namespaces = d.namespaces.unwrap_or_default();
+    for (i, ns) in namespaces.iter().enumerate() {
+        if !is_dns_label(ns) {
+            return Err(ConfigError::invalid(
+                &format!("discovery.namespaces[{i}]"),
+                ns,
+                "must be a Kubernetes namespace name",
+            ));
+        }
+    }
+    let listener_refresh = match (
+        dur("discovery.listener_refresh", d.listener_refresh)?,
+        g.resource_sync_interval_minutes,
+    ) {
+        (Some(v), _) => v,
+        (None, Some(m)) => Duration::from_secs(
+            positive("global.resource_sync_interval_minutes", Some(m), 5, 1440)? as u64 * 60,
+        ),
+        (None, None) => Duration::from_secs(300),
+    };
+    if listener_refresh < Duration::from_secs(10) {
+        return Err(ConfigError::invalid(
+            "discovery.listener_refresh",
+            format_duration(listener_refresh),
+            "must be at least 10s",
+        ));
+    }
+
+    // collection
+    let c = raw.collection;
+    let interval = dur("collection.interval", c.interval)?.unwrap_or(Duration::from_secs(60));
+    if interval < Duration::from_secs(1) {
+        return Err(ConfigError::invalid(
+            "collection.interval",
+            format_duration(interval),
+            "must be at least 1s",
+        ));
+    }
+    let lookback = dur("collection.lookback", c.lookback)?.unwrap_or(Duration::from_secs(300));
+    if lookback < Duration::from_secs(60) || lookback > Duration::from_secs(4 * 3600) {
+        return Err(ConfigError::invalid(
+            "collection.lookback",
+            format_duration(lookback),
+            "must be between 1m (one CES period) and 4h",
+        ));
+    }
+    let filter_s = c.filter.unwrap_or_else(|| "average".into());
+    let filter = Filter::parse(&filter_s).ok_or_else(|| {
+        ConfigError::invalid(
+            "collection.filter",
+            &filter_s,
+            "must be one of average, max, min, sum, variance",
+        )
+    })?;
+    let metrics = c
+        .metrics
+        .unwrap_or_else(|| DEFAULT_METRICS.iter().map(|s| s.to_string()).collect());
+    if metrics.is_empty() {
+        return Err(ConfigError::invalid(
+            "collection.metrics",
+            "[]",
+            "at least one metric is required",
+        ));
+    }
+    for (i, m) in metrics.iter().enumerate() {
+        if !is_ces_metric_name(m) {
+            return Err(ConfigError::invalid(
+                &format!("collection.metrics[{i}]"),
+                m,
+                "a CES metric name: 1-96 chars of [0-9A-Za-z_-], starting with a letter",
+            ));
+        }
+        if metrics[..i].contains(m) {
+            return Err(ConfigError::invalid(
+                &format!("collection.metrics[{i}]"),
+                m,
+                "listed twice",
+            ));
+        }
+    }
+    let stale_intervals =
+        positive("collection.stale_intervals", c.stale_intervals, 3, 1000)? as u32;
+
+    // cloud
+    let cl = raw.cloud;
+    let connect_timeout =
+        dur("cloud.connect_timeout", cl.connect_timeout)?.unwrap_or(Duration::from_secs(5));
+    let request_timeout =
+        dur("cloud.request_timeout", cl.request_timeout)?.unwrap_or(Duration::from_secs(20));
+    for (field, v) in [
+        ("cloud.connect_timeout", connect_timeout),
+        ("cloud.request_timeout", request_timeout),
+    ] {
+        if v < Duration::from_millis(100) || v > Duration::from_secs(600) {
+            return Err(ConfigError::invalid(
+                field,
+                format_duration(v),
+                "must be between 100ms and 10m",
+            ));
+        }
+    }
+    let max_concurrency = match (cl.max_concurrency, g.max_routines) {
+        (Some(n), _) => positive("cloud.max_concurrency", Some(n), 4, 64)?,
+        (None, Some(n)) => positive("global.max_routines", Some(n), 4, 1000)?.min(64),
+        (None, None) => 4,
+    } as usize;
+    let ca_file = non_empty(cl.ca_file).map(PathBuf::from);
+    if let Some(p) = &ca_file
+        && !p.is_file()
+    {
+        return Err(ConfigError::invalid(
+            "cloud.ca_file",
+            p.display(),
+            "file does not exist",
+        ));
+    }
+    let insecure_skip_verify = cl
+        .insecure_skip_verify
+        .or(g.ignore_ssl_verify)
+        .unwrap_or(false);
+    let r = cl.retry;
+    let retry = RetrySettings {
+        max_attempts: positive("cloud.retry.max_attempts", r.max_attempts, 4, 20)? as u32,
+        initial_backoff: dur("cloud.retry.initial_backoff", r.initial_backoff)?
+            .unwrap_or(Duration::from_secs(1)),
+        max_backoff: dur("cloud.retry.max_backoff", r.max_backoff)?
+            .unwrap_or(Duration::from_secs(30)),
+        max_elapsed: dur("cloud.retry.max_elapsed", r.max_elapsed)?
+            .unwrap_or(Duration::from_secs(120)),
+    };
+    if retry.initial_backoff.is_zero() || retry.initial_backoff > retry.max_backoff {
+        return Err(ConfigError::invalid(
+            "cloud.retry.initial_backoff",
+            format_duration(retry.initial_backoff),
+            "must be above 0 and at most cloud.retry.max_backoff",
+        ));
+    }
+    let rl = cl.rate_limit;
+    let rate_limit = RateLimits {
+        iam_per_minute: positive(
+            "cloud.rate_limit.iam_per_minute",
+            rl.iam_per_minute,
+            60,
+            10_000,
+        )? as u32,
+        elb_per_minute: positive(
+            "cloud.rate_limit.elb_per_minute",
+            rl.elb_per_minute,
+            300,
+            10_000,
+        )? as u32,
+        ces_per_minute: positive(
+            "cloud.rate_limit.ces_per_minute",
+            rl.ces_per_minute,
+            300,
+            10_000,
+        )? as u32,
+    };
+
+    // log
+    let level = raw.log.level.unwrap_or_else(|| "info".into());
+    if !matches!(
+        level.as_str(),
+        "error" | "warn" | "info" | "debug" | "trace"
+    ) {
+        return Err(ConfigError::invalid(
+            "log.level",
+            &level,
+            "must be one of error, warn, info, debug, trace",
+        ));
+    }
+    let format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(ConfigError::invalid(
+                "log.format",
+                other,
+                "must be text or json",
+            ));
+        }
+    };
+
+    Ok(Config {
+        listen,
+        metric_path,
+        prefix,
+        scrape_batch_size: batch as usize,
+        auth: Auth {
+            auth_url,
+            region,
+            project_name,
+            project_id,
+            domain_id,
+            credentials: Credentials {
+                access_key,
+                secret_key,
+                security_token,
+            },
+        },
+        endpoints,
+        discovery: Discovery {
+            annotation,
+            namespaces,
+            listener_refresh,
+        },
+        collection: Collection {
+            interval,
+            lookback,
+            filter,
+            metrics,
+            stale_intervals,
+        },
+        cloud: CloudSettings {
+            connect_timeout,
+            request_timeout,
+            max_concurrency,
+            ca_file,
+            insecure_skip_verify,
+            retry,
+            rate_limit,
+        },
+        log: LogSettings { level, format },
+        ignored_keys: ignored,
+    })
+}
+
+/// `":8087"` (cloudeye style: all interfaces), `"8087"`, `"127.0.0.1:8087"` or `"[::1]:8087"`.
+pub fn parse_listen(s: &str) -> Result<String, ConfigError> {
+    let t = s.trim();
+    let candidate = if let Some(port) = t.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() {
+        format!("0.0.0.0:{t}")
+    } else {
+        t.to_string()
+    };
+    candidate
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| {
+            ConfigError::invalid(
+                "global.port",
+                s,
+                "must be \":PORT\" or \"HOST:PORT\" with a numeric host, e.g. \":8087\" or \"127.0.0.1:8087\"",
+            )
+        })
+}
+
+/// Returns (scheme, host, explicit port).
+fn parse_url(
+    field: &str,
+    s: &str,
+    path_allowed: bool,
+) -> Result<(String, String, Option<u16>), ConfigError> {
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| ConfigError::invalid(field, s, format!("not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(
+            field,
+            s,
+            "scheme must be https or http",
+        ));
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(a)) => a.to_string(),
+        Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+        None => return Err(ConfigError::invalid(field, s, "has no host")),
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::invalid(
+            field,
+            "[redacted]",
+            "must not carry credentials",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::invalid(
+            field,
+            s,
+            "must not have a query or fragment",
+        ));
+    }
+    if !path_allowed && url.path() != "/" && !url.path().is_empty() {
+        return Err(ConfigError::invalid(
+            field,
+            s,
+            "must be scheme://host[:port] without a path",
+        ));
+    }
+    Ok((url.scheme().to_string(), host, url.port()))
+}
+
+fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
+    // `Url::port()` is already `None` for the scheme's default port, so the Host header matches what
+    // an HTTP client sends for the same URL.
+    match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    }
+}
+
+/// `iam.cn-east-3.myhuaweicloud.com` → `elb.cn-east-3.myhuaweicloud.com`; the global
+/// `iam.myhuaweicloud.com` → `elb.{region}.myhuaweicloud.com`; any other host (a simulator, a private
+/// cloud gateway) is kept as it is.
+fn derive_host(auth_host: &str, service: &str, region: &str) -> String {
+    if service == "iam" {
+        return auth_host.to_string();
+    }
+    match auth_host.split_once('.') {
+        Some(("iam", "myhuaweicloud.com")) => format!("{service}.{region}.myhuaweicloud.com"),
+        Some(("iam", rest)) => format!("{service}.{rest}"),
+        _ => auth_host.to_string(),
+    }
+}
+
+fn is_metric_name(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_' || b == b':')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+}
+
+/// CES metric names: 1-96 chars of `[0-9A-Za-z_-]`, starting with a letter.
+pub fn is_ces_metric_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 96
+        && s.as_bytes()[0].is_ascii_alphabetic()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        // The exported family name keeps the CES name; `-` is not allowed in Prometheus names.
+        && !s.contains('-')
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_annotation_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    let prefix_ok =
+        prefix.is_none_or(|p| !p.is_empty() && p.len() <= 253 && p.split('.').all(is_dns_label));
+    name_ok && prefix_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        for bad in ["", "5", "5x", "s", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn derived_hosts() {
+        assert_eq!(
+            derive_host("iam.cn-east-3.myhuaweicloud.com", "ces", "cn-east-3"),
+            "ces.cn-east-3.myhuaweicloud.com"
+        );
+        assert_eq!(
+            derive_host("iam.myhuaweicloud.com", "elb", "cn-north-4"),
+            "elb.cn-north-4.myhuaweicloud.com"
+        );
+        assert_eq!(
+            derive_host("iam.eu-west-101.myhuaweicloud.eu", "elb", "eu-west-101"),
+            "elb.eu-west-101.myhuaweicloud.eu"
+        );
+        assert_eq!(derive_host("127.0.0.1", "ces", "r"), "127.0.0.1");
+    }
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(parse_listen(":8087").unwrap(), "0.0.0.0:8087");
+        assert_eq!(parse_listen("127.0.0.1:0").unwrap(), "127.0.0.1:0");
+        assert_eq!(parse_listen("[::1]:9000").unwrap(), "[::1]:9000");
+        assert!(parse_listen("localhost:x").is_err());
+    }
+
+    #[test]
+    fn annotation_keys() {
+        assert!(is_annotation_key("kubernetes.io/elb.id"));
+        assert!(is_annotation_key("elb-id"));
+        assert!(!is_annotation_key("kubernetes.io/"));
+        assert!(!is_annotation_key("bad key"));
+    }
+}
