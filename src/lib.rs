@@ -8,3 +8,4 @@ pub mod cloud;
 pub mod config;
 pub mod signer;
 pub mod sim;
+pub mod telemetry;

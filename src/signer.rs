@@ -87,11 +87,7 @@ fn percent_decode(s: &str) -> String {
 /// and end with `/`.
 pub fn canonical_uri(path: &str) -> String {
     let decoded = percent_decode(path);
-    let mut out = decoded
-        .split('/')
-        .map(encode)
-        .collect::<Vec<_>>()
-        .join("/");
+    let mut out = decoded.split('/').map(encode).collect::<Vec<_>>().join("/");
     if !out.ends_with('/') {
         out.push('/');
     }
@@ -312,7 +308,12 @@ mod tests {
             sdk_date(UNIX_EPOCH + Duration::from_secs(951_782_400)),
             "20000229T000000Z"
         );
-        for bad in ["", "20191115T033015", "2019111XT033015Z", "20191315T033015Z"] {
+        for bad in [
+            "",
+            "20191115T033015",
+            "2019111XT033015Z",
+            "20191315T033015Z",
+        ] {
             assert_eq!(parse_sdk_date(bad), None, "{bad:?}");
         }
     }

@@ -4,8 +4,8 @@ use elb_exporter::signer::{Algorithm, SignRequest, sign};
 use serde_json::Value;
 
 fn case(name: &str) -> Value {
-    let all: Vec<Value> = serde_json::from_str(include_str!("data/signing_vectors.json"))
-        .expect("vectors parse");
+    let all: Vec<Value> =
+        serde_json::from_str(include_str!("data/signing_vectors.json")).expect("vectors parse");
     all.into_iter()
         .find(|v| v["name"] == name)
         .unwrap_or_else(|| panic!("no vector named {name}"))
@@ -49,13 +49,34 @@ fn check(name: &str) {
         headers: &headers,
         body: body.as_bytes(),
     };
-    let s = sign(&req, v["ak"].as_str().unwrap(), v["sk"].as_str().unwrap(), &algorithm);
+    let s = sign(
+        &req,
+        v["ak"].as_str().unwrap(),
+        v["sk"].as_str().unwrap(),
+        &algorithm,
+    );
 
-    assert_eq!(s.canonical_request, scalar(&v["canonical_request"]), "canonical request");
-    assert_eq!(s.string_to_sign, scalar(&v["string_to_sign"]), "string to sign");
+    assert_eq!(
+        s.canonical_request,
+        scalar(&v["canonical_request"]),
+        "canonical request"
+    );
+    assert_eq!(
+        s.string_to_sign,
+        scalar(&v["string_to_sign"]),
+        "string to sign"
+    );
     assert_eq!(s.signature, scalar(&v["signature"]), "signature");
-    assert_eq!(s.signed_headers, scalar(&v["expected_signed_headers"]), "signed headers");
-    assert_eq!(s.authorization, scalar(&v["expected_authorization"]), "authorization");
+    assert_eq!(
+        s.signed_headers,
+        scalar(&v["expected_signed_headers"]),
+        "signed headers"
+    );
+    assert_eq!(
+        s.authorization,
+        scalar(&v["expected_authorization"]),
+        "authorization"
+    );
 
     // The wire request must be exactly what was signed.
     let mut url = format!("https://{}{}", req.host, req.path);
@@ -103,6 +124,9 @@ fn every_vector_has_a_test() {
     let listed = include_str!("signing_vectors.rs");
     for v in all {
         let name = v["name"].as_str().unwrap();
-        assert!(listed.contains(&format!("    {name},\n")), "vector {name} has no test");
+        assert!(
+            listed.contains(&format!("    {name},\n")),
+            "vector {name} has no test"
+        );
     }
 }

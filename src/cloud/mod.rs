@@ -1,1 +1,224 @@
+//! Huawei Cloud access: IAM project lookup, ELB listener listing (v2 shared, v3 dedicated) and the CES
+//! batch metric query, behind the [`CloudApi`] trait so the collector and its tests can use any
+//! implementation. [`client::HttpCloud`] is the real one (AK/SK-signed HTTP with retries and rate limits).
 
+pub mod client;
+pub mod parse;
+pub mod retry;
+
+pub use crate::telemetry::Api;
+use std::fmt;
+use std::time::Duration;
+
+/// Which ELB listener API to ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ElbVersion {
+    /// `/v2/{project_id}/elb/listeners`: shared load balancers.
+    V2,
+    /// `/v3/{project_id}/elb/listeners`: dedicated load balancers.
+    V3,
+}
+
+impl ElbVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ElbVersion::V2 => "v2",
+            ElbVersion::V3 => "v3",
+        }
+    }
+}
+
+/// An ELB listener, as far as the exporter needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub id: String,
+    pub name: String,
+    pub protocol: String,
+    pub port: u16,
+}
+
+/// One metric of a batch query: namespace, metric name and dimensions (order as sent).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MetricQuery {
+    pub namespace: String,
+    pub metric_name: String,
+    pub dimensions: Vec<(String, String)>,
+}
+
+/// A CES batch query (`POST /V1.0/{project_id}/batch-query-metric-data`).
+#[derive(Debug, Clone)]
+pub struct BatchQuery {
+    pub metrics: Vec<MetricQuery>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// `"1"` = raw (1-minute) data.
+    pub period: &'static str,
+    pub filter: crate::config::Filter,
+}
+
+/// A datapoint: Unix milliseconds and value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Datapoint {
+    pub timestamp_ms: i64,
+    pub value: f64,
+}
+
+/// The answer to a [`BatchQuery`], matched back to the request by (namespace, metric, dimension set).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchResult {
+    /// The newest usable datapoint for each requested metric, in request order.
+    pub newest: Vec<Option<Datapoint>>,
+    /// Response parts that could not be used (unmatched, duplicated, non-finite or negative values...).
+    pub skipped: Vec<(&'static str, usize)>,
+}
+
+/// Cloud API access. Implemented by [`client::HttpCloud`]; tests may substitute anything.
+#[async_trait::async_trait]
+pub trait CloudApi: Send + Sync + 'static {
+    /// The project id (configured, or resolved once through IAM and cached).
+    async fn project_id(&self) -> Result<String, CloudError>;
+    /// Every listener of a load balancer, following all pages.
+    async fn list_listeners(
+        &self,
+        version: ElbVersion,
+        loadbalancer_id: &str,
+    ) -> Result<Vec<Listener>, CloudError>;
+    /// One CES batch call (the caller keeps it within 500 metrics and the datapoint budget).
+    async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError>;
+}
+
+/// What a failed cloud call said: HTTP status, the cloud's error code and message, the request id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub status: u16,
+    pub code: Option<String>,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+impl fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HTTP {}", self.status)?;
+        if let Some(c) = &self.code {
+            write!(f, " {c}")?;
+        }
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        if let Some(r) = &self.request_id {
+            write!(f, " (request id {r})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A failed cloud call, classified so retries and metrics can act on the kind.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CloudError {
+    #[error(
+        "{0}: authentication failed (check AK/SK, clock skew; 5 failures lock the AK for 5 minutes): {1}"
+    )]
+    Unauthorized(Api, ErrorBody),
+    #[error("{0}: permission denied (the AK needs ces:metricData:list / elb:listeners:list): {1}")]
+    Forbidden(Api, ErrorBody),
+    #[error("{0}: not found (project or resource): {1}")]
+    NotFound(Api, ErrorBody),
+    #[error("{0}: throttled: {1}")]
+    Throttled(Api, ErrorBody, Option<Duration>),
+    #[error("{0}: request rejected: {1}")]
+    BadRequest(Api, ErrorBody),
+    #[error("{0}: server error: {1}")]
+    Server(Api, ErrorBody),
+    #[error("{0}: unexpected answer: {1}")]
+    Http(Api, ErrorBody),
+    #[error("{0}: timed out after {1:?}")]
+    Timeout(Api, Duration),
+    #[error("{0}: connection failed: {1}")]
+    Connect(Api, String),
+    #[error("{0}: malformed response: {1}")]
+    Malformed(Api, String),
+    #[error("project lookup: {0}")]
+    Project(String),
+}
+
+impl CloudError {
+    /// Transient failures worth another attempt.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            CloudError::Throttled(..)
+                | CloudError::Server(..)
+                | CloudError::Timeout(..)
+                | CloudError::Connect(..)
+                | CloudError::Malformed(..)
+        )
+    }
+
+    /// `Retry-After` the server asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CloudError::Throttled(_, _, d) => *d,
+            _ => None,
+        }
+    }
+
+    /// The `code` label for the failure counter: a fixed set, never text from the response.
+    pub fn metric_code(&self) -> &'static str {
+        match self {
+            CloudError::Unauthorized(..) => "401",
+            CloudError::Forbidden(..) => "403",
+            CloudError::NotFound(..) => "404",
+            CloudError::Throttled(..) => "429",
+            CloudError::BadRequest(..) => "400",
+            CloudError::Server(_, b) => match b.status {
+                500 => "500",
+                502 => "502",
+                503 => "503",
+                504 => "504",
+                _ => "5xx",
+            },
+            CloudError::Http(_, b) if (400..500).contains(&b.status) => "4xx",
+            CloudError::Http(..) => "other",
+            CloudError::Timeout(..) => "timeout",
+            CloudError::Connect(..) => "connect",
+            CloudError::Malformed(..) => "malformed",
+            CloudError::Project(..) => "project",
+        }
+    }
+
+    /// The cloud's error code (`ces.0429`, `APIGW.0301`...), for logs.
+    pub fn cloud_code(&self) -> Option<&str> {
+        match self {
+            CloudError::Unauthorized(_, b)
+            | CloudError::Forbidden(_, b)
+            | CloudError::NotFound(_, b)
+            | CloudError::Throttled(_, b, _)
+            | CloudError::BadRequest(_, b)
+            | CloudError::Server(_, b)
+            | CloudError::Http(_, b) => b.code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Classifies an HTTP error answer.
+    pub fn from_status(api: Api, body: ErrorBody, retry_after: Option<Duration>) -> Self {
+        let throttling_code = body.code.as_deref().is_some_and(|c| {
+            c.eq_ignore_ascii_case("ces.0429")
+                || c.eq_ignore_ascii_case("APIG.0308")
+                || c.eq_ignore_ascii_case("APIGW.0308")
+        });
+        match body.status {
+            429 => CloudError::Throttled(api, body, retry_after),
+            _ if throttling_code => CloudError::Throttled(api, body, retry_after),
+            401 => CloudError::Unauthorized(api, body),
+            403 => CloudError::Forbidden(api, body),
+            404 => CloudError::NotFound(api, body),
+            400 | 405..=428 | 430..=499 => match body.status {
+                400 | 409 | 413 | 422 => CloudError::BadRequest(api, body),
+                _ => CloudError::Http(api, body),
+            },
+            500..=599 => CloudError::Server(api, body),
+            _ => CloudError::Http(api, body),
+        }
+    }
+}

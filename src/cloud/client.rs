@@ -1,0 +1,515 @@
+//! The real cloud client: AK/SK-signed HTTPS (rustls) with explicit timeouts, per-API rate limits, a
+//! concurrency cap, classified retries, and request metrics.
+
+use super::retry::{RateLimiter, backoff};
+use super::{
+    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, Listener, parse,
+};
+use crate::config::{Config, Credentials, Endpoint, RetrySettings};
+use crate::signer::{self, Algorithm, SignRequest};
+use crate::telemetry::{Api, Telemetry};
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{OnceCell, Semaphore};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// Cap on a response body: a listener page of 2000 items is ~2 MB, a 500-metric CES answer ~1 MB.
+const MAX_BODY: usize = 32 * 1024 * 1024;
+/// Page sizes: v3 allows up to 2000; v2 documents none, so stay moderate.
+const V2_PAGE: usize = 500;
+const V3_PAGE: usize = 2000;
+/// A load balancer with more pages than this is treated as a paging bug rather than followed forever.
+const MAX_PAGES: usize = 1000;
+
+/// Could not build the HTTP client (bad CA file...).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("cloud.ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("HTTP client: {0}")]
+    Http(String),
+}
+
+pub struct HttpCloud {
+    http: reqwest::Client,
+    credentials: ArcSwap<Credentials>,
+    region: String,
+    project_name: String,
+    configured_project: String,
+    domain_id: String,
+    iam: Endpoint,
+    elb: Endpoint,
+    ces: Endpoint,
+    retry: RetrySettings,
+    request_timeout: Duration,
+    limiters: [RateLimiter; 3],
+    in_flight: Semaphore,
+    telemetry: Telemetry,
+    project: OnceCell<String>,
+}
+
+impl HttpCloud {
+    pub fn new(cfg: &Config, telemetry: Telemetry) -> Result<Self, ClientBuildError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(cfg.cloud.connect_timeout)
+            .timeout(cfg.cloud.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("elb-exporter/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(cfg.cloud.insecure_skip_verify);
+        if let Some(path) = &cfg.cloud.ca_file {
+            let err = |reason: String| ClientBuildError::CaFile {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(err("no PEM certificate in the file".into()));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+        let rl = &cfg.cloud.rate_limit;
+        Ok(HttpCloud {
+            http,
+            credentials: ArcSwap::from_pointee(cfg.auth.credentials.clone()),
+            region: cfg.auth.region.clone(),
+            project_name: cfg.auth.project_name.clone(),
+            configured_project: cfg.auth.project_id.clone(),
+            domain_id: cfg.auth.domain_id.clone(),
+            iam: cfg.endpoints.iam.clone(),
+            elb: cfg.endpoints.elb.clone(),
+            ces: cfg.endpoints.ces.clone(),
+            retry: cfg.cloud.retry.clone(),
+            request_timeout: cfg.cloud.request_timeout,
+            limiters: [
+                RateLimiter::new(rl.iam_per_minute),
+                RateLimiter::new(rl.elb_per_minute),
+                RateLimiter::new(rl.ces_per_minute),
+            ],
+            in_flight: Semaphore::new(cfg.cloud.max_concurrency),
+            telemetry,
+            project: OnceCell::new(),
+        })
+    }
+
+    /// Swaps in rotated credentials; calls already signed finish with the old ones.
+    pub fn set_credentials(&self, c: Credentials) {
+        self.credentials.store(Arc::new(c));
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    fn limiter(&self, api: Api) -> &RateLimiter {
+        match api {
+            Api::IamListProjects => &self.limiters[0],
+            Api::ElbListListeners => &self.limiters[1],
+            Api::CesBatchQuery => &self.limiters[2],
+        }
+    }
+
+    /// Sends one logical call, retrying transient failures within the retry budget.
+    async fn call(&self, call: &Call<'_>) -> Result<Vec<u8>, CloudError> {
+        let start = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            self.limiter(call.api).acquire().await;
+            let result = {
+                // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
+                let _permit = self.in_flight.acquire().await.ok();
+                self.attempt(call).await
+            };
+            let err = match result {
+                Ok(body) => return Ok(body),
+                Err(e) => e,
+            };
+            self.telemetry
+                .cloud_failures
+                .with_label_values(&[call.api.as_str(), err.metric_code()])
+                .inc();
+            attempt += 1;
+            if !err.is_retryable() || attempt >= self.retry.max_attempts {
+                return Err(err);
+            }
+            let delay = backoff(
+                &self.retry,
+                attempt - 1,
+                err.retry_after(),
+                rand::random::<f64>(),
+            );
+            if start.elapsed() + delay > self.retry.max_elapsed {
+                return Err(err);
+            }
+            warn!(
+                api = call.api.as_str(),
+                attempt,
+                code = err.metric_code(),
+                cloud_code = err.cloud_code().unwrap_or(""),
+                delay_ms = delay.as_millis() as u64,
+                error = %err,
+                "cloud call failed, retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One signed HTTP request.
+    async fn attempt(&self, call: &Call<'_>) -> Result<Vec<u8>, CloudError> {
+        let api = call.api;
+        let creds = self.credentials.load();
+        let mut headers: Vec<(String, String)> = vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("X-Sdk-Date".into(), signer::sdk_date(SystemTime::now())),
+        ];
+        if let Some(p) = call.project {
+            headers.push(("X-Project-Id".into(), p.to_string()));
+        }
+        if api == Api::IamListProjects && !self.domain_id.is_empty() {
+            headers.push(("X-Domain-Id".into(), self.domain_id.clone()));
+        }
+        if let Some(t) = &creds.security_token {
+            headers.push(("X-Security-Token".into(), t.expose().to_string()));
+        }
+        let signed = signer::sign(
+            &SignRequest {
+                method: call.method.as_str(),
+                host: &call.endpoint.authority,
+                path: &call.path,
+                query: &call.query,
+                headers: &headers,
+                body: &call.body,
+            },
+            &creds.access_key,
+            creds.secret_key.expose(),
+            &Algorithm::SdkHmacSha256,
+        );
+        let mut url = format!("{}{}", call.endpoint.base_url(), call.path);
+        if !signed.query_string.is_empty() {
+            url.push('?');
+            url.push_str(&signed.query_string);
+        }
+        let mut req = self.http.request(call.method.clone(), &url);
+        for (k, v) in &signed.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        if !call.body.is_empty() {
+            req = req.body(call.body.clone());
+        }
+
+        self.telemetry
+            .cloud_requests
+            .with_label_values(&[api.as_str()])
+            .inc();
+        let started = Instant::now();
+        let result = self.exchange(api, req).await;
+        self.telemetry
+            .cloud_duration
+            .with_label_values(&[api.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        debug!(
+            api = api.as_str(),
+            path = %call.path,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "cloud request"
+        );
+        result
+    }
+
+    async fn exchange(
+        &self,
+        api: Api,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Vec<u8>, CloudError> {
+        let transport = |e: reqwest::Error| -> CloudError {
+            if e.is_timeout() {
+                CloudError::Timeout(api, self.request_timeout)
+            } else {
+                // Without the URL: it is ours, and the chain says enough.
+                CloudError::Connect(api, error_chain(&e.without_url()))
+            }
+        };
+        let mut resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let request_id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(128).collect::<String>());
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let mut body = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_BODY {
+                        return Err(CloudError::Malformed(
+                            api,
+                            format!("response body over {MAX_BODY} bytes"),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => {
+                    return Err(CloudError::Timeout(api, self.request_timeout));
+                }
+                Err(e) => {
+                    return Err(CloudError::Malformed(
+                        api,
+                        format!("body read failed: {}", error_chain(&e.without_url())),
+                    ));
+                }
+            }
+        }
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let (code, message) = parse::error_fields(&body);
+        Err(CloudError::from_status(
+            api,
+            ErrorBody {
+                status,
+                code,
+                message,
+                request_id,
+            },
+            retry_after,
+        ))
+    }
+
+    async fn resolve_project(&self) -> Result<String, CloudError> {
+        let call = Call {
+            api: Api::IamListProjects,
+            endpoint: &self.iam,
+            method: reqwest::Method::GET,
+            path: "/v3/projects".into(),
+            query: vec![("name".into(), self.project_name.clone())],
+            body: Vec::new(),
+            project: None,
+        };
+        let body = self.call(&call).await?;
+        let ids = parse::projects(&body, &self.project_name)
+            .map_err(|e| CloudError::Malformed(Api::IamListProjects, e))?;
+        match ids.as_slice() {
+            [id] if id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+            {
+                Ok(id.clone())
+            }
+            [id] => Err(CloudError::Project(format!(
+                "IAM returned an unusable project id {id:?} for {:?}",
+                self.project_name
+            ))),
+            [] => Err(CloudError::Project(format!(
+                "no project named {:?} (is the region enabled for this account?); set auth.project_id",
+                self.project_name
+            ))),
+            many => Err(CloudError::Project(format!(
+                "{} projects are named {:?}; set auth.project_id to the one to use",
+                many.len(),
+                self.project_name
+            ))),
+        }
+    }
+}
+
+struct Call<'a> {
+    api: Api,
+    endpoint: &'a Endpoint,
+    method: reqwest::Method,
+    path: String,
+    query: Vec<(String, String)>,
+    body: Vec<u8>,
+    project: Option<&'a str>,
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[derive(Serialize)]
+struct CesDimension<'a> {
+    name: &'a str,
+    value: &'a str,
+}
+
+#[derive(Serialize)]
+struct CesMetric<'a> {
+    namespace: &'a str,
+    metric_name: &'a str,
+    dimensions: Vec<CesDimension<'a>>,
+}
+
+#[derive(Serialize)]
+struct CesBody<'a> {
+    metrics: Vec<CesMetric<'a>>,
+    from: i64,
+    to: i64,
+    period: &'a str,
+    filter: &'a str,
+}
+
+/// The CES request body, compact JSON in the documented field order.
+pub fn ces_body(q: &BatchQuery) -> Vec<u8> {
+    let body = CesBody {
+        metrics: q
+            .metrics
+            .iter()
+            .map(|m| CesMetric {
+                namespace: &m.namespace,
+                metric_name: &m.metric_name,
+                dimensions: m
+                    .dimensions
+                    .iter()
+                    .map(|(n, v)| CesDimension { name: n, value: v })
+                    .collect(),
+            })
+            .collect(),
+        from: q.from_ms,
+        to: q.to_ms,
+        period: q.period,
+        filter: q.filter.as_str(),
+    };
+    // Serializing plain strings and integers cannot fail.
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+#[async_trait::async_trait]
+impl CloudApi for HttpCloud {
+    async fn project_id(&self) -> Result<String, CloudError> {
+        if !self.configured_project.is_empty() {
+            return Ok(self.configured_project.clone());
+        }
+        // Failures are not cached: the next call asks IAM again.
+        self.project
+            .get_or_try_init(|| self.resolve_project())
+            .await
+            .cloned()
+    }
+
+    async fn list_listeners(
+        &self,
+        version: ElbVersion,
+        loadbalancer_id: &str,
+    ) -> Result<Vec<Listener>, CloudError> {
+        let api = Api::ElbListListeners;
+        let project = self.project_id().await?;
+        let limit = match version {
+            ElbVersion::V2 => V2_PAGE,
+            ElbVersion::V3 => V3_PAGE,
+        };
+        let path = format!("/{}/{project}/elb/listeners", version.as_str());
+        let mut out: Vec<Listener> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut marker: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut query = vec![
+                ("loadbalancer_id".to_string(), loadbalancer_id.to_string()),
+                ("limit".to_string(), limit.to_string()),
+            ];
+            if let Some(m) = &marker {
+                query.push(("marker".to_string(), m.clone()));
+            }
+            let call = Call {
+                api,
+                endpoint: &self.elb,
+                method: reqwest::Method::GET,
+                path: path.clone(),
+                query,
+                body: Vec::new(),
+                project: Some(&project),
+            };
+            let body = self.call(&call).await?;
+            let page = parse::listener_page(&body, loadbalancer_id)
+                .map_err(|e| CloudError::Malformed(api, e))?;
+            if page.skipped > 0 {
+                self.telemetry
+                    .skipped
+                    .with_label_values(&["invalid_listener"])
+                    .inc_by(page.skipped as u64);
+            }
+            for l in page.listeners {
+                if seen.insert(l.id.clone()) {
+                    out.push(l);
+                }
+            }
+            if page.raw_count < limit {
+                return Ok(out);
+            }
+            let next = page.next_marker.or(page.last_id).ok_or_else(|| {
+                CloudError::Malformed(api, "a full page without listener ids".into())
+            })?;
+            if marker.as_deref() == Some(next.as_str()) {
+                return Err(CloudError::Malformed(
+                    api,
+                    format!("paging marker {next:?} did not advance"),
+                ));
+            }
+            marker = Some(next);
+        }
+        Err(CloudError::Malformed(
+            api,
+            format!("more than {MAX_PAGES} pages of listeners for one load balancer"),
+        ))
+    }
+
+    async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
+        let api = Api::CesBatchQuery;
+        let project = self.project_id().await?;
+        let call = Call {
+            api,
+            endpoint: &self.ces,
+            method: reqwest::Method::POST,
+            path: format!("/V1.0/{project}/batch-query-metric-data"),
+            query: Vec::new(),
+            body: ces_body(query),
+            project: Some(&project),
+        };
+        let body = self.call(&call).await?;
+        let result = parse::batch_result(&body, &query.metrics, query.filter)
+            .map_err(|e| CloudError::Malformed(api, e))?;
+        for (reason, n) in &result.skipped {
+            self.telemetry
+                .skipped
+                .with_label_values(&[reason])
+                .inc_by(*n as u64);
+        }
+        Ok(result)
+    }
+}

@@ -1,0 +1,331 @@
+//! Tolerant parsers for cloud responses. Pure functions over bytes: they never panic, skip (and count)
+//! the parts they cannot use, and ignore unknown fields.
+
+use super::{Datapoint, Listener, MetricQuery};
+use crate::config::Filter;
+use serde_json::Value;
+use std::collections::HashMap;
+
+/// Pulls `(code, message)` out of any of the error shapes the reference lists: `error_code`/`error_msg`,
+/// `errorCode`/`errorMsg`, `code`/`message`, nested objects (`error`, `details`, `message`).
+pub fn error_fields(body: &[u8]) -> (Option<String>, String) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        let text = String::from_utf8_lossy(body);
+        return (None, truncate(text.trim(), 200));
+    };
+    let mut code = None;
+    let mut msg = None;
+    find_error(&v, &mut code, &mut msg, 0);
+    (code, truncate(msg.as_deref().unwrap_or(""), 300))
+}
+
+fn scalar_str(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn find_error(v: &Value, code: &mut Option<String>, msg: &mut Option<String>, depth: usize) {
+    let Value::Object(m) = v else { return };
+    if depth > 8 {
+        return;
+    }
+    for (ck, mk) in [
+        ("error_code", "error_msg"),
+        ("errorCode", "errorMsg"),
+        ("code", "message"),
+    ] {
+        // A cloud code such as `ces.0014` beats a bare HTTP number such as `400`, wherever it sits.
+        if let Some(c) = m.get(ck).and_then(scalar_str) {
+            let better = match code.as_deref() {
+                None => true,
+                Some(old) => {
+                    old.bytes().all(|b| b.is_ascii_digit())
+                        && !c.bytes().all(|b| b.is_ascii_digit())
+                }
+            };
+            if better {
+                *code = Some(c);
+            }
+        }
+        if msg.is_none()
+            && let Some(s) = m.get(mk).and_then(|x| x.as_str())
+            && !s.is_empty()
+        {
+            *msg = Some(s.to_string());
+        }
+    }
+    if msg.is_none()
+        && let Some(s) = m.get("details").and_then(|x| x.as_str())
+    {
+        *msg = Some(s.to_string());
+    }
+    for key in ["error", "details", "message", "detail"] {
+        if let Some(inner) = m.get(key) {
+            find_error(inner, code, msg, depth + 1);
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The IAM project list: ids of projects whose name equals `name` exactly.
+pub fn projects(body: &[u8], name: &str) -> Result<Vec<String>, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let list = v
+        .get("projects")
+        .and_then(|p| p.as_array())
+        .ok_or("no `projects` array")?;
+    Ok(list
+        .iter()
+        .filter(|p| p.get("name").and_then(|n| n.as_str()) == Some(name))
+        .filter_map(|p| p.get("id").and_then(|i| i.as_str()))
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// One page of listeners.
+#[derive(Debug, Default)]
+pub struct ListenerPage {
+    pub listeners: Vec<Listener>,
+    /// Items on the page, usable or not (paging goes on while a page is full).
+    pub raw_count: usize,
+    /// Id of the page's last item, usable or not: the next page's marker.
+    pub last_id: Option<String>,
+    /// `page_info.next_marker` (v3).
+    pub next_marker: Option<String>,
+    /// Items skipped because a required field was missing or wrong, or they belong to another LB.
+    pub skipped: usize,
+}
+
+/// Parses a v2 or v3 listener page; keeps only listeners of `loadbalancer_id` when they name their LBs.
+pub fn listener_page(body: &[u8], loadbalancer_id: &str) -> Result<ListenerPage, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let items = v
+        .get("listeners")
+        .and_then(|l| l.as_array())
+        .ok_or("no `listeners` array")?;
+    let mut page = ListenerPage {
+        raw_count: items.len(),
+        next_marker: v
+            .pointer("/page_info/next_marker")
+            .and_then(|m| m.as_str())
+            .filter(|m| !m.is_empty())
+            .map(str::to_string),
+        ..Default::default()
+    };
+    for item in items {
+        let id = item
+            .get("id")
+            .and_then(|i| i.as_str())
+            .filter(|s| !s.is_empty());
+        if let Some(id) = id {
+            page.last_id = Some(id.to_string());
+        }
+        match listener(item, id, loadbalancer_id) {
+            Some(l) => page.listeners.push(l),
+            None => page.skipped += 1,
+        }
+    }
+    Ok(page)
+}
+
+fn listener(item: &Value, id: Option<&str>, lb: &str) -> Option<Listener> {
+    let id = id?;
+    let protocol = item.get("protocol")?.as_str()?.to_string();
+    let port = match item.get("protocol_port")? {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(s) => s.trim().parse().ok()?,
+        _ => return None,
+    };
+    let port = u16::try_from(port).ok().filter(|p| *p > 0)?;
+    if let Some(lbs) = item.get("loadbalancers").and_then(|l| l.as_array())
+        && !lbs.is_empty()
+        && !lbs
+            .iter()
+            .any(|x| x.get("id").and_then(|i| i.as_str()) == Some(lb))
+    {
+        return None;
+    }
+    let name = item
+        .get("name")
+        .and_then(|n| n.as_str())
+        .unwrap_or_default()
+        .to_string();
+    Some(Listener {
+        id: id.to_string(),
+        name,
+        protocol,
+        port,
+    })
+}
+
+/// A dimension set, order-insensitive, for matching answers to requests.
+fn dim_key(dims: &[(String, String)]) -> Vec<(String, String)> {
+    let mut d = dims.to_vec();
+    d.sort();
+    d
+}
+
+/// Matches a CES batch answer to the request by (namespace, metric name, dimension set) and keeps the
+/// newest usable datapoint per requested metric. Returns it in request order, plus skip counts.
+pub fn batch_result(
+    body: &[u8],
+    request: &[MetricQuery],
+    filter: Filter,
+) -> Result<super::BatchResult, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let items = v
+        .get("metrics")
+        .and_then(|m| m.as_array())
+        .ok_or("no `metrics` array")?;
+    let mut index: HashMap<(&str, &str, Vec<(String, String)>), usize> =
+        HashMap::with_capacity(request.len());
+    for (i, q) in request.iter().enumerate() {
+        index.insert(
+            (
+                q.namespace.as_str(),
+                q.metric_name.as_str(),
+                dim_key(&q.dimensions),
+            ),
+            i,
+        );
+    }
+    let mut newest: Vec<Option<Datapoint>> = vec![None; request.len()];
+    let mut seen = vec![false; request.len()];
+    let (mut unmatched, mut duplicate, mut bad_point, mut bad_entry) = (0, 0, 0, 0);
+    let stat = filter.as_str();
+    for item in items {
+        let ns = item.get("namespace").and_then(|x| x.as_str());
+        let name = item.get("metric_name").and_then(|x| x.as_str());
+        let dims = item.get("dimensions").and_then(|d| d.as_array()).map(|a| {
+            a.iter()
+                .filter_map(|d| {
+                    Some((
+                        d.get("name")?.as_str()?.to_string(),
+                        d.get("value")?.as_str()?.to_string(),
+                    ))
+                })
+                .collect::<Vec<_>>()
+        });
+        let (Some(ns), Some(name), Some(dims)) = (ns, name, dims) else {
+            bad_entry += 1;
+            continue;
+        };
+        let Some(&i) = index.get(&(ns, name, dim_key(&dims))) else {
+            unmatched += 1;
+            continue;
+        };
+        if seen[i] {
+            duplicate += 1;
+        }
+        seen[i] = true;
+        let Some(points) = item.get("datapoints").and_then(|d| d.as_array()) else {
+            continue;
+        };
+        for p in points {
+            let ts = p.get("timestamp").and_then(|t| t.as_i64());
+            let val = p.get(stat).and_then(|x| x.as_f64());
+            match (ts, val) {
+                (Some(ts), Some(val)) if ts > 0 && val.is_finite() && val >= 0.0 => {
+                    if newest[i].is_none_or(|d| ts > d.timestamp_ms) {
+                        newest[i] = Some(Datapoint {
+                            timestamp_ms: ts,
+                            value: val,
+                        });
+                    }
+                }
+                _ => bad_point += 1,
+            }
+        }
+    }
+    let skipped = [
+        ("unmatched_result", unmatched),
+        ("duplicate_result", duplicate),
+        ("invalid_datapoint", bad_point),
+        ("invalid_result", bad_entry),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n > 0)
+    .collect();
+    Ok(super::BatchResult { newest, skipped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_shapes_from_the_reference() {
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            (
+                r#"{"error_code":"ces.0014","error_msg":"Some content in message body is not correct"}"#,
+                Some("ces.0014"),
+                "Some content in message body is not correct",
+            ),
+            (
+                r#"{"error_msg":"Incorrect IAM authentication information","error_code":"APIGW.0301","request_id":"r"}"#,
+                Some("APIGW.0301"),
+                "Incorrect IAM authentication information",
+            ),
+            (
+                r#"{"http_code":"403","message":{"details":"no permission","code":"403"}}"#,
+                Some("403"),
+                "no permission",
+            ),
+            (
+                r#"{"code":400,"element":"Bad Request","message":"bad","details":{"details":"x","code":"ces.0014"}}"#,
+                Some("ces.0014"),
+                "bad",
+            ),
+            (
+                r#"{"error":{"code":401,"message":"The request you have made requires authentication.","title":"Unauthorized"}}"#,
+                Some("401"),
+                "The request you have made requires authentication.",
+            ),
+            (
+                r#"{"errorCode":"APIG.0308","errorMsg":"throttled"}"#,
+                Some("APIG.0308"),
+                "throttled",
+            ),
+            ("<html>bad gateway</html>", None, "<html>bad gateway</html>"),
+            ("", None, ""),
+        ];
+        for (body, code, msg) in cases {
+            let (c, m) = error_fields(body.as_bytes());
+            assert_eq!(c.as_deref(), *code, "{body}");
+            assert_eq!(m, *msg, "{body}");
+        }
+    }
+
+    #[test]
+    fn listener_page_skips_bad_items_and_tracks_marker() {
+        let body = br#"{"listeners":[
+            {"id":"a","name":"n1","protocol":"TCP","protocol_port":80,"loadbalancers":[{"id":"lb"}],"extra":{"x":1}},
+            {"id":"b","protocol":"HTTP","protocol_port":"8080"},
+            {"id":"c","protocol":"TCP","protocol_port":70000},
+            {"id":"d","protocol":"TCP","protocol_port":81,"loadbalancers":[{"id":"other"}]},
+            {"name":"no id","protocol":"TCP","protocol_port":1}
+        ], "page_info": {"next_marker": "d"}}"#;
+        let p = listener_page(body, "lb").unwrap();
+        assert_eq!(p.raw_count, 5);
+        assert_eq!(p.skipped, 3);
+        assert_eq!(p.last_id.as_deref(), Some("d"));
+        assert_eq!(p.next_marker.as_deref(), Some("d"));
+        assert_eq!(p.listeners.len(), 2);
+        assert_eq!(p.listeners[1].port, 8080);
+        assert_eq!(p.listeners[1].name, "");
+    }
+}

@@ -1,0 +1,138 @@
+//! Retry policy (exponential backoff with full jitter, `Retry-After`, bounded attempts and time) and a
+//! per-API sliding-window rate limiter, so the exporter stays well under the cloud's throttling line.
+
+use crate::config::RetrySettings;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// The delay before attempt `attempt + 1` (attempt counts from 0 for the first retry): a uniformly random
+/// duration in [0, min(max, initial·2^attempt)], or the server's `Retry-After` if that is longer.
+pub fn backoff(
+    settings: &RetrySettings,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    unit_random: f64,
+) -> Duration {
+    let exp = settings
+        .initial_backoff
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
+    let cap = exp.min(settings.max_backoff);
+    let jittered = cap.mul_f64(unit_random.clamp(0.0, 1.0));
+    match retry_after {
+        Some(ra) => ra
+            .min(settings.max_backoff.max(Duration::from_secs(60)))
+            .max(jittered),
+        None => jittered,
+    }
+}
+
+/// At most `per_minute` calls in any 60-second window. Callers wait (without holding anything else)
+/// until the window has room; the limiter itself never fails.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_minute: usize,
+    window: Duration,
+    sent: Mutex<VecDeque<Instant>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        Self::with_window(per_minute, Duration::from_secs(60))
+    }
+
+    pub fn with_window(per_minute: u32, window: Duration) -> Self {
+        RateLimiter {
+            per_minute: per_minute.max(1) as usize,
+            window,
+            sent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn per_minute(&self) -> usize {
+        self.per_minute
+    }
+
+    /// Waits until a call may be sent, and books it.
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut sent = self.sent.lock().await;
+                let now = Instant::now();
+                while sent
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= self.window)
+                {
+                    sent.pop_front();
+                }
+                if sent.len() < self.per_minute {
+                    sent.push_back(now);
+                    return;
+                }
+                // Full: the oldest booking leaves the window first.
+                match sent.front() {
+                    Some(oldest) => self.window.saturating_sub(now.duration_since(*oldest)),
+                    None => Duration::ZERO,
+                }
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> RetrySettings {
+        RetrySettings {
+            max_attempts: 4,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            max_elapsed: Duration::from_secs(120),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_and_is_capped() {
+        let s = settings();
+        assert_eq!(backoff(&s, 0, None, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff(&s, 1, None, 1.0), Duration::from_secs(2));
+        assert_eq!(backoff(&s, 2, None, 1.0), Duration::from_secs(4));
+        assert_eq!(backoff(&s, 10, None, 1.0), Duration::from_secs(30));
+        assert_eq!(backoff(&s, 40, None, 1.0), Duration::from_secs(30));
+        assert_eq!(
+            backoff(&s, 3, None, 0.0),
+            Duration::ZERO,
+            "full jitter reaches 0"
+        );
+        assert_eq!(backoff(&s, 3, None, 0.5), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let s = settings();
+        assert_eq!(
+            backoff(&s, 0, Some(Duration::from_secs(7)), 0.1),
+            Duration::from_secs(7)
+        );
+        // An absurd Retry-After is bounded, so one answer cannot stall the exporter for hours.
+        assert_eq!(
+            backoff(&s, 0, Some(Duration::from_secs(86_400)), 0.1),
+            Duration::from_secs(60)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_allows_a_window_then_waits() {
+        let l = RateLimiter::new(3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            l.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        l.acquire().await;
+        assert!(start.elapsed() >= Duration::from_secs(60));
+    }
+}
