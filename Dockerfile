@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+#
+# elb-exporter container image.
+#
+#   docker build -t elb-exporter:0.1.0 .
+#   docker run --rm elb-exporter:0.1.0 --version
+#   docker run --rm -p 8087:8087 -v "$PWD/clouds.yml:/etc/elb-exporter/clouds.yml:ro" elb-exporter:0.1.0
+# (docs/DEPLOY.md: push to SWR and deploy with deploy/.)
+#
+# Two stages:
+#   1. builder  - the Rust toolchain on Debian bookworm compiles a release binary with the committed Cargo.lock
+#                 (--locked: a stale lock file fails the build instead of silently resolving new versions).
+#   2. runtime  - distroless cc-debian12 (glibc, libgcc_s, CA certificates, tzdata; no shell, no package manager),
+#                 running as the unprivileged "nonroot" user (uid/gid 65532).
+# The binary links only glibc and libgcc_s (TLS is rustls; CA certificates come from the image's /etc/ssl/certs),
+# so no OpenSSL is needed at build or run time. Building on bookworm keeps the glibc the binary is linked
+# against (2.36) the same as the runtime image's.
+
+ARG RUST_VERSION=1
+
+########################################################################################################################
+FROM rust:${RUST_VERSION}-bookworm AS builder
+
+WORKDIR /build
+
+# 1) Dependency layer: only the manifests, with placeholder sources. This layer (all crates.io downloads and
+#    dependency compilation) is rebuilt only when Cargo.toml or Cargo.lock change, not on every source edit.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src \
+ && echo 'fn main() {}' > src/main.rs \
+ && : > src/lib.rs \
+ && cargo build --release --locked \
+ && rm -rf src
+
+# 2) The real sources. COPY keeps the build context's modification times, which may be older than the
+#    placeholder build above; touch them so cargo's mtime-based fingerprints always rebuild the crate itself
+#    (without it cargo can keep the empty placeholder binary). The --version check fails the build if it did.
+#    (If a build.rs is ever added to the crate, COPY it here too.)
+COPY src ./src
+RUN find src -type f -name '*.rs' -exec touch {} + \
+ && cargo build --release --locked \
+ && install -D -m 0755 target/release/elb-exporter /out/elb-exporter \
+ && test -n "$(/out/elb-exporter --version)"
+
+########################################################################################################################
+FROM gcr.io/distroless/cc-debian12:nonroot
+
+LABEL org.opencontainers.image.title="elb-exporter" \
+      org.opencontainers.image.description="Prometheus exporter for Huawei Cloud ELB listener metrics (Cloud Eye), labelled with the Kubernetes Service"
+
+COPY --from=builder /out/elb-exporter /usr/local/bin/elb-exporter
+
+# "nonroot" in the distroless image; numeric so that Kubernetes' runAsNonRoot can verify it.
+USER 65532:65532
+
+EXPOSE 8087
+
+ENTRYPOINT ["/usr/local/bin/elb-exporter"]
+CMD ["--config", "/etc/elb-exporter/clouds.yml"]

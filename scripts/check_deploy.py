@@ -1,0 +1,654 @@
+#!/usr/bin/env python3
+"""Offline consistency checks for deploy/ and the Dockerfile (run by scripts/validate-deploy.sh).
+
+kubernetes-validate checks each Kubernetes-native object against the API schema. This script checks what a
+schema cannot: the files that are not native objects (the ServiceMonitor custom resource, the Prometheus
+scrape-config list, the prometheus-adapter rules inside their ConfigMap, kustomization.yaml), and that the
+pieces fit together (names, labels, ports, paths, the metric name an HPA asks for, the container image).
+
+Modes:
+  check_deploy.py [--root DIR]                 run every check; exit 1 listing every failure
+  check_deploy.py [--root DIR] --list-native   print the deploy/ files that hold only Kubernetes-native objects
+  check_deploy.py [--root DIR] --kustomized F  check `kubectl kustomize deploy/` output saved in F
+"""
+
+import argparse
+import os
+import re
+import sys
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover
+    sys.exit("check_deploy.py: PyYAML is missing (scripts/validate-deploy.sh installs it into .venv)")
+
+# --- the contract (../shared/PRODUCT.md) ------------------------------------------------------------------------
+
+# Default CES metric set; each becomes <prefix>_sys_elb_listener_<metric>.
+EXPORTED_CES_METRICS = [
+    "m1_cps", "m1e_server_rps", "m1f_lvs_rps", "m21_client_rps", "m22_in_bandwidth", "m23_out_bandwidth",
+    "m2_act_conn", "m3_inact_conn", "m4_ncps", "m5_in_pps", "m6_out_pps", "m7_in_Bps", "m8_out_Bps",
+]
+PREFIX = "huaweicloud"
+# Labels on every ELB series; a target label of the same name would rename them to exported_<name>.
+EXPORTED_LABELS = {"namespace", "service", "lbaas_instance_id", "lbaas_listener_id", "listener_name",
+                   "port", "protocol"}
+CONFIG_PATH = "/etc/elb-exporter/clouds.yml"
+METRICS_PORT = 8087
+NONROOT_UID = 65532
+KNOWN_GLOBAL_KEYS = {"port", "metric_path", "prefix", "scrape_batch_size"}
+KNOWN_AUTH_KEYS = {"auth_url", "region", "project_name", "project_id", "access_key", "secret_key",
+                   "security_token"}
+EXAMPLE_HPA_SERIES = "huaweicloud_sys_elb_listener_m7_in_Bps"
+
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace", "CustomResourceDefinition",
+                  "PersistentVolume", "StorageClass", "PriorityClass"}
+NATIVE_GROUP = re.compile(r"^(v1|[a-z0-9-]+/v[0-9a-z]+|[a-z0-9.-]+\.k8s\.io/v[0-9a-z]+)$")
+
+
+class Checker:
+    def __init__(self, root):
+        self.root = root
+        self.deploy = os.path.join(root, "deploy")
+        self.errors = []
+        self.passed = 0
+        self.files = {}  # relative name -> list of documents
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def check(self, cond, where, msg):
+        if cond:
+            self.passed += 1
+        else:
+            self.errors.append(f"{where}: {msg}")
+        return bool(cond)
+
+    def load(self, name):
+        if name in self.files:
+            return self.files[name]
+        path = os.path.join(self.deploy, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                docs = [d for d in yaml.safe_load_all(f) if d is not None]
+        except FileNotFoundError:
+            self.errors.append(f"deploy/{name}: file is missing")
+            docs = None
+        except yaml.YAMLError as e:
+            self.errors.append(f"deploy/{name}: not valid YAML: {e}")
+            docs = None
+        self.files[name] = docs
+        return docs
+
+    def obj(self, name, kind, obj_name=None):
+        """The single object of `kind` (and name) in deploy/<name>, or None with an error recorded."""
+        docs = self.load(name) or []
+        found = [d for d in docs if isinstance(d, dict) and d.get("kind") == kind
+                 and (obj_name is None or (d.get("metadata") or {}).get("name") == obj_name)]
+        what = kind + (f" {obj_name}" if obj_name else "")
+        if not self.check(len(found) == 1, f"deploy/{name}", f"expected exactly one {what}, found {len(found)}"):
+            return None
+        return found[0]
+
+    # -- classification --------------------------------------------------------------------------------------
+    def yaml_files(self):
+        return sorted(n for n in os.listdir(self.deploy) if n.endswith((".yaml", ".yml")))
+
+    def classify(self, name):
+        docs = self.load(name)
+        if not docs:
+            return "invalid"
+        if name in ("kustomization.yaml", "kustomization.yml"):
+            return "kustomization"
+        if len(docs) == 1 and isinstance(docs[0], list):
+            if docs[0] and all(isinstance(j, dict) and "job_name" in j for j in docs[0]):
+                return "scrape-config"
+            return "invalid"
+        if all(isinstance(d, dict) and "apiVersion" in d and "kind" in d for d in docs):
+            if all(NATIVE_GROUP.match(str(d["apiVersion"])) for d in docs):
+                return "native"
+            return "custom"
+        return "invalid"
+
+    # -- checks ----------------------------------------------------------------------------------------------
+    def run_all(self):
+        if not self.check(os.path.isdir(self.deploy), "deploy/", "directory is missing"):
+            return
+        kinds = {}
+        for name in self.yaml_files():
+            kinds[name] = self.classify(name)
+            self.check(kinds[name] != "invalid", f"deploy/{name}",
+                       "neither Kubernetes objects, a Prometheus scrape-config list nor kustomization.yaml")
+        self.kinds = kinds
+        self.check_kustomization()
+        sa = self.check_rbac()
+        secret = self.check_secrets()
+        dep, container = self.check_deployment(sa, secret)
+        svc = self.check_service(dep, container)
+        self.check_servicemonitor(svc)
+        self.check_scrape_config(svc)
+        rule_names = self.check_adapter_rules()
+        self.check_examples(rule_names)
+        self.check_dockerfile(container)
+
+    def check_kustomization(self):
+        k = self.obj("kustomization.yaml", "Kustomization")
+        if not k:
+            return
+        w = "deploy/kustomization.yaml"
+        self.check(k.get("apiVersion") == "kustomize.config.k8s.io/v1beta1", w, "apiVersion is not kustomize.config.k8s.io/v1beta1")
+        ns = k.get("namespace")
+        self.check(isinstance(ns, str) and ns, w, "no `namespace`")
+        res = k.get("resources") or []
+        self.check(res, w, "no `resources`")
+        for r in res:
+            where = f"{w}: resource {r!r}"
+            if not self.check(isinstance(r, str) and os.path.isfile(os.path.join(self.deploy, r)), where,
+                              "does not exist (kustomize would fail)"):
+                continue
+            kind = self.kinds.get(r)
+            self.check(kind in ("native", "custom"), where,
+                       f"is not a file of Kubernetes objects (it is {kind}); only the exporter's own objects belong here")
+            self.check(".example." not in r, where,
+                       "example Secrets must not be applied by -k: they would overwrite the real Secret with placeholders")
+            for d in self.load(r) or []:
+                md = d.get("metadata") or {}
+                if d.get("kind") not in CLUSTER_SCOPED:
+                    self.check(md.get("namespace") in (None, ns), where,
+                               f"{d.get('kind')} {md.get('name')} is in namespace {md.get('namespace')!r}, kustomization says {ns!r}")
+        for needed in ("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "deployment.yaml",
+                       "service.yaml", "servicemonitor.yaml"):
+            self.check(needed in res, w, f"resources does not list {needed}")
+        for kept_out in ("prometheus-additional.yaml", "adapter-rules.yaml", "example-app.yaml", "example-hpa.yaml"):
+            self.check(kept_out not in res, w, f"{kept_out} is applied separately and must not be in resources")
+        self.namespace = ns
+
+    def check_rbac(self):
+        sa = self.obj("serviceaccount.yaml", "ServiceAccount")
+        role = self.obj("clusterrole.yaml", "ClusterRole")
+        crb = self.obj("clusterrolebinding.yaml", "ClusterRoleBinding")
+        if role:
+            w = "deploy/clusterrole.yaml"
+            rules = role.get("rules") or []
+            self.check(len(rules) == 1, w, f"expected exactly one rule (services get/list/watch), found {len(rules)}")
+            for rule in rules:
+                self.check(rule.get("apiGroups") == [""], w, "rule must be for the core API group only ([\"\"])")
+                self.check(rule.get("resources") == ["services"], w, "rule must cover `services` only")
+                self.check(sorted(rule.get("verbs") or []) == ["get", "list", "watch"], w,
+                           f"verbs must be exactly get, list, watch (got {rule.get('verbs')})")
+                self.check(not rule.get("resourceNames") and not rule.get("nonResourceURLs"), w,
+                           "unexpected resourceNames/nonResourceURLs")
+        if crb and role and sa:
+            w = "deploy/clusterrolebinding.yaml"
+            ref = crb.get("roleRef") or {}
+            self.check(ref.get("kind") == "ClusterRole" and ref.get("name") == role["metadata"]["name"]
+                       and ref.get("apiGroup") == "rbac.authorization.k8s.io", w, "roleRef does not name the ClusterRole")
+            subj = crb.get("subjects") or []
+            self.check(any(s.get("kind") == "ServiceAccount" and s.get("name") == sa["metadata"]["name"]
+                           and s.get("namespace") == sa["metadata"].get("namespace") for s in subj), w,
+                       "no subject for the exporter's ServiceAccount in its namespace")
+        return sa
+
+    def check_secrets(self):
+        secret = self.obj("secret.example.yaml", "Secret")
+        if secret:
+            w = "deploy/secret.example.yaml"
+            self.check(secret["metadata"].get("name") == "elb-exporter-clouds", w, "Secret must be named elb-exporter-clouds")
+            text = (secret.get("stringData") or {}).get("clouds.yml")
+            if self.check(isinstance(text, str), w, "stringData.clouds.yml is missing"):
+                try:
+                    cfg = yaml.safe_load(text)
+                except yaml.YAMLError as e:
+                    cfg = None
+                    self.check(False, w, f"clouds.yml is not valid YAML: {e}")
+                if self.check(isinstance(cfg, dict), w, "clouds.yml is not a mapping"):
+                    g, a = cfg.get("global") or {}, cfg.get("auth") or {}
+                    self.check(g.get("port") == f":{METRICS_PORT}", w, f"global.port must be \":{METRICS_PORT}\"")
+                    self.check(g.get("prefix") == PREFIX, w, f"global.prefix must be {PREFIX!r} (the adapter rule expects it)")
+                    self.check(g.get("metric_path", "/metrics") == "/metrics", w, "global.metric_path must be /metrics")
+                    self.check(set(g) <= KNOWN_GLOBAL_KEYS, w, f"unknown global keys {sorted(set(g) - KNOWN_GLOBAL_KEYS)}")
+                    self.check(set(a) <= KNOWN_AUTH_KEYS, w, f"unknown auth keys {sorted(set(a) - KNOWN_AUTH_KEYS)}")
+                    for key in ("auth_url", "region", "project_name", "access_key", "secret_key"):
+                        self.check(key in a, w, f"auth.{key} is missing")
+                    self.check(str(a.get("auth_url", "")).startswith("https://iam."), w, "auth.auth_url is not an IAM https URL")
+        aksk = self.obj("secret-aksk.example.yaml", "Secret")
+        if aksk:
+            w = "deploy/secret-aksk.example.yaml"
+            keys = set((aksk.get("stringData") or {}).keys())
+            self.check({"HUAWEICLOUD_SDK_AK", "HUAWEICLOUD_SDK_SK"} <= keys, w,
+                       "stringData must hold HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK")
+            try:
+                dep_text = open(os.path.join(self.deploy, "deployment.yaml"), encoding="utf-8").read()
+            except OSError:
+                dep_text = ""
+            for env in ("HUAWEICLOUD_SDK_AK", "HUAWEICLOUD_SDK_SK"):
+                self.check(env in dep_text and aksk["metadata"]["name"] in dep_text, "deploy/deployment.yaml",
+                           f"does not show how to pass {env} from Secret {aksk['metadata']['name']}")
+        return secret
+
+    def check_deployment(self, sa, secret):
+        dep = self.obj("deployment.yaml", "Deployment")
+        if not dep:
+            return None, None
+        w = "deploy/deployment.yaml"
+        spec = dep.get("spec") or {}
+        tpl = spec.get("template") or {}
+        pod = tpl.get("spec") or {}
+        labels = (tpl.get("metadata") or {}).get("labels") or {}
+        self.check(spec.get("replicas") == 1, w, "replicas must be 1")
+        sel = (spec.get("selector") or {}).get("matchLabels") or {}
+        self.check(sel and sel.items() <= labels.items(), w, "selector.matchLabels do not match the pod template labels")
+        if sa:
+            self.check(pod.get("serviceAccountName") == sa["metadata"]["name"], w, "serviceAccountName is not the exporter's ServiceAccount")
+            self.check(dep["metadata"].get("namespace") == sa["metadata"].get("namespace"), w, "not in the ServiceAccount's namespace")
+        self.check(pod.get("automountServiceAccountToken", True) is True, w, "the token must be mounted (the exporter watches Services)")
+        self.check(pod.get("terminationGracePeriodSeconds") == 30, w, "terminationGracePeriodSeconds must be 30")
+        psc = pod.get("securityContext") or {}
+        self.check(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == NONROOT_UID, w,
+                   f"pod securityContext must set runAsNonRoot: true, runAsUser: {NONROOT_UID}")
+        self.check((psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", w, "pod seccompProfile must be RuntimeDefault")
+        containers = pod.get("containers") or []
+        if not self.check(len(containers) == 1, w, "expected exactly one container"):
+            return dep, None
+        c = containers[0]
+        self.check(isinstance(c.get("image"), str) and "elb-exporter" in c["image"], w, "image does not name elb-exporter")
+        self.check(c.get("args") == ["--config", CONFIG_PATH], w, f"args must be ['--config', '{CONFIG_PATH}']")
+        self.check(not c.get("command"), w, "`command` would override the image ENTRYPOINT; use args")
+        env = {e.get("name"): e for e in c.get("env") or []}
+        self.check((env.get("RUST_LOG") or {}).get("value") == "info", w, "env RUST_LOG=info is missing")
+        ports = {p.get("name"): p for p in c.get("ports") or []}
+        self.check((ports.get("http-metrics") or {}).get("containerPort") == METRICS_PORT, w,
+                   f"containerPort {METRICS_PORT} named http-metrics is missing")
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            get = (c.get(probe) or {}).get("httpGet") or {}
+            self.check(get.get("path") == path, w, f"{probe} must GET {path}")
+            self.check(get.get("port") in ("http-metrics", METRICS_PORT), w, f"{probe} port must be http-metrics")
+        if c.get("startupProbe"):
+            get = c["startupProbe"].get("httpGet") or {}
+            self.check(get.get("path") == "/healthz" and get.get("port") in ("http-metrics", METRICS_PORT), w,
+                       "startupProbe must GET /healthz on http-metrics")
+        res = c.get("resources") or {}
+        self.check((res.get("requests") or {}) == {"cpu": "50m", "memory": "64Mi"}, w, "requests must be cpu 50m, memory 64Mi")
+        lim = res.get("limits") or {}
+        self.check(lim.get("memory") == "256Mi" and str(lim.get("cpu")) in ("1", "1000m"), w, "limits must be cpu 1, memory 256Mi")
+        csc = c.get("securityContext") or {}
+        self.check(csc.get("readOnlyRootFilesystem") is True, w, "readOnlyRootFilesystem must be true")
+        self.check(csc.get("allowPrivilegeEscalation") is False, w, "allowPrivilegeEscalation must be false")
+        self.check((csc.get("capabilities") or {}).get("drop") == ["ALL"], w, "capabilities must drop ALL")
+        self.check(csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, w, "container must run as non-root")
+        self.check(csc.get("runAsUser", psc.get("runAsUser")) == NONROOT_UID, w, f"container must run as uid {NONROOT_UID}")
+        self.check((csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", w,
+                   "container seccompProfile must be RuntimeDefault")
+        mounts = [m for m in c.get("volumeMounts") or [] if m.get("mountPath") == os.path.dirname(CONFIG_PATH)]
+        if self.check(len(mounts) == 1, w, f"nothing mounted at {os.path.dirname(CONFIG_PATH)}"):
+            m = mounts[0]
+            self.check(m.get("readOnly") is True, w, "the config mount must be readOnly")
+            vols = {v.get("name"): v for v in pod.get("volumes") or []}
+            vsec = (vols.get(m.get("name")) or {}).get("secret") or {}
+            if secret:
+                self.check(vsec.get("secretName") == secret["metadata"]["name"], w,
+                           f"the config volume does not mount Secret {secret['metadata']['name']}")
+            items = vsec.get("items")
+            self.check(not items or any(i.get("path") == os.path.basename(CONFIG_PATH) for i in items), w,
+                       "the Secret's items do not provide clouds.yml")
+        return dep, c
+
+    def check_service(self, dep, container):
+        svc = self.obj("service.yaml", "Service", "elb-exporter")
+        if not svc:
+            return None
+        w = "deploy/service.yaml"
+        md = svc["metadata"]
+        ann = md.get("annotations") or {}
+        want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                "prometheus.io/path": "/metrics", "prometheus.io/scheme": "http"}
+        for k, v in want.items():
+            self.check(ann.get(k) == v, w, f"annotation {k} must be the string {v!r} (got {ann.get(k)!r})")
+        self.check((md.get("labels") or {}).get("app") == "elb-exporter", w, "label app: elb-exporter is missing")
+        # The guide's job labelmaps every Service label onto the series (invalid characters become '_').
+        mapped = {re.sub(r"[^a-zA-Z0-9_]", "_", k) for k in (md.get("labels") or {})}
+        clash = mapped & (EXPORTED_LABELS | {"job", "instance"})
+        self.check(not clash, w, f"Service labels {sorted(clash)} would clash with exported labels (labelmap)")
+        ports = {p.get("name"): p for p in (svc.get("spec") or {}).get("ports") or []}
+        p = ports.get("http-metrics") or {}
+        self.check(p.get("port") == METRICS_PORT, w, f"port {METRICS_PORT} named http-metrics is missing")
+        if dep:
+            self.check(md.get("namespace") == dep["metadata"].get("namespace"), w, "not in the Deployment's namespace")
+            labels = ((dep["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+            sel = (svc.get("spec") or {}).get("selector") or {}
+            self.check(sel and sel.items() <= labels.items(), w, "selector does not match the exporter's pods")
+        if container:
+            cports = {cp.get("name"): cp.get("containerPort") for cp in container.get("ports") or []}
+            tp = p.get("targetPort", p.get("port"))
+            self.check(tp in cports or tp in cports.values(), w, f"targetPort {tp!r} is not a container port")
+        return svc
+
+    def check_servicemonitor(self, svc):
+        sm = self.obj("servicemonitor.yaml", "ServiceMonitor")
+        if not sm:
+            return
+        w = "deploy/servicemonitor.yaml"
+        self.check(sm.get("apiVersion") == "monitoring.coreos.com/v1", w, "apiVersion must be monitoring.coreos.com/v1")
+        md = sm.get("metadata") or {}
+        self.check(md.get("name"), w, "metadata.name is missing")
+        spec = sm.get("spec") or {}
+        sel = (spec.get("selector") or {}).get("matchLabels") or {}
+        self.check(sel, w, "spec.selector.matchLabels is missing")
+        eps = spec.get("endpoints") or []
+        if not self.check(eps, w, "spec.endpoints is empty"):
+            return
+        for ep in eps:
+            self.check(ep.get("port") == "http-metrics", w, "endpoint port must be the Service port name http-metrics")
+            self.check(ep.get("path", "/metrics") == "/metrics", w, "endpoint path must be /metrics")
+            self.check(ep.get("honorLabels") is True, w,
+                       "honorLabels must be true, or the exported namespace/service labels become exported_namespace/exported_service")
+            self.check(ep.get("interval") == "60s", w, "interval must be 60s")
+        if svc:
+            self.check(sel.items() <= ((svc["metadata"].get("labels") or {}).items()), w,
+                       "selector does not match the elb-exporter Service's labels")
+            nss = spec.get("namespaceSelector")
+            same_ns = md.get("namespace") == svc["metadata"].get("namespace")
+            self.check((not nss and same_ns) or (nss or {}).get("any") is True
+                       or svc["metadata"].get("namespace") in ((nss or {}).get("matchNames") or []), w,
+                       "the elb-exporter Service is outside the ServiceMonitor's namespace selection")
+
+    def check_scrape_config(self, svc):
+        docs = self.load("prometheus-additional.yaml")
+        w = "deploy/prometheus-additional.yaml"
+        if not docs:
+            return
+        if not self.check(len(docs) == 1 and isinstance(docs[0], list), w,
+                          "must be a YAML list of scrape configs (what additionalScrapeConfigs takes)"):
+            return
+        jobs = [j for j in docs[0] if isinstance(j, dict) and j.get("job_name") == "elb_metric"]
+        if not self.check(len(jobs) == 1, w, "job_name elb_metric is missing"):
+            return
+        job = jobs[0]
+        self.check((job.get("params") or {}).get("services") == ["SYS.ELB"], w, "params.services must be ['SYS.ELB']")
+        sd = job.get("kubernetes_sd_configs") or []
+        self.check(any(s.get("role") == "endpoints" for s in sd), w, "kubernetes_sd_configs with role endpoints is missing")
+        rules = job.get("relabel_configs") or []
+        ann_label = "__meta_kubernetes_service_annotation_prometheus_io_port"
+        keep = [r for r in rules if r.get("action") == "keep" and r.get("source_labels") == [ann_label]]
+        if self.check(keep and str(keep[0].get("regex")) == str(METRICS_PORT), w,
+                      f"keep rule on {ann_label} with regex '{METRICS_PORT}' is missing"):
+            if svc:
+                port_ann = (svc["metadata"].get("annotations") or {}).get("prometheus.io/port", "")
+                self.check(re.fullmatch(f"(?:{keep[0]['regex']})", str(port_ann)), w,
+                           "the keep rule would drop the elb-exporter Service (prometheus.io/port annotation)")
+        addr = [r for r in rules if r.get("target_label") == "__address__"]
+        if self.check(addr, w, "the __address__ replace rule is missing"):
+            r = addr[0]
+            src = ";".join(["10.0.0.7:80", str(METRICS_PORT)])
+            m = re.fullmatch(f"(?:{r.get('regex', '(.*)')})", src)
+            got = m.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", r.get("replacement", "$1"))) if m else None
+            self.check(r.get("source_labels") == ["__address__", ann_label] and got == f"10.0.0.7:{METRICS_PORT}", w,
+                       f"the __address__ rule does not rewrite the target to <ip>:{METRICS_PORT} (got {got!r})")
+        self.check(any(r.get("action") == "labelmap" and r.get("regex") == "__meta_kubernetes_service_label_(.+)"
+                       for r in rules), w, "labelmap of the Service labels is missing")
+        for src, tgt in (("__meta_kubernetes_namespace", "kubernetes_namespace"),
+                         ("__meta_kubernetes_service_name", "kubernetes_service")):
+            self.check(any(r.get("action", "replace") == "replace" and r.get("source_labels") == [src]
+                           and r.get("target_label") == tgt for r in rules), w, f"replace {src} -> {tgt} is missing")
+        targets = {r.get("target_label") for r in rules}
+        self.check(not (targets & EXPORTED_LABELS) or job.get("honor_labels") is True, w,
+                   "sets a target label named like an exported label without honor_labels: true")
+
+    def check_adapter_rules(self):
+        cm = self.obj("adapter-rules.yaml", "ConfigMap")
+        w = "deploy/adapter-rules.yaml"
+        names = {}
+        if not cm:
+            return names
+        self.check(cm["metadata"].get("name") == "user-adapter-config" and cm["metadata"].get("namespace") == "monitoring",
+                   w, "must be ConfigMap monitoring/user-adapter-config (CCE's prometheus-adapter config)")
+        text = (cm.get("data") or {}).get("config.yaml")
+        if not self.check(isinstance(text, str), w, "data.config.yaml is missing"):
+            return names
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            self.check(False, w, f"data.config.yaml is not valid YAML: {e}")
+            return names
+        rules = (cfg or {}).get("rules") if isinstance(cfg, dict) else None
+        if not self.check(isinstance(rules, list) and rules, w, "config.yaml has no `rules` list"):
+            return names
+        elb_rules = 0
+        for i, rule in enumerate(rules):
+            rw = f"{w}: rules[{i}]"
+            for key in ("seriesQuery", "resources", "name", "metricsQuery"):
+                self.check(key in rule, rw, f"{key} is missing")
+            ov = (rule.get("resources") or {}).get("overrides") or {}
+            self.check((ov.get("namespace") or {}).get("resource") == "namespace", rw, "resources.overrides.namespace must map to resource namespace")
+            self.check((ov.get("service") or {}).get("resource") == "service", rw, "resources.overrides.service must map to resource service")
+            nm = rule.get("name") or {}
+            if not self.check(nm.get("matches") and nm.get("as"), rw, "name.matches / name.as are missing"):
+                continue
+            sq = str(rule.get("seriesQuery", ""))
+            m = re.search(r'__name__=~"([^"]*)"', sq)
+            if not (m and re.fullmatch(m.group(1), EXAMPLE_HPA_SERIES)):
+                continue
+            elb_rules += 1
+            self.check('namespace!=""' in sq and 'service!=""' in sq, rw, 'seriesQuery must require namespace!="" and service!=""')
+            for metric in EXPORTED_CES_METRICS:
+                series = f"{PREFIX}_sys_elb_listener_{metric}"
+                if self.check(re.fullmatch(m.group(1), series), rw, f"seriesQuery does not select {series}"):
+                    names[series] = adapter_name(nm["matches"], nm["as"], series)
+            # Fill the template as prometheus-adapter does for the example HPA (Object metric on Service nginx).
+            filled = fill_metrics_query(str(rule.get("metricsQuery", "")), EXAMPLE_HPA_SERIES,
+                                        'namespace="default",service="nginx"', "service")
+            want = f'sum({EXAMPLE_HPA_SERIES}{{namespace="default",service="nginx"}}) by (service)'
+            self.check(filled == want, rw, f"metricsQuery for the example HPA gives {filled!r}, expected {want!r}")
+        self.check(elb_rules == 1, w, f"expected exactly one rule selecting {PREFIX}_sys_elb_listener_* series, found {elb_rules}")
+        return names
+
+    def check_examples(self, rule_names):
+        app_dep = self.obj("example-app.yaml", "Deployment", "nginx")
+        app_svc = self.obj("example-app.yaml", "Service", "nginx")
+        hpa = self.obj("example-hpa.yaml", "HorizontalPodAutoscaler")
+        if app_svc:
+            w = "deploy/example-app.yaml"
+            ann = app_svc["metadata"].get("annotations") or {}
+            self.check(isinstance(ann.get("kubernetes.io/elb.id"), str) and ann["kubernetes.io/elb.id"], w,
+                       "Service nginx needs a string annotation kubernetes.io/elb.id")
+            self.check(ann.get("kubernetes.io/elb.class") in ("union", "performance"), w,
+                       "kubernetes.io/elb.class must be union or performance")
+            spec = app_svc.get("spec") or {}
+            self.check(spec.get("type") == "LoadBalancer", w, "Service nginx must be type LoadBalancer")
+            self.check(any(p.get("port") == 80 and p.get("protocol", "TCP") == "TCP" for p in spec.get("ports") or []), w,
+                       "Service nginx needs port 80/TCP")
+            if app_dep:
+                labels = ((app_dep["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+                self.check((spec.get("selector") or {}).items() <= labels.items() and spec.get("selector"), w,
+                           "Service nginx does not select the nginx pods")
+        if not hpa:
+            return
+        w = "deploy/example-hpa.yaml"
+        self.check(hpa.get("apiVersion") == "autoscaling/v2", w, "apiVersion must be autoscaling/v2")
+        spec = hpa.get("spec") or {}
+        ref = spec.get("scaleTargetRef") or {}
+        self.check(ref.get("kind") == "Deployment" and ref.get("name") == "nginx", w, "scaleTargetRef must be Deployment nginx")
+        self.check(spec.get("minReplicas") == 1 and spec.get("maxReplicas") == 10, w, "minReplicas 1 / maxReplicas 10 expected")
+        if app_dep:
+            self.check(hpa["metadata"].get("namespace") == app_dep["metadata"].get("namespace"), w, "not in nginx's namespace")
+        metrics = spec.get("metrics") or []
+        if not self.check(len(metrics) == 1 and metrics[0].get("type") == "Object", w, "expected one metric of type Object"):
+            return
+        obj = metrics[0].get("object") or {}
+        name = (obj.get("metric") or {}).get("name")
+        self.check(name == "elb01_listener_m7_in_Bps", w, "metric name must be elb01_listener_m7_in_Bps")
+        exported = {f"elb01_listener_{m}" for m in EXPORTED_CES_METRICS}
+        self.check(name in exported, w, f"metric {name!r} is not elb01_ + an exported listener metric")
+        self.check(name in rule_names.values(), w, f"the adapter rule publishes no metric named {name!r}")
+        d = obj.get("describedObject") or {}
+        self.check(d.get("apiVersion") == "v1" and d.get("kind") == "Service", w, "describedObject must be a v1 Service")
+        if app_svc:
+            self.check(d.get("name") == app_svc["metadata"]["name"], w,
+                       "describedObject must be the application's own Service (the one with the kubernetes.io/elb.id annotation)")
+        t = obj.get("target") or {}
+        self.check(t.get("type") == "Value" and str(t.get("value")) == "1000", w, "target must be type Value, value 1000")
+
+    def check_dockerfile(self, container):
+        w = "Dockerfile"
+        try:
+            text = open(os.path.join(self.root, "Dockerfile"), encoding="utf-8").read()
+        except OSError:
+            self.check(False, w, "is missing")
+            return
+        lines = join_continuations(text)
+        froms = [l for l in lines if re.match(r"(?i)^FROM\s", l)]
+        self.check(len(froms) == 2, w, f"expected two stages (builder, runtime), found {len(froms)}")
+        self.check(froms and re.search(r"rust:\$\{RUST_VERSION\}-(slim-)?bookworm|rust:[0-9.]+-(slim-)?bookworm", froms[0])
+                   and re.search(r"(?i)\bAS\s+builder\b", froms[0]), w, "first stage must be `FROM rust:…-bookworm AS builder`")
+        self.check(len(froms) > 1 and froms[-1].split()[1] == "gcr.io/distroless/cc-debian12:nonroot", w,
+                   "runtime stage must be gcr.io/distroless/cc-debian12:nonroot")
+        builds = [i for i, l in enumerate(lines) if "cargo build --release --locked" in l]
+        self.check(len(builds) == 2, w, "expected `cargo build --release --locked` twice (dependency layer, then the real source)")
+        copy_manifest = next((i for i, l in enumerate(lines) if re.match(r"COPY\s+Cargo\.toml\s+Cargo\.lock\s", l)), None)
+        copy_src = next((i for i, l in enumerate(lines) if re.match(r"COPY\s+src\b", l)), None)
+        self.check(copy_manifest is not None and copy_src is not None and builds
+                   and copy_manifest < builds[0] < copy_src < builds[-1], w,
+                   "dependency caching order must be: COPY Cargo.toml Cargo.lock, build, COPY src, build")
+        self.check(any("/usr/local/bin/elb-exporter" in l and l.startswith("COPY --from=builder") for l in lines), w,
+                   "the runtime stage must COPY the binary to /usr/local/bin/elb-exporter")
+        user = [l.split()[1] for l in lines if l.startswith("USER ")]
+        self.check(user and user[-1].split(":")[0] in ("nonroot", str(NONROOT_UID)), w, f"must end with USER nonroot ({NONROOT_UID})")
+        self.check(f"EXPOSE {METRICS_PORT}" in lines, w, f"EXPOSE {METRICS_PORT} is missing")
+        self.check('ENTRYPOINT ["/usr/local/bin/elb-exporter"]' in lines, w, 'ENTRYPOINT ["/usr/local/bin/elb-exporter"] is missing')
+        cmd = [l for l in lines if l.startswith("CMD ")]
+        self.check(cmd and cmd[-1] == f'CMD ["--config", "{CONFIG_PATH}"]', w, f'CMD must be ["--config", "{CONFIG_PATH}"]')
+        if container:
+            self.check(container.get("args") == ["--config", CONFIG_PATH], "deploy/deployment.yaml", "args differ from the image CMD")
+        # The builder copies only Cargo.toml, Cargo.lock and src/: sources that reach outside src/ would not build.
+        self.check(not os.path.exists(os.path.join(self.root, "build.rs")) or re.search(r"^COPY\s+.*build\.rs", text, re.M), w,
+                   "the crate has a build.rs that the Dockerfile does not COPY")
+        src = os.path.join(self.root, "src")
+        for dirpath, _, files in os.walk(src):
+            for fn in files:
+                if not fn.endswith(".rs"):
+                    continue
+                p = os.path.join(dirpath, fn)
+                try:
+                    code = open(p, encoding="utf-8").read()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                for inc in re.findall(r'include_(?:str|bytes)!\s*\(\s*"([^"]+)"', code):
+                    target = os.path.normpath(os.path.join(dirpath, inc))
+                    inside = target.startswith(src + os.sep) or target in (
+                        os.path.join(self.root, "Cargo.toml"), os.path.join(self.root, "Cargo.lock"))
+                    self.check(inside, os.path.relpath(p, self.root),
+                               f"include of {inc!r} reaches outside src/; the Dockerfile does not copy it")
+        try:
+            ignore = [l.strip() for l in open(os.path.join(self.root, ".dockerignore"), encoding="utf-8")
+                      if l.strip() and not l.strip().startswith("#")]
+        except OSError:
+            ignore = []
+        for pat in ("target/", ".git/", ".venv/"):
+            self.check(pat in ignore or pat.rstrip("/") in ignore, ".dockerignore", f"does not exclude {pat}")
+        for pat in ("src", "src/", "Cargo.toml", "Cargo.lock"):
+            self.check(pat not in ignore, ".dockerignore", f"excludes {pat}, which the build needs")
+
+    def check_kustomized(self, path):
+        """`kubectl kustomize deploy/` output: the listed objects, all in the kustomization's namespace."""
+        k = self.obj("kustomization.yaml", "Kustomization") or {}
+        ns = k.get("namespace")
+        want = set()
+        for r in k.get("resources") or []:
+            for d in self.load(r) or []:
+                want.add((d.get("kind"), (d.get("metadata") or {}).get("name")))
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        got = {(d.get("kind"), (d.get("metadata") or {}).get("name")) for d in docs}
+        w = "kubectl kustomize deploy/"
+        self.check(got == want, w, f"objects {sorted(got)} differ from the listed files' {sorted(want)}")
+        for d in docs:
+            md = d.get("metadata") or {}
+            if d.get("kind") not in CLUSTER_SCOPED:
+                self.check(md.get("namespace") == ns, w, f"{d.get('kind')} {md.get('name')} is not in namespace {ns}")
+            for s in d.get("subjects") or []:
+                if s.get("kind") == "ServiceAccount":
+                    self.check(s.get("namespace") == ns, w, f"{d.get('kind')} subject {s.get('name')} is not in namespace {ns}")
+        return len(docs)
+
+
+def join_continuations(text):
+    out, cur = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            if not cur:
+                continue
+            line = ""
+        if line.endswith("\\"):
+            cur += line[:-1] + " "
+            continue
+        cur += line
+        if cur.strip():
+            out.append(re.sub(r"\s+", " ", cur.strip()))
+        cur = ""
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def adapter_name(matches, as_, series):
+    """prometheus-adapter's name rule: regexp `matches`, `as` expanded with ${N} / $N."""
+    m = re.search(matches, series)
+    if not m:
+        return None
+    return re.sub(r"\$\{(\d+)\}|\$(\d+)", lambda g: m.group(int(g.group(1) or g.group(2))) or "", as_)
+
+
+def fill_metrics_query(template, series, label_matchers, group_by):
+    """Fill a metricsQuery the way prometheus-adapter's Go template (delimiters << >>) does for these fields."""
+    values = {"Series": series, "LabelMatchers": label_matchers, "GroupBy": group_by}
+
+    def sub(m):
+        key = m.group(1)
+        return values[key] if key in values else m.group(0)
+
+    filled = re.sub(r"<<\s*\.(\w+)\s*>>", sub, template)
+    return filled if "<<" not in filled else f"unfilled template fields in {filled}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ap.add_argument("--list-native", action="store_true")
+    ap.add_argument("--kustomized", metavar="FILE")
+    args = ap.parse_args()
+    c = Checker(args.root)
+    if args.list_native:
+        bad = []
+        for name in c.yaml_files():
+            kind = c.classify(name)
+            if kind == "native":
+                print(os.path.join("deploy", name))
+            elif kind == "invalid":
+                bad.append(name)
+        for e in c.errors:
+            print(f"check_deploy: {e}", file=sys.stderr)
+        if bad or c.errors:
+            print(f"check_deploy: cannot classify {bad}", file=sys.stderr)
+            return 1
+        return 0
+    if args.kustomized:
+        n = c.check_kustomized(args.kustomized)
+        for e in c.errors:
+            print(f"FAIL {e}", file=sys.stderr)
+        if c.errors:
+            return 1
+        print(f"check_deploy: kustomize build ok ({n} objects, namespace {c.obj('kustomization.yaml', 'Kustomization')['namespace']})")
+        return 0
+    c.run_all()
+    for e in c.errors:
+        print(f"FAIL {e}", file=sys.stderr)
+    if c.errors:
+        print(f"check_deploy: {len(c.errors)} check(s) failed, {c.passed} passed", file=sys.stderr)
+        return 1
+    kinds = getattr(c, "kinds", {})
+    extra = sorted(n for n, k in kinds.items() if k != "native")
+    print(f"check_deploy: {c.passed} checks passed (cross-file consistency, Dockerfile; non-native files: {', '.join(extra)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

