@@ -1,11 +1,18 @@
 //! elb-exporter: Huawei Cloud ELB listener metrics from Cloud Eye (CES), labelled with the Kubernetes
 //! Services that own the load balancers, for Prometheus and the HPA.
 //!
-//! Data flows one way: `discovery` (Service watch) → targets → `collector` (CES batches) → snapshot →
-//! `exposition` (pre-rendered body) → `server`.
+//! Data flows one way: `discovery` (Service watch → inventory of targets) → `collector` (CES batches →
+//! snapshot) → `exposition` (pre-rendered body) → `server`. `app` wires them; `cli` is the command line.
 
+pub mod app;
+pub mod cli;
 pub mod cloud;
+pub mod collector;
 pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod exposition;
+pub mod server;
 pub mod signer;
 pub mod sim;
 pub mod telemetry;

@@ -179,6 +179,9 @@ fn dim_key(dims: &[(String, String)]) -> Vec<(String, String)> {
     d
 }
 
+/// (namespace, metric name, sorted dimensions) of a requested metric.
+type RequestKey<'a> = (&'a str, &'a str, Vec<(String, String)>);
+
 /// Matches a CES batch answer to the request by (namespace, metric name, dimension set) and keeps the
 /// newest usable datapoint per requested metric. Returns it in request order, plus skip counts.
 pub fn batch_result(
@@ -191,8 +194,7 @@ pub fn batch_result(
         .get("metrics")
         .and_then(|m| m.as_array())
         .ok_or("no `metrics` array")?;
-    let mut index: HashMap<(&str, &str, Vec<(String, String)>), usize> =
-        HashMap::with_capacity(request.len());
+    let mut index: HashMap<RequestKey<'_>, usize> = HashMap::with_capacity(request.len());
     for (i, q) in request.iter().enumerate() {
         index.insert(
             (

@@ -1,0 +1,158 @@
+//! Wires the pipeline together: watch → inventory (targets) → collector (snapshot) → renderer (body) →
+//! HTTP server. Used by the run mode and by `demo`.
+
+use crate::cloud::CloudApi;
+use crate::cloud::client::{ClientBuildError, HttpCloud};
+use crate::collector::{Collector, CollectorSettings, Snapshot};
+use crate::config::Config;
+use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
+use crate::discovery::{self, DiscoveryEvent};
+use crate::exposition::Renderer;
+use crate::server::{self, AppState};
+use crate::telemetry::Telemetry;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// Why the exporter could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Binds the configured (or given) address.
+pub async fn bind(addr: &str) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// The background pipeline: returns the receivers of targets and snapshots.
+pub struct Pipeline {
+    pub targets: watch::Receiver<Arc<Targets>>,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// Starts discovery, inventory and collector tasks on the current runtime.
+pub fn start_pipeline<C: CloudApi>(
+    cfg: &Config,
+    cloud: Arc<C>,
+    kube: kube::Client,
+    telemetry: &Telemetry,
+) -> Pipeline {
+    let (tx, rx) = mpsc::channel::<DiscoveryEvent>(1024);
+    tokio::spawn(discovery::run_watch(
+        kube,
+        cfg.discovery.namespaces.clone(),
+        cfg.discovery.annotation.clone(),
+        tx,
+    ));
+    let (inventory, targets) = Inventory::new(
+        cloud.clone(),
+        InventorySettings {
+            listener_refresh: cfg.discovery.listener_refresh,
+            scopes: cfg.discovery.namespaces.len().max(1),
+        },
+        telemetry.clone(),
+    );
+    tokio::spawn(inventory.run(rx));
+    let (collector, snapshots) = Collector::new(
+        cloud,
+        CollectorSettings::from_config(cfg),
+        telemetry.clone(),
+    );
+    tokio::spawn(collector.run(targets.clone()));
+    Pipeline { targets, snapshots }
+}
+
+/// Re-renders the body whenever the targets or the data change, and tracks readiness.
+pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) {
+    let renderer = Arc::new(renderer);
+    loop {
+        let t = p.targets.borrow_and_update().clone();
+        let s = p.snapshots.borrow_and_update().clone();
+        let r = renderer.clone();
+        let finished = s.finished;
+        let synced = t.synced;
+        match tokio::task::spawn_blocking(move || r.render(&t, &s)).await {
+            Ok(body) => state.body.store(Arc::new(body)),
+            Err(e) => {
+                error!(error = %e, "rendering the exposition body failed; keeping the previous one")
+            }
+        }
+        state.synced.store(synced, Ordering::Release);
+        state.collected.store(finished, Ordering::Release);
+        tokio::select! {
+            r = p.targets.changed() => if r.is_err() { return },
+            r = p.snapshots.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Runs the exporter until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    kube: kube::Client,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let telemetry = Telemetry::new();
+    let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone())?);
+    serve_with(cfg, cloud, kube, listener, telemetry, shutdown).await
+}
+
+/// Runs the exporter on any cloud implementation.
+pub async fn serve_with<C: CloudApi>(
+    cfg: Config,
+    cloud: Arc<C>,
+    kube: kube::Client,
+    listener: TcpListener,
+    telemetry: Telemetry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    for key in &cfg.ignored_keys {
+        warn!(key = %key, "cloudeye-exporter key has no effect here; ignored");
+    }
+    // Resolve the project early so a wrong account shows in the log at once; collection retries anyway.
+    let c = cloud.clone();
+    tokio::spawn(async move {
+        match c.project_id().await {
+            Ok(id) => info!(project_id = %id, "project resolved"),
+            Err(e) => {
+                error!(error = %e, "project lookup failed; collection retries every interval")
+            }
+        }
+    });
+    let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry);
+    let state = AppState::new(telemetry, &cfg.metric_path);
+    tokio::spawn(run_renderer(
+        Renderer::from_config(&cfg),
+        pipeline,
+        state.clone(),
+    ));
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(addr = %addr, path = %cfg.metric_path, "serving metrics");
+    axum::serve(listener, server::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(AppError::Serve)?;
+    info!("shut down");
+    Ok(())
+}

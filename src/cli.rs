@@ -1,0 +1,367 @@
+//! Command line: run the exporter, `check` a configuration against the cloud and cluster, or run the
+//! `demo` on the built-in simulated cloud and cluster.
+
+use crate::app;
+use crate::cloud::client::HttpCloud;
+use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
+use crate::collector::{NAMESPACE, calls_per_cycle, distinct_listeners};
+use crate::config::{Config, ConfigError, LogFormat, format_duration};
+use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
+use crate::discovery::{DiscoveryEvent, Observed, observe};
+use crate::telemetry::Telemetry;
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Service;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Huawei Cloud ELB listener metrics from Cloud Eye, labelled with Kubernetes Services, for Prometheus.
+#[derive(Debug, Parser)]
+#[command(name = "elb-exporter", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (cloudeye-exporter compatible clouds.yml).
+    #[arg(long, global = true, default_value = "clouds.yml", value_name = "FILE")]
+    pub config: PathBuf,
+    /// Listen address, overriding global.port (e.g. 0.0.0.0:8087, :8087, 127.0.0.1:0).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config, resolve the project, list discovered Services → ELB → listeners and the
+    /// planned CES calls per interval; exit non-zero on any problem.
+    Check,
+    /// Run against a built-in simulated cloud and cluster, serving /metrics on 127.0.0.1:8087.
+    Demo {
+        /// Listen address for the demo exporter.
+        #[arg(long, default_value = "127.0.0.1:8087", value_name = "ADDR")]
+        listen: String,
+    },
+}
+
+/// Exit codes: 0 fine, 1 runtime problem, 2 bad flags or configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Errors at the command line boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    App(#[from] app::AppError),
+    #[error("kubernetes client: {0}")]
+    Kube(String),
+    #[error("{0}")]
+    Check(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Config(_) => ExitCode::from(EXIT_CONFIG),
+            CliError::App(app::AppError::Client(_)) => ExitCode::from(EXIT_CONFIG),
+            _ => ExitCode::from(1),
+        }
+    }
+}
+
+/// Loads the config, applying `--listen`.
+pub fn load_config(path: &Path, listen: Option<&str>) -> Result<Config, ConfigError> {
+    let mut cfg = Config::load(path)?;
+    if let Some(l) = listen {
+        cfg.listen = crate::config::parse_listen(l).map_err(|e| match e {
+            ConfigError::Invalid { value, reason, .. } => ConfigError::Invalid {
+                field: "--listen".into(),
+                value,
+                reason,
+            },
+            other => other,
+        })?;
+    }
+    Ok(cfg)
+}
+
+/// Installs the log subscriber (stderr). `RUST_LOG` wins over the configured level.
+pub fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{level},hyper=warn,hyper_util=warn,h2=warn,rustls=warn,tower=warn,kube_client=warn"
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs the exporter from a loaded config.
+pub async fn run(cfg: Config) -> Result<(), CliError> {
+    let kube = kube::Client::try_default()
+        .await
+        .map_err(|e| CliError::Kube(e.to_string()))?;
+    let listener = app::bind(&cfg.listen).await?;
+    announce(&listener, &cfg.metric_path);
+    app::run(cfg, kube, listener, crate::server::shutdown_signal()).await?;
+    Ok(())
+}
+
+fn announce(listener: &tokio::net::TcpListener, path: &str) {
+    if let Ok(a) = listener.local_addr() {
+        // On stdout, so scripts and tests can find a port chosen by the OS.
+        println!("listening on http://{a}{path}");
+    }
+}
+
+/// `check`: one pass of discovery, listener resolution and a CES probe; prints what would be collected.
+pub async fn check(cfg: Config) -> Result<(), CliError> {
+    let mut problems: Vec<String> = Vec::new();
+    println!("config: ok");
+    for k in &cfg.ignored_keys {
+        println!("  note: {k} is a cloudeye-exporter key with no effect here");
+    }
+    let telemetry = Telemetry::new();
+    let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone()).map_err(app::AppError::from)?);
+    match cloud.project_id().await {
+        Ok(id) if cfg.auth.project_id.is_empty() => println!(
+            "project: {} -> {id} (resolved through IAM at {})",
+            cfg.auth.project_name,
+            cfg.endpoints.iam.base_url()
+        ),
+        Ok(id) => println!("project: {id} (configured)"),
+        Err(e) => {
+            println!("project: FAILED: {e}");
+            return Err(CliError::Check(format!("project lookup failed: {e}")));
+        }
+    }
+    let kube = kube::Client::try_default()
+        .await
+        .map_err(|e| CliError::Kube(e.to_string()))?;
+    let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
+
+    println!(
+        "\n{:<20} {:<24} {:<38} {:<4} {:<38} {:>5} {:<17} NAME",
+        "NAMESPACE", "SERVICE", "ELB", "API", "LISTENER", "PORT", "PROTOCOL"
+    );
+    for r in &targets.reports {
+        let elb = r.elb_id.as_deref().unwrap_or("-");
+        let api = r.api.map(|v| v.as_str()).unwrap_or("-");
+        let mine: Vec<_> = targets
+            .targets
+            .iter()
+            .filter(|t| t.namespace == r.namespace && t.service == r.name)
+            .collect();
+        if mine.is_empty() {
+            println!(
+                "{:<20} {:<24} {:<38} {:<4} {:<38} {:>5} {:<17} -",
+                r.namespace, r.name, elb, api, "-", "-", "-"
+            );
+        }
+        for t in mine {
+            println!(
+                "{:<20} {:<24} {:<38} {:<4} {:<38} {:>5} {:<17} {}",
+                t.namespace,
+                t.service,
+                t.elb_id,
+                api,
+                t.listener_id,
+                t.port,
+                t.protocol,
+                t.listener_name
+            );
+        }
+        for p in &r.problems {
+            problems.push(format!("{}/{}: {p}", r.namespace, r.name));
+        }
+    }
+    if targets.reports.is_empty() {
+        println!(
+            "(no Service carries the annotation {})",
+            cfg.discovery.annotation
+        );
+    }
+
+    let listeners = distinct_listeners(&targets);
+    let batch = cfg.effective_batch_size();
+    let metrics = cfg.collection.metrics.len();
+    let calls = calls_per_cycle(listeners.len(), metrics, batch);
+    let per_min = calls as f64 * 60.0 / cfg.collection.interval.as_secs_f64();
+    println!(
+        "\nplan: {} listeners x {} metrics = {} series -> {} CES batch call(s) per {} interval (batch size {}), {:.1} calls/minute (limit {}/minute); {} ELB(s) re-listed every {}",
+        listeners.len(),
+        metrics,
+        listeners.len() * metrics,
+        calls,
+        format_duration(cfg.collection.interval),
+        batch,
+        per_min,
+        cfg.cloud.rate_limit.ces_per_minute,
+        targets.elbs,
+        format_duration(cfg.discovery.listener_refresh),
+    );
+    if per_min > f64::from(cfg.cloud.rate_limit.ces_per_minute) {
+        problems.push(format!(
+            "{per_min:.0} CES calls/minute exceed cloud.rate_limit.ces_per_minute ({}): raise collection.interval",
+            cfg.cloud.rate_limit.ces_per_minute
+        ));
+    }
+    // One small CES call proves the AK may read metrics (ces:metricData:list).
+    if let Some((elb, listener)) = listeners.first() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as i64;
+        let q = BatchQuery {
+            metrics: vec![MetricQuery {
+                namespace: NAMESPACE.into(),
+                metric_name: cfg.collection.metrics[0].clone(),
+                dimensions: vec![
+                    ("lbaas_instance_id".into(), elb.to_string()),
+                    ("lbaas_listener_id".into(), listener.to_string()),
+                ],
+            }],
+            from_ms: now - cfg.collection.lookback.as_millis() as i64,
+            to_ms: now,
+            period: "1",
+            filter: cfg.collection.filter,
+        };
+        match cloud.batch_query(&q).await {
+            Ok(r) => println!(
+                "ces: ok ({} for listener {listener}: {})",
+                cfg.collection.metrics[0],
+                r.newest
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(|d| d.value.to_string())
+                    .unwrap_or_else(|| "no datapoint in the window".into())
+            ),
+            Err(e) => problems.push(format!("CES probe failed: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        println!("\ncheck: ok");
+        Ok(())
+    } else {
+        println!("\nproblems:");
+        for p in &problems {
+            println!("  - {p}");
+        }
+        Err(CliError::Check(format!(
+            "{} problem(s) found",
+            problems.len()
+        )))
+    }
+}
+
+/// Lists the Services once and resolves their ELBs through the same inventory the exporter runs.
+async fn resolve_once<C: CloudApi>(
+    cfg: &Config,
+    cloud: Arc<C>,
+    kube: kube::Client,
+    telemetry: &Telemetry,
+) -> Result<Arc<Targets>, CliError> {
+    let scopes: Vec<Option<Arc<str>>> = if cfg.discovery.namespaces.is_empty() {
+        vec![None]
+    } else {
+        cfg.discovery
+            .namespaces
+            .iter()
+            .map(|n| Some(Arc::from(n.as_str())))
+            .collect()
+    };
+    let (tx, rx) = mpsc::channel(scopes.len() + 1);
+    let (inventory, mut targets) = Inventory::new(
+        cloud,
+        InventorySettings {
+            listener_refresh: cfg.discovery.listener_refresh,
+            scopes: scopes.len(),
+        },
+        telemetry.clone(),
+    );
+    let task = tokio::spawn(inventory.run(rx));
+    for scope in scopes {
+        let api: kube::Api<Service> = match &scope {
+            None => kube::Api::all(kube.clone()),
+            Some(ns) => kube::Api::namespaced(kube.clone(), ns),
+        };
+        let list = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| CliError::Kube(format!("listing services: {e}")))?;
+        let observed: Vec<Observed> = list
+            .items
+            .iter()
+            .map(|s| observe(s, &cfg.discovery.annotation))
+            .filter(|o| !matches!(o, Observed::Ignored(_)))
+            .collect();
+        let _ = tx.send(DiscoveryEvent::Resync { scope, observed }).await;
+    }
+    let wait = async {
+        loop {
+            if targets.borrow_and_update().synced {
+                return targets.borrow().clone();
+            }
+            if targets.changed().await.is_err() {
+                return targets.borrow().clone();
+            }
+        }
+    };
+    let limit = cfg.cloud.request_timeout * cfg.cloud.retry.max_attempts + Duration::from_secs(30);
+    let result = tokio::time::timeout(limit, wait)
+        .await
+        .map_err(|_| CliError::Check("listener lookups did not finish in time".into()));
+    drop(tx);
+    task.abort();
+    result
+}
+
+/// Entry point used by the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("elb-exporter: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Demo { listen }) => {
+            init_logging("info", LogFormat::Text);
+            runtime.block_on(crate::demo::run(&listen))
+        }
+        command => {
+            let cfg = match load_config(&cli.config, cli.listen.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("elb-exporter: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(&cfg.log.level, cfg.log.format);
+            match command {
+                Some(Command::Check) => runtime.block_on(check(cfg)),
+                _ => runtime.block_on(run(cfg)),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("elb-exporter: {e}");
+            e.exit_code()
+        }
+    }
+}

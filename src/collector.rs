@@ -1,0 +1,357 @@
+//! Background collection: every interval, every attributed listener × metric is queried from CES in the
+//! fewest batch calls (packed across all load balancers), the newest datapoint per series is kept, and
+//! the whole result is swapped in atomically. Listeners that appear between ticks are collected at once.
+
+use crate::cloud::{BatchQuery, CloudApi, CloudError, MetricQuery};
+use crate::config::{Config, Filter};
+use crate::discovery::inventory::Targets;
+use crate::telemetry::{Api, Telemetry};
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+pub const NAMESPACE: &str = "SYS.ELB";
+/// Debounce before collecting newly attributed listeners, so a burst of Services costs one call.
+const NEW_LISTENER_DELAY: Duration = Duration::from_millis(200);
+
+/// The newest datapoint of one series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub value: f64,
+    pub timestamp_ms: i64,
+    /// Cycle in which CES last returned it (for the staleness bound).
+    pub cycle: u64,
+}
+
+/// Series key: listener id and index into the configured metric list.
+pub type SeriesKey = (Arc<str>, u16);
+
+/// The result of collection, published as a whole.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub cycle: u64,
+    pub values: HashMap<SeriesKey, Sample>,
+    /// A full collection cycle has finished (successfully or not).
+    pub finished: bool,
+    /// The last full cycle succeeded completely.
+    pub up: bool,
+}
+
+/// What to collect and how.
+#[derive(Debug, Clone)]
+pub struct CollectorSettings {
+    pub metrics: Arc<Vec<String>>,
+    pub filter: Filter,
+    pub interval: Duration,
+    pub lookback: Duration,
+    pub batch_size: usize,
+    pub stale_intervals: u32,
+    pub concurrency: usize,
+}
+
+impl CollectorSettings {
+    pub fn from_config(c: &Config) -> Self {
+        CollectorSettings {
+            metrics: Arc::new(c.collection.metrics.clone()),
+            filter: c.collection.filter,
+            interval: c.collection.interval,
+            lookback: c.collection.lookback,
+            batch_size: c.effective_batch_size(),
+            stale_intervals: c.collection.stale_intervals,
+            concurrency: c.cloud.max_concurrency,
+        }
+    }
+}
+
+/// CES calls one cycle needs for `listeners` listeners: ceil(listeners × metrics / batch size).
+pub fn calls_per_cycle(listeners: usize, metrics: usize, batch_size: usize) -> usize {
+    (listeners * metrics).div_ceil(batch_size.max(1))
+}
+
+/// The distinct (ELB, listener) pairs of the targets, in target order.
+pub fn distinct_listeners(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
+    let mut seen = HashSet::with_capacity(targets.targets.len());
+    targets
+        .targets
+        .iter()
+        .filter(|t| seen.insert(t.listener_id.clone()))
+        .map(|t| (t.elb_id.clone(), t.listener_id.clone()))
+        .collect()
+}
+
+pub struct Collector<C: CloudApi> {
+    cloud: Arc<C>,
+    settings: CollectorSettings,
+    telemetry: Telemetry,
+    tx: watch::Sender<Arc<Snapshot>>,
+    /// Listener ids that have been part of a collection (full or prompt).
+    attempted: HashSet<Arc<str>>,
+}
+
+impl<C: CloudApi> Collector<C> {
+    pub fn new(
+        cloud: Arc<C>,
+        settings: CollectorSettings,
+        telemetry: Telemetry,
+    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        (
+            Collector {
+                cloud,
+                settings,
+                telemetry,
+                tx,
+                attempted: HashSet::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Runs until the targets channel closes.
+    pub async fn run(mut self, mut targets: watch::Receiver<Arc<Targets>>) {
+        // The first cycle waits for discovery, so it collects every Service rather than none.
+        loop {
+            if targets.borrow_and_update().synced {
+                break;
+            }
+            if targets.changed().await.is_err() {
+                return;
+            }
+        }
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let t = targets.borrow_and_update().clone();
+                    self.full_cycle(&t).await;
+                }
+                changed = targets.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(NEW_LISTENER_DELAY).await;
+                    let t = targets.borrow_and_update().clone();
+                    self.prompt_cycle(&t).await;
+                }
+            }
+        }
+    }
+
+    fn window(&self) -> (i64, i64) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as i64;
+        (now - self.settings.lookback.as_millis() as i64, now)
+    }
+
+    /// Queries `listeners` × metrics; returns per-batch outcomes as (series keys, result).
+    async fn query(
+        &self,
+        listeners: &[(Arc<str>, Arc<str>)],
+    ) -> Vec<(
+        Vec<SeriesKey>,
+        Result<Vec<Option<crate::cloud::Datapoint>>, CloudError>,
+    )> {
+        let (from_ms, to_ms) = self.window();
+        let metrics = &self.settings.metrics;
+        let series: Vec<(&Arc<str>, &Arc<str>, u16)> = listeners
+            .iter()
+            .flat_map(|(elb, l)| (0..metrics.len() as u16).map(move |m| (elb, l, m)))
+            .collect();
+        let jobs: Vec<(Vec<SeriesKey>, BatchQuery)> = series
+            .chunks(self.settings.batch_size.max(1))
+            .map(|chunk| {
+                let keys = chunk.iter().map(|(_, l, m)| ((*l).clone(), *m)).collect();
+                let query = BatchQuery {
+                    metrics: chunk
+                        .iter()
+                        .map(|(elb, l, m)| MetricQuery {
+                            namespace: NAMESPACE.to_string(),
+                            metric_name: metrics[*m as usize].clone(),
+                            dimensions: vec![
+                                ("lbaas_instance_id".to_string(), elb.to_string()),
+                                ("lbaas_listener_id".to_string(), l.to_string()),
+                            ],
+                        })
+                        .collect(),
+                    from_ms,
+                    to_ms,
+                    period: "1",
+                    filter: self.settings.filter,
+                };
+                (keys, query)
+            })
+            .collect();
+        let cloud = self.cloud.clone();
+        futures::stream::iter(jobs)
+            .map(move |(keys, query)| {
+                let cloud = cloud.clone();
+                async move {
+                    let r = cloud.batch_query(&query).await.map(|r| r.newest);
+                    (keys, r)
+                }
+            })
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await
+    }
+
+    async fn full_cycle(&mut self, targets: &Targets) {
+        let started = Instant::now();
+        let listeners = distinct_listeners(targets);
+        let prev = self.tx.borrow().clone();
+        let cycle = prev.cycle + 1;
+        let outcomes = self.query(&listeners).await;
+        let mut values: HashMap<SeriesKey, Sample> =
+            HashMap::with_capacity(listeners.len() * self.settings.metrics.len());
+        let (mut ok_calls, mut failed_calls, mut kept_stale) = (0usize, 0usize, 0usize);
+        let mut first_error: Option<CloudError> = None;
+        for (keys, result) in outcomes {
+            match result {
+                Ok(points) => {
+                    ok_calls += 1;
+                    for (key, p) in keys.into_iter().zip(points) {
+                        if let Some(p) = p {
+                            values.insert(
+                                key,
+                                Sample {
+                                    value: p.value,
+                                    timestamp_ms: p.timestamp_ms,
+                                    cycle,
+                                },
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed_calls += 1;
+                    // Keep serving the last good values of this batch, within the staleness bound.
+                    for key in keys {
+                        if let Some(old) = prev.values.get(&key)
+                            && cycle - old.cycle <= u64::from(self.settings.stale_intervals)
+                        {
+                            values.insert(key, *old);
+                            kept_stale += 1;
+                        }
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // A failed project lookup fails every batch; with no batches there is nothing to fail.
+        let up = failed_calls == 0;
+        for (_, l) in &listeners {
+            self.attempted.insert(l.clone());
+        }
+        let live: HashSet<&Arc<str>> = listeners.iter().map(|(_, l)| l).collect();
+        self.attempted.retain(|l| live.contains(l));
+
+        let elapsed = started.elapsed();
+        self.telemetry
+            .collection_duration
+            .set(elapsed.as_secs_f64());
+        self.telemetry.up.set(i64::from(up));
+        self.telemetry
+            .collections
+            .with_label_values(&[if up { "success" } else { "failure" }])
+            .inc();
+        if up {
+            self.telemetry.last_success.set(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
+        }
+        let calls = calls_per_cycle(
+            listeners.len(),
+            self.settings.metrics.len(),
+            self.settings.batch_size,
+        );
+        let per_minute = calls as f64 * 60.0 / self.settings.interval.as_secs_f64().max(0.001);
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Api::CesBatchQuery.as_str()])
+            .set(per_minute.ceil() as i64);
+        self.telemetry.series.set(values.len() as i64);
+        match &first_error {
+            None => info!(
+                cycle,
+                listeners = listeners.len(),
+                calls = ok_calls,
+                series = values.len(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                "collection done"
+            ),
+            Some(e) => warn!(
+                cycle,
+                listeners = listeners.len(),
+                ok_calls,
+                failed_calls,
+                kept_stale,
+                code = e.metric_code(),
+                cloud_code = e.cloud_code().unwrap_or(""),
+                error = %e,
+                "collection failed in part; serving last good values within the staleness bound"
+            ),
+        }
+        self.tx.send_replace(Arc::new(Snapshot {
+            cycle,
+            values,
+            finished: true,
+            up,
+        }));
+    }
+
+    /// Collects listeners that appeared since the last cycle, merging them into the current snapshot.
+    async fn prompt_cycle(&mut self, targets: &Targets) {
+        let fresh: Vec<(Arc<str>, Arc<str>)> = distinct_listeners(targets)
+            .into_iter()
+            .filter(|(_, l)| !self.attempted.contains(l))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        debug!(listeners = fresh.len(), "collecting new listeners now");
+        let outcomes = self.query(&fresh).await;
+        for (_, l) in &fresh {
+            self.attempted.insert(l.clone());
+        }
+        let prev = self.tx.borrow().clone();
+        let mut values = prev.values.clone();
+        for (keys, result) in outcomes {
+            match result {
+                Ok(points) => {
+                    for (key, p) in keys.into_iter().zip(points) {
+                        if let Some(p) = p {
+                            values.insert(
+                                key,
+                                Sample {
+                                    value: p.value,
+                                    timestamp_ms: p.timestamp_ms,
+                                    cycle: prev.cycle,
+                                },
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
+                }
+            }
+        }
+        self.telemetry.series.set(values.len() as i64);
+        self.tx.send_replace(Arc::new(Snapshot {
+            cycle: prev.cycle,
+            values,
+            finished: prev.finished,
+            up: prev.up,
+        }));
+    }
+}

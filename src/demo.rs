@@ -1,0 +1,191 @@
+//! `elb-exporter demo`: the real exporter against the built-in simulated cloud and cluster, so a newcomer
+//! sees real output with no cloud account.
+
+use crate::app;
+use crate::config::Config;
+use crate::sim::cloud::{CloudSim, LbKind, SimConfig, SimListener};
+use crate::sim::kube::FakeApiServer;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// A load balancer of the fixture: id, kind, listeners (id, name, protocol, port).
+pub struct FixtureElb {
+    pub id: &'static str,
+    pub kind: LbKind,
+    pub listeners: &'static [(&'static str, &'static str, &'static str, u16)],
+}
+
+/// The demo's load balancers: two dedicated, two shared.
+pub const ELBS: &[FixtureElb] = &[
+    FixtureElb {
+        id: "6f1c6a1e-0d7e-4c55-9a3b-1d2e3f4a5b01",
+        kind: LbKind::Dedicated,
+        listeners: &[(
+            "a1000000-0000-4000-8000-000000000001",
+            "k8s_TCP_80",
+            "TCP",
+            80,
+        )],
+    },
+    FixtureElb {
+        id: "7a2d7b2f-1e8f-4d66-8b4c-2e3f4a5b6c02",
+        kind: LbKind::Shared,
+        listeners: &[
+            (
+                "b2000000-0000-4000-8000-000000000001",
+                "k8s_TCP_80",
+                "TCP",
+                80,
+            ),
+            (
+                "b2000000-0000-4000-8000-000000000002",
+                "k8s_TCP_443",
+                "TCP",
+                443,
+            ),
+        ],
+    },
+    FixtureElb {
+        id: "8b3e8c3a-2f9a-4e77-9c5d-3f4a5b6c7d03",
+        kind: LbKind::Dedicated,
+        listeners: &[
+            (
+                "c3000000-0000-4000-8000-000000000001",
+                "k8s_TCP_8080",
+                "TCP",
+                8080,
+            ),
+            // No Service port claims it: not exported.
+            ("c3000000-0000-4000-8000-000000000002", "admin", "TCP", 9090),
+        ],
+    },
+    FixtureElb {
+        id: "9c4f9d4b-3a0b-4f88-8d6e-4a5b6c7d8e04",
+        kind: LbKind::Shared,
+        listeners: &[(
+            "d4000000-0000-4000-8000-000000000001",
+            "k8s_HTTP_80",
+            "HTTP",
+            80,
+        )],
+    },
+];
+
+/// A Service of the fixture: namespace, name, annotations, ports.
+pub fn service(ns: &str, name: &str, annotations: &[(&str, &str)], ports: &[i32]) -> Service {
+    let mut s = Service::default();
+    s.metadata.namespace = Some(ns.into());
+    s.metadata.name = Some(name.into());
+    if !annotations.is_empty() {
+        s.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        );
+    }
+    s.spec = Some(ServiceSpec {
+        type_: Some("LoadBalancer".into()),
+        ports: Some(
+            ports
+                .iter()
+                .map(|p| ServicePort {
+                    name: Some(format!("p{p}")),
+                    port: *p,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    });
+    s
+}
+
+/// The demo's Services in two namespaces: dedicated and shared ELBs, a two-port Service, a Service
+/// without the class annotation (v3 then v2), and one without the ELB annotation.
+pub fn services() -> Vec<Service> {
+    const ID: &str = "kubernetes.io/elb.id";
+    const CLASS: &str = "kubernetes.io/elb.class";
+    vec![
+        service(
+            "default",
+            "nginx",
+            &[(ID, ELBS[0].id), (CLASS, "performance")],
+            &[80],
+        ),
+        service(
+            "default",
+            "api",
+            &[(ID, ELBS[1].id), (CLASS, "union")],
+            &[80, 443],
+        ),
+        service(
+            "shop",
+            "cart",
+            &[(ID, ELBS[2].id), (CLASS, "performance")],
+            &[8080],
+        ),
+        service("shop", "checkout", &[(ID, ELBS[3].id)], &[80]),
+        service("shop", "internal", &[], &[8080]),
+    ]
+}
+
+/// Fills a simulator with the fixture's load balancers.
+pub fn seed_cloud(sim: &CloudSim) {
+    for elb in ELBS {
+        sim.add_loadbalancer(elb.id, elb.kind);
+        for (id, name, proto, port) in elb.listeners {
+            sim.add_listener(elb.id, SimListener::new(*id, *name, *proto, *port));
+        }
+    }
+}
+
+/// A config for an exporter talking to the simulator at `cloud_url`.
+pub fn config_for(sim: &CloudSim, cloud_url: &str, extra: &str) -> String {
+    let c = sim.config();
+    format!(
+        "global:\n  port: \"127.0.0.1:0\"\n  prefix: \"huaweicloud\"\nauth:\n  auth_url: \"{cloud_url}/v3\"\n  region: \"{region}\"\n  project_name: \"{region}\"\n  access_key: \"{ak}\"\n  secret_key: \"{sk}\"\nendpoints:\n  iam: \"{cloud_url}\"\n  elb: \"{cloud_url}\"\n  ces: \"{cloud_url}\"\n{extra}",
+        region = c.region,
+        ak = c.ak,
+        sk = c.sk,
+    )
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(listen: &str) -> Result<(), crate::cli::CliError> {
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let sim = CloudSim::new(SimConfig::default());
+    seed_cloud(&sim);
+    let cloud_addr = sim
+        .serve(loopback)
+        .await
+        .map_err(|e| crate::cli::CliError::Check(format!("simulated cloud: {e}")))?;
+    let cluster = FakeApiServer::new();
+    for s in services() {
+        cluster.apply(s);
+    }
+    let cluster_addr = cluster
+        .serve(loopback)
+        .await
+        .map_err(|e| crate::cli::CliError::Check(format!("simulated cluster: {e}")))?;
+    let text = config_for(
+        &sim,
+        &format!("http://{cloud_addr}"),
+        "collection:\n  interval: \"15s\"\ndiscovery:\n  listener_refresh: \"1m\"\n",
+    );
+    let cfg = Config::from_yaml(&text, &|_| None)?;
+    let kube = kube::Client::try_from(cluster.client_config())
+        .map_err(|e| crate::cli::CliError::Kube(e.to_string()))?;
+    let listener = app::bind(listen).await?;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| listen.to_string());
+    println!(
+        "elb-exporter demo: serving http://{addr}/metrics\n  simulated Huawei Cloud (IAM, ELB, CES) at http://{cloud_addr}, simulated Kubernetes API at http://{cluster_addr}\n  5 Services in namespaces default and shop; press Ctrl-C to stop"
+    );
+    app::run(cfg, kube, listener, crate::server::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,517 @@
+//! The inventory joins discovered Services with their ELBs' listeners and publishes the current
+//! [`Targets`]: one entry per (Service, listener) whose `protocol_port` equals one of the Service's ports.
+//!
+//! Listeners are resolved when an ELB is first seen (at once, not at the next tick), re-resolved every
+//! `listener_refresh`, and after a failure retried with backoff (never a retry storm). Events are coalesced
+//! so a burst of Service changes publishes one new target set.
+
+use super::{DiscoveryEvent, ElbClass, Observed, Problem, ServiceKey, ServiceTarget};
+use crate::cloud::{CloudApi, CloudError, ElbVersion, Listener};
+use crate::telemetry::Telemetry;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// How long events are coalesced before a new target set is published.
+const COALESCE: Duration = Duration::from_millis(100);
+/// ELB listings in flight at once (each is paged; the cloud client also caps total concurrency).
+const RESOLVE_CONCURRENCY: usize = 8;
+/// First retry delay after a failed listing; doubles up to `listener_refresh`.
+const RETRY_BASE: Duration = Duration::from_secs(15);
+
+/// One exported listener of one Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub namespace: Arc<str>,
+    pub service: Arc<str>,
+    pub elb_id: Arc<str>,
+    pub listener_id: Arc<str>,
+    pub listener_name: Arc<str>,
+    pub port: u16,
+    pub protocol: Arc<str>,
+}
+
+/// The state of one annotated Service, for `check` and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceReport {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub elb_id: Option<Arc<str>>,
+    pub api: Option<ElbVersion>,
+    /// Empty when fine; otherwise what is wrong, in words.
+    pub problems: Vec<String>,
+    pub listeners: usize,
+}
+
+/// What the collector collects and the exposition labels: published as a whole, atomically.
+#[derive(Debug, Default)]
+pub struct Targets {
+    /// Increases with every publication.
+    pub generation: u64,
+    /// The Service list has synced and every ELB known then has been looked up once.
+    pub synced: bool,
+    /// Annotated Services (usable or not).
+    pub services: usize,
+    /// Sorted by namespace, service, port, listener id.
+    pub targets: Vec<Target>,
+    /// Current problem counts by reason (`elb_exporter_discovery_problems`).
+    pub problems: BTreeMap<&'static str, usize>,
+    pub reports: Vec<ServiceReport>,
+    /// Distinct ELBs referenced.
+    pub elbs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ElbStatus {
+    Pending,
+    Ok,
+    /// Neither API knows it (or it has no listener at all).
+    NotFound,
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct ElbState {
+    class: ElbClass,
+    version: Option<ElbVersion>,
+    listeners: Arc<Vec<Listener>>,
+    status: ElbStatus,
+    in_flight: bool,
+    next_resolve: Instant,
+    failures: u32,
+}
+
+/// Settings of the inventory.
+#[derive(Debug, Clone)]
+pub struct InventorySettings {
+    pub listener_refresh: Duration,
+    /// Number of watch scopes (namespaces, or 1 for all) that must report a full list before `synced`.
+    pub scopes: usize,
+}
+
+pub struct Inventory<C: CloudApi> {
+    cloud: Arc<C>,
+    settings: InventorySettings,
+    telemetry: Telemetry,
+    services: HashMap<ServiceKey, Observed>,
+    elbs: HashMap<Arc<str>, ElbState>,
+    scopes_synced: HashSet<Option<Arc<str>>>,
+    /// ELBs that must be looked up once before the first publication counts as synced.
+    initial_pending: Option<HashSet<Arc<str>>>,
+    generation: u64,
+    logged: HashMap<ServiceKey, Vec<String>>,
+    tx: watch::Sender<Arc<Targets>>,
+}
+
+impl<C: CloudApi> Inventory<C> {
+    pub fn new(
+        cloud: Arc<C>,
+        settings: InventorySettings,
+        telemetry: Telemetry,
+    ) -> (Self, watch::Receiver<Arc<Targets>>) {
+        let (tx, rx) = watch::channel(Arc::new(Targets::default()));
+        (
+            Inventory {
+                cloud,
+                settings,
+                telemetry,
+                services: HashMap::new(),
+                elbs: HashMap::new(),
+                scopes_synced: HashSet::new(),
+                initial_pending: None,
+                generation: 0,
+                logged: HashMap::new(),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    /// Runs until the discovery channel closes.
+    pub async fn run(mut self, mut events: mpsc::Receiver<DiscoveryEvent>) {
+        let limit = Arc::new(Semaphore::new(RESOLVE_CONCURRENCY));
+        let mut lookups: JoinSet<(Arc<str>, ElbClass, Option<ElbVersion>, LookupResult)> =
+            JoinSet::new();
+        let mut dirty = false;
+        let mut publish_at: Option<Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return };
+                    if self.apply(ev) {
+                        dirty = true;
+                    }
+                }
+                Some(done) = lookups.join_next(), if !lookups.is_empty() => {
+                    if let Ok((id, class, version, result)) = done {
+                        self.record_lookup(&id, class, version, result);
+                        dirty = true;
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = sleep_until_opt(publish_at) => {
+                    publish_at = None;
+                    self.publish();
+                }
+            }
+            // Start lookups that are due (new ELBs at once, refreshes and retries on schedule).
+            let now = Instant::now();
+            for (id, st) in self.elbs.iter_mut() {
+                if !st.in_flight && st.next_resolve <= now {
+                    st.in_flight = true;
+                    let (cloud, id, class, version, limit) = (
+                        self.cloud.clone(),
+                        id.clone(),
+                        st.class,
+                        st.version,
+                        limit.clone(),
+                    );
+                    lookups.spawn(async move {
+                        let _permit = limit.acquire_owned().await.ok();
+                        let r = lookup(&*cloud, &id, class, version).await;
+                        (id, class, version, r)
+                    });
+                }
+            }
+            if dirty && publish_at.is_none() {
+                publish_at = Some(Instant::now() + COALESCE);
+                dirty = false;
+            }
+        }
+    }
+
+    /// Applies a discovery event; returns whether anything changed.
+    fn apply(&mut self, ev: DiscoveryEvent) -> bool {
+        match ev {
+            DiscoveryEvent::Upsert(o) => self.upsert(o),
+            DiscoveryEvent::Delete(key) => {
+                let removed = self.services.remove(&key).is_some();
+                if removed {
+                    info!(namespace = %key.0, service = %key.1, "service gone");
+                    self.gc_elbs();
+                }
+                removed
+            }
+            DiscoveryEvent::Resync { scope, observed } => {
+                let keep: HashSet<ServiceKey> = observed.iter().map(observed_key).collect();
+                self.services.retain(|k, _| {
+                    let in_scope = scope.as_ref().is_none_or(|ns| *ns == k.0);
+                    !in_scope || keep.contains(k)
+                });
+                for o in observed {
+                    self.upsert(o);
+                }
+                self.gc_elbs();
+                self.scopes_synced.insert(scope);
+                if self.initial_pending.is_none()
+                    && self.scopes_synced.len() >= self.settings.scopes
+                {
+                    self.initial_pending = Some(
+                        self.elbs
+                            .iter()
+                            .filter(|(_, s)| s.status == ElbStatus::Pending)
+                            .map(|(id, _)| id.clone())
+                            .collect(),
+                    );
+                }
+                true
+            }
+            DiscoveryEvent::Error(kind) => {
+                self.telemetry
+                    .watch_restarts
+                    .with_label_values(&[kind])
+                    .inc();
+                false
+            }
+        }
+    }
+
+    fn upsert(&mut self, o: Observed) -> bool {
+        let key = observed_key(&o);
+        if let Observed::Ignored(_) = o {
+            let removed = self.services.remove(&key).is_some();
+            if removed {
+                info!(namespace = %key.0, service = %key.1, "service lost its ELB annotation");
+                self.gc_elbs();
+            }
+            return removed;
+        }
+        if self.services.get(&key) == Some(&o) {
+            return false;
+        }
+        if let Observed::Target(t) = &o {
+            self.ensure_elb(t);
+        }
+        self.services.insert(key, o);
+        self.gc_elbs();
+        true
+    }
+
+    fn ensure_elb(&mut self, t: &ServiceTarget) {
+        let st = self
+            .elbs
+            .entry(t.elb_id.clone())
+            .or_insert_with(|| ElbState {
+                class: t.class,
+                version: None,
+                listeners: Arc::new(Vec::new()),
+                status: ElbStatus::Pending,
+                in_flight: false,
+                next_resolve: Instant::now(),
+                failures: 0,
+            });
+        // A changed class (or a changed Service) re-resolves at once.
+        if st.class != t.class {
+            st.class = t.class;
+            st.version = None;
+        }
+        st.next_resolve = Instant::now();
+    }
+
+    fn gc_elbs(&mut self) {
+        let used: HashSet<&Arc<str>> = self
+            .services
+            .values()
+            .filter_map(|o| match o {
+                Observed::Target(t) => Some(&t.elb_id),
+                _ => None,
+            })
+            .collect();
+        self.elbs.retain(|id, _| used.contains(id));
+    }
+
+    fn record_lookup(
+        &mut self,
+        id: &Arc<str>,
+        class: ElbClass,
+        _asked: Option<ElbVersion>,
+        result: LookupResult,
+    ) {
+        if let Some(pending) = self.initial_pending.as_mut() {
+            pending.remove(id);
+        }
+        let refresh = self.settings.listener_refresh;
+        let Some(st) = self.elbs.get_mut(id) else {
+            return;
+        };
+        st.in_flight = false;
+        if st.class != class {
+            // The Service changed while the lookup ran; the new lookup is already due.
+            return;
+        }
+        match result {
+            Ok((version, listeners)) => {
+                st.failures = 0;
+                st.next_resolve = Instant::now() + refresh;
+                let status = if listeners.is_empty() {
+                    ElbStatus::NotFound
+                } else {
+                    ElbStatus::Ok
+                };
+                if status != st.status || st.listeners.len() != listeners.len() {
+                    info!(elb = %id, api = version.map(|v| v.as_str()).unwrap_or("v3+v2"), listeners = listeners.len(), "listeners resolved");
+                }
+                st.version = version;
+                st.status = status;
+                st.listeners = Arc::new(listeners);
+            }
+            Err(e) => {
+                st.failures = st.failures.saturating_add(1);
+                let backoff = RETRY_BASE
+                    .saturating_mul(1u32 << st.failures.min(10).saturating_sub(1))
+                    .min(refresh);
+                st.next_resolve = Instant::now() + backoff;
+                warn!(elb = %id, error = %e, retry_in_s = backoff.as_secs(), "listener lookup failed; keeping the last known listeners");
+                // The last good listeners keep being exported; only a never-resolved ELB is "failed".
+                if st.status == ElbStatus::Pending || matches!(st.status, ElbStatus::Failed(_)) {
+                    st.status = ElbStatus::Failed(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let mut keys: Vec<&ServiceKey> = self.services.keys().collect();
+        keys.sort();
+        let mut targets = Vec::new();
+        let mut reports = Vec::with_capacity(keys.len());
+        let mut problems: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut new_logged: HashMap<ServiceKey, Vec<String>> = HashMap::new();
+        for key in keys {
+            let mut report = ServiceReport {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                elb_id: None,
+                api: None,
+                problems: Vec::new(),
+                listeners: 0,
+            };
+            match &self.services[key] {
+                Observed::Ignored(_) => continue,
+                Observed::Invalid { problem, .. } => {
+                    *problems.entry(problem.as_str()).or_default() += 1;
+                    report.problems.push(problem.describe().to_string());
+                }
+                Observed::Target(t) => {
+                    report.elb_id = Some(t.elb_id.clone());
+                    if let Some(st) = self.elbs.get(&t.elb_id) {
+                        report.api = st.version;
+                        match &st.status {
+                            ElbStatus::NotFound => {
+                                *problems.entry("unknown_elb").or_default() += 1;
+                                report.problems.push(format!(
+                                    "ELB {} has no listener on the {} API (unknown id?)",
+                                    t.elb_id,
+                                    match t.class {
+                                        ElbClass::Shared => "v2",
+                                        ElbClass::Dedicated => "v3",
+                                        ElbClass::Unspecified => "v3 or v2",
+                                    }
+                                ));
+                            }
+                            ElbStatus::Failed(e) => {
+                                *problems.entry("elb_lookup_failed").or_default() += 1;
+                                report.problems.push(format!("listener lookup failed: {e}"));
+                            }
+                            ElbStatus::Pending | ElbStatus::Ok => {}
+                        }
+                        let before = targets.len();
+                        for &port in &t.ports {
+                            let mut found = false;
+                            for l in st.listeners.iter().filter(|l| l.port == port) {
+                                found = true;
+                                targets.push(Target {
+                                    namespace: t.namespace.clone(),
+                                    service: t.name.clone(),
+                                    elb_id: t.elb_id.clone(),
+                                    listener_id: l.id.as_str().into(),
+                                    listener_name: l.name.as_str().into(),
+                                    port: l.port,
+                                    protocol: l.protocol.as_str().into(),
+                                });
+                            }
+                            if !found && st.status == ElbStatus::Ok {
+                                *problems.entry("port_without_listener").or_default() += 1;
+                                report.problems.push(format!(
+                                    "port {port} has no listener on ELB {}",
+                                    t.elb_id
+                                ));
+                            }
+                        }
+                        report.listeners = targets.len() - before;
+                    }
+                }
+            }
+            if !report.problems.is_empty() {
+                new_logged.insert(key.clone(), report.problems.clone());
+            }
+            reports.push(report);
+        }
+        // Log each Service's problems once per change, not on every publication.
+        for (key, probs) in &new_logged {
+            if self.logged.get(key) != Some(probs) {
+                warn!(namespace = %key.0, service = %key.1, problems = %probs.join("; "), "service cannot be fully exported");
+            }
+        }
+        for key in self.logged.keys() {
+            if !new_logged.contains_key(key) && self.services.contains_key(key) {
+                info!(namespace = %key.0, service = %key.1, "service problems resolved");
+            }
+        }
+        self.logged = new_logged;
+
+        let synced = self.scopes_synced.len() >= self.settings.scopes
+            && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
+        self.generation += 1;
+        self.telemetry.services.set(reports.len() as i64);
+        self.telemetry.listeners.set(targets.len() as i64);
+        for reason in [
+            Problem::EmptyAnnotation.as_str(),
+            Problem::SeveralIds.as_str(),
+            Problem::InvalidId.as_str(),
+            "unknown_elb",
+            "elb_lookup_failed",
+            "port_without_listener",
+        ] {
+            self.telemetry
+                .discovery_problems
+                .with_label_values(&[reason])
+                .set(problems.get(reason).copied().unwrap_or(0) as i64);
+        }
+        let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[crate::telemetry::Api::ElbListListeners.as_str()])
+            .set((self.elbs.len() as f64 * refresh_per_min).ceil() as i64);
+        let t = Targets {
+            generation: self.generation,
+            synced,
+            services: reports.len(),
+            targets,
+            problems,
+            reports,
+            elbs: self.elbs.len(),
+        };
+        self.tx.send_replace(Arc::new(t));
+    }
+}
+
+type LookupResult = Result<(Option<ElbVersion>, Vec<Listener>), CloudError>;
+
+/// Lists an ELB's listeners on the API its class names; unspecified: the known API, else v3 then v2.
+async fn lookup<C: CloudApi + ?Sized>(
+    cloud: &C,
+    id: &str,
+    class: ElbClass,
+    known: Option<ElbVersion>,
+) -> LookupResult {
+    match (class, known) {
+        (ElbClass::Shared, _) => Ok((
+            Some(ElbVersion::V2),
+            cloud.list_listeners(ElbVersion::V2, id).await?,
+        )),
+        (ElbClass::Dedicated, _) => Ok((
+            Some(ElbVersion::V3),
+            cloud.list_listeners(ElbVersion::V3, id).await?,
+        )),
+        (ElbClass::Unspecified, Some(v)) => {
+            let l = cloud.list_listeners(v, id).await?;
+            if !l.is_empty() {
+                return Ok((Some(v), l));
+            }
+            // The ELB may have moved API or lost its listeners: ask both again.
+            Box::pin(lookup(cloud, id, class, None)).await
+        }
+        (ElbClass::Unspecified, None) => {
+            let v3 = cloud.list_listeners(ElbVersion::V3, id).await?;
+            if !v3.is_empty() {
+                return Ok((Some(ElbVersion::V3), v3));
+            }
+            let v2 = cloud.list_listeners(ElbVersion::V2, id).await?;
+            if !v2.is_empty() {
+                return Ok((Some(ElbVersion::V2), v2));
+            }
+            Ok((None, Vec::new()))
+        }
+    }
+}
+
+fn observed_key(o: &Observed) -> ServiceKey {
+    match o {
+        Observed::Target(t) => t.key(),
+        Observed::Invalid { key, .. } | Observed::Ignored(key) => key.clone(),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,337 @@
+//! Kubernetes discovery: watch Services carrying the ELB annotation and turn each into a compact
+//! [`ServiceTarget`] (no Kubernetes object is kept). The [`inventory`] resolves each ELB's listeners and
+//! attributes them to Service ports.
+
+pub mod inventory;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+pub const ELB_CLASS_ANNOTATION: &str = "kubernetes.io/elb.class";
+/// ELB ids are UUIDs; anything much longer is a mistake, not an id.
+const MAX_ELB_ID_LEN: usize = 64;
+
+/// `kubernetes.io/elb.class`: which ELB API knows the load balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElbClass {
+    /// `union`: shared load balancer, v2 API.
+    Shared,
+    /// `performance`: dedicated load balancer, v3 API.
+    Dedicated,
+    /// Absent or another value: v3 first, then v2.
+    Unspecified,
+}
+
+/// (namespace, name) of a Service.
+pub type ServiceKey = (Arc<str>, Arc<str>);
+
+/// What the exporter keeps of an annotated Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceTarget {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub elb_id: Arc<str>,
+    pub class: ElbClass,
+    /// `spec.ports[].port`, sorted, deduplicated.
+    pub ports: Vec<u16>,
+}
+
+impl ServiceTarget {
+    pub fn key(&self) -> ServiceKey {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// Why an annotated Service cannot be exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Problem {
+    EmptyAnnotation,
+    SeveralIds,
+    InvalidId,
+}
+
+impl Problem {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Problem::EmptyAnnotation => "empty_annotation",
+            Problem::SeveralIds => "several_elb_ids",
+            Problem::InvalidId => "invalid_elb_id",
+        }
+    }
+    pub fn describe(self) -> &'static str {
+        match self {
+            Problem::EmptyAnnotation => "the ELB annotation is empty",
+            Problem::SeveralIds => "the ELB annotation holds several ids; one Service has one ELB",
+            Problem::InvalidId => {
+                "the ELB annotation is not an ELB id (letters, digits and '-', at most 64)"
+            }
+        }
+    }
+}
+
+/// The exporter's view of a watched Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// Annotated and usable.
+    Target(ServiceTarget),
+    /// Annotated, but the annotation is unusable.
+    Invalid { key: ServiceKey, problem: Problem },
+    /// Not annotated: not ours (or no longer).
+    Ignored(ServiceKey),
+}
+
+/// Reads the annotation and ports of a Service.
+pub fn observe(svc: &Service, annotation: &str) -> Observed {
+    let namespace: Arc<str> = svc
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or("default")
+        .into();
+    let name: Arc<str> = svc.metadata.name.as_deref().unwrap_or("").into();
+    let key = (namespace.clone(), name.clone());
+    let annotations = svc.metadata.annotations.as_ref();
+    let Some(raw) = annotations.and_then(|a| a.get(annotation)) else {
+        return Observed::Ignored(key);
+    };
+    let id = raw.trim();
+    let problem = if id.is_empty() {
+        Some(Problem::EmptyAnnotation)
+    } else if id.contains([',', ' ', ';', '\n', '\t']) {
+        Some(Problem::SeveralIds)
+    } else if id.len() > MAX_ELB_ID_LEN
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        Some(Problem::InvalidId)
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Observed::Invalid { key, problem };
+    }
+    let class = match annotations
+        .and_then(|a| a.get(ELB_CLASS_ANNOTATION))
+        .map(|s| s.trim())
+    {
+        Some("union") => ElbClass::Shared,
+        Some("performance") => ElbClass::Dedicated,
+        _ => ElbClass::Unspecified,
+    };
+    let mut ports: Vec<u16> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| u16::try_from(p.port).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ports.sort_unstable();
+    ports.dedup();
+    Observed::Target(ServiceTarget {
+        namespace,
+        name,
+        elb_id: id.into(),
+        class,
+        ports,
+    })
+}
+
+/// What the watch reports to the inventory.
+#[derive(Debug)]
+pub enum DiscoveryEvent {
+    /// A Service was added or changed (or lost its annotation: `Observed::Ignored`).
+    Upsert(Observed),
+    /// A Service was deleted.
+    Delete(ServiceKey),
+    /// A (re-)list finished: this is the complete set for `scope` (one namespace, or all when `None`);
+    /// anything else previously seen in that scope is gone.
+    Resync {
+        scope: Option<Arc<str>>,
+        observed: Vec<Observed>,
+    },
+    /// The watch failed; it retries with backoff by itself.
+    Error(&'static str),
+}
+
+/// Watches Services (all namespaces, or each listed one) and sends [`DiscoveryEvent`]s until the receiver
+/// is dropped. Errors never end it: the watcher retries with exponential backoff.
+pub async fn run_watch(
+    client: kube::Client,
+    namespaces: Vec<String>,
+    annotation: String,
+    tx: mpsc::Sender<DiscoveryEvent>,
+) {
+    let scopes: Vec<Option<Arc<str>>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces
+            .iter()
+            .map(|n| Some(Arc::from(n.as_str())))
+            .collect()
+    };
+    let streams = scopes.into_iter().map(|scope| {
+        let api: Api<Service> = match &scope {
+            None => Api::all(client.clone()),
+            Some(ns) => Api::namespaced(client.clone(), ns),
+        };
+        scoped_events(api, scope, annotation.clone()).boxed()
+    });
+    let mut merged = futures::stream::select_all(streams);
+    while let Some(ev) = merged.next().await {
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn scoped_events(
+    api: Api<Service>,
+    scope: Option<Arc<str>>,
+    annotation: String,
+) -> impl Stream<Item = DiscoveryEvent> + Send {
+    let mut buffer: Option<Vec<Observed>> = None;
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |ev| {
+            let out = match ev {
+                Ok(watcher::Event::Init) => {
+                    buffer = Some(Vec::new());
+                    None
+                }
+                Ok(watcher::Event::InitApply(svc)) => {
+                    let o = observe(&svc, &annotation);
+                    if !matches!(o, Observed::Ignored(_)) {
+                        buffer.get_or_insert_with(Vec::new).push(o);
+                    }
+                    None
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let observed = buffer.take().unwrap_or_default();
+                    info!(
+                        scope = scope.as_deref().unwrap_or("*"),
+                        annotated = observed.len(),
+                        "service list synced"
+                    );
+                    Some(DiscoveryEvent::Resync {
+                        scope: scope.clone(),
+                        observed,
+                    })
+                }
+                Ok(watcher::Event::Apply(svc)) => {
+                    Some(DiscoveryEvent::Upsert(observe(&svc, &annotation)))
+                }
+                Ok(watcher::Event::Delete(svc)) => {
+                    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+                    let name = svc.metadata.name.as_deref().unwrap_or("");
+                    Some(DiscoveryEvent::Delete((ns.into(), name.into())))
+                }
+                Err(e) => {
+                    warn!(
+                        scope = scope.as_deref().unwrap_or("*"),
+                        error = %e,
+                        "service watch failed, retrying with backoff"
+                    );
+                    Some(DiscoveryEvent::Error(watch_error_kind(&e)))
+                }
+            };
+            futures::future::ready(out)
+        })
+}
+
+fn watch_error_kind(e: &watcher::Error) -> &'static str {
+    match e {
+        watcher::Error::InitialListFailed(_) => "list",
+        watcher::Error::WatchStartFailed(_) => "watch_start",
+        watcher::Error::WatchError(_) => "watch_status",
+        watcher::Error::WatchFailed(_) => "watch_stream",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use std::collections::BTreeMap;
+
+    fn svc(annotations: &[(&str, &str)], ports: &[i32]) -> Service {
+        let mut s = Service::default();
+        s.metadata.namespace = Some("shop".into());
+        s.metadata.name = Some("web".into());
+        s.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        s.spec = Some(ServiceSpec {
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        port: *p,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        });
+        s
+    }
+
+    const A: &str = "kubernetes.io/elb.id";
+
+    #[test]
+    fn annotated_service_becomes_a_target() {
+        let o = observe(
+            &svc(
+                &[
+                    (A, " 2f4c7f6e-3d5a-4b8e-9c1d-0e2f3a4b5c6d "),
+                    (ELB_CLASS_ANNOTATION, "union"),
+                ],
+                &[443, 80, 80],
+            ),
+            A,
+        );
+        let Observed::Target(t) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(&*t.elb_id, "2f4c7f6e-3d5a-4b8e-9c1d-0e2f3a4b5c6d");
+        assert_eq!(t.class, ElbClass::Shared);
+        assert_eq!(t.ports, vec![80, 443]);
+    }
+
+    #[test]
+    fn bad_annotations_are_named() {
+        let cases = [
+            ("", Problem::EmptyAnnotation),
+            ("   ", Problem::EmptyAnnotation),
+            ("a,b", Problem::SeveralIds),
+            ("a b", Problem::SeveralIds),
+            ("id\"with\\quote", Problem::InvalidId),
+            ("ünïcode", Problem::InvalidId),
+        ];
+        for (value, want) in cases {
+            match observe(&svc(&[(A, value)], &[80]), A) {
+                Observed::Invalid { problem, .. } => assert_eq!(problem, want, "{value:?}"),
+                other => panic!("{value:?}: {other:?}"),
+            }
+        }
+        let long = "a".repeat(65);
+        assert!(matches!(
+            observe(&svc(&[(A, &long)], &[80]), A),
+            Observed::Invalid {
+                problem: Problem::InvalidId,
+                ..
+            }
+        ));
+        assert!(matches!(observe(&svc(&[], &[80]), A), Observed::Ignored(_)));
+    }
+}
