@@ -1,0 +1,455 @@
+//! End to end: the real `elb-exporter` binary against the simulated cloud and the fake Kubernetes API
+//! server (through a kubeconfig), asserting what Prometheus would scrape.
+
+mod common;
+
+use common::*;
+use elb_exporter::demo::service;
+use elb_exporter::sim::cloud::{LbKind, SimApi, SimConfig, SimListener, datapoint_value};
+use std::time::Duration;
+
+const ID: &str = "kubernetes.io/elb.id";
+const CLASS: &str = "kubernetes.io/elb.class";
+const DEDICATED: &str = "11111111-1111-4111-8111-111111111111";
+const SHARED: &str = "22222222-2222-4222-8222-222222222222";
+const SHOP: &str = "33333333-3333-4333-8333-333333333333";
+const UNKNOWN: &str = "99999999-9999-4999-8999-999999999999";
+
+/// A listener of the fixture: (elb, id, name, protocol, port).
+type Fl = (&'static str, &'static str, &'static str, &'static str, u16);
+
+const LISTENERS: &[Fl] = &[
+    (
+        DEDICATED,
+        "d0000000-0000-4000-8000-000000000080",
+        "k8s_TCP_80",
+        "TCP",
+        80,
+    ),
+    (
+        SHARED,
+        "50000000-0000-4000-8000-000000000080",
+        "web \"quoted\"",
+        "HTTP",
+        80,
+    ),
+    (
+        SHARED,
+        "50000000-0000-4000-8000-000000000443",
+        "k8s_TCP_443",
+        "TCP",
+        443,
+    ),
+    (
+        SHOP,
+        "c0000000-0000-4000-8000-000000008080",
+        "k8s_TCP_8080",
+        "TCP",
+        8080,
+    ),
+    // Claimed by no Service port: never exported.
+    (
+        SHOP,
+        "c0000000-0000-4000-8000-000000009090",
+        "admin",
+        "TCP",
+        9090,
+    ),
+];
+
+async fn fixture() -> World {
+    let w = World::start(SimConfig::default()).await;
+    w.sim.add_loadbalancer(DEDICATED, LbKind::Dedicated);
+    w.sim.add_loadbalancer(SHARED, LbKind::Shared);
+    w.sim.add_loadbalancer(SHOP, LbKind::Dedicated);
+    for (elb, id, name, proto, port) in LISTENERS {
+        w.sim
+            .add_listener(elb, SimListener::new(*id, *name, *proto, *port));
+    }
+    let c = &w.cluster;
+    c.apply(service(
+        "default",
+        "nginx",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[80],
+    ));
+    // Two ports, shared ELB, no class annotation: found through v3 first, then v2.
+    c.apply(service("default", "api", &[(ID, SHARED)], &[80, 443]));
+    c.apply(service("default", "frontend", &[], &[80]));
+    c.apply(service(
+        "shop",
+        "cart",
+        &[(ID, SHOP), (CLASS, "performance")],
+        &[8080, 8443],
+    ));
+    c.apply(service(
+        "shop",
+        "ghost",
+        &[(ID, UNKNOWN), (CLASS, "union")],
+        &[80],
+    ));
+    w
+}
+
+const METRICS: &str =
+    "collection:\n  interval: \"60s\"\n  metrics: [m1_cps, m7_in_Bps, mb_l7_qps]\n";
+
+fn labels(ns: &str, svc: &str, l: &(&str, &str, &str, &str, u16)) -> String {
+    format!(
+        "namespace=\"{ns}\",service=\"{svc}\",lbaas_instance_id=\"{}\",lbaas_listener_id=\"{}\",listener_name=\"{}\",port=\"{}\",protocol=\"{}\"",
+        l.0,
+        l.1,
+        l.2.replace('"', "\\\""),
+        l.4,
+        l.3
+    )
+}
+
+/// Exported (namespace, service, listener) in exposition order.
+fn expected_targets() -> Vec<(&'static str, &'static str, &'static Fl)> {
+    vec![
+        ("default", "api", &LISTENERS[1]),
+        ("default", "api", &LISTENERS[2]),
+        ("default", "nginx", &LISTENERS[0]),
+        ("shop", "cart", &LISTENERS[3]),
+    ]
+}
+
+fn is_l7(proto: &str) -> bool {
+    matches!(proto, "HTTP" | "HTTPS" | "QUIC" | "TERMINATED_HTTPS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposition_lines_are_exact_for_the_fixture() {
+    let w = fixture().await;
+    let e = w.exporter(METRICS);
+    e.wait_ready().await;
+    let body = e.metrics().await;
+    let newest = w.sim.newest_minute(now_ms());
+
+    for metric in ["m1_cps", "m7_in_Bps", "mb_l7_qps"] {
+        let family = format!("huaweicloud_sys_elb_listener_{metric}");
+        let got = family_lines(&body, &family);
+        // The minute may have turned between collection and now: one minute earlier is the other candidate.
+        let mut found = None;
+        for minute in [newest, newest - 60_000] {
+            let want: Vec<String> = expected_targets()
+                .into_iter()
+                .filter(|(_, _, l)| !metric.starts_with("mb_l7") || is_l7(l.3))
+                .map(|(ns, svc, l)| {
+                    let v = datapoint_value(l.1, metric, minute);
+                    format!("{family}{{{}}} {v}", labels(ns, svc, l))
+                })
+                .collect();
+            if got == want.iter().map(String::as_str).collect::<Vec<_>>() {
+                found = Some(minute);
+            }
+        }
+        assert!(
+            found.is_some(),
+            "{family}: exported lines do not match the simulator's values\n{}",
+            got.join("\n")
+        );
+        assert!(
+            body.contains(&format!("# TYPE {family} gauge\n")),
+            "TYPE line for {family}"
+        );
+        assert!(body.contains(&format!(
+            "# HELP {family} Cloud Eye SYS.ELB listener metric {metric}"
+        )));
+    }
+    // An L7 metric exists only for the HTTP listener: no made-up zeros for TCP listeners.
+    assert_eq!(
+        family_lines(&body, "huaweicloud_sys_elb_listener_mb_l7_qps").len(),
+        1
+    );
+
+    let info: Vec<String> = expected_targets()
+        .into_iter()
+        .map(|(ns, svc, l)| format!("elb_exporter_listener_info{{{}}} 1", labels(ns, svc, l)))
+        .collect();
+    assert_eq!(family_lines(&body, "elb_exporter_listener_info"), info);
+
+    // Not exported: the listener no port claims, the unannotated Service, the unknown ELB.
+    assert!(!body.contains("c0000000-0000-4000-8000-000000009090"));
+    assert!(!body.contains("service=\"frontend\""));
+    assert!(!body.contains(UNKNOWN));
+    assert_eq!(sample(&body, "elb_exporter_services "), Some(4.0));
+    assert_eq!(sample(&body, "elb_exporter_listeners "), Some(4.0));
+    assert_eq!(sample(&body, "elb_exporter_up "), Some(1.0));
+    assert_eq!(
+        sample(
+            &body,
+            "elb_exporter_discovery_problems{reason=\"unknown_elb\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "elb_exporter_discovery_problems{reason=\"port_without_listener\"}"
+        ),
+        Some(1.0),
+        "shop/cart port 8443 has no listener"
+    );
+    assert!(body.contains("elb_exporter_build_info{version=\""));
+    assert!(sample(&body, "elb_exporter_newest_datapoint_age_seconds ").is_some_and(|a| a >= 60.0));
+    // The shared ELB without a class was asked on v3 first, then found on v2.
+    let reqs = w.sim.requests();
+    let shared_v3 = reqs
+        .iter()
+        .filter(|r| matches!(r.api, SimApi::ElbV3) && r.query.contains(SHARED))
+        .count();
+    let shared_v2 = reqs
+        .iter()
+        .filter(|r| matches!(r.api, SimApi::ElbV2) && r.query.contains(SHARED))
+        .count();
+    assert!(
+        shared_v3 >= 1 && shared_v2 >= 1,
+        "v3 then v2 for an unclassified shared ELB"
+    );
+    // Query parameters are ignored (the guide's scrape job sends ?services=SYS.ELB).
+    let (status, with_params) = e.get("/metrics?services=SYS.ELB").await;
+    assert_eq!(status, 200);
+    assert!(with_params.contains("huaweicloud_sys_elb_listener_m7_in_Bps{"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_added_and_deleted_while_running() {
+    let w = fixture().await;
+    let e = w.exporter(METRICS);
+    e.wait_ready().await;
+    assert!(e.metrics().await.contains("service=\"nginx\""));
+
+    // A new Service on a new ELB: collected promptly, long before the 60 s tick.
+    let new_elb = "44444444-4444-4444-8444-444444444444";
+    let new_listener = "e0000000-0000-4000-8000-000000000080";
+    w.sim.add_loadbalancer(new_elb, LbKind::Dedicated);
+    w.sim.add_listener(
+        new_elb,
+        SimListener::new(new_listener, "k8s_TCP_80", "TCP", 80),
+    );
+    let added = std::time::Instant::now();
+    w.cluster.apply(service(
+        "shop",
+        "orders",
+        &[(ID, new_elb), (CLASS, "performance")],
+        &[80],
+    ));
+    let appeared = wait_for(Duration::from_secs(5), || async {
+        e.metrics().await.contains(&format!(
+            "huaweicloud_sys_elb_listener_m7_in_Bps{{namespace=\"shop\",service=\"orders\",lbaas_instance_id=\"{new_elb}\",lbaas_listener_id=\"{new_listener}\""
+        ))
+    })
+    .await;
+    assert!(
+        appeared,
+        "new Service's series within 5 s; logs:\n{}",
+        e.logs()
+    );
+    eprintln!("new Service -> first series: {:?}", added.elapsed());
+
+    // Deleted, and un-annotated: gone on the next scrape (after the watch event).
+    w.cluster.delete("default", "nginx");
+    w.cluster.apply(service("default", "api", &[], &[80, 443]));
+    let gone = wait_for(Duration::from_secs(5), || async {
+        let b = e.metrics().await;
+        !b.contains("service=\"nginx\"") && !b.contains("service=\"api\"")
+    })
+    .await;
+    assert!(gone, "deleted and un-annotated Services have no series");
+    let b = e.metrics().await;
+    assert!(b.contains("service=\"orders\"") && b.contains("service=\"cart\""));
+    assert_eq!(sample(&b, "elb_exporter_services "), Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_added_on_the_cloud_side_is_seen_after_refresh() {
+    let w = fixture().await;
+    let e = w.exporter(&format!(
+        "{METRICS}discovery:\n  listener_refresh: \"10s\"\n"
+    ));
+    e.wait_ready().await;
+    assert!(!e.metrics().await.contains("port=\"8443\""));
+    // shop/cart has a port 8443 without a listener; the listener is created outside Kubernetes.
+    let id = "c0000000-0000-4000-8000-000000008443";
+    w.sim
+        .add_listener(SHOP, SimListener::new(id, "k8s_TCP_8443", "TCP", 8443));
+    let seen = wait_for(Duration::from_secs(20), || async {
+        e.metrics().await.contains(&format!(
+            "huaweicloud_sys_elb_listener_m1_cps{{namespace=\"shop\",service=\"cart\",lbaas_instance_id=\"{SHOP}\",lbaas_listener_id=\"{id}\""
+        ))
+    })
+    .await;
+    assert!(
+        seen,
+        "listener added in the cloud is exported after the refresh"
+    );
+    let b = e.metrics().await;
+    assert_eq!(
+        sample(
+            &b,
+            "elb_exporter_discovery_problems{reason=\"port_without_listener\"}"
+        ),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ces_calls_per_cycle_are_the_minimum() {
+    let w = fixture().await;
+    // 4 attributed listeners on 3 ELBs x 13 metrics = 52 series; batches of 10 -> 6 calls per cycle.
+    // Per-ELB batching would need ceil(13/10)+ceil(26/10)+ceil(13/10) = 7.
+    let e = w.exporter_edited("collection:\n  interval: \"2s\"\n", |t| {
+        t.replace(
+            "  prefix: \"huaweicloud\"\n",
+            "  prefix: \"huaweicloud\"\n  scrape_batch_size: 10\n",
+        )
+    });
+    e.wait_ready().await;
+    let cycles =
+        |b: &str| sample(b, "elb_exporter_collections_total{result=\"success\"}").unwrap_or(0.0);
+    let start = cycles(&e.metrics().await);
+    // Count the CES calls of whole cycles between two observations.
+    let ok = wait_for(Duration::from_secs(10), || async {
+        cycles(&e.metrics().await) >= start + 1.0
+    })
+    .await;
+    assert!(ok);
+    w.sim.clear_requests();
+    let c0 = cycles(&e.metrics().await);
+    let ok = wait_for(Duration::from_secs(10), || async {
+        cycles(&e.metrics().await) >= c0 + 2.0
+    })
+    .await;
+    assert!(ok);
+    let c1 = cycles(&e.metrics().await);
+    let ces: Vec<_> = w
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| matches!(r.api, SimApi::Ces))
+        .collect();
+    let per_cycle = ces.len() as f64 / (c1 - c0);
+    // The log may include a cycle in flight at either end: allow one partial cycle.
+    assert!(
+        (per_cycle - 6.0).abs() <= 6.0 / (c1 - c0),
+        "CES calls per cycle {per_cycle} (calls {}, cycles {})",
+        ces.len(),
+        c1 - c0
+    );
+    assert!(ces.iter().all(|r| r.ces_metrics <= 10));
+    assert_eq!(ces.iter().map(|r| r.ces_metrics).max(), Some(10));
+    let b = e.metrics().await;
+    assert_eq!(
+        sample(
+            &b,
+            "elb_exporter_planned_cloud_calls_per_minute{api=\"ces_batch_query\"}"
+        ),
+        Some(180.0),
+        "6 calls every 2 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_the_plan_and_fails_on_problems() {
+    let w = fixture().await;
+    let (code, out, err) = w.run(METRICS, &["check"]);
+    assert_eq!(
+        code, 1,
+        "problems make check fail\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(out.contains("config: ok"), "{out}");
+    assert!(out.contains("project: cn-east-3 -> "), "{out}");
+    for (ns, svc, l) in expected_targets() {
+        let row = out
+            .lines()
+            .find(|r| r.contains(l.1))
+            .unwrap_or_else(|| panic!("no row for listener {}\n{out}", l.1));
+        assert!(
+            row.starts_with(ns) && row.contains(svc) && row.contains(l.0),
+            "{row}"
+        );
+        assert!(
+            row.contains(&format!(" {} ", l.4)) && row.contains(l.3),
+            "{row}"
+        );
+    }
+    assert!(
+        out.contains(
+            "plan: 4 listeners x 3 metrics = 12 series -> 1 CES batch call(s) per 1m interval"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("shop/ghost: ELB 99999999-9999-4999-8999-999999999999 has no listener"),
+        "{out}"
+    );
+    assert!(
+        out.contains("shop/cart: port 8443 has no listener"),
+        "{out}"
+    );
+    assert!(out.contains("ces: ok"), "{out}");
+
+    // Only the healthy namespace: check passes.
+    let (code, out, _) = w.run(
+        &format!("{METRICS}discovery:\n  namespaces: [default]\n"),
+        &["check"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("check: ok"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_exits_2_naming_the_field() {
+    let w = fixture().await;
+    for args in [vec!["check"], vec![]] {
+        let (code, _, err) = w.run(
+            "collection:\n  filter: \"median\"\n",
+            &args.iter().map(|s| &**s).collect::<Vec<_>>(),
+        );
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("collection.filter") && err.contains("median"),
+            "{err}"
+        );
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["--listen", "nonsense"])
+        .arg("--config")
+        .arg(w.write_config("").0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+    let out = std::process::Command::new(BIN)
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = std::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("elb-exporter "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_series() {
+    let e = Exporter::spawn(
+        std::process::Command::new(BIN).args(["demo", "--listen", "127.0.0.1:0"]),
+        std::path::Path::new("/nonexistent-kubeconfig"),
+    );
+    e.wait_ready().await;
+    let body = e.metrics().await;
+    for svc in ["nginx", "api", "cart", "checkout"] {
+        let line = "huaweicloud_sys_elb_listener_m7_in_Bps{namespace=";
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(line) && l.contains(&format!("service=\"{svc}\""))),
+            "demo series for {svc}"
+        );
+    }
+    assert_eq!(sample(&body, "elb_exporter_up "), Some(1.0));
+    assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 5);
+}
