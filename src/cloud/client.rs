@@ -119,8 +119,14 @@ impl HttpCloud {
         }
     }
 
-    /// Sends one logical call, retrying transient failures within the retry budget.
-    async fn call(&self, call: &Call<'_>) -> Result<Vec<u8>, CloudError> {
+    /// Sends one logical call and parses its answer, retrying transient failures within the retry budget.
+    /// A 2xx body that does not parse is `Malformed` (a truncated or garbled answer) and is retried like
+    /// any other transient failure, and counted as a failed request.
+    async fn call<T>(
+        &self,
+        call: &Call<'_>,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<T, CloudError> {
         let start = Instant::now();
         let mut attempt = 0u32;
         loop {
@@ -129,9 +135,10 @@ impl HttpCloud {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
                 let _permit = self.in_flight.acquire().await.ok();
                 self.attempt(call).await
-            };
+            }
+            .and_then(|body| parse(&body).map_err(|e| CloudError::Malformed(call.api, e)));
             let err = match result {
-                Ok(body) => return Ok(body),
+                Ok(parsed) => return Ok(parsed),
                 Err(e) => e,
             };
             self.telemetry
@@ -302,9 +309,9 @@ impl HttpCloud {
             body: Vec::new(),
             project: None,
         };
-        let body = self.call(&call).await?;
-        let ids = parse::projects(&body, &self.project_name)
-            .map_err(|e| CloudError::Malformed(Api::IamListProjects, e))?;
+        let ids = self
+            .call(&call, |body| parse::projects(body, &self.project_name))
+            .await?;
         match ids.as_slice() {
             [id] if id
                 .bytes()
@@ -455,9 +462,9 @@ impl CloudApi for HttpCloud {
                 body: Vec::new(),
                 project: Some(&project),
             };
-            let body = self.call(&call).await?;
-            let page = parse::listener_page(&body, loadbalancer_id)
-                .map_err(|e| CloudError::Malformed(api, e))?;
+            let page = self
+                .call(&call, |body| parse::listener_page(body, loadbalancer_id))
+                .await?;
             if page.skipped > 0 {
                 self.telemetry
                     .skipped
@@ -501,9 +508,11 @@ impl CloudApi for HttpCloud {
             body: ces_body(query),
             project: Some(&project),
         };
-        let body = self.call(&call).await?;
-        let result = parse::batch_result(&body, &query.metrics, query.filter)
-            .map_err(|e| CloudError::Malformed(api, e))?;
+        let result = self
+            .call(&call, |body| {
+                parse::batch_result(body, &query.metrics, query.filter)
+            })
+            .await?;
         for (reason, n) in &result.skipped {
             self.telemetry
                 .skipped
