@@ -10,7 +10,7 @@ use crate::signer::{self, Algorithm, SignRequest};
 use crate::telemetry::{Api, Telemetry};
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{OnceCell, Semaphore};
@@ -22,6 +22,8 @@ const MAX_BODY: usize = 32 * 1024 * 1024;
 /// Page sizes: v3 allows up to 2000; v2 documents none, so stay moderate.
 const V2_PAGE: usize = 500;
 const V3_PAGE: usize = 2000;
+/// Load balancer ids per v3 listing: keeps the query string short (~2 KB).
+const V3_IDS_PER_CALL: usize = 50;
 /// A load balancer with more pages than this is treated as a paging bug rather than followed forever.
 const MAX_PAGES: usize = 1000;
 
@@ -299,6 +301,74 @@ impl HttpCloud {
         ))
     }
 
+    /// Lists the listeners of `ids` (one id on v2), following every page until a short one.
+    async fn list_paged(
+        &self,
+        version: ElbVersion,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
+        let api = Api::ElbListListeners;
+        let project = self.project_id().await?;
+        let limit = match version {
+            ElbVersion::V2 => V2_PAGE,
+            ElbVersion::V3 => V3_PAGE,
+        };
+        let path = format!("/{}/{project}/elb/listeners", version.as_str());
+        let mut out: HashMap<String, Vec<Listener>> = HashMap::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut marker: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut query: Vec<(String, String)> = ids
+                .iter()
+                .map(|id| ("loadbalancer_id".to_string(), id.to_string()))
+                .collect();
+            query.push(("limit".to_string(), limit.to_string()));
+            if let Some(m) = &marker {
+                query.push(("marker".to_string(), m.clone()));
+            }
+            let call = Call {
+                api,
+                endpoint: &self.elb,
+                method: reqwest::Method::GET,
+                path: path.clone(),
+                query,
+                body: Vec::new(),
+                project: Some(&project),
+            };
+            let page = self
+                .call(&call, |body| parse::listener_page(body, ids))
+                .await?;
+            if page.skipped > 0 {
+                self.telemetry
+                    .skipped
+                    .with_label_values(&["invalid_listener"])
+                    .inc_by(page.skipped as u64);
+            }
+            for (lb, l) in page.listeners {
+                if seen.insert(l.id.clone()) {
+                    out.entry(lb).or_default().push(l);
+                }
+            }
+            if page.raw_count < limit {
+                return Ok(out);
+            }
+            let next = page.next_marker.or(page.last_id).ok_or_else(|| {
+                CloudError::Malformed(api, "a full page without listener ids".into())
+            })?;
+            if marker.as_deref() == Some(next.as_str()) {
+                return Err(CloudError::Malformed(
+                    api,
+                    format!("paging marker {next:?} did not advance"),
+                ));
+            }
+            marker = Some(next);
+        }
+        Err(CloudError::Malformed(
+            api,
+            format!("more than {MAX_PAGES} pages of listeners"),
+        ))
+    }
+
     async fn resolve_project(&self) -> Result<String, CloudError> {
         let call = Call {
             api: Api::IamListProjects,
@@ -435,65 +505,32 @@ impl CloudApi for HttpCloud {
         version: ElbVersion,
         loadbalancer_id: &str,
     ) -> Result<Vec<Listener>, CloudError> {
-        let api = Api::ElbListListeners;
-        let project = self.project_id().await?;
-        let limit = match version {
-            ElbVersion::V2 => V2_PAGE,
-            ElbVersion::V3 => V3_PAGE,
-        };
-        let path = format!("/{}/{project}/elb/listeners", version.as_str());
-        let mut out: Vec<Listener> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut marker: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let mut query = vec![
-                ("loadbalancer_id".to_string(), loadbalancer_id.to_string()),
-                ("limit".to_string(), limit.to_string()),
-            ];
-            if let Some(m) = &marker {
-                query.push(("marker".to_string(), m.clone()));
-            }
-            let call = Call {
-                api,
-                endpoint: &self.elb,
-                method: reqwest::Method::GET,
-                path: path.clone(),
-                query,
-                body: Vec::new(),
-                project: Some(&project),
-            };
-            let page = self
-                .call(&call, |body| parse::listener_page(body, loadbalancer_id))
-                .await?;
-            if page.skipped > 0 {
-                self.telemetry
-                    .skipped
-                    .with_label_values(&["invalid_listener"])
-                    .inc_by(page.skipped as u64);
-            }
-            for l in page.listeners {
-                if seen.insert(l.id.clone()) {
-                    out.push(l);
+        let mut all = self.list_paged(version, &[loadbalancer_id]).await?;
+        Ok(all.remove(loadbalancer_id).unwrap_or_default())
+    }
+
+    async fn list_listeners_many(
+        &self,
+        version: ElbVersion,
+        loadbalancer_ids: &[&str],
+    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
+        match version {
+            // v3 filters are multi-valued (`loadbalancer_id=A&loadbalancer_id=B`).
+            ElbVersion::V3 => {
+                let mut out = HashMap::new();
+                for chunk in loadbalancer_ids.chunks(V3_IDS_PER_CALL) {
+                    out.extend(self.list_paged(version, chunk).await?);
                 }
+                Ok(out)
             }
-            if page.raw_count < limit {
-                return Ok(out);
+            ElbVersion::V2 => {
+                let mut out = HashMap::new();
+                for id in loadbalancer_ids {
+                    out.extend(self.list_paged(version, &[id]).await?);
+                }
+                Ok(out)
             }
-            let next = page.next_marker.or(page.last_id).ok_or_else(|| {
-                CloudError::Malformed(api, "a full page without listener ids".into())
-            })?;
-            if marker.as_deref() == Some(next.as_str()) {
-                return Err(CloudError::Malformed(
-                    api,
-                    format!("paging marker {next:?} did not advance"),
-                ));
-            }
-            marker = Some(next);
         }
-        Err(CloudError::Malformed(
-            api,
-            format!("more than {MAX_PAGES} pages of listeners for one load balancer"),
-        ))
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {

@@ -83,6 +83,22 @@ pub trait CloudApi: Send + Sync + 'static {
         version: ElbVersion,
         loadbalancer_id: &str,
     ) -> Result<Vec<Listener>, CloudError>;
+    /// Every listener of several load balancers, grouped by load balancer id (ids with no listener are
+    /// absent). The v3 API takes them in one paged listing; the default asks one at a time.
+    async fn list_listeners_many(
+        &self,
+        version: ElbVersion,
+        loadbalancer_ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, Vec<Listener>>, CloudError> {
+        let mut out = std::collections::HashMap::new();
+        for id in loadbalancer_ids {
+            let l = self.list_listeners(version, id).await?;
+            if !l.is_empty() {
+                out.insert(id.to_string(), l);
+            }
+        }
+        Ok(out)
+    }
     /// One CES batch call (the caller keeps it within 500 metrics and the datapoint budget).
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError>;
 }

@@ -99,7 +99,8 @@ pub fn projects(body: &[u8], name: &str) -> Result<Vec<String>, String> {
 /// One page of listeners.
 #[derive(Debug, Default)]
 pub struct ListenerPage {
-    pub listeners: Vec<Listener>,
+    /// (load balancer id, listener): a listener names its load balancer(s).
+    pub listeners: Vec<(String, Listener)>,
     /// Items on the page, usable or not (paging goes on while a page is full).
     pub raw_count: usize,
     /// Id of the page's last item, usable or not: the next page's marker.
@@ -110,8 +111,9 @@ pub struct ListenerPage {
     pub skipped: usize,
 }
 
-/// Parses a v2 or v3 listener page; keeps only listeners of `loadbalancer_id` when they name their LBs.
-pub fn listener_page(body: &[u8], loadbalancer_id: &str) -> Result<ListenerPage, String> {
+/// Parses a v2 or v3 listener page, keeping listeners of the asked load balancers. A listener that does
+/// not name its load balancer is attributed to the one asked for, when only one was.
+pub fn listener_page(body: &[u8], loadbalancer_ids: &[&str]) -> Result<ListenerPage, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
     let items = v
         .get("listeners")
@@ -134,15 +136,15 @@ pub fn listener_page(body: &[u8], loadbalancer_id: &str) -> Result<ListenerPage,
         if let Some(id) = id {
             page.last_id = Some(id.to_string());
         }
-        match listener(item, id, loadbalancer_id) {
-            Some(l) => page.listeners.push(l),
+        match listener(item, id, loadbalancer_ids) {
+            Some(pair) => page.listeners.push(pair),
             None => page.skipped += 1,
         }
     }
     Ok(page)
 }
 
-fn listener(item: &Value, id: Option<&str>, lb: &str) -> Option<Listener> {
+fn listener(item: &Value, id: Option<&str>, asked: &[&str]) -> Option<(String, Listener)> {
     let id = id?;
     let protocol = item.get("protocol")?.as_str()?.to_string();
     let port = match item.get("protocol_port")? {
@@ -151,25 +153,37 @@ fn listener(item: &Value, id: Option<&str>, lb: &str) -> Option<Listener> {
         _ => return None,
     };
     let port = u16::try_from(port).ok().filter(|p| *p > 0)?;
-    if let Some(lbs) = item.get("loadbalancers").and_then(|l| l.as_array())
-        && !lbs.is_empty()
-        && !lbs
-            .iter()
-            .any(|x| x.get("id").and_then(|i| i.as_str()) == Some(lb))
-    {
-        return None;
-    }
+    let named: Vec<&str> = item
+        .get("loadbalancers")
+        .and_then(|l| l.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.get("id").and_then(|i| i.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let lb = if named.is_empty() {
+        match asked {
+            [only] => *only,
+            _ => return None,
+        }
+    } else {
+        *named.iter().find(|n| asked.contains(n))?
+    };
     let name = item
         .get("name")
         .and_then(|n| n.as_str())
         .unwrap_or_default()
         .to_string();
-    Some(Listener {
-        id: id.to_string(),
-        name,
-        protocol,
-        port,
-    })
+    Some((
+        lb.to_string(),
+        Listener {
+            id: id.to_string(),
+            name,
+            protocol,
+            port,
+        },
+    ))
 }
 
 /// A dimension set, order-insensitive, for matching answers to requests.
@@ -321,13 +335,18 @@ mod tests {
             {"id":"d","protocol":"TCP","protocol_port":81,"loadbalancers":[{"id":"other"}]},
             {"name":"no id","protocol":"TCP","protocol_port":1}
         ], "page_info": {"next_marker": "d"}}"#;
-        let p = listener_page(body, "lb").unwrap();
+        let p = listener_page(body, &["lb"]).unwrap();
         assert_eq!(p.raw_count, 5);
         assert_eq!(p.skipped, 3);
         assert_eq!(p.last_id.as_deref(), Some("d"));
         assert_eq!(p.next_marker.as_deref(), Some("d"));
         assert_eq!(p.listeners.len(), 2);
-        assert_eq!(p.listeners[1].port, 8080);
-        assert_eq!(p.listeners[1].name, "");
+        assert_eq!(p.listeners[1].1.port, 8080);
+        assert_eq!(p.listeners[1].1.name, "");
+        assert_eq!(p.listeners[1].0, "lb");
+        // Several load balancers asked: a listener must name its own.
+        let p = listener_page(body, &["lb", "other"]).unwrap();
+        assert_eq!(p.listeners.len(), 2);
+        assert_eq!(p.listeners[1].0, "other");
     }
 }

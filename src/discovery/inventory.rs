@@ -20,6 +20,8 @@ use tracing::{info, warn};
 const COALESCE: Duration = Duration::from_millis(100);
 /// ELB listings in flight at once (each is paged; the cloud client also caps total concurrency).
 const RESOLVE_CONCURRENCY: usize = 8;
+/// Load balancers per v3 listing task (the client splits further to keep URLs short).
+const V3_BATCH: usize = 50;
 /// First retry delay after a failed listing; doubles up to `listener_refresh`.
 const RETRY_BASE: Duration = Duration::from_secs(15);
 
@@ -134,8 +136,7 @@ impl<C: CloudApi> Inventory<C> {
     /// Runs until the discovery channel closes.
     pub async fn run(mut self, mut events: mpsc::Receiver<DiscoveryEvent>) {
         let limit = Arc::new(Semaphore::new(RESOLVE_CONCURRENCY));
-        let mut lookups: JoinSet<(Arc<str>, ElbClass, Option<ElbVersion>, LookupResult)> =
-            JoinSet::new();
+        let mut lookups: JoinSet<Vec<(Arc<str>, ElbClass, LookupResult)>> = JoinSet::new();
         let mut dirty = false;
         let mut publish_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -149,8 +150,10 @@ impl<C: CloudApi> Inventory<C> {
                     }
                 }
                 Some(done) = lookups.join_next(), if !lookups.is_empty() => {
-                    if let Ok((id, class, version, result)) = done {
-                        self.record_lookup(&id, class, version, result);
+                    if let Ok(results) = done {
+                        for (id, class, result) in results {
+                            self.record_lookup(&id, class, result);
+                        }
                         dirty = true;
                     }
                 }
@@ -160,11 +163,23 @@ impl<C: CloudApi> Inventory<C> {
                     self.publish();
                 }
             }
-            // Start lookups that are due (new ELBs at once, refreshes and retries on schedule).
+            // Start lookups that are due (new ELBs at once, refreshes and retries on schedule):
+            // v3 ELBs share paged listings, up to V3_BATCH ids each; v2 ELBs are asked one by one.
             let now = Instant::now();
+            let mut v3: Vec<(Arc<str>, ElbClass)> = Vec::new();
             for (id, st) in self.elbs.iter_mut() {
-                if !st.in_flight && st.next_resolve <= now {
-                    st.in_flight = true;
+                if st.in_flight || st.next_resolve > now {
+                    continue;
+                }
+                st.in_flight = true;
+                let via_v3 = match (st.class, st.version) {
+                    (ElbClass::Dedicated, _) => true,
+                    (ElbClass::Unspecified, Some(ElbVersion::V3) | None) => true,
+                    _ => false,
+                };
+                if via_v3 {
+                    v3.push((id.clone(), st.class));
+                } else {
                     let (cloud, id, class, version, limit) = (
                         self.cloud.clone(),
                         id.clone(),
@@ -175,9 +190,16 @@ impl<C: CloudApi> Inventory<C> {
                     lookups.spawn(async move {
                         let _permit = limit.acquire_owned().await.ok();
                         let r = lookup(&*cloud, &id, class, version).await;
-                        (id, class, version, r)
+                        vec![(id, class, r)]
                     });
                 }
+            }
+            for chunk in v3.chunks(V3_BATCH) {
+                let (cloud, chunk, limit) = (self.cloud.clone(), chunk.to_vec(), limit.clone());
+                lookups.spawn(async move {
+                    let _permit = limit.acquire_owned().await.ok();
+                    lookup_v3_batch(&*cloud, chunk).await
+                });
             }
             if dirty && publish_at.is_none() {
                 publish_at = Some(Instant::now() + COALESCE);
@@ -286,13 +308,7 @@ impl<C: CloudApi> Inventory<C> {
         self.elbs.retain(|id, _| used.contains(id));
     }
 
-    fn record_lookup(
-        &mut self,
-        id: &Arc<str>,
-        class: ElbClass,
-        _asked: Option<ElbVersion>,
-        result: LookupResult,
-    ) {
+    fn record_lookup(&mut self, id: &Arc<str>, class: ElbClass, result: LookupResult) {
         if let Some(pending) = self.initial_pending.as_mut() {
             pending.remove(id);
         }
@@ -463,6 +479,38 @@ impl<C: CloudApi> Inventory<C> {
 }
 
 type LookupResult = Result<(Option<ElbVersion>, Vec<Listener>), CloudError>;
+
+/// Looks up dedicated (and unclassified) ELBs in one paged v3 listing; an unclassified ELB the v3 API
+/// does not know is then asked on v2.
+async fn lookup_v3_batch<C: CloudApi + ?Sized>(
+    cloud: &C,
+    elbs: Vec<(Arc<str>, ElbClass)>,
+) -> Vec<(Arc<str>, ElbClass, LookupResult)> {
+    let ids: Vec<&str> = elbs.iter().map(|(id, _)| &**id).collect();
+    let mut found = match cloud.list_listeners_many(ElbVersion::V3, &ids).await {
+        Ok(f) => f,
+        Err(e) => {
+            return elbs
+                .into_iter()
+                .map(|(id, class)| (id, class, Err(e.clone())))
+                .collect();
+        }
+    };
+    let mut out = Vec::with_capacity(elbs.len());
+    for (id, class) in elbs {
+        let r = match (found.remove(&*id), class) {
+            (Some(l), _) => Ok((Some(ElbVersion::V3), l)),
+            (None, ElbClass::Dedicated) => Ok((Some(ElbVersion::V3), Vec::new())),
+            (None, _) => match cloud.list_listeners(ElbVersion::V2, &id).await {
+                Ok(l) if !l.is_empty() => Ok((Some(ElbVersion::V2), l)),
+                Ok(_) => Ok((None, Vec::new())),
+                Err(e) => Err(e),
+            },
+        };
+        out.push((id, class, r));
+    }
+    out
+}
 
 /// Lists an ELB's listeners on the API its class names; unspecified: the known API, else v3 then v2.
 async fn lookup<C: CloudApi + ?Sized>(
