@@ -172,11 +172,10 @@ impl<C: CloudApi> Inventory<C> {
                     continue;
                 }
                 st.in_flight = true;
-                let via_v3 = match (st.class, st.version) {
-                    (ElbClass::Dedicated, _) => true,
-                    (ElbClass::Unspecified, Some(ElbVersion::V3) | None) => true,
-                    _ => false,
-                };
+                let via_v3 = matches!(
+                    (st.class, st.version),
+                    (ElbClass::Dedicated, _) | (ElbClass::Unspecified, Some(ElbVersion::V3) | None)
+                );
                 if via_v3 {
                     v3.push((id.clone(), st.class));
                 } else {
