@@ -1,0 +1,883 @@
+//! The practice guide's pipeline against the real Prometheus (Debian package `prometheus`, with `promtool`):
+//!
+//!   elb-exporter demo → Prometheus running the guide's `elb_metric` job (deploy/prometheus-additional.yaml)
+//!     → the prometheus-adapter rule of deploy/adapter-rules.yaml, filled in for deploy/example-hpa.yaml
+//!
+//! Without `prometheus`/`promtool` on PATH the test skips, unless `REQUIRE_PROMETHEUS=1` (CI), where it fails.
+//!
+//! # How the guide's job runs here without a cluster
+//!
+//! The job discovers targets with `kubernetes_sd_configs` (role `endpoints`) and then, verbatim:
+//!   1. keeps only targets whose Service has the annotation `prometheus.io/port: "8087"`;
+//!   2. rewrites `__address__` to `<discovered host>:<that annotation>`, i.e. `<pod ip>:8087`;
+//!   3. maps the Service's labels and adds `kubernetes_namespace` / `kubernetes_service`.
+//!
+//! Only the discovery mechanism is replaced: `kubernetes_sd_configs` becomes an `http_sd_configs` entry
+//! served by this test, which returns what the endpoints role would produce for the Services of
+//! deploy/service.yaml (the exporter's) and deploy/example-app.yaml (nginx): their `__meta_kubernetes_*`
+//! labels, computed from the manifests. Every relabel rule, `params` and the job name stay verbatim.
+//!
+//! Rule 2 forces port 8087 into the scrape address, so the exporter must really listen on port 8087 - of the
+//! discovered host. Rather than `127.0.0.1:8087` (often taken, e.g. by a developer's `elb-exporter demo`,
+//! whose default it is), the "pod ip" is a random address of the loopback net 127.0.0.0/8 (Linux routes all
+//! of it to `lo`), and the exporter runs on `<that ip>:8087`. Only if no such address can be bound does the
+//! test fall back to 127.0.0.1:8087. The discovered `__address__` deliberately carries another (unused) port,
+//! so a successful scrape proves that the address really comes from rule 2, not from discovery; the nginx
+//! Service, without the annotation, must be dropped by rule 1. So the keep rule keeps 8087 as written, and
+//! nothing in the job is edited to make the test pass.
+//!
+//! Prometheus scrapes with `Accept-Encoding: gzip`, so the scrape also covers the exporter's gzip body.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use elb_exporter::sim::cloud::datapoint_value;
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+use serde_yaml::{Mapping, Value as Yaml};
+
+const EXPORTER: &str = env!("CARGO_BIN_EXE_elb-exporter");
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+
+/// The port the guide's keep rule and address rewrite insist on.
+const GUIDE_PORT: u16 = 8087;
+const JOB: &str = "elb_metric";
+const SERIES: &str = "huaweicloud_sys_elb_listener_m7_in_Bps";
+const CES_METRIC: &str = "m7_in_Bps";
+/// The demo's only listener of Service default/nginx (src/demo.rs).
+const NGINX_LISTENER: &str = "a1000000-0000-4000-8000-000000000001";
+const NGINX_ELB: &str = "6f1c6a1e-0d7e-4c55-9a3b-1d2e3f4a5b01";
+const MINUTE_MS: i64 = 60_000;
+
+// ---------------------------------------------------------------------------------------------------------
+// processes
+
+/// A child process killed (and reaped) when dropped, so nothing outlives the test, even when it fails.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The end of the process's log, for failure messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        format!(
+            "--- {} log ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            &text[start..]
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|dir| dir.join(bin).is_file()))
+}
+
+fn random_u64() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis(),
+    )
+    .expect("ms fit i64")
+}
+
+/// A port free right now on `ip` (bound and released).
+fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("bind {ip}:0: {e}"))
+}
+
+/// Starts `elb-exporter demo --listen <ip>:8087`: first on random 127.x.y.z addresses, then on 127.0.0.1.
+/// Returns the process and the address it serves (the one printed on its first stdout line).
+fn start_exporter(dir: &Path) -> (Proc, SocketAddr) {
+    let seed = random_u64();
+    let mut candidates: Vec<Ipv4Addr> = (0..5u64)
+        .map(|k| {
+            let r = seed.rotate_left(u32::try_from(13 * k).expect("small")) ^ k;
+            let [a, b, c, ..] = r.to_le_bytes();
+            // 127.<10..=249>.<b>.<1..=254>: never 127.0.0.x, never a broadcast-looking .0/.255 host.
+            Ipv4Addr::new(127, 10 + a % 240, b, 1 + c % 254)
+        })
+        .collect();
+    candidates.push(Ipv4Addr::LOCALHOST);
+    let mut failures = Vec::new();
+    for (i, ip) in candidates.into_iter().enumerate() {
+        let listen = SocketAddr::from((ip, GUIDE_PORT));
+        let log = dir.join(format!("exporter-{i}.log"));
+        let mut child = Command::new(EXPORTER)
+            .args(["demo", "--listen", &listen.to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).expect("create exporter log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {EXPORTER}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut proc = Proc {
+            name: "elb-exporter",
+            child,
+            log,
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            // Keep draining so the exporter never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => break Some(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "elb-exporter printed nothing within 20 s\n{}",
+                    proc.log_tail()
+                );
+            }
+        };
+        let Some(first) = first else {
+            // Exited without serving: the address or port is not available; try the next one.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while proc.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            failures.push(format!(
+                "{listen}: {:?}\n{}",
+                proc.exited(),
+                proc.log_tail()
+            ));
+            continue;
+        };
+        let url = first
+            .strip_prefix("elb-exporter demo: serving ")
+            .unwrap_or_else(|| panic!("unexpected first stdout line of the demo: {first:?}"));
+        let addr: SocketAddr = url
+            .strip_prefix("http://")
+            .and_then(|r| r.strip_suffix("/metrics"))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no http://ADDR/metrics in {first:?}"));
+        assert_eq!(addr, listen, "the demo serves another address than asked");
+        return (proc, addr);
+    }
+    panic!(
+        "could not start the exporter on port {GUIDE_PORT} of any loopback address:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Runs `promtool ARGS`, with `stdin` as its standard input; returns (status, stdout, stderr).
+fn promtool(args: &[&str], stdin: &[u8]) -> (ExitStatus, String, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin)
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// HTTP
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, String), String> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.map_err(|e| format!("{url}: body: {e}"))?;
+    Ok((status, body))
+}
+
+/// Waits until `url` answers 200; panics after `limit` (or when `proc` exits) with its log.
+async fn wait_ok(client: &reqwest::Client, url: &str, limit: Duration, proc: &mut Proc) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match get(client, url).await {
+            Ok((200, _)) => return,
+            Ok((s, body)) => format!("HTTP {s}: {body}"),
+            Err(e) => e,
+        };
+        if let Some(status) = proc.exited() {
+            panic!(
+                "{} exited ({status}) before {url} was ready\n{}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{url} not 200 within {limit:?} (last: {last})\n{}",
+                proc.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Prometheus HTTP API call; returns `data`.
+async fn prom_api(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    params: &[(&str, &str)],
+) -> Json {
+    let url = reqwest::Url::parse_with_params(&format!("{base}{path}"), params).expect("api url");
+    let (status, body) = get(client, url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("Prometheus API: {e}"));
+    let v: Json = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{url}: HTTP {status}, not JSON ({e}): {body}"));
+    assert!(
+        status == 200 && v["status"] == "success",
+        "{url}: HTTP {status}: {body}"
+    );
+    v["data"].clone()
+}
+
+/// An instant query; returns the vector's samples (labels, value).
+async fn prom_query(
+    client: &reqwest::Client,
+    base: &str,
+    query: &str,
+) -> Vec<(BTreeMap<String, String>, f64)> {
+    let data = prom_api(client, base, "/api/v1/query", &[("query", query)]).await;
+    assert_eq!(data["resultType"], "vector", "{query}: {data}");
+    data["result"]
+        .as_array()
+        .expect("result array")
+        .iter()
+        .map(|s| {
+            let labels = BTreeMap::<String, String>::deserialize(&s["metric"]).expect("labels");
+            let value = s["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{query}: bad sample {s}"));
+            (labels, value)
+        })
+        .collect()
+}
+
+/// The value of the exporter's own nginx series, read from its /metrics text.
+fn exporter_nginx_value(metrics: &str) -> f64 {
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{SERIES}{{")))
+        .filter(|l| l.contains("namespace=\"default\"") && l.contains("service=\"nginx\""))
+        .map(|l| {
+            assert!(
+                l.contains(&format!("lbaas_listener_id=\"{NGINX_LISTENER}\"")),
+                "unexpected nginx listener in {l}"
+            );
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no value in {l}"))
+        })
+        .collect();
+    assert_eq!(
+        values.len(),
+        1,
+        "the demo's Service default/nginx should have exactly one listener in /metrics:\n{metrics}"
+    );
+    values[0]
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// deploy/ files
+
+fn yaml_file(name: &str) -> Yaml {
+    let path = format!("{DEPLOY}/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn yaml_docs(name: &str) -> Vec<Yaml> {
+    let path = format!("{DEPLOY}/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Yaml::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .collect()
+}
+
+fn s<'a>(v: &'a Yaml, what: &str) -> &'a str {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what}: not a string: {v:?}"))
+}
+
+/// Prometheus' label-name sanitising for Kubernetes labels and annotations (strutil.SanitizeLabelName).
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The `__meta_kubernetes_*` labels the `endpoints` role attaches to a target of the Service's first port.
+fn endpoints_meta_labels(svc: &Yaml) -> BTreeMap<String, String> {
+    let md = &svc["metadata"];
+    let name = s(&md["name"], "metadata.name");
+    let mut m = BTreeMap::new();
+    m.insert(
+        "__meta_kubernetes_namespace".into(),
+        md["namespace"].as_str().unwrap_or("default").to_owned(),
+    );
+    m.insert("__meta_kubernetes_service_name".into(), name.to_owned());
+    m.insert("__meta_kubernetes_endpoints_name".into(), name.to_owned());
+    for (kind, field) in [("label", "labels"), ("annotation", "annotations")] {
+        if let Some(map) = md[field].as_mapping() {
+            for (k, v) in map {
+                let k = sanitize(s(k, field));
+                m.insert(
+                    format!("__meta_kubernetes_service_{kind}_{k}"),
+                    s(v, field).to_owned(),
+                );
+                m.insert(
+                    format!("__meta_kubernetes_service_{kind}present_{k}"),
+                    "true".into(),
+                );
+            }
+        }
+    }
+    let port = &svc["spec"]["ports"][0];
+    m.insert(
+        "__meta_kubernetes_endpoint_port_name".into(),
+        port["name"].as_str().unwrap_or_default().to_owned(),
+    );
+    m.insert(
+        "__meta_kubernetes_endpoint_port_protocol".into(),
+        port["protocol"].as_str().unwrap_or("TCP").to_owned(),
+    );
+    m.insert("__meta_kubernetes_endpoint_ready".into(), "true".into());
+    m
+}
+
+/// The guide's job with its discovery swapped for `http_sd_configs` at `sd_url`; everything else verbatim.
+fn guide_job(sd_url: &str) -> Yaml {
+    let jobs = yaml_file("prometheus-additional.yaml");
+    let jobs = jobs
+        .as_sequence()
+        .expect("prometheus-additional.yaml is a list of scrape configs");
+    let mut matching = jobs.iter().filter(|j| j["job_name"] == JOB);
+    let job = matching.next().expect("job elb_metric").clone();
+    assert!(matching.next().is_none(), "two jobs named {JOB}");
+    let mut job = job.as_mapping().expect("job is a mapping").clone();
+    let sd = job
+        .remove("kubernetes_sd_configs")
+        .expect("the guide's job uses kubernetes_sd_configs");
+    assert_eq!(
+        sd,
+        serde_yaml::from_str::<Yaml>("[{role: endpoints}]").expect("yaml"),
+        "this test emulates the endpoints role; the job now uses another discovery"
+    );
+    assert!(
+        job.get("scrape_interval").is_none() && job.get("scrape_timeout").is_none(),
+        "the job sets its own interval; the test's 1 s global interval would not apply"
+    );
+    job.insert(
+        "http_sd_configs".into(),
+        serde_yaml::from_str(&format!("[{{url: '{sd_url}', refresh_interval: 1s}}]"))
+            .expect("yaml"),
+    );
+    Yaml::Mapping(job)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// prometheus-adapter emulation
+
+struct AdapterRule {
+    series_query: String,
+    name_matches: String,
+    name_as: String,
+    metrics_query: String,
+    /// resource (singular, lower case) → label
+    overrides: BTreeMap<String, String>,
+}
+
+fn adapter_rule() -> AdapterRule {
+    let cm = yaml_file("adapter-rules.yaml");
+    assert_eq!(cm["kind"], "ConfigMap");
+    let config: Yaml = serde_yaml::from_str(s(&cm["data"]["config.yaml"], "data.config.yaml"))
+        .expect("config.yaml parses");
+    let rules = config["rules"].as_sequence().expect("rules list");
+    let mut matching = rules
+        .iter()
+        .filter(|r| r["name"]["matches"] == "huaweicloud_sys_elb_(.*)");
+    let rule = matching
+        .next()
+        .expect("a rule with name.matches huaweicloud_sys_elb_(.*)");
+    assert!(
+        matching.next().is_none(),
+        "two rules for huaweicloud_sys_elb_(.*)"
+    );
+    let overrides = rule["resources"]["overrides"]
+        .as_mapping()
+        .expect("resources.overrides")
+        .iter()
+        .map(|(label, r)| {
+            let res = s(&r["resource"], "resource").to_ascii_lowercase();
+            let res = res.strip_suffix('s').map(str::to_owned).unwrap_or(res);
+            (res, s(label, "override label").to_owned())
+        })
+        .collect();
+    AdapterRule {
+        series_query: s(&rule["seriesQuery"], "seriesQuery").to_owned(),
+        name_matches: s(&rule["name"]["matches"], "name.matches").to_owned(),
+        name_as: s(&rule["name"]["as"], "name.as").to_owned(),
+        metrics_query: s(&rule["metricsQuery"], "metricsQuery").to_owned(),
+        overrides,
+    }
+}
+
+impl AdapterRule {
+    /// The adapter's name mapping (Go regexp FindStringSubmatchIndex + ExpandString), for patterns of the
+    /// shape `<literal>(.*)` and templates using `${1}` only; other shapes fail the test rather than being
+    /// emulated wrongly.
+    fn metric_name(&self, series: &str) -> Option<String> {
+        let prefix = self
+            .name_matches
+            .strip_suffix("(.*)")
+            .filter(|p| p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or_else(|| panic!("name.matches {:?} is not <literal>(.*)", self.name_matches));
+        assert_eq!(
+            self.name_as.matches('$').count(),
+            self.name_as.matches("${1}").count(),
+            "name.as {:?}: only ${{1}} is emulated",
+            self.name_as
+        );
+        let at = series.find(prefix)?;
+        Some(self.name_as.replace("${1}", &series[at + prefix.len()..]))
+    }
+
+    /// metricsQuery for an Object metric of `resource` `name` in `namespace` (pkg/naming/metrics_query.go
+    /// Build: namespace matcher first, then the resource's; group by the resource's label).
+    fn metrics_query(&self, series: &str, namespace: &str, resource: &str, name: &str) -> String {
+        let ns_label = &self.overrides["namespace"];
+        let res_label = self
+            .overrides
+            .get(resource)
+            .unwrap_or_else(|| panic!("no resources.overrides entry for {resource}"));
+        let q = self
+            .metrics_query
+            .replace("<<.Series>>", series)
+            .replace(
+                "<<.LabelMatchers>>",
+                &format!("{ns_label}=\"{namespace}\",{res_label}=\"{name}\""),
+            )
+            .replace("<<.GroupBy>>", res_label);
+        assert!(!q.contains("<<"), "template fields left unfilled: {q}");
+        q
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the test
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guide_pipeline_against_real_prometheus() {
+    let missing: Vec<&str> = ["prometheus", "promtool"]
+        .into_iter()
+        .filter(|b| !on_path(b))
+        .collect();
+    if !missing.is_empty() {
+        let why = format!(
+            "{} not on PATH (Debian/Ubuntu: apt-get install --no-install-recommends prometheus)",
+            missing.join(" and ")
+        );
+        if std::env::var("REQUIRE_PROMETHEUS").as_deref() == Ok("1") {
+            panic!("REQUIRE_PROMETHEUS=1 but {why}");
+        }
+        eprintln!("skipping the real-Prometheus test: {why}");
+        return;
+    }
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = client();
+
+    // --- the exporter, on port 8087 of a loopback "pod ip"
+    let (mut exporter, exporter_addr) = start_exporter(dir.path());
+    let exporter_base = format!("http://{exporter_addr}");
+    wait_ok(
+        &http,
+        &format!("{exporter_base}/readyz"),
+        Duration::from_secs(20),
+        &mut exporter,
+    )
+    .await;
+    let metrics_url = format!("{exporter_base}/metrics");
+
+    // --- promtool check metrics on the exporter's exposition
+    let (status, body) = get(&http, &metrics_url).await.expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("{SERIES}{{")),
+        "no {SERIES} in /metrics:\n{body}"
+    );
+    let (st, out, err) = promtool(&["check", "metrics"], body.as_bytes());
+    assert!(
+        st.success() && out.trim().is_empty() && err.trim().is_empty(),
+        "promtool check metrics: {st}\nstdout:\n{out}\nstderr:\n{err}\n--- /metrics ---\n{body}"
+    );
+
+    // --- service discovery: what the endpoints role would report for the two Services
+    let exporter_svc = yaml_file("service.yaml");
+    assert_eq!(exporter_svc["kind"], "Service");
+    let nginx_svc = yaml_docs("example-app.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "nginx")
+        .expect("Service nginx in example-app.yaml");
+    let SocketAddr::V4(v4) = exporter_addr else {
+        panic!("IPv4 expected: {exporter_addr}");
+    };
+    let pod_ip = *v4.ip();
+    // Not 8087: the scrape only reaches the exporter if the guide's rewrite puts 8087 in.
+    let discovered_exporter = format!("{pod_ip}:{}", free_port(pod_ip));
+    let nginx_ip = Ipv4Addr::from(u32::from(pod_ip) ^ 1);
+    let discovered_nginx = format!("{nginx_ip}:80");
+    let groups = json!([
+        {"targets": [discovered_exporter], "labels": endpoints_meta_labels(&exporter_svc)},
+        {"targets": [discovered_nginx], "labels": endpoints_meta_labels(&nginx_svc)},
+    ]);
+    let sd = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind SD server");
+    let sd_url = format!("http://{}/sd", sd.local_addr().expect("SD addr"));
+    let app = axum::Router::new().route(
+        "/sd",
+        axum::routing::get(move || {
+            let groups = groups.clone();
+            async move { axum::Json(groups) }
+        }),
+    );
+    let sd_task = tokio::spawn(async move { axum::serve(sd, app).await });
+
+    // --- the Prometheus config: the guide's job, 1 s scrapes
+    let mut config = Mapping::new();
+    config.insert(
+        "global".into(),
+        serde_yaml::from_str("{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}")
+            .expect("yaml"),
+    );
+    config.insert(
+        "scrape_configs".into(),
+        Yaml::Sequence(vec![guide_job(&sd_url)]),
+    );
+    let config_text = serde_yaml::to_string(&config).expect("serialise config");
+    let config_path = dir.path().join("prometheus.yml");
+    std::fs::write(&config_path, &config_text).expect("write config");
+    let config_arg = config_path.to_str().expect("utf-8 path");
+    let (st, out, err) = promtool(&["check", "config", config_arg], b"");
+    assert!(
+        st.success(),
+        "promtool check config: {st}\n{out}\n{err}\n--- config ---\n{config_text}"
+    );
+
+    // --- Prometheus
+    let prom_port = free_port(Ipv4Addr::LOCALHOST);
+    let prom_log = dir.path().join("prometheus.log");
+    let log = File::create(&prom_log).expect("create prometheus log");
+    let mut prom = Proc {
+        name: "prometheus",
+        child: Command::new("prometheus")
+            .arg(format!("--config.file={config_arg}"))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus"),
+        log: prom_log,
+    };
+    let prom_base = format!("http://127.0.0.1:{prom_port}");
+    wait_ok(
+        &http,
+        &format!("{prom_base}/-/ready"),
+        Duration::from_secs(30),
+        &mut prom,
+    )
+    .await;
+    let (_, build) = get(&http, &format!("{prom_base}/api/v1/status/buildinfo"))
+        .await
+        .expect("buildinfo");
+    eprintln!("prometheus buildinfo: {build}");
+
+    // --- wait for the scraped series
+    let series_query = format!("{SERIES}{{service=\"nginx\"}}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let samples = loop {
+        let r = prom_query(&http, &prom_base, &series_query).await;
+        if !r.is_empty() {
+            break r;
+        }
+        if Instant::now() > deadline {
+            let targets = get(&http, &format!("{prom_base}/api/v1/targets"))
+                .await
+                .map(|(_, b)| b)
+                .unwrap_or_else(|e| e);
+            panic!(
+                "no {series_query} in Prometheus within 30 s\ntargets: {targets}\n{}\n{}",
+                prom.log_tail(),
+                exporter.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    // --- the relabelling: one target, kept by the 8087 rule, scraped at <pod ip>:8087
+    let targets = prom_api(&http, &prom_base, "/api/v1/targets", &[]).await;
+    let active: Vec<&Json> = targets["activeTargets"]
+        .as_array()
+        .expect("activeTargets")
+        .iter()
+        .filter(|t| t["scrapePool"] == JOB)
+        .collect();
+    assert_eq!(
+        active.len(),
+        1,
+        "exactly the exporter is scraped: {targets}"
+    );
+    let t = active[0];
+    let scrape_addr = format!("{pod_ip}:{GUIDE_PORT}");
+    assert_eq!(
+        t["scrapeUrl"],
+        format!("http://{scrape_addr}/metrics?services=SYS.ELB"),
+        "{t}"
+    );
+    // (Not checked through `discoveredLabels.__address__`: Prometheus 2.42 shows the relabelled address
+    // there. The SD server above served `discovered_exporter`, whose port is not 8087.)
+    assert_eq!(t["health"], "up", "{t}");
+    assert_eq!(t["lastError"], "", "{t}");
+    let dropped: Vec<&Json> = targets["droppedTargets"]
+        .as_array()
+        .expect("droppedTargets")
+        .iter()
+        .filter(|t| t["discoveredLabels"]["job"] == JOB)
+        .collect();
+    assert!(
+        dropped.len() == 1
+            && dropped[0]["discoveredLabels"]["__meta_kubernetes_service_name"] == "nginx",
+        "the keep rule drops exactly the nginx Service (no prometheus.io/port: \"8087\"): {targets}"
+    );
+
+    // --- the stored series' labels
+    assert_eq!(samples.len(), 1, "one nginx series: {samples:?}");
+    let labels = &samples[0].0;
+    let mut expected: BTreeMap<String, String> = [
+        ("__name__", SERIES),
+        ("namespace", "default"),
+        ("service", "nginx"),
+        ("lbaas_instance_id", NGINX_ELB),
+        ("lbaas_listener_id", NGINX_LISTENER),
+        ("listener_name", "k8s_TCP_80"),
+        ("port", "80"),
+        ("protocol", "TCP"),
+        ("job", JOB),
+        ("instance", scrape_addr.as_str()),
+        ("kubernetes_namespace", "default"),
+        ("kubernetes_service", "elb-exporter"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    // labelmap: the exporter Service's own labels (service.yaml), e.g. app="elb-exporter".
+    for (k, v) in exporter_svc["metadata"]["labels"]
+        .as_mapping()
+        .expect("service.yaml labels")
+    {
+        let k = sanitize(s(k, "label"));
+        assert!(
+            !expected.contains_key(&k),
+            "service.yaml label {k} clashes with an exported or target label"
+        );
+        expected.insert(k, s(v, "label").to_owned());
+    }
+    assert_eq!(labels, &expected, "labels of the stored series");
+
+    // --- the adapter rule, as prometheus-adapter runs it for deploy/example-hpa.yaml
+    let rule = adapter_rule();
+    let hpa = yaml_file("example-hpa.yaml");
+    let object = &hpa["spec"]["metrics"][0]["object"];
+    assert_eq!(hpa["spec"]["metrics"][0]["type"], "Object");
+    let hpa_metric = s(&object["metric"]["name"], "metric.name");
+    assert_eq!(hpa_metric, "elb01_listener_m7_in_Bps");
+    let described = &object["describedObject"];
+    let kind = s(&described["kind"], "describedObject.kind").to_ascii_lowercase();
+    let described_name = s(&described["name"], "describedObject.name");
+    let hpa_ns = hpa["metadata"]["namespace"].as_str().unwrap_or("default");
+    assert_eq!(
+        (kind.as_str(), described_name, hpa_ns),
+        ("service", "nginx", "default")
+    );
+    assert_eq!(
+        rule.metric_name(SERIES).as_deref(),
+        Some("elb01_listener_m7_in_Bps"),
+        "the name rule maps {SERIES} to the HPA's metric"
+    );
+    // Discovery as the adapter does it: seriesQuery → series names → name rule → the HPA's metric.
+    let found = prom_api(
+        &http,
+        &prom_base,
+        "/api/v1/series",
+        &[("match[]", rule.series_query.as_str())],
+    )
+    .await;
+    let names: BTreeSet<String> = found
+        .as_array()
+        .expect("series list")
+        .iter()
+        .map(|l| s_json(&l["__name__"]))
+        .collect();
+    let for_hpa: Vec<&String> = names
+        .iter()
+        .filter(|n| rule.metric_name(n).as_deref() == Some(hpa_metric))
+        .collect();
+    assert_eq!(
+        for_hpa,
+        [SERIES],
+        "series behind {hpa_metric} among {names:?}"
+    );
+    let adapter_query = rule.metrics_query(SERIES, hpa_ns, &kind, described_name);
+    assert_eq!(
+        adapter_query,
+        format!("sum({SERIES}{{namespace=\"default\",service=\"nginx\"}}) by (service)")
+    );
+
+    // --- values: Prometheus = the exporter's /metrics = the simulator's datapoint, adapter sum = the same.
+    // The exporter's value changes once a minute; retry until one round sees a single value everywhere.
+    let mut attempts = Vec::new();
+    for _ in 0..10 {
+        let t0 = now_ms();
+        let before = exporter_nginx_value(&get(&http, &metrics_url).await.expect("/metrics").1);
+        let scraped = prom_query(&http, &prom_base, &series_query).await;
+        let adapted = prom_query(&http, &prom_base, &adapter_query).await;
+        let after = exporter_nginx_value(&get(&http, &metrics_url).await.expect("/metrics").1);
+        let t1 = now_ms();
+        assert_eq!(scraped.len(), 1, "{series_query}: {scraped:?}");
+        assert_eq!(
+            adapted.len(),
+            1,
+            "{adapter_query}: exactly one sample: {adapted:?}"
+        );
+        let wanted: BTreeMap<String, String> = [("service".to_owned(), "nginx".to_owned())].into();
+        assert_eq!(adapted[0].0, wanted, "{adapter_query} groups by service");
+        let (prom_v, adapter_v) = (scraped[0].1, adapted[0].1);
+        if before == after && prom_v == before && adapter_v == before {
+            // The exporter serves the newest minute with data as of its last collection (every 15 s in
+            // the demo): floor((t - 60 s) / 60 s) for some t in [t0 - 20 s, t1].
+            let newest = |t: i64| (t - MINUTE_MS).div_euclid(MINUTE_MS) * MINUTE_MS;
+            let minutes: Vec<i64> = (newest(t0 - 20_000)..=newest(t1))
+                .step_by(usize::try_from(MINUTE_MS).expect("usize"))
+                .collect();
+            let sim: Vec<f64> = minutes
+                .iter()
+                .map(|m| datapoint_value(NGINX_LISTENER, CES_METRIC, *m))
+                .collect();
+            assert!(
+                sim.contains(&prom_v),
+                "Prometheus/exporter value {prom_v} is not the simulator's {CES_METRIC} of {NGINX_LISTENER} at \
+                 minutes {minutes:?}: {sim:?}"
+            );
+            eprintln!(
+                "prometheus test: value {prom_v} agrees everywhere; took {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            sd_task.abort();
+            drop(prom);
+            drop(exporter);
+            return;
+        }
+        attempts.push(format!(
+            "exporter before {before}, Prometheus {prom_v}, adapter query {adapter_v}, exporter after {after}"
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    panic!(
+        "Prometheus, the adapter query and the exporter never agreed:\n{}",
+        attempts.join("\n")
+    );
+}
+
+fn s_json(v: &Json) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a string: {v}"))
+        .to_owned()
+}
