@@ -27,8 +27,8 @@ pub enum AppError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("HTTP server: {0}")]
-    Serve(std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
 }
 
 /// Binds the configured (or given) address.
@@ -149,10 +149,8 @@ pub async fn serve_with<C: CloudApi>(
         .map(|a| a.to_string())
         .unwrap_or_default();
     info!(addr = %addr, path = %cfg.metric_path, "serving metrics");
-    axum::serve(listener, server::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(AppError::Serve)?;
+    let app = server::router(state, server::WebAuth::from_settings(&cfg.web));
+    server::serve(listener, app, &cfg.web, shutdown).await?;
     info!("shut down");
     Ok(())
 }

@@ -143,6 +143,8 @@ struct RawConfig {
     cloud: RawCloud,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    web: RawWeb,
 }
 
 /// cloudeye-exporter keys that load unchanged but have no effect here (the exporter is ELB-only and
@@ -329,6 +331,17 @@ struct RawRateLimit {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawWeb {
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    basic_auth_users: Option<std::collections::BTreeMap<String, Secret>>,
+    bearer_token_file: Option<String>,
+    read_header_timeout: Option<String>,
+    max_connections: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
     format: Option<String>,
@@ -351,6 +364,7 @@ pub struct Config {
     pub collection: Collection,
     pub cloud: CloudSettings,
     pub log: LogSettings,
+    pub web: WebSettings,
     /// cloudeye-exporter keys present in the file that have no effect here.
     pub ignored_keys: Vec<String>,
 }
@@ -471,6 +485,25 @@ pub struct RateLimits {
     pub iam_per_minute: u32,
     pub elb_per_minute: u32,
     pub ces_per_minute: u32,
+}
+
+/// Protection and limits of the HTTP server (like Prometheus' exporter web config). Off by default.
+#[derive(Debug, Clone, Default)]
+pub struct WebSettings {
+    /// PEM certificate chain and key: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// user -> bcrypt hash, for HTTP basic auth on the metrics path and `/`.
+    pub basic_auth_users: Vec<(String, Secret)>,
+    /// Accepted `Authorization: Bearer` token, read from `web.bearer_token_file`.
+    pub bearer_token: Option<Secret>,
+    pub read_header_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl WebSettings {
+    pub fn auth_enabled(&self) -> bool {
+        !self.basic_auth_users.is_empty() || self.bearer_token.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -928,6 +961,31 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         }
     };
 
+    let web = build_web(raw.web)?;
+    for (field, v) in [
+        ("auth.access_key", Some(access_key.as_str())),
+        (
+            "auth.security_token",
+            security_token.as_ref().map(|t| t.expose()),
+        ),
+    ] {
+        // These travel in HTTP headers: control characters would make every request fail.
+        if let Some(v) = v
+            && v.bytes().any(|b| !(0x20..0x7f).contains(&b))
+        {
+            let shown = if field == "auth.access_key" {
+                v
+            } else {
+                "[redacted]"
+            };
+            return Err(ConfigError::invalid(
+                field,
+                shown,
+                "must be printable ASCII",
+            ));
+        }
+    }
+
     Ok(Config {
         listen,
         metric_path,
@@ -968,7 +1026,97 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             rate_limit,
         },
         log: LogSettings { level, format },
+        web,
         ignored_keys: ignored,
+    })
+}
+
+fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
+    let file = |field: &str, v: Option<String>| -> Result<Option<PathBuf>, ConfigError> {
+        match non_empty(v) {
+            None => Ok(None),
+            Some(p) if Path::new(&p).is_file() => Ok(Some(PathBuf::from(p))),
+            Some(p) => Err(ConfigError::invalid(field, p, "file does not exist")),
+        }
+    };
+    let cert = file("web.tls_cert_file", w.tls_cert_file)?;
+    let key = file("web.tls_key_file", w.tls_key_file)?;
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "web.tls_key_file",
+                "",
+                "required with web.tls_cert_file",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "web.tls_cert_file",
+                "",
+                "required with web.tls_key_file",
+            ));
+        }
+    };
+    let mut users = Vec::new();
+    for (user, hash) in w.basic_auth_users.unwrap_or_default() {
+        let field = format!("web.basic_auth_users.{user}");
+        if user.is_empty() || user.contains(':') {
+            return Err(ConfigError::invalid(
+                &field,
+                &user,
+                "a user name must be non-empty and without ':'",
+            ));
+        }
+        let h = hash.expose();
+        if !(h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$"))
+            || h.len() != 60
+        {
+            return Err(ConfigError::invalid(
+                &field,
+                "[redacted]",
+                "must be a bcrypt hash (e.g. htpasswd -nBC 10 \"\" | tr -d ':\\n')",
+            ));
+        }
+        users.push((user, hash));
+    }
+    let bearer_token = match file("web.bearer_token_file", w.bearer_token_file)? {
+        None => None,
+        Some(p) => {
+            let t = std::fs::read_to_string(&p).map_err(|e| {
+                ConfigError::invalid("web.bearer_token_file", p.display(), e.to_string())
+            })?;
+            let t = t.trim();
+            if t.is_empty() {
+                return Err(ConfigError::invalid(
+                    "web.bearer_token_file",
+                    p.display(),
+                    "the file is empty",
+                ));
+            }
+            Some(Secret::new(t))
+        }
+    };
+    let read_header_timeout =
+        dur("web.read_header_timeout", w.read_header_timeout)?.unwrap_or(Duration::from_secs(10));
+    if read_header_timeout < Duration::from_millis(100)
+        || read_header_timeout > Duration::from_secs(300)
+    {
+        return Err(ConfigError::invalid(
+            "web.read_header_timeout",
+            format_duration(read_header_timeout),
+            "must be between 100ms and 5m",
+        ));
+    }
+    let max_connections =
+        positive("web.max_connections", w.max_connections, 256, 100_000)? as usize;
+    Ok(WebSettings {
+        tls,
+        basic_auth_users: users,
+        bearer_token,
+        read_header_timeout,
+        max_connections,
     })
 }
 

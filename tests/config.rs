@@ -335,6 +335,27 @@ fn each_invalid_value_names_its_field() {
             "-5",
         ),
         ("log:\n  format: \"xml\"\n", "log.format", "xml"),
+        (
+            "web:\n  tls_cert_file: \"/nonexistent.crt\"\n",
+            "web.tls_cert_file",
+            "/nonexistent.crt",
+        ),
+        (
+            "web:\n  bearer_token_file: \"/nonexistent.tok\"\n",
+            "web.bearer_token_file",
+            "/nonexistent.tok",
+        ),
+        (
+            "web:\n  basic_auth_users:\n    prom: \"plaintext\"\n",
+            "web.basic_auth_users.prom",
+            "[redacted]",
+        ),
+        (
+            "web:\n  read_header_timeout: \"1h\"\n",
+            "web.read_header_timeout",
+            "1h",
+        ),
+        ("web:\n  max_connections: 0\n", "web.max_connections", "0"),
     ];
     for (extra, field, value) in cases {
         // Later sections are appended; `global` edits replace the guide's global section.
@@ -348,6 +369,30 @@ fn each_invalid_value_names_its_field() {
         };
         expect_error(&text, field, value);
     }
+}
+
+#[test]
+fn web_settings_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("token");
+    std::fs::write(&tok, "abc\n").unwrap();
+    let hash = "$2y$10$abcdefghijklmnopqrstuuWbFnL3ks1ZbGcyvAqbW7Ez4YjJgqk1e";
+    let text = format!(
+        "{GUIDE}web:\n  bearer_token_file: \"{}\"\n  basic_auth_users:\n    prom: \"{hash}\"\n",
+        tok.display()
+    );
+    let c = Config::from_yaml(&text, &no_env).unwrap();
+    assert_eq!(c.web.bearer_token.as_ref().unwrap().expose(), "abc");
+    assert_eq!(c.web.basic_auth_users[0].0, "prom");
+    assert!(c.web.auth_enabled());
+    assert!(!format!("{c:?}").contains(hash));
+    // Off by default.
+    assert!(
+        !Config::from_yaml(GUIDE, &no_env)
+            .unwrap()
+            .web
+            .auth_enabled()
+    );
 }
 
 #[test]

@@ -210,7 +210,18 @@ impl HttpCloud {
         }
         let mut req = self.http.request(call.method.clone(), &url);
         for (k, v) in &signed.headers {
-            req = req.header(k.as_str(), v.as_str());
+            let Ok(mut value) = reqwest::header::HeaderValue::from_str(v) else {
+                return Err(CloudError::Connect(
+                    call.api,
+                    format!("header {k} has characters HTTP cannot carry"),
+                ));
+            };
+            // Sensitive values are redacted by the HTTP stack's Debug, so even trace logs cannot show them.
+            if k.eq_ignore_ascii_case("x-security-token") || k.eq_ignore_ascii_case("authorization")
+            {
+                value.set_sensitive(true);
+            }
+            req = req.header(k.as_str(), value);
         }
         if !call.body.is_empty() {
             req = req.body(call.body.clone());
