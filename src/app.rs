@@ -4,15 +4,17 @@
 use crate::cloud::CloudApi;
 use crate::cloud::client::{ClientBuildError, HttpCloud};
 use crate::collector::{Collector, CollectorSettings, Snapshot};
-use crate::config::Config;
+use crate::config::{Config, Credentials};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::{self, DiscoveryEvent};
 use crate::exposition::Renderer;
 use crate::server::{self, AppState};
 use crate::telemetry::Telemetry;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -103,16 +105,67 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
     }
 }
 
-/// Runs the exporter until `shutdown` resolves.
+/// Runs the exporter until `shutdown` resolves. With `config_path`, rotated credentials in that file
+/// (a re-mounted Secret) are picked up without a restart.
 pub async fn run(
     cfg: Config,
+    config_path: Option<PathBuf>,
     kube: kube::Client,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let telemetry = Telemetry::new();
     let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone())?);
+    if let Some(path) = config_path {
+        tokio::spawn(reload_credentials(
+            path,
+            cfg.auth.credentials_reload,
+            cfg.auth.credentials.clone(),
+            cloud.clone(),
+        ));
+    }
     serve_with(cfg, cloud, kube, listener, telemetry, shutdown).await
+}
+
+/// Re-reads the config file when its content changes; new valid credentials replace the old ones.
+/// An invalid file is reported and the running credentials stay.
+async fn reload_credentials(
+    path: PathBuf,
+    every: Duration,
+    mut current: Credentials,
+    cloud: Arc<HttpCloud>,
+) {
+    let mut last = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(text) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        if last.as_ref() == Some(&text) {
+            continue;
+        }
+        last = Some(text.clone());
+        let loaded = std::str::from_utf8(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                Config::from_yaml(t, &|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(cfg) if cfg.auth.credentials != current => {
+                current = cfg.auth.credentials.clone();
+                cloud.set_credentials(cfg.auth.credentials);
+                info!(path = %path.display(), "credentials reloaded");
+            }
+            Ok(_) => {
+                info!(path = %path.display(), "config file changed; credentials unchanged (other changes need a restart)")
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "config file changed but is invalid; keeping the running credentials")
+            }
+        }
+    }
 }
 
 /// Runs the exporter on any cloud implementation.

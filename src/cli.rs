@@ -103,14 +103,21 @@ pub fn init_logging(level: &str, format: LogFormat) {
     };
 }
 
-/// Runs the exporter from a loaded config.
-pub async fn run(cfg: Config) -> Result<(), CliError> {
+/// Runs the exporter from a loaded config (`path`: where it came from, watched for rotated credentials).
+pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
     let kube = kube::Client::try_default()
         .await
         .map_err(|e| CliError::Kube(e.to_string()))?;
     let listener = app::bind(&cfg.listen).await?;
     announce(&listener, &cfg.metric_path);
-    app::run(cfg, kube, listener, crate::server::shutdown_signal()).await?;
+    app::run(
+        cfg,
+        Some(path),
+        kube,
+        listener,
+        crate::server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -353,7 +360,7 @@ pub fn main() -> ExitCode {
             init_logging(&cfg.log.level, cfg.log.format);
             match command {
                 Some(Command::Check) => runtime.block_on(check(cfg)),
-                _ => runtime.block_on(run(cfg)),
+                _ => runtime.block_on(run(cfg, cli.config.clone())),
             }
         }
     };

@@ -264,6 +264,7 @@ struct RawAuth {
     access_key: Option<String>,
     secret_key: Option<Secret>,
     security_token: Option<Secret>,
+    credentials_reload: Option<String>,
     // cloudeye-exporter keys: the account is identified by AK/SK here.
     domain_name: Option<String>,
     domain_id: Option<String>,
@@ -378,6 +379,8 @@ pub struct Auth {
     pub project_id: String,
     pub domain_id: String,
     pub credentials: Credentials,
+    /// How often the config file is re-read for rotated credentials.
+    pub credentials_reload: Duration,
 }
 
 /// AK/SK credentials. `Debug` never shows the SK or the token.
@@ -732,6 +735,15 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         }
     }
     let domain_id = non_empty(a.domain_id).unwrap_or_default();
+    let credentials_reload =
+        dur("auth.credentials_reload", a.credentials_reload)?.unwrap_or(Duration::from_secs(10));
+    if credentials_reload < Duration::from_secs(1) {
+        return Err(ConfigError::invalid(
+            "auth.credentials_reload",
+            format_duration(credentials_reload),
+            "must be at least 1s",
+        ));
+    }
 
     // endpoints: explicit, else the auth_url host with `iam` replaced by the service name.
     let service_default = |svc: &str| -> Endpoint {
@@ -997,6 +1009,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             project_name,
             project_id,
             domain_id,
+            credentials_reload,
             credentials: Credentials {
                 access_key,
                 secret_key,

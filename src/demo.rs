@@ -186,6 +186,6 @@ pub async fn run(listen: &str) -> Result<(), crate::cli::CliError> {
     println!(
         "elb-exporter demo: serving http://{addr}/metrics\n  simulated Huawei Cloud (IAM, ELB, CES) at http://{cloud_addr}, simulated Kubernetes API at http://{cluster_addr}\n  5 Services in namespaces default and shop; press Ctrl-C to stop"
     );
-    app::run(cfg, kube, listener, crate::server::shutdown_signal()).await?;
+    app::run(cfg, None, kube, listener, crate::server::shutdown_signal()).await?;
     Ok(())
 }

@@ -137,6 +137,57 @@ fn listener_id(tag: u32, i: usize) -> String {
     format!("{tag:08x}-0000-4000-8000-{i:012x}")
 }
 
+/// Rejected credentials are not hammered: of many concurrent calls only one probe is sent; later calls
+/// are refused locally until the cooldown or new credentials; new credentials work at once.
+#[tokio::test]
+async fn rejected_credentials_send_one_probe_then_pause() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let q = small_setup(&sim);
+    let good = sim.config().sk.clone();
+    let text = config_for(&sim, &url, &cloud_yaml("5s"))
+        .replace(&good, "WrongSecretKey00000000000000000000000001")
+        .replacen(
+            "auth:\n",
+            &format!("auth:\n  project_id: \"{}\"\n", sim.config().project_id),
+            1,
+        );
+    let cfg = Config::from_yaml(&text, &|_| None).unwrap();
+    let (cloud, telemetry) = client_with(&cfg);
+    let cloud = std::sync::Arc::new(cloud);
+    let calls = (0..10).map(|_| {
+        let (cloud, q) = (cloud.clone(), q.clone());
+        tokio::spawn(async move { cloud.batch_query(&q).await })
+    });
+    let results = bounded(futures::future::join_all(calls)).await;
+    let (mut unauthorized, mut paused) = (0, 0);
+    for r in results {
+        match r.unwrap() {
+            Err(CloudError::Unauthorized(..)) => unauthorized += 1,
+            Err(CloudError::AuthBackoff(..)) => paused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((unauthorized, paused), (1, 9));
+    assert_eq!(count(&sim, SimApi::Ces), 1, "one probe reached the cloud");
+    let err = bounded(cloud.batch_query(&q)).await.unwrap_err();
+    assert!(matches!(err, CloudError::AuthBackoff(..)), "{err:?}");
+    assert_eq!(count(&sim, SimApi::Ces), 1);
+    assert_eq!(
+        telemetry
+            .cloud_requests
+            .with_label_values(&["ces_batch_query"])
+            .get(),
+        1,
+        "paused calls are not requests"
+    );
+
+    let mut fixed = cfg.auth.credentials.clone();
+    fixed.secret_key = elb_exporter::config::Secret::new(good);
+    cloud.set_credentials(fixed);
+    assert!(bounded(cloud.batch_query(&q)).await.is_ok());
+    assert_eq!(count(&sim, SimApi::Ces), 2);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 1. Project resolution
 

@@ -453,3 +453,58 @@ async fn demo_serves_series() {
     assert_eq!(sample(&body, "elb_exporter_up "), Some(1.0));
     assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_credentials_apply_without_restart_and_are_not_hammered() {
+    let w = fixture().await;
+    let good = w.sim.config().sk.clone();
+    let bad = "RotatedButWrong0000000000000000000000001";
+    let e = w.exporter_edited(
+        "collection:\n  interval: \"1s\"\n  metrics: [m1_cps]\n",
+        |t| t.replacen("auth:\n", "auth:\n  credentials_reload: \"1s\"\n", 1),
+    );
+    e.wait_ready().await;
+    let up = |b: &str| sample(b, "elb_exporter_up ");
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            up(&e.metrics().await) == Some(1.0)
+        })
+        .await
+    );
+    let cfg = w.dir.path().join("clouds.yml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+
+    // A bad rotation: the exporter notices within a cycle, sends one probe, and pauses.
+    std::fs::write(&cfg, text.replace(&good, bad)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            up(&e.metrics().await) == Some(0.0)
+        })
+        .await,
+        "up drops after a bad rotation; logs:\n{}",
+        e.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rejected = w.sim.requests().iter().filter(|r| r.status == 401).count();
+    assert_eq!(rejected, 1, "one probe with the rejected key, then a pause");
+
+    // The fix: picked up without a restart.
+    std::fs::write(&cfg, text).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            up(&e.metrics().await) == Some(1.0)
+        })
+        .await,
+        "up recovers after the fix; logs:\n{}",
+        e.logs()
+    );
+    assert!(e.logs().contains("credentials reloaded"));
+    assert!(
+        !e.logs().contains(bad) && !e.logs().contains(&good),
+        "no secret in logs"
+    );
+    assert_eq!(
+        w.sim.requests().iter().filter(|r| r.status == 401).count(),
+        1
+    );
+}

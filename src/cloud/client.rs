@@ -52,6 +52,128 @@ pub struct HttpCloud {
     in_flight: Semaphore,
     telemetry: Telemetry,
     project: OnceCell<String>,
+    auth: AuthGate,
+}
+
+/// Keeps the exporter from hammering the cloud with credentials it rejected: five bad signatures in a
+/// row lock an AK for five minutes. Until a request has been accepted, only one is in flight (the probe);
+/// after a 401 nothing is sent until a growing cooldown has passed (or new credentials arrive), and then
+/// again a single probe goes first.
+#[derive(Debug)]
+struct AuthGate {
+    state: std::sync::Mutex<AuthState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum AuthState {
+    Unverified { probing: bool, strikes: u32 },
+    Verified,
+    Blocked { until: Instant, strikes: u32 },
+}
+
+/// First cooldown after a 401; doubles per consecutive rejection up to `AUTH_COOLDOWN_MAX`.
+const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
+const AUTH_COOLDOWN_MAX: Duration = Duration::from_secs(15 * 60);
+
+impl AuthGate {
+    fn new() -> Self {
+        AuthGate {
+            state: std::sync::Mutex::new(AuthState::Unverified {
+                probing: false,
+                strikes: 0,
+            }),
+        }
+    }
+
+    fn reset(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = AuthState::Unverified {
+                probing: false,
+                strikes: 0,
+            };
+        }
+    }
+
+    /// Waits for permission to send; `Ok(true)` when this request is the probe.
+    async fn admit(&self, api: Api) -> Result<bool, CloudError> {
+        loop {
+            {
+                let Ok(mut s) = self.state.lock() else {
+                    return Ok(false);
+                };
+                match *s {
+                    AuthState::Verified => return Ok(false),
+                    AuthState::Unverified {
+                        probing: false,
+                        strikes,
+                    } => {
+                        *s = AuthState::Unverified {
+                            probing: true,
+                            strikes,
+                        };
+                        return Ok(true);
+                    }
+                    AuthState::Unverified { probing: true, .. } => {}
+                    AuthState::Blocked { until, strikes } => {
+                        let now = Instant::now();
+                        if now < until {
+                            return Err(CloudError::AuthBackoff(api, until - now));
+                        }
+                        *s = AuthState::Unverified {
+                            probing: true,
+                            strikes,
+                        };
+                        return Ok(true);
+                    }
+                }
+            }
+            // Another request is probing the credentials: its answer decides for this one.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn record(&self, probe: bool, result: &Result<Vec<u8>, CloudError>) {
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        let strikes = match *s {
+            AuthState::Unverified { strikes, .. } | AuthState::Blocked { strikes, .. } => strikes,
+            AuthState::Verified => 0,
+        };
+        *s = match result {
+            Err(CloudError::Unauthorized(..)) => {
+                let strikes = strikes.saturating_add(1);
+                let cooldown = AUTH_COOLDOWN
+                    .saturating_mul(1 << (strikes - 1).min(8))
+                    .min(AUTH_COOLDOWN_MAX);
+                warn!(
+                    cooldown_s = cooldown.as_secs(),
+                    strikes,
+                    "credentials rejected (401); pausing cloud calls so the AK is not locked"
+                );
+                AuthState::Blocked {
+                    until: Instant::now() + cooldown,
+                    strikes,
+                }
+            }
+            // Any other HTTP answer passed authentication.
+            Ok(_)
+            | Err(
+                CloudError::Forbidden(..)
+                | CloudError::NotFound(..)
+                | CloudError::BadRequest(..)
+                | CloudError::Throttled(..)
+                | CloudError::Http(..)
+                | CloudError::Malformed(..),
+            ) => AuthState::Verified,
+            // No verdict (timeout, connect error, 5xx): let the next request probe.
+            Err(_) if probe => AuthState::Unverified {
+                probing: false,
+                strikes,
+            },
+            Err(_) => *s,
+        };
+    }
 }
 
 impl HttpCloud {
@@ -101,12 +223,14 @@ impl HttpCloud {
             in_flight: Semaphore::new(cfg.cloud.max_concurrency),
             telemetry,
             project: OnceCell::new(),
+            auth: AuthGate::new(),
         })
     }
 
     /// Swaps in rotated credentials; calls already signed finish with the old ones.
     pub fn set_credentials(&self, c: Credentials) {
         self.credentials.store(Arc::new(c));
+        self.auth.reset();
     }
 
     pub fn region(&self) -> &str {
@@ -132,13 +256,16 @@ impl HttpCloud {
         let start = Instant::now();
         let mut attempt = 0u32;
         loop {
+            let probe = self.auth.admit(call.api).await?;
             self.limiter(call.api).acquire().await;
-            let result = {
+            let sent = {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
                 let _permit = self.in_flight.acquire().await.ok();
                 self.attempt(call).await
-            }
-            .and_then(|body| parse(&body).map_err(|e| CloudError::Malformed(call.api, e)));
+            };
+            self.auth.record(probe, &sent);
+            let result =
+                sent.and_then(|body| parse(&body).map_err(|e| CloudError::Malformed(call.api, e)));
             let err = match result {
                 Ok(parsed) => return Ok(parsed),
                 Err(e) => e,

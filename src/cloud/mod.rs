@@ -155,6 +155,10 @@ pub enum CloudError {
     Malformed(Api, String),
     #[error("project lookup: {0}")]
     Project(String),
+    #[error(
+        "{0}: not sent: the credentials were rejected (401) and calls pause for {1:?} more so the AK is not locked"
+    )]
+    AuthBackoff(Api, Duration),
 }
 
 impl CloudError {
@@ -199,6 +203,7 @@ impl CloudError {
             CloudError::Connect(..) => "connect",
             CloudError::Malformed(..) => "malformed",
             CloudError::Project(..) => "project",
+            CloudError::AuthBackoff(..) => "auth_backoff",
         }
     }
 
