@@ -67,6 +67,27 @@ impl CollectorSettings {
     }
 }
 
+/// Records the datapoints of one answered batch; a series without a datapoint stays absent.
+fn merge(
+    values: &mut HashMap<SeriesKey, Sample>,
+    keys: Vec<SeriesKey>,
+    points: Vec<Option<crate::cloud::Datapoint>>,
+    cycle: u64,
+) {
+    for (key, p) in keys.into_iter().zip(points) {
+        if let Some(p) = p {
+            values.insert(
+                key,
+                Sample {
+                    value: p.value,
+                    timestamp_ms: p.timestamp_ms,
+                    cycle,
+                },
+            );
+        }
+    }
+}
+
 /// CES calls one cycle needs for `listeners` listeners: ceil(listeners × metrics / batch size).
 pub fn calls_per_cycle(listeners: usize, metrics: usize, batch_size: usize) -> usize {
     (listeners * metrics).div_ceil(batch_size.max(1))
@@ -216,18 +237,7 @@ impl<C: CloudApi> Collector<C> {
             match result {
                 Ok(points) => {
                     ok_calls += 1;
-                    for (key, p) in keys.into_iter().zip(points) {
-                        if let Some(p) = p {
-                            values.insert(
-                                key,
-                                Sample {
-                                    value: p.value,
-                                    timestamp_ms: p.timestamp_ms,
-                                    cycle,
-                                },
-                            );
-                        }
-                    }
+                    merge(&mut values, keys, points, cycle);
                 }
                 Err(e) => {
                     failed_calls += 1;
@@ -327,20 +337,7 @@ impl<C: CloudApi> Collector<C> {
         let mut values = prev.values.clone();
         for (keys, result) in outcomes {
             match result {
-                Ok(points) => {
-                    for (key, p) in keys.into_iter().zip(points) {
-                        if let Some(p) = p {
-                            values.insert(
-                                key,
-                                Sample {
-                                    value: p.value,
-                                    timestamp_ms: p.timestamp_ms,
-                                    cycle: prev.cycle,
-                                },
-                            );
-                        }
-                    }
-                }
+                Ok(points) => merge(&mut values, keys, points, prev.cycle),
                 Err(e) => {
                     warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
                 }

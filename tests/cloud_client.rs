@@ -20,21 +20,7 @@ const BOUND: Duration = Duration::from_secs(30);
 const MAX_ATTEMPTS: u32 = 3;
 const SHARED_LB: &str = "7a2d7b2f-1e8f-4d66-8b4c-2e3f4a5b6c02";
 const DEDICATED_LB: &str = "6f1c6a1e-0d7e-4c55-9a3b-1d2e3f4a5b01";
-const METRICS: [&str; 13] = [
-    "m1_cps",
-    "m1e_server_rps",
-    "m1f_lvs_rps",
-    "m21_client_rps",
-    "m22_in_bandwidth",
-    "m23_out_bandwidth",
-    "m2_act_conn",
-    "m3_inact_conn",
-    "m4_ncps",
-    "m5_in_pps",
-    "m6_out_pps",
-    "m7_in_Bps",
-    "m8_out_Bps",
-];
+const METRICS: &[&str] = elb_exporter::config::DEFAULT_METRICS;
 const TCP_RESET_METRICS: [&str; 3] = ["m1e_server_rps", "m1f_lvs_rps", "m21_client_rps"];
 
 async fn bounded<F: Future>(f: F) -> F::Output {
