@@ -13,6 +13,15 @@ pub fn error_fields(body: &[u8]) -> (Option<String>, String) {
         let text = String::from_utf8_lossy(body);
         return (None, truncate(text.trim(), 200));
     };
+    match &v {
+        Value::Object(_) => {}
+        // A bare string is the message; any other JSON is shown as it came.
+        Value::String(s) => return (None, truncate(s.trim(), 300)),
+        _ => {
+            let text = String::from_utf8_lossy(body);
+            return (None, truncate(text.trim(), 200));
+        }
+    }
     let mut code = None;
     let mut msg = None;
     find_error(&v, &mut code, &mut msg, 0);
@@ -59,6 +68,7 @@ fn find_error(v: &Value, code: &mut Option<String>, msg: &mut Option<String>, de
     }
     if msg.is_none()
         && let Some(s) = m.get("details").and_then(|x| x.as_str())
+        && !s.is_empty()
     {
         *msg = Some(s.to_string());
     }
@@ -226,16 +236,21 @@ pub fn batch_result(
     for item in items {
         let ns = item.get("namespace").and_then(|x| x.as_str());
         let name = item.get("metric_name").and_then(|x| x.as_str());
-        let dims = item.get("dimensions").and_then(|d| d.as_array()).map(|a| {
-            a.iter()
-                .filter_map(|d| {
-                    Some((
-                        d.get("name")?.as_str()?.to_string(),
-                        d.get("value")?.as_str()?.to_string(),
-                    ))
-                })
-                .collect::<Vec<_>>()
-        });
+        // A dimension that is not a {name, value} pair of strings makes the entry unusable, rather than
+        // silently matching a request with fewer dimensions.
+        let dims = item
+            .get("dimensions")
+            .and_then(|d| d.as_array())
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| {
+                        Some((
+                            d.get("name")?.as_str()?.to_string(),
+                            d.get("value")?.as_str()?.to_string(),
+                        ))
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
         let (Some(ns), Some(name), Some(dims)) = (ns, name, dims) else {
             bad_entry += 1;
             continue;
@@ -317,6 +332,13 @@ mod tests {
                 "throttled",
             ),
             ("<html>bad gateway</html>", None, "<html>bad gateway</html>"),
+            (r#""throttled""#, None, "throttled"),
+            ("503", None, "503"),
+            (
+                r#"{"details":"","error":{"code":401,"message":"m"}}"#,
+                Some("401"),
+                "m",
+            ),
             ("", None, ""),
         ];
         for (body, code, msg) in cases {
@@ -324,6 +346,21 @@ mod tests {
             assert_eq!(c.as_deref(), *code, "{body}");
             assert_eq!(m, *msg, "{body}");
         }
+    }
+
+    #[test]
+    fn a_dimension_that_is_not_a_string_pair_makes_the_entry_invalid() {
+        let req = vec![MetricQuery {
+            namespace: "SYS.ELB".into(),
+            metric_name: "m1_cps".into(),
+            dimensions: vec![("lbaas_instance_id".into(), "a".into())],
+        }];
+        let body = br#"{"metrics":[{"namespace":"SYS.ELB","metric_name":"m1_cps","dimensions":[
+            {"name":"lbaas_instance_id","value":"a"},{"name":"lbaas_listener_id","value":5}],
+            "datapoints":[{"average":1.0,"timestamp":1}]}]}"#;
+        let r = batch_result(body, &req, Filter::Average).unwrap();
+        assert_eq!(r.newest, vec![None]);
+        assert_eq!(r.skipped, vec![("invalid_result", 1)]);
     }
 
     #[test]
