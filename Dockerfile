@@ -29,6 +29,8 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
+ && mkdir -p benches \
+ && echo 'fn main() {}' > benches/scale.rs \
  && cargo build --release --locked \
  && rm -rf src
 

@@ -520,6 +520,17 @@ class Checker:
         # The builder copies only Cargo.toml, Cargo.lock and src/: sources that reach outside src/ would not build.
         self.check(not os.path.exists(os.path.join(self.root, "build.rs")) or re.search(r"^COPY\s+.*build\.rs", text, re.M), w,
                    "the crate has a build.rs that the Dockerfile does not COPY")
+        # Targets declared in Cargo.toml outside src/ (e.g. [[bench]]) must exist in the builder, or cargo
+        # refuses the manifest: the Dockerfile has to create or copy each of them.
+        try:
+            manifest = open(os.path.join(self.root, "Cargo.toml"), encoding="utf-8").read()
+        except OSError:
+            manifest = ""
+        for declared in re.findall(r'^path\s*=\s*"([^"]+)"', manifest, re.M):
+            if declared.startswith("src/"):
+                continue
+            self.check(declared in text, w,
+                       f"Cargo.toml declares {declared}, which the Dockerfile neither copies nor creates")
         src = os.path.join(self.root, "src")
         for dirpath, _, files in os.walk(src):
             for fn in files:
