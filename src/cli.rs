@@ -334,6 +334,7 @@ async fn resolve_once<C: CloudApi>(
 /// Entry point used by the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    app::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -2,7 +2,7 @@
 //! fewest batch calls (packed across all load balancers), the newest datapoint per series is kept, and
 //! the whole result is swapped in atomically. Listeners that appear between ticks are collected at once.
 
-use crate::cloud::{BatchQuery, CloudApi, CloudError, MetricQuery};
+use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
 use crate::telemetry::{Api, Telemetry};
@@ -34,11 +34,34 @@ pub type SeriesKey = (Arc<str>, u16);
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub cycle: u64,
-    pub values: HashMap<SeriesKey, Sample>,
+    /// Values of the last full cycle, shared (not copied) by the snapshots that follow it.
+    pub values: Arc<HashMap<SeriesKey, Sample>>,
+    /// Values of listeners collected promptly since the last full cycle (small).
+    pub extra: Arc<HashMap<SeriesKey, Sample>>,
     /// A full collection cycle has finished (successfully or not).
     pub finished: bool,
     /// The last full cycle succeeded completely.
     pub up: bool,
+}
+
+impl Snapshot {
+    pub fn get(&self, key: &SeriesKey) -> Option<&Sample> {
+        self.extra.get(key).or_else(|| self.values.get(key))
+    }
+
+    /// Series with a value.
+    pub fn len(&self) -> usize {
+        self.values.len()
+            + self
+                .extra
+                .keys()
+                .filter(|k| !self.values.contains_key(*k))
+                .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What to collect and how.
@@ -71,7 +94,7 @@ impl CollectorSettings {
 fn merge(
     values: &mut HashMap<SeriesKey, Sample>,
     keys: Vec<SeriesKey>,
-    points: Vec<Option<crate::cloud::Datapoint>>,
+    points: Vec<Option<Datapoint>>,
     cycle: u64,
 ) {
     for (key, p) in keys.into_iter().zip(points) {
@@ -171,56 +194,56 @@ impl<C: CloudApi> Collector<C> {
         (now - self.settings.lookback.as_millis() as i64, now)
     }
 
-    /// Queries `listeners` × metrics; returns per-batch outcomes as (series keys, result).
+    /// Queries `listeners` × metrics and hands each batch's outcome to `sink` as it arrives. Batches are
+    /// built only when a call slot is free, so a 10k-listener cycle never holds its 260 requests at once.
     async fn query(
         &self,
         listeners: &[(Arc<str>, Arc<str>)],
-    ) -> Vec<(
-        Vec<SeriesKey>,
-        Result<Vec<Option<crate::cloud::Datapoint>>, CloudError>,
-    )> {
+        mut sink: impl FnMut(Vec<SeriesKey>, Result<Vec<Option<Datapoint>>, CloudError>),
+    ) {
         let (from_ms, to_ms) = self.window();
         let metrics = &self.settings.metrics;
-        let series: Vec<(&Arc<str>, &Arc<str>, u16)> = listeners
-            .iter()
-            .flat_map(|(elb, l)| (0..metrics.len() as u16).map(move |m| (elb, l, m)))
-            .collect();
-        let jobs: Vec<(Vec<SeriesKey>, BatchQuery)> = series
-            .chunks(self.settings.batch_size.max(1))
-            .map(|chunk| {
-                let keys = chunk.iter().map(|(_, l, m)| ((*l).clone(), *m)).collect();
-                let query = BatchQuery {
-                    metrics: chunk
-                        .iter()
-                        .map(|(elb, l, m)| MetricQuery {
-                            namespace: NAMESPACE.to_string(),
-                            metric_name: metrics[*m as usize].clone(),
-                            dimensions: vec![
-                                ("lbaas_instance_id".to_string(), elb.to_string()),
-                                ("lbaas_listener_id".to_string(), l.to_string()),
-                            ],
-                        })
-                        .collect(),
-                    from_ms,
-                    to_ms,
-                    period: "1",
-                    filter: self.settings.filter,
-                };
-                (keys, query)
-            })
-            .collect();
-        let cloud = self.cloud.clone();
-        futures::stream::iter(jobs)
-            .map(move |(keys, query)| {
-                let cloud = cloud.clone();
-                async move {
-                    let r = cloud.batch_query(&query).await.map(|r| r.newest);
-                    (keys, r)
-                }
-            })
-            .buffer_unordered(self.settings.concurrency.max(1))
-            .collect()
-            .await
+        let per_listener = metrics.len();
+        let total = listeners.len() * per_listener;
+        let size = self.settings.batch_size.max(1);
+        let filter = self.settings.filter;
+        let cloud = &self.cloud;
+        let build = |batch: usize| {
+            let range = batch * size..((batch + 1) * size).min(total);
+            let mut keys = Vec::with_capacity(range.len());
+            let mut queries = Vec::with_capacity(range.len());
+            for i in range {
+                let (elb, l) = &listeners[i / per_listener];
+                let m = i % per_listener;
+                keys.push((l.clone(), m as u16));
+                queries.push(MetricQuery {
+                    namespace: NAMESPACE.to_string(),
+                    metric_name: metrics[m].clone(),
+                    dimensions: vec![
+                        ("lbaas_instance_id".to_string(), elb.to_string()),
+                        ("lbaas_listener_id".to_string(), l.to_string()),
+                    ],
+                });
+            }
+            let query = BatchQuery {
+                metrics: queries,
+                from_ms,
+                to_ms,
+                period: "1",
+                filter,
+            };
+            let cloud = cloud.clone();
+            async move {
+                let r = cloud.batch_query(&query).await.map(|r| r.newest);
+                (keys, r)
+            }
+        };
+        let mut outcomes = futures::stream::iter(0..total.div_ceil(size))
+            .map(build)
+            .buffer_unordered(self.settings.concurrency.max(1));
+        while let Some((keys, result)) = outcomes.next().await {
+            sink(keys, result);
+        }
     }
 
     async fn full_cycle(&mut self, targets: &Targets) {
@@ -228,32 +251,31 @@ impl<C: CloudApi> Collector<C> {
         let listeners = distinct_listeners(targets);
         let prev = self.tx.borrow().clone();
         let cycle = prev.cycle + 1;
-        let outcomes = self.query(&listeners).await;
         let mut values: HashMap<SeriesKey, Sample> =
             HashMap::with_capacity(listeners.len() * self.settings.metrics.len());
         let (mut ok_calls, mut failed_calls, mut kept_stale) = (0usize, 0usize, 0usize);
         let mut first_error: Option<CloudError> = None;
-        for (keys, result) in outcomes {
-            match result {
-                Ok(points) => {
-                    ok_calls += 1;
-                    merge(&mut values, keys, points, cycle);
-                }
-                Err(e) => {
-                    failed_calls += 1;
-                    // Keep serving the last good values of this batch, within the staleness bound.
-                    for key in keys {
-                        if let Some(old) = prev.values.get(&key)
-                            && cycle - old.cycle <= u64::from(self.settings.stale_intervals)
-                        {
-                            values.insert(key, *old);
-                            kept_stale += 1;
-                        }
-                    }
-                    first_error.get_or_insert(e);
-                }
+        let stale_bound = u64::from(self.settings.stale_intervals);
+        self.query(&listeners, |keys, result| match result {
+            Ok(points) => {
+                ok_calls += 1;
+                merge(&mut values, keys, points, cycle);
             }
-        }
+            Err(e) => {
+                failed_calls += 1;
+                // Keep serving the last good values of this batch, within the staleness bound.
+                for key in keys {
+                    if let Some(old) = prev.get(&key)
+                        && cycle - old.cycle <= stale_bound
+                    {
+                        values.insert(key, *old);
+                        kept_stale += 1;
+                    }
+                }
+                first_error.get_or_insert(e);
+            }
+        })
+        .await;
         // A failed project lookup fails every batch; with no batches there is nothing to fail.
         let up = failed_calls == 0;
         for (_, l) in &listeners {
@@ -311,9 +333,11 @@ impl<C: CloudApi> Collector<C> {
                 "collection failed in part; serving last good values within the staleness bound"
             ),
         }
+        drop(prev);
         self.tx.send_replace(Arc::new(Snapshot {
             cycle,
-            values,
+            values: Arc::new(values),
+            extra: Arc::default(),
             finished: true,
             up,
         }));
@@ -329,26 +353,26 @@ impl<C: CloudApi> Collector<C> {
             return;
         }
         debug!(listeners = fresh.len(), "collecting new listeners now");
-        let outcomes = self.query(&fresh).await;
+        let prev = self.tx.borrow().clone();
+        let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
+        self.query(&fresh, |keys, result| match result {
+            Ok(points) => merge(&mut extra, keys, points, prev.cycle),
+            Err(e) => {
+                warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
+            }
+        })
+        .await;
         for (_, l) in &fresh {
             self.attempted.insert(l.clone());
         }
-        let prev = self.tx.borrow().clone();
-        let mut values = prev.values.clone();
-        for (keys, result) in outcomes {
-            match result {
-                Ok(points) => merge(&mut values, keys, points, prev.cycle),
-                Err(e) => {
-                    warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
-                }
-            }
-        }
-        self.telemetry.series.set(values.len() as i64);
-        self.tx.send_replace(Arc::new(Snapshot {
+        let snapshot = Snapshot {
             cycle: prev.cycle,
-            values,
+            values: prev.values.clone(),
+            extra: Arc::new(extra),
             finished: prev.finished,
             up: prev.up,
-        }));
+        };
+        self.telemetry.series.set(snapshot.len() as i64);
+        self.tx.send_replace(Arc::new(snapshot));
     }
 }

@@ -892,9 +892,9 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         }
     }
     let max_concurrency = match (cl.max_concurrency, g.max_routines) {
-        (Some(n), _) => positive("cloud.max_concurrency", Some(n), 4, 64)?,
-        (None, Some(n)) => positive("global.max_routines", Some(n), 4, 1000)?.min(64),
-        (None, None) => 4,
+        (Some(n), _) => positive("cloud.max_concurrency", Some(n), 8, 64)?,
+        (None, Some(n)) => positive("global.max_routines", Some(n), 8, 1000)?.min(64),
+        (None, None) => 8,
     } as usize;
     let ca_file = non_empty(cl.ca_file).map(PathBuf::from);
     if let Some(p) = &ca_file

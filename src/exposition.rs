@@ -113,7 +113,7 @@ impl Renderer {
         for (m, (header, family)) in self.headers.iter().enumerate() {
             let mut wrote_header = false;
             for (t, l) in targets.targets.iter().zip(&labels) {
-                let Some(s) = snap.values.get(&(t.listener_id.clone(), m as u16)) else {
+                let Some(s) = snap.get(&(t.listener_id.clone(), m as u16)) else {
                     continue;
                 };
                 if !wrote_header {
@@ -145,12 +145,15 @@ impl Renderer {
 /// Compresses one gzip member (fast level: the body is re-rendered every interval).
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(data.len() / 6 + 64),
+        Vec::with_capacity(data.len() / 10 + 64),
         flate2::Compression::fast(),
     );
     // Writing into a Vec cannot fail.
     let _ = enc.write_all(data);
-    enc.finish().unwrap_or_default()
+    let mut out = enc.finish().unwrap_or_default();
+    // Kept for a whole interval: do not hold the growth slack.
+    out.shrink_to_fit();
+    out
 }
 
 fn label_set(t: &Target) -> String {

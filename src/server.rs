@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -31,7 +31,22 @@ pub struct AppState {
     /// The first collection cycle finished, successfully or not.
     pub collected: Arc<AtomicBool>,
     pub metric_path: String,
+    /// The exporter's own metrics, rendered at most once per `OWN_TTL` and per body.
+    own: Arc<Mutex<Option<OwnPart>>>,
 }
+
+/// The exporter's own part of `/metrics`, plain and as a gzip member.
+struct OwnPart {
+    /// Address of the body it was rendered with: a new body (new collection) renders it anew.
+    body: usize,
+    at: Instant,
+    plain: Bytes,
+    gzip: Bytes,
+}
+
+/// Scrapes within this long of each other share one rendering of the exporter's own metrics, so 50
+/// concurrent scrapers cost one registry gather and one small compression, not fifty.
+pub const OWN_TTL: Duration = Duration::from_secs(1);
 
 impl AppState {
     pub fn new(telemetry: Telemetry, metric_path: &str) -> Self {
@@ -41,7 +56,40 @@ impl AppState {
             synced: Arc::new(AtomicBool::new(false)),
             collected: Arc::new(AtomicBool::new(false)),
             metric_path: metric_path.to_string(),
+            own: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// The own part for `body`, from the cache when fresh.
+    fn own_part(&self, body: &Arc<Body>) -> (Bytes, Bytes) {
+        let key = Arc::as_ptr(body) as usize;
+        let mut cache = match self.own.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(p) = cache.as_ref()
+            && p.body == key
+            && p.at.elapsed() < OWN_TTL
+        {
+            return (p.plain.clone(), p.gzip.clone());
+        }
+        let age = body.newest_ms.map(|ts| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_millis() as i64;
+            (now - ts).max(0) as f64 / 1000.0
+        });
+        self.telemetry.newest_datapoint_age.set(age.unwrap_or(0.0));
+        let plain = Bytes::from(self.telemetry.render());
+        let gzip = Bytes::from(exposition::gzip(&plain));
+        *cache = Some(OwnPart {
+            body: key,
+            at: Instant::now(),
+            plain: plain.clone(),
+            gzip: gzip.clone(),
+        });
+        (plain, gzip)
     }
 }
 
@@ -309,22 +357,14 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
 
 async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let body = s.body.load_full();
-    let age = body.newest_ms.map(|ts| {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis() as i64;
-        (now - ts).max(0) as f64 / 1000.0
-    });
-    s.telemetry.newest_datapoint_age.set(age.unwrap_or(0.0));
-    let own = s.telemetry.render();
+    let (own_plain, own_gzip) = s.own_part(&body);
     let gzip = accepts_gzip(&headers);
+    // Concatenated gzip members decode as one stream, so the large body is compressed once per
+    // collection and the small exporter part once per second at most.
     let (first, second) = if gzip {
-        // Concatenated gzip members decode as one stream, so the large body is compressed once per
-        // collection and only the small exporter part per scrape.
-        (body.gzip.clone(), Bytes::from(exposition::gzip(&own)))
+        (body.gzip.clone(), own_gzip)
     } else {
-        (body.plain.clone(), Bytes::from(own))
+        (body.plain.clone(), own_plain)
     };
     let len = first.len() + second.len();
     let stream = futures::stream::iter([Ok::<Bytes, Infallible>(first), Ok(second)]);

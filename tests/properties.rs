@@ -1584,7 +1584,13 @@ proptest! {
                 )
             })
             .collect();
-        let snap = Snapshot { cycle: 1, values, finished: true, up: true };
+        let snap = Snapshot {
+            cycle: 1,
+            values: std::sync::Arc::new(values),
+            extra: Default::default(),
+            finished: true,
+            up: true,
+        };
         let body = renderer.render(&targets, &snap);
 
         // The expected series.

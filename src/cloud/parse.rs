@@ -196,15 +196,75 @@ fn listener(item: &Value, id: Option<&str>, asked: &[&str]) -> Option<(String, L
     ))
 }
 
-/// A dimension set, order-insensitive, for matching answers to requests.
-fn dim_key(dims: &[(String, String)]) -> Vec<(String, String)> {
-    let mut d = dims.to_vec();
-    d.sort();
-    d
+/// The match key of a metric: namespace, metric name and the dimension set in sorted order, joined with
+/// separators that cannot occur in them (one allocation per entry, not one per dimension).
+fn match_key<'k>(ns: &str, name: &str, dims: impl Iterator<Item = (&'k str, &'k str)>) -> String {
+    let mut d: Vec<(&str, &str)> = dims.collect();
+    d.sort_unstable();
+    let mut key = String::with_capacity(ns.len() + name.len() + d.len() * 64 + 8);
+    key.push_str(ns);
+    key.push('\0');
+    key.push_str(name);
+    for (k, v) in d {
+        key.push('\0');
+        key.push_str(k);
+        key.push('\u{1}');
+        key.push_str(v);
+    }
+    key
 }
 
-/// (namespace, metric name, sorted dimensions) of a requested metric.
-type RequestKey<'a> = (&'a str, &'a str, Vec<(String, String)>);
+// Typed views of a CES answer, borrowing from the body. Entries and datapoints are parsed one by one from
+// raw slices, so a bad one is skipped and counted instead of failing the whole answer.
+#[derive(serde::Deserialize)]
+struct CesAnswer<'a> {
+    #[serde(borrow, default)]
+    metrics: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct CesEntry<'a> {
+    #[serde(borrow, default)]
+    namespace: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    metric_name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    dimensions: Option<Vec<CesDimension<'a>>>,
+    #[serde(borrow, default)]
+    datapoints: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct CesDimension<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    value: std::borrow::Cow<'a, str>,
+}
+
+#[derive(serde::Deserialize)]
+struct CesPoint {
+    timestamp: Option<i64>,
+    average: Option<f64>,
+    max: Option<f64>,
+    min: Option<f64>,
+    sum: Option<f64>,
+    variance: Option<f64>,
+}
+
+impl CesPoint {
+    fn value(&self, filter: Filter) -> Option<f64> {
+        match filter {
+            Filter::Average => self.average,
+            Filter::Max => self.max,
+            Filter::Min => self.min,
+            Filter::Sum => self.sum,
+            Filter::Variance => self.variance,
+        }
+    }
+}
+
+type Raw<'a> = &'a serde_json::value::RawValue;
 
 /// Matches a CES batch answer to the request by (namespace, metric name, dimension set) and keeps the
 /// newest usable datapoint per requested metric. Returns it in request order, plus skip counts.
@@ -213,49 +273,32 @@ pub fn batch_result(
     request: &[MetricQuery],
     filter: Filter,
 ) -> Result<super::BatchResult, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-    let items = v
-        .get("metrics")
-        .and_then(|m| m.as_array())
+    let answer: CesAnswer<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let items: Vec<Raw<'_>> = answer
+        .metrics
+        .and_then(|m| serde_json::from_str(m.get()).ok())
         .ok_or("no `metrics` array")?;
-    let mut index: HashMap<RequestKey<'_>, usize> = HashMap::with_capacity(request.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(request.len());
     for (i, q) in request.iter().enumerate() {
-        index.insert(
-            (
-                q.namespace.as_str(),
-                q.metric_name.as_str(),
-                dim_key(&q.dimensions),
-            ),
-            i,
-        );
+        let dims = q.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        index.insert(match_key(&q.namespace, &q.metric_name, dims), i);
     }
     let mut newest: Vec<Option<Datapoint>> = vec![None; request.len()];
     let mut seen = vec![false; request.len()];
     let (mut unmatched, mut duplicate, mut bad_point, mut bad_entry) = (0, 0, 0, 0);
-    let stat = filter.as_str();
     for item in items {
-        let ns = item.get("namespace").and_then(|x| x.as_str());
-        let name = item.get("metric_name").and_then(|x| x.as_str());
         // A dimension that is not a {name, value} pair of strings makes the entry unusable, rather than
         // silently matching a request with fewer dimensions.
-        let dims = item
-            .get("dimensions")
-            .and_then(|d| d.as_array())
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| {
-                        Some((
-                            d.get("name")?.as_str()?.to_string(),
-                            d.get("value")?.as_str()?.to_string(),
-                        ))
-                    })
-                    .collect::<Option<Vec<_>>>()
-            });
-        let (Some(ns), Some(name), Some(dims)) = (ns, name, dims) else {
+        let entry: Option<CesEntry<'_>> = serde_json::from_str(item.get()).ok();
+        let Some((ns, name, dims, points)) =
+            entry.and_then(|e| Some((e.namespace?, e.metric_name?, e.dimensions?, e.datapoints)))
+        else {
             bad_entry += 1;
             continue;
         };
-        let Some(&i) = index.get(&(ns, name, dim_key(&dims))) else {
+        let key = match_key(&ns, &name, dims.iter().map(|d| (&*d.name, &*d.value)));
+        let Some(&i) = index.get(&key) else {
             unmatched += 1;
             continue;
         };
@@ -263,12 +306,16 @@ pub fn batch_result(
             duplicate += 1;
         }
         seen[i] = true;
-        let Some(points) = item.get("datapoints").and_then(|d| d.as_array()) else {
+        let Some(points) = points.and_then(|p| serde_json::from_str::<Vec<Raw<'_>>>(p.get()).ok())
+        else {
             continue;
         };
         for p in points {
-            let ts = p.get("timestamp").and_then(|t| t.as_i64());
-            let val = p.get(stat).and_then(|x| x.as_f64());
+            let point: Option<CesPoint> = serde_json::from_str(p.get()).ok();
+            let (ts, val) = match &point {
+                Some(p) => (p.timestamp, p.value(filter)),
+                None => (None, None),
+            };
             match (ts, val) {
                 (Some(ts), Some(val)) if ts > 0 && val.is_finite() && val >= 0.0 => {
                     if newest[i].is_none_or(|d| ts > d.timestamp_ms) {
