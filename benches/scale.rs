@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo bench --bench scale -- [--sizes 100,1000,10000] [--exporter PATH] [--wrk PATH] [--nginx PATH]
-//!                              [--wrk-secs 10] [--concurrency 4] [--interval SECS] [--requests 200]
+//!                              [--wrk-secs 10] [--concurrency 8] [--interval SECS] [--requests 200]
 //!                              [--out FILE]
 //! scripts/bench.sh [sizes]     # installs wrk + nginx-light, builds, runs, writes target/bench/scale.md
 //! ```
@@ -149,7 +149,7 @@ impl BenchOpts {
                 "-h" | "--help" => {
                     println!(
                         "usage: scale [--sizes 100,1000,10000] [--exporter PATH] [--wrk PATH] [--nginx PATH] \
-                         [--wrk-secs 10] [--concurrency 4] [--interval SECS] [--requests 200] [--out FILE]"
+                         [--wrk-secs 10] [--concurrency 8] [--interval SECS] [--requests 200] [--out FILE]"
                     );
                     std::process::exit(0);
                 }
@@ -179,7 +179,7 @@ impl BenchOpts {
             wrk: find_program(wrk, "wrk"),
             nginx: find_program(nginx, "nginx"),
             wrk_secs: num(wrk_secs, "wrk seconds", 10)?.max(1),
-            concurrency: num(concurrency, "concurrency", 4)?.clamp(1, 64) as usize,
+            concurrency: num(concurrency, "concurrency", 8)?.clamp(1, 64) as usize,
             interval: interval
                 .map(|s| {
                     s.parse::<u64>()

@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh                  # all three sizes (about 6-8 minutes on 2 cores)
 #   scripts/bench.sh 100,1000         # chosen sizes (multiples of 5)
-#   BENCH_WRK_SECS=5 BENCH_CONCURRENCY=8 scripts/bench.sh 10000
+#   BENCH_WRK_SECS=5 BENCH_CONCURRENCY=4 scripts/bench.sh 10000
 #
 # Needs wrk and nginx (Debian: wrk, nginx-light); installs them with apt-get when missing and allowed
 # (root, or BENCH_NO_INSTALL unset), otherwise the wrk/nginx columns read n/a.

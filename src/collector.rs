@@ -276,8 +276,14 @@ impl<C: CloudApi> Collector<C> {
             }
         })
         .await;
-        // A failed project lookup fails every batch; with no batches there is nothing to fail.
-        let up = failed_calls == 0;
+        // Down when a batch failed, or when an ELB could not be looked up at all (a wrong key fails
+        // every lookup, leaving no batch to fail).
+        let lookups_failed = targets
+            .problems
+            .get("elb_lookup_failed")
+            .copied()
+            .unwrap_or(0);
+        let up = failed_calls == 0 && lookups_failed == 0;
         for (_, l) in &listeners {
             self.attempted.insert(l.clone());
         }
@@ -341,6 +347,8 @@ impl<C: CloudApi> Collector<C> {
             finished: true,
             up,
         }));
+        // The cycle's answers are garbage now: return them before the new body is rendered on top.
+        crate::app::release_memory();
     }
 
     /// Collects listeners that appeared since the last cycle, merging them into the current snapshot.

@@ -22,6 +22,8 @@ const COALESCE: Duration = Duration::from_millis(100);
 const RESOLVE_CONCURRENCY: usize = 8;
 /// Load balancers per v3 listing task (the client splits further to keep URLs short).
 const V3_BATCH: usize = 50;
+/// Retry delay of a listing refused for credentials (no request is sent while the auth gate is closed).
+const AUTH_RETRY: Duration = Duration::from_secs(2);
 /// First retry delay after a failed listing; doubles up to `listener_refresh`.
 const RETRY_BASE: Duration = Duration::from_secs(15);
 
@@ -337,12 +339,21 @@ impl<C: CloudApi> Inventory<C> {
                 st.listeners = Arc::new(listeners);
             }
             Err(e) => {
-                st.failures = st.failures.saturating_add(1);
-                let backoff = RETRY_BASE
-                    .saturating_mul(1u32 << st.failures.min(10).saturating_sub(1))
-                    .min(refresh);
+                let backoff = if matches!(
+                    e,
+                    CloudError::AuthBackoff(..) | CloudError::Unauthorized(..)
+                ) {
+                    // The client's auth gate already keeps rejected credentials from reaching the cloud;
+                    // asking again soon costs nothing and picks up rotated credentials at once.
+                    AUTH_RETRY
+                } else {
+                    st.failures = st.failures.saturating_add(1);
+                    RETRY_BASE
+                        .saturating_mul(1u32 << st.failures.min(10).saturating_sub(1))
+                        .min(refresh)
+                };
                 st.next_resolve = Instant::now() + backoff;
-                warn!(elb = %id, error = %e, retry_in_s = backoff.as_secs(), "listener lookup failed; keeping the last known listeners");
+                warn!(elb = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "listener lookup failed; keeping the last known listeners");
                 // The last good listeners keep being exported; only a never-resolved ELB is "failed".
                 if st.status == ElbStatus::Pending || matches!(st.status, ElbStatus::Failed(_)) {
                     st.status = ElbStatus::Failed(e.to_string());
