@@ -105,9 +105,7 @@ pub fn init_logging(level: &str, format: LogFormat) {
 
 /// Runs the exporter from a loaded config (`path`: where it came from, watched for rotated credentials).
 pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
-    let kube = kube::Client::try_default()
-        .await
-        .map_err(|e| CliError::Kube(e.to_string()))?;
+    let kube = kube_client().await?;
     let listener = app::bind(&cfg.listen).await?;
     announce(&listener, &cfg.metric_path);
     app::run(
@@ -119,6 +117,17 @@ pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
     )
     .await?;
     Ok(())
+}
+
+/// The Kubernetes client (in-cluster or KUBECONFIG). The client's own retry of 429/503 is off: the watcher
+/// retries with its backoff and counts each error, so an outage shows in the metrics instead of hiding
+/// behind up to 15 silent retries.
+pub async fn kube_client() -> Result<kube::Client, CliError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| CliError::Kube(e.to_string()))?;
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(|e| CliError::Kube(e.to_string()))
 }
 
 fn announce(listener: &tokio::net::TcpListener, path: &str) {
@@ -149,9 +158,7 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             return Err(CliError::Check(format!("project lookup failed: {e}")));
         }
     }
-    let kube = kube::Client::try_default()
-        .await
-        .map_err(|e| CliError::Kube(e.to_string()))?;
+    let kube = kube_client().await?;
     let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
 
     println!(

@@ -44,6 +44,7 @@ pub struct Telemetry {
     pub cloud_requests: IntCounterVec,
     pub cloud_failures: IntCounterVec,
     pub cloud_duration: HistogramVec,
+    pub paused_calls: IntCounterVec,
     pub services: IntGauge,
     pub listeners: IntGauge,
     pub series: IntGauge,
@@ -124,6 +125,17 @@ impl Telemetry {
                     .buckets(vec![
                         0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     ]),
+                    &["api"],
+                )
+                .expect("valid metric"),
+            ),
+            paused_calls: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elb_exporter_cloud_calls_paused_total",
+                        "Cloud calls not sent because the credentials were rejected (401) and calls pause so the AK is not locked.",
+                    ),
                     &["api"],
                 )
                 .expect("valid metric"),

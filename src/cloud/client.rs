@@ -141,6 +141,12 @@ impl AuthGate {
             AuthState::Verified => 0,
         };
         *s = match result {
+            // Requests already in flight when the gate closed: one rejection is one strike.
+            Err(CloudError::Unauthorized(..))
+                if !probe && matches!(*s, AuthState::Blocked { .. }) =>
+            {
+                *s
+            }
             Err(CloudError::Unauthorized(..)) => {
                 let strikes = strikes.saturating_add(1);
                 let cooldown = AUTH_COOLDOWN
@@ -256,7 +262,16 @@ impl HttpCloud {
         let start = Instant::now();
         let mut attempt = 0u32;
         loop {
-            let probe = self.auth.admit(call.api).await?;
+            let probe = match self.auth.admit(call.api).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.telemetry
+                        .paused_calls
+                        .with_label_values(&[call.api.as_str()])
+                        .inc();
+                    return Err(e);
+                }
+            };
             self.limiter(call.api).acquire().await;
             let sent = {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.

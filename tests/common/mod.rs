@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_elb-exporter");
@@ -76,6 +77,52 @@ impl World {
         )
     }
 
+    /// Like [`World::exporter_edited`], with extra environment variables set after the defaults (so
+    /// `RUST_LOG` or `HUAWEICLOUD_SDK_*` given here win).
+    pub fn exporter_env(
+        &self,
+        extra: &str,
+        edit: impl FnOnce(String) -> String,
+        env: &[(&str, &str)],
+    ) -> Exporter {
+        let (cfg, kubeconfig) = self.write_config(extra);
+        let text = std::fs::read_to_string(&cfg).expect("read config");
+        std::fs::write(&cfg, edit(text)).expect("write config");
+        Exporter::spawn_env(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--listen")
+                .arg("127.0.0.1:0"),
+            &kubeconfig,
+            env,
+        )
+    }
+
+    /// Runs the binary with `args` and a config file holding exactly `config_text` (no templating),
+    /// with extra environment variables; returns (exit code, stdout, stderr).
+    pub fn run_raw(
+        &self,
+        config_text: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (i32, String, String) {
+        let (cfg, kubeconfig) = self.write_config("");
+        std::fs::write(&cfg, config_text).expect("write config");
+        let c = &mut Command::new(BIN);
+        c.args(args).arg("--config").arg(&cfg);
+        cmd(c, &kubeconfig);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("run binary");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Runs a one-shot subcommand (e.g. `check`) and returns (exit code, stdout, stderr).
     pub fn run(&self, extra: &str, args: &[&str]) -> (i32, String, String) {
         let (cfg, kubeconfig) = self.write_config(extra);
@@ -115,21 +162,41 @@ pub struct Exporter {
     pub base: String,
     pub metrics_url: String,
     stderr_path: Option<PathBuf>,
+    stdout: Arc<Mutex<String>>,
 }
 
 impl Exporter {
     pub fn spawn(c: &mut Command, kubeconfig: &std::path::Path) -> Exporter {
+        Exporter::spawn_env(c, kubeconfig, &[])
+    }
+
+    /// Like [`Exporter::spawn`], with environment variables applied after the defaults.
+    pub fn spawn_env(
+        c: &mut Command,
+        kubeconfig: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Exporter {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let (file, path) = log.keep().expect("keep log");
-        let mut child = cmd(c, kubeconfig)
+        cmd(c, kubeconfig);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c
             .stdout(Stdio::piped())
             .stderr(Stdio::from(file))
             .spawn()
             .expect("spawn exporter");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let captured = Arc::new(Mutex::new(String::new()));
+        let sink = captured.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
                 let _ = tx.send(line);
             }
         });
@@ -158,7 +225,27 @@ impl Exporter {
             metrics_url: url,
             base,
             stderr_path: Some(path),
+            stdout: captured,
         }
+    }
+
+    /// Everything the process printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Whether the process is still running (it has not exited, crashed or been killed).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident set size of the process in KiB (`VmRSS` in /proc/PID/status), if readable.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     pub fn logs(&self) -> String {
@@ -256,4 +343,104 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// Checks a text exposition body line by line: every line is a `# HELP`/`# TYPE` comment or a sample
+/// `name{label="value",...} value` with correctly escaped label values. Returns the first bad line.
+pub fn check_exposition(body: &str) -> Result<usize, String> {
+    let mut samples = 0;
+    for (i, line) in body.lines().enumerate() {
+        if line.is_empty() {
+            return Err(format!("line {}: empty line", i + 1));
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let ok = rest.starts_with(" HELP ") || rest.starts_with(" TYPE ");
+            if !ok {
+                return Err(format!("line {}: unknown comment {line:?}", i + 1));
+            }
+            continue;
+        }
+        parse_sample(line).map_err(|e| format!("line {}: {e}: {line:?}", i + 1))?;
+        samples += 1;
+    }
+    Ok(samples)
+}
+
+/// A parsed sample line: name, labels (name, unescaped value) in order, value.
+pub type ParsedSample = (String, Vec<(String, String)>, f64);
+
+/// Parses one sample line into (name, [(label, unescaped value)], value).
+pub fn parse_sample(line: &str) -> Result<ParsedSample, String> {
+    let mut chars = line.char_indices().peekable();
+    let mut name = String::new();
+    while let Some(&(_, c)) = chars.peek() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            name.push(c);
+            chars.next();
+        } else {
+            break;
+        }
+    }
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err("bad metric name".into());
+    }
+    let mut labels = Vec::new();
+    if let Some(&(_, '{')) = chars.peek() {
+        chars.next();
+        loop {
+            let mut key = String::new();
+            while let Some(&(_, c)) = chars.peek() {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    key.push(c);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            if key.is_empty() {
+                if let Some(&(_, '}')) = chars.peek() {
+                    chars.next();
+                    break;
+                }
+                return Err("bad label name".into());
+            }
+            if chars.next().map(|c| c.1) != Some('=') || chars.next().map(|c| c.1) != Some('"') {
+                return Err(format!("label {key}: expected =\""));
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next().map(|c| c.1) {
+                    None => return Err(format!("label {key}: unterminated value")),
+                    Some('"') => break,
+                    Some('\\') => match chars.next().map(|c| c.1) {
+                        Some('\\') => value.push('\\'),
+                        Some('"') => value.push('"'),
+                        Some('n') => value.push('\n'),
+                        other => return Err(format!("label {key}: bad escape {other:?}")),
+                    },
+                    Some('\n') => return Err(format!("label {key}: raw newline")),
+                    Some(c) => value.push(c),
+                }
+            }
+            labels.push((key, value));
+            match chars.next().map(|c| c.1) {
+                Some(',') => continue,
+                Some('}') => break,
+                other => return Err(format!("after a label: {other:?}")),
+            }
+        }
+    }
+    if chars.next().map(|c| c.1) != Some(' ') {
+        return Err("expected one space before the value".into());
+    }
+    let rest: String = chars.map(|c| c.1).collect();
+    let value = match rest.as_str() {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v
+            .parse::<f64>()
+            .map_err(|_| format!("bad value {v:?} (no timestamps expected)"))?,
+    };
+    Ok((name, labels, value))
 }
