@@ -44,6 +44,10 @@ async fn start(web: WebSettings) -> (SocketAddr, tokio::sync::oneshot::Sender<()
     (addr, tx)
 }
 
+async fn status(c: &reqwest::Client, url: String) -> u16 {
+    c.get(url).send().await.unwrap().status().as_u16()
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -92,31 +96,10 @@ async fn basic_auth_protects_metrics_but_not_probes() {
         assert_eq!(r.status(), 200);
         assert!(r.text().await.unwrap().starts_with(BODY));
     }
-    assert_eq!(
-        c.get(format!("http://{addr}/"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(format!("http://{addr}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&c, format!("http://{addr}/")).await, 401);
+    assert_eq!(status(&c, format!("http://{addr}/healthz")).await, 200);
     // Not ready (nothing synced in this test), but answered without credentials.
-    assert_eq!(
-        c.get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(status(&c, format!("http://{addr}/readyz")).await, 503);
 }
 
 #[tokio::test]

@@ -64,17 +64,7 @@ impl World {
 
     /// Like [`World::exporter`], with the config text passed through `edit` first.
     pub fn exporter_edited(&self, extra: &str, edit: impl FnOnce(String) -> String) -> Exporter {
-        let (cfg, kubeconfig) = self.write_config(extra);
-        let text = std::fs::read_to_string(&cfg).expect("read config");
-        std::fs::write(&cfg, edit(text)).expect("write config");
-        Exporter::spawn(
-            Command::new(BIN)
-                .arg("--config")
-                .arg(&cfg)
-                .arg("--listen")
-                .arg("127.0.0.1:0"),
-            &kubeconfig,
-        )
+        self.exporter_env(extra, edit, &[])
     }
 
     /// Like [`World::exporter_edited`], with extra environment variables set after the defaults (so
