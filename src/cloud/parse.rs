@@ -411,6 +411,27 @@ mod tests {
     }
 
     #[test]
+    fn an_out_of_range_number_skips_only_its_datapoint() {
+        let req = vec![MetricQuery {
+            namespace: "SYS.ELB".into(),
+            metric_name: "m1_cps".into(),
+            dimensions: vec![("lbaas_instance_id".into(), "a".into())],
+        }];
+        let body = br#"{"metrics":[{"namespace":"SYS.ELB","metric_name":"m1_cps",
+            "dimensions":[{"name":"lbaas_instance_id","value":"a"}],
+            "datapoints":[{"average":1e999,"timestamp":2},{"average":7.5,"timestamp":1}]}]}"#;
+        let r = batch_result(body, &req, Filter::Average).unwrap();
+        assert_eq!(
+            r.newest,
+            vec![Some(Datapoint {
+                timestamp_ms: 1,
+                value: 7.5
+            })]
+        );
+        assert_eq!(r.skipped, vec![("invalid_datapoint", 1)]);
+    }
+
+    #[test]
     fn listener_page_skips_bad_items_and_tracks_marker() {
         let body = br#"{"listeners":[
             {"id":"a","name":"n1","protocol":"TCP","protocol_port":80,"loadbalancers":[{"id":"lb"}],"extra":{"x":1}},
