@@ -123,6 +123,30 @@ fn listener_id(tag: u32, i: usize) -> String {
     format!("{tag:08x}-0000-4000-8000-{i:012x}")
 }
 
+/// A probe whose caller gives up (its future dropped mid-request) must not leave the gate waiting for a
+/// verdict forever: the next call probes and succeeds.
+#[tokio::test]
+async fn a_cancelled_probe_does_not_wedge_later_calls() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let q = small_setup(&sim);
+    let (cloud, _) = client_with_project(&sim, &url);
+    sim.inject(
+        SimApi::Ces,
+        Fault::Delay {
+            delay: Duration::from_secs(5),
+            count: 1,
+        },
+    );
+    // The first call is the probe of fresh credentials; cancel it while the simulator sits on it.
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), cloud.batch_query(&q)).await;
+    assert!(cancelled.is_err(), "the probe was still in flight");
+    let next = tokio::time::timeout(Duration::from_secs(5), cloud.batch_query(&q)).await;
+    assert!(
+        matches!(next, Ok(Ok(_))),
+        "the call after a cancelled probe went through: {next:?}"
+    );
+}
+
 /// Rejected credentials are not hammered: of many concurrent calls only one probe is sent; later calls
 /// are refused locally until the cooldown or new credentials; new credentials work at once.
 #[tokio::test]

@@ -71,6 +71,26 @@ enum AuthState {
     Blocked { until: Instant, strikes: u32 },
 }
 
+/// Reopens the gate if a probing request is cancelled before it records its answer.
+struct ProbeGuard<'a> {
+    gate: &'a AuthGate,
+    armed: bool,
+}
+
+impl ProbeGuard<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.gate.abandon();
+        }
+    }
+}
+
 /// First cooldown after a 401; doubles per consecutive rejection up to `AUTH_COOLDOWN_MAX`.
 const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
 const AUTH_COOLDOWN_MAX: Duration = Duration::from_secs(15 * 60);
@@ -129,6 +149,21 @@ impl AuthGate {
             }
             // Another request is probing the credentials: its answer decides for this one.
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A probe ended without a verdict (its future was dropped): let the next request probe.
+    fn abandon(&self) {
+        if let Ok(mut s) = self.state.lock()
+            && let AuthState::Unverified {
+                probing: true,
+                strikes,
+            } = *s
+        {
+            *s = AuthState::Unverified {
+                probing: false,
+                strikes,
+            };
         }
     }
 
@@ -272,12 +307,19 @@ impl HttpCloud {
                     return Err(e);
                 }
             };
+            // If this future is dropped mid-probe (a caller's timeout), the guard reopens the gate so
+            // the next call probes instead of every call waiting for a verdict that never comes.
+            let guard = ProbeGuard {
+                gate: &self.auth,
+                armed: probe,
+            };
             self.limiter(call.api).acquire().await;
             let sent = {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
                 let _permit = self.in_flight.acquire().await.ok();
                 self.attempt(call).await
             };
+            guard.disarm();
             self.auth.record(probe, &sent);
             let result =
                 sent.and_then(|body| parse(&body).map_err(|e| CloudError::Malformed(call.api, e)));
