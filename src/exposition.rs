@@ -110,10 +110,18 @@ impl Renderer {
             String::with_capacity(targets.targets.len() * (self.metrics.len() + 1) * 260 + 4096);
         let mut newest: Option<i64> = None;
         let mut series = 0usize;
+        // One lookup key per target, its metric index set per family: the listener id is cloned once
+        // per render, not once per datapoint.
+        let mut keys: Vec<(Arc<str>, u16)> = targets
+            .targets
+            .iter()
+            .map(|t| (t.listener_id.clone(), 0))
+            .collect();
         for (m, (header, family)) in self.headers.iter().enumerate() {
             let mut wrote_header = false;
-            for (t, l) in targets.targets.iter().zip(&labels) {
-                let Some(s) = snap.get(&(t.listener_id.clone(), m as u16)) else {
+            for (key, l) in keys.iter_mut().zip(&labels) {
+                key.1 = m as u16;
+                let Some(s) = snap.get(key) else {
                     continue;
                 };
                 if !wrote_header {

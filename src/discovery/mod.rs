@@ -258,32 +258,9 @@ fn watch_error_kind(e: &watcher::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
-    use std::collections::BTreeMap;
 
     fn svc(annotations: &[(&str, &str)], ports: &[i32]) -> Service {
-        let mut s = Service::default();
-        s.metadata.namespace = Some("shop".into());
-        s.metadata.name = Some("web".into());
-        s.metadata.annotations = Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        );
-        s.spec = Some(ServiceSpec {
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|p| ServicePort {
-                        port: *p,
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            ..Default::default()
-        });
-        s
+        crate::demo::service("shop", "web", annotations, ports)
     }
 
     const A: &str = "kubernetes.io/elb.id";
