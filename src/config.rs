@@ -583,6 +583,9 @@ impl Config {
     }
 }
 
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
 fn dur(field: &str, v: Option<String>) -> Result<Option<Duration>, ConfigError> {
     match v {
         None => Ok(None),
@@ -590,6 +593,47 @@ fn dur(field: &str, v: Option<String>) -> Result<Option<Duration>, ConfigError> 
             .map(Some)
             .map_err(|reason| ConfigError::invalid(field, &s, reason)),
     }
+}
+
+/// A duration field within [min, max]: tokio timers and `Instant` arithmetic panic on overflow, so no
+/// value reaches them unbounded.
+fn bounded(
+    field: &str,
+    v: Option<Duration>,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = v.unwrap_or(default);
+    if d < min || d > max {
+        return Err(ConfigError::invalid(
+            field,
+            format_duration(d),
+            format!(
+                "must be between {} and {}",
+                format_duration(min),
+                format_duration(max)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// A literal route path: no router syntax (`:x`, `*x`, `{x}`), which the HTTP router would treat as a
+/// capture or refuse with a panic, and no empty, `.` or `..` segment, which clients normalise away.
+fn is_plain_path(p: &str) -> bool {
+    let Some(rest) = p.strip_prefix('/') else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest.split('/').enumerate().all(|(i, seg)| {
+            let last = i == rest.matches('/').count();
+            (seg.is_empty() && last && i > 0)
+                || (!matches!(seg, "" | "." | "..")
+                    && seg.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+                    }))
+        })
 }
 
 fn non_empty(v: Option<String>) -> Option<String> {
@@ -621,15 +665,11 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let g = &raw.global;
     let listen = parse_listen(g.port.as_deref().unwrap_or(":8087"))?;
     let metric_path = g.metric_path.clone().unwrap_or_else(|| "/metrics".into());
-    if !metric_path.starts_with('/')
-        || metric_path.len() < 2
-        || metric_path.contains(['?', '#', ' '])
-        || matches!(metric_path.as_str(), "/healthz" | "/readyz")
-    {
+    if !is_plain_path(&metric_path) || matches!(metric_path.as_str(), "/healthz" | "/readyz") {
         return Err(ConfigError::invalid(
             "global.metric_path",
             &metric_path,
-            "must be an absolute path such as /metrics, other than / /healthz /readyz",
+            "must be an absolute path of letters, digits and - . _ ~ such as /metrics, other than / /healthz /readyz",
         ));
     }
     let prefix = g.prefix.clone().unwrap_or_else(|| "huaweicloud".into());
@@ -735,15 +775,13 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         }
     }
     let domain_id = non_empty(a.domain_id).unwrap_or_default();
-    let credentials_reload =
-        dur("auth.credentials_reload", a.credentials_reload)?.unwrap_or(Duration::from_secs(10));
-    if credentials_reload < Duration::from_secs(1) {
-        return Err(ConfigError::invalid(
-            "auth.credentials_reload",
-            format_duration(credentials_reload),
-            "must be at least 1s",
-        ));
-    }
+    let credentials_reload = bounded(
+        "auth.credentials_reload",
+        dur("auth.credentials_reload", a.credentials_reload)?,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+        HOUR,
+    )?;
 
     // endpoints: explicit, else the auth_url host with `iam` replaced by the service name.
     let service_default = |svc: &str| -> Endpoint {
@@ -799,6 +837,14 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 "must be a Kubernetes namespace name",
             ));
         }
+        // Readiness waits for every listed scope: a duplicate would be waited for twice.
+        if namespaces[..i].contains(ns) {
+            return Err(ConfigError::invalid(
+                &format!("discovery.namespaces[{i}]"),
+                ns,
+                "listed twice",
+            ));
+        }
     }
     let listener_refresh = match (
         dur("discovery.listener_refresh", d.listener_refresh)?,
@@ -810,24 +856,23 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         ),
         (None, None) => Duration::from_secs(300),
     };
-    if listener_refresh < Duration::from_secs(10) {
-        return Err(ConfigError::invalid(
-            "discovery.listener_refresh",
-            format_duration(listener_refresh),
-            "must be at least 10s",
-        ));
-    }
+    let listener_refresh = bounded(
+        "discovery.listener_refresh",
+        Some(listener_refresh),
+        listener_refresh,
+        Duration::from_secs(10),
+        24 * HOUR,
+    )?;
 
     // collection
     let c = raw.collection;
-    let interval = dur("collection.interval", c.interval)?.unwrap_or(Duration::from_secs(60));
-    if interval < Duration::from_secs(1) {
-        return Err(ConfigError::invalid(
-            "collection.interval",
-            format_duration(interval),
-            "must be at least 1s",
-        ));
-    }
+    let interval = bounded(
+        "collection.interval",
+        dur("collection.interval", c.interval)?,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        HOUR,
+    )?;
     let lookback = dur("collection.lookback", c.lookback)?.unwrap_or(Duration::from_secs(300));
     if lookback < Duration::from_secs(60) || lookback > Duration::from_secs(4 * 3600) {
         return Err(ConfigError::invalid(
@@ -915,10 +960,20 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         max_attempts: positive("cloud.retry.max_attempts", r.max_attempts, 4, 20)? as u32,
         initial_backoff: dur("cloud.retry.initial_backoff", r.initial_backoff)?
             .unwrap_or(Duration::from_secs(1)),
-        max_backoff: dur("cloud.retry.max_backoff", r.max_backoff)?
-            .unwrap_or(Duration::from_secs(30)),
-        max_elapsed: dur("cloud.retry.max_elapsed", r.max_elapsed)?
-            .unwrap_or(Duration::from_secs(120)),
+        max_backoff: bounded(
+            "cloud.retry.max_backoff",
+            dur("cloud.retry.max_backoff", r.max_backoff)?,
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+            10 * MINUTE,
+        )?,
+        max_elapsed: bounded(
+            "cloud.retry.max_elapsed",
+            dur("cloud.retry.max_elapsed", r.max_elapsed)?,
+            Duration::from_secs(120),
+            Duration::from_secs(1),
+            HOUR,
+        )?,
     };
     if retry.initial_backoff.is_zero() || retry.initial_backoff > retry.max_backoff {
         return Err(ConfigError::invalid(

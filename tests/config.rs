@@ -285,6 +285,46 @@ fn each_invalid_value_names_its_field() {
             "0",
         ),
         (
+            "discovery:\n  namespaces: [shop, default, shop]\n",
+            "discovery.namespaces[2]",
+            "listed twice",
+        ),
+        (
+            "global:\n  metric_path: \"/:m\"\n",
+            "global.metric_path",
+            "/:m",
+        ),
+        (
+            "global:\n  metric_path: \"/metrics/{x}\"\n",
+            "global.metric_path",
+            "/metrics/{x}",
+        ),
+        (
+            "global:\n  metric_path: \"//metrics\"\n",
+            "global.metric_path",
+            "//metrics",
+        ),
+        (
+            "collection:\n  interval: \"2h\"\n",
+            "collection.interval",
+            "2h",
+        ),
+        (
+            "discovery:\n  listener_refresh: \"25h\"\n",
+            "discovery.listener_refresh",
+            "25h",
+        ),
+        (
+            "cloud:\n  retry:\n    max_elapsed: \"99999999999h\"\n",
+            "cloud.retry.max_elapsed",
+            "99999999999h",
+        ),
+        (
+            "cloud:\n  retry:\n    max_backoff: \"11m\"\n",
+            "cloud.retry.max_backoff",
+            "11m",
+        ),
+        (
             "discovery:\n  namespaces: [\"Bad_NS\"]\n",
             "discovery.namespaces[0]",
             "Bad_NS",
@@ -397,6 +437,14 @@ fn web_settings_load() {
 
 #[test]
 fn auth_errors_name_their_field() {
+    expect_error(
+        &GUIDE.replace(
+            "  region: \"cn-east-3\"\n",
+            "  region: \"cn-east-3\"\n  credentials_reload: \"2h\"\n",
+        ),
+        "auth.credentials_reload",
+        "2h",
+    );
     expect_error(
         &GUIDE.replace(
             "  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n",

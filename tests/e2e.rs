@@ -425,6 +425,49 @@ async fn bad_configuration_exits_2_naming_the_field() {
             "{err}"
         );
     }
+    // Values the HTTP router would refuse with a panic (exit 101) are config errors in run mode too.
+    let (base, _) = w.write_config("collection:\n  interval: \"999999999999h\"\n");
+    let base = std::fs::read_to_string(base).unwrap();
+    for (text, field, value) in [
+        (base.clone(), "collection.interval", "999999999999h"),
+        (
+            base.replace("  prefix:", "  metric_path: \"/:m\"\n  prefix:"),
+            "global.metric_path",
+            "/:m",
+        ),
+        (
+            base.replace("  prefix:", "  metric_path: \"/*x\"\n  prefix:"),
+            "global.metric_path",
+            "/*x",
+        ),
+        (
+            base.replace("  prefix:", "  metric_path: \"/{\"\n  prefix:"),
+            "global.metric_path",
+            "/{",
+        ),
+    ] {
+        let path = w.dir.path().join("router.yml");
+        std::fs::write(
+            &path,
+            text.replace(
+                "999999999999h",
+                if field == "collection.interval" {
+                    "999999999999h"
+                } else {
+                    "60s"
+                },
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{field}={value}: {err}");
+        assert!(err.contains(field) && err.contains(value), "{err}");
+    }
     let out = std::process::Command::new(BIN)
         .args(["--listen", "nonsense"])
         .arg("--config")
