@@ -67,7 +67,7 @@ pub fn start_pipeline<C: CloudApi>(
         cloud.clone(),
         InventorySettings {
             listener_refresh: cfg.discovery.listener_refresh,
-            scopes: cfg.discovery.namespaces.len().max(1),
+            scopes: discovery::scopes(&cfg.discovery.namespaces).len(),
         },
         telemetry.clone(),
     );

@@ -7,7 +7,7 @@ use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
 use crate::collector::{NAMESPACE, calls_per_cycle, distinct_listeners};
 use crate::config::{Config, ConfigError, LogFormat, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
-use crate::discovery::{DiscoveryEvent, Observed, observe};
+use crate::discovery::{self, DiscoveryEvent, Observed, observe};
 use crate::telemetry::Telemetry;
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::Service;
@@ -196,6 +196,12 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             problems.push(format!("{}/{}: {p}", r.namespace, r.name));
         }
     }
+    for (scope, message) in &targets.forbidden {
+        problems.push(format!(
+            "namespace {}: {message}; grant get/list/watch on services (deploy/clusterrole.yaml)",
+            discovery::scope_name(scope)
+        ));
+    }
     if targets.reports.is_empty() {
         println!(
             "(no Service carries the annotation {})",
@@ -283,15 +289,7 @@ async fn resolve_once<C: CloudApi>(
     kube: kube::Client,
     telemetry: &Telemetry,
 ) -> Result<Arc<Targets>, CliError> {
-    let scopes: Vec<Option<Arc<str>>> = if cfg.discovery.namespaces.is_empty() {
-        vec![None]
-    } else {
-        cfg.discovery
-            .namespaces
-            .iter()
-            .map(|n| Some(Arc::from(n.as_str())))
-            .collect()
-    };
+    let scopes = discovery::scopes(&cfg.discovery.namespaces);
     let (tx, rx) = mpsc::channel(scopes.len() + 1);
     let (inventory, mut targets) = Inventory::new(
         cloud,
@@ -307,10 +305,19 @@ async fn resolve_once<C: CloudApi>(
             None => kube::Api::all(kube.clone()),
             Some(ns) => kube::Api::namespaced(kube.clone(), ns),
         };
-        let list = api
-            .list(&kube::api::ListParams::default())
-            .await
-            .map_err(|e| CliError::Kube(format!("listing services: {e}")))?;
+        let list = match api.list(&kube::api::ListParams::default()).await {
+            Ok(l) => l,
+            // One refused namespace is a problem to report, not a reason to check nothing else.
+            Err(e) if discovery::is_forbidden(&e) => {
+                let message = match &e {
+                    kube::Error::Api(s) => s.message.clone(),
+                    other => other.to_string(),
+                };
+                let _ = tx.send(DiscoveryEvent::Forbidden { scope, message }).await;
+                continue;
+            }
+            Err(e) => return Err(CliError::Kube(format!("listing services: {e}"))),
+        };
         let observed: Vec<Observed> = list
             .items
             .iter()

@@ -280,7 +280,7 @@ impl<C: CloudApi> Collector<C> {
         // every lookup, leaving no batch to fail).
         let lookups_failed = targets
             .problems
-            .get("elb_lookup_failed")
+            .get(&crate::discovery::Problem::ElbLookupFailed)
             .copied()
             .unwrap_or(0);
         let up = failed_calls == 0 && lookups_failed == 0;

@@ -562,3 +562,37 @@ async fn rotated_credentials_apply_without_restart_and_are_not_hammered() {
         1
     );
 }
+
+/// A namespace whose Services RBAC refuses must not hold back the others: ready, the allowed
+/// namespace is collected, the refusal is reported (metric, `check`), and a later grant heals it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_namespace_is_reported_and_does_not_block_the_others() {
+    let w = fixture().await;
+    w.cluster.set_forbidden("shop", true);
+    let scoped = format!("{METRICS}discovery:\n  namespaces: [default, shop]\n");
+
+    let (code, out, _) = w.run(&scoped, &["check"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("default") && out.contains("nginx"), "{out}");
+    assert!(
+        out.contains("namespace shop: services is forbidden"),
+        "{out}"
+    );
+
+    let e = w.exporter(&scoped);
+    e.wait_ready().await;
+    let forbidden = "elb_exporter_discovery_problems{reason=\"namespace_forbidden\"}";
+    let body = e.metrics().await;
+    assert_eq!(sample(&body, forbidden), Some(1.0), "{body}");
+    let nginx = "huaweicloud_sys_elb_listener_m1_cps{namespace=\"default\",service=\"nginx\"";
+    assert!(sample(&body, nginx).is_some(), "{body}");
+
+    w.cluster.set_forbidden("shop", false);
+    let cart = "huaweicloud_sys_elb_listener_m1_cps{namespace=\"shop\",service=\"cart\"";
+    let healed = wait_for(Duration::from_secs(30), || async {
+        let body = e.metrics().await;
+        sample(&body, forbidden) == Some(0.0) && sample(&body, cart).is_some()
+    })
+    .await;
+    assert!(healed, "{}\n{}", e.metrics().await, e.logs());
+}

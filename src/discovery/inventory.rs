@@ -5,7 +5,7 @@
 //! `listener_refresh`, and after a failure retried with backoff (never a retry storm). Events are coalesced
 //! so a burst of Service changes publishes one new target set.
 
-use super::{DiscoveryEvent, ElbClass, Observed, Problem, ServiceKey, ServiceTarget};
+use super::{DiscoveryEvent, ElbClass, Observed, Problem, Scope, ServiceKey, ServiceTarget};
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Listener};
 use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,7 +63,9 @@ pub struct Targets {
     /// Sorted by namespace, service, port, listener id.
     pub targets: Vec<Target>,
     /// Current problem counts by reason (`elb_exporter_discovery_problems`).
-    pub problems: BTreeMap<&'static str, usize>,
+    pub problems: BTreeMap<Problem, usize>,
+    /// Watch scopes the apiserver refuses to list (RBAC), with its message, for `check` and logs.
+    pub forbidden: Vec<(Scope, String)>,
     pub reports: Vec<ServiceReport>,
     /// Distinct ELBs referenced.
     pub elbs: usize,
@@ -103,7 +105,9 @@ pub struct Inventory<C: CloudApi> {
     telemetry: Telemetry,
     services: HashMap<ServiceKey, Observed>,
     elbs: HashMap<Arc<str>, ElbState>,
-    scopes_synced: HashSet<Option<Arc<str>>>,
+    scopes_synced: HashSet<Scope>,
+    /// Scopes whose list was refused (403); they do not hold back readiness, and clear on their next list.
+    scopes_forbidden: BTreeMap<Scope, String>,
     /// ELBs that must be looked up once before the first publication counts as synced.
     initial_pending: Option<HashSet<Arc<str>>>,
     generation: u64,
@@ -126,6 +130,7 @@ impl<C: CloudApi> Inventory<C> {
                 services: HashMap::new(),
                 elbs: HashMap::new(),
                 scopes_synced: HashSet::new(),
+                scopes_forbidden: BTreeMap::new(),
                 initial_pending: None,
                 generation: 0,
                 logged: HashMap::new(),
@@ -231,19 +236,31 @@ impl<C: CloudApi> Inventory<C> {
                     self.upsert(o);
                 }
                 self.gc_elbs();
-                self.scopes_synced.insert(scope);
-                if self.initial_pending.is_none()
-                    && self.scopes_synced.len() >= self.settings.scopes
-                {
-                    self.initial_pending = Some(
-                        self.elbs
-                            .iter()
-                            .filter(|(_, s)| s.status == ElbStatus::Pending)
-                            .map(|(id, _)| id.clone())
-                            .collect(),
+                if self.scopes_forbidden.remove(&scope).is_some() {
+                    info!(
+                        scope = super::scope_name(&scope),
+                        "services may be listed again"
                     );
                 }
+                self.scopes_synced.insert(scope);
+                self.start_initial_lookups();
                 true
+            }
+            DiscoveryEvent::Forbidden { scope, message } => {
+                self.telemetry
+                    .watch_restarts
+                    .with_label_values(&["forbidden"])
+                    .inc();
+                let new =
+                    self.scopes_forbidden.insert(scope.clone(), message.clone()) != Some(message);
+                if new {
+                    warn!(
+                        scope = super::scope_name(&scope),
+                        "RBAC forbids listing services here; the other scopes are collected, this one is retried with backoff"
+                    );
+                }
+                self.start_initial_lookups();
+                new
             }
             DiscoveryEvent::Error(kind) => {
                 self.telemetry
@@ -252,6 +269,28 @@ impl<C: CloudApi> Inventory<C> {
                     .inc();
                 false
             }
+        }
+    }
+
+    /// Scopes that have answered, with a list or a refusal: readiness waits for each configured one.
+    fn scopes_answered(&self) -> usize {
+        self.scopes_synced
+            .iter()
+            .chain(self.scopes_forbidden.keys())
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// Once every scope has answered, the ELBs known then are looked up before the first sync.
+    fn start_initial_lookups(&mut self) {
+        if self.initial_pending.is_none() && self.scopes_answered() >= self.settings.scopes {
+            self.initial_pending = Some(
+                self.elbs
+                    .iter()
+                    .filter(|(_, s)| s.status == ElbStatus::Pending)
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            );
         }
     }
 
@@ -367,7 +406,7 @@ impl<C: CloudApi> Inventory<C> {
         keys.sort();
         let mut targets = Vec::new();
         let mut reports = Vec::with_capacity(keys.len());
-        let mut problems: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut problems: BTreeMap<Problem, usize> = BTreeMap::new();
         let mut new_logged: HashMap<ServiceKey, Vec<String>> = HashMap::new();
         for key in keys {
             let mut report = ServiceReport {
@@ -381,7 +420,7 @@ impl<C: CloudApi> Inventory<C> {
             match &self.services[key] {
                 Observed::Ignored(_) => continue,
                 Observed::Invalid { problem, .. } => {
-                    *problems.entry(problem.as_str()).or_default() += 1;
+                    *problems.entry(*problem).or_default() += 1;
                     report.problems.push(problem.describe().to_string());
                 }
                 Observed::Target(t) => {
@@ -390,7 +429,7 @@ impl<C: CloudApi> Inventory<C> {
                         report.api = st.version;
                         match &st.status {
                             ElbStatus::NotFound => {
-                                *problems.entry("unknown_elb").or_default() += 1;
+                                *problems.entry(Problem::UnknownElb).or_default() += 1;
                                 report.problems.push(format!(
                                     "ELB {} has no listener on the {} API (unknown id?)",
                                     t.elb_id,
@@ -402,7 +441,7 @@ impl<C: CloudApi> Inventory<C> {
                                 ));
                             }
                             ElbStatus::Failed(e) => {
-                                *problems.entry("elb_lookup_failed").or_default() += 1;
+                                *problems.entry(Problem::ElbLookupFailed).or_default() += 1;
                                 report.problems.push(format!("listener lookup failed: {e}"));
                             }
                             ElbStatus::Pending | ElbStatus::Ok => {}
@@ -423,7 +462,7 @@ impl<C: CloudApi> Inventory<C> {
                                 });
                             }
                             if !found && st.status == ElbStatus::Ok {
-                                *problems.entry("port_without_listener").or_default() += 1;
+                                *problems.entry(Problem::PortWithoutListener).or_default() += 1;
                                 report.problems.push(format!(
                                     "port {port} has no listener on ELB {}",
                                     t.elb_id
@@ -452,23 +491,19 @@ impl<C: CloudApi> Inventory<C> {
         }
         self.logged = new_logged;
 
-        let synced = self.scopes_synced.len() >= self.settings.scopes
+        if !self.scopes_forbidden.is_empty() {
+            problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
+        }
+        let synced = self.scopes_answered() >= self.settings.scopes
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
         self.generation += 1;
         self.telemetry.services.set(reports.len() as i64);
         self.telemetry.listeners.set(targets.len() as i64);
-        for reason in [
-            Problem::EmptyAnnotation.as_str(),
-            Problem::SeveralIds.as_str(),
-            Problem::InvalidId.as_str(),
-            "unknown_elb",
-            "elb_lookup_failed",
-            "port_without_listener",
-        ] {
+        for reason in Problem::ALL {
             self.telemetry
                 .discovery_problems
-                .with_label_values(&[reason])
-                .set(problems.get(reason).copied().unwrap_or(0) as i64);
+                .with_label_values(&[reason.as_str()])
+                .set(problems.get(&reason).copied().unwrap_or(0) as i64);
         }
         let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
         self.telemetry
@@ -481,6 +516,11 @@ impl<C: CloudApi> Inventory<C> {
             services: reports.len(),
             targets,
             problems,
+            forbidden: self
+                .scopes_forbidden
+                .iter()
+                .map(|(s, m)| (s.clone(), m.clone()))
+                .collect(),
             reports,
             elbs: self.elbs.len(),
         };

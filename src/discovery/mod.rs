@@ -47,22 +47,46 @@ impl ServiceTarget {
     }
 }
 
-/// Why an annotated Service cannot be exported.
+/// Why something discovered cannot be (fully) exported: the `reason` of
+/// `elb_exporter_discovery_problems`, the one place its label values are spelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Problem {
     EmptyAnnotation,
     SeveralIds,
     InvalidId,
+    /// Neither ELB API knows the annotated id (or it has no listener).
+    UnknownElb,
+    /// The ELB's listeners could not be listed (yet).
+    ElbLookupFailed,
+    /// A Service port with no listener on its ELB.
+    PortWithoutListener,
+    /// RBAC forbids reading Services in a watched namespace (or cluster-wide).
+    NamespaceForbidden,
 }
 
 impl Problem {
+    pub const ALL: [Problem; 7] = [
+        Problem::EmptyAnnotation,
+        Problem::SeveralIds,
+        Problem::InvalidId,
+        Problem::UnknownElb,
+        Problem::ElbLookupFailed,
+        Problem::PortWithoutListener,
+        Problem::NamespaceForbidden,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Problem::EmptyAnnotation => "empty_annotation",
             Problem::SeveralIds => "several_elb_ids",
             Problem::InvalidId => "invalid_elb_id",
+            Problem::UnknownElb => "unknown_elb",
+            Problem::ElbLookupFailed => "elb_lookup_failed",
+            Problem::PortWithoutListener => "port_without_listener",
+            Problem::NamespaceForbidden => "namespace_forbidden",
         }
     }
+
     pub fn describe(self) -> &'static str {
         match self {
             Problem::EmptyAnnotation => "the ELB annotation is empty",
@@ -70,8 +94,37 @@ impl Problem {
             Problem::InvalidId => {
                 "the ELB annotation is not an ELB id (letters, digits and '-', at most 64)"
             }
+            Problem::UnknownElb => "no ELB API knows the annotated load balancer",
+            Problem::ElbLookupFailed => "the ELB's listeners could not be listed",
+            Problem::PortWithoutListener => "a Service port has no listener on its ELB",
+            Problem::NamespaceForbidden => {
+                "RBAC forbids listing Services here (grant get/list/watch on services)"
+            }
         }
     }
+}
+
+/// A watch scope: one namespace, or `None` for all namespaces.
+pub type Scope = Option<Arc<str>>;
+
+/// The distinct scopes to watch for `namespaces` (empty = all): readiness waits for each exactly once.
+pub fn scopes(namespaces: &[String]) -> Vec<Scope> {
+    if namespaces.is_empty() {
+        return vec![None];
+    }
+    let mut out: Vec<Scope> = Vec::with_capacity(namespaces.len());
+    for n in namespaces {
+        let s = Some(Arc::from(n.as_str()));
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// How a scope is named in logs and `check`.
+pub fn scope_name(scope: &Scope) -> &str {
+    scope.as_deref().unwrap_or("*")
 }
 
 /// The exporter's view of a watched Service.
@@ -158,6 +211,9 @@ pub enum DiscoveryEvent {
     },
     /// The watch failed; it retries with backoff by itself.
     Error(&'static str),
+    /// The apiserver refused to list or watch `scope` (403): reported, retried with the watch's
+    /// backoff, and not waited for by readiness, so the other scopes are collected meanwhile.
+    Forbidden { scope: Scope, message: String },
 }
 
 /// Watches Services (all namespaces, or each listed one) and sends [`DiscoveryEvent`]s until the receiver
@@ -168,15 +224,7 @@ pub async fn run_watch(
     annotation: String,
     tx: mpsc::Sender<DiscoveryEvent>,
 ) {
-    let scopes: Vec<Option<Arc<str>>> = if namespaces.is_empty() {
-        vec![None]
-    } else {
-        namespaces
-            .iter()
-            .map(|n| Some(Arc::from(n.as_str())))
-            .collect()
-    };
-    let streams = scopes.into_iter().map(|scope| {
+    let streams = scopes(&namespaces).into_iter().map(|scope| {
         let api: Api<Service> = match &scope {
             None => Api::all(client.clone()),
             Some(ns) => Api::namespaced(client.clone(), ns),
@@ -238,11 +286,34 @@ fn scoped_events(
                         error = %e,
                         "service watch failed, retrying with backoff"
                     );
-                    Some(DiscoveryEvent::Error(watch_error_kind(&e)))
+                    Some(match forbidden_message(&e) {
+                        Some(message) => DiscoveryEvent::Forbidden {
+                            scope: scope.clone(),
+                            message,
+                        },
+                        None => DiscoveryEvent::Error(watch_error_kind(&e)),
+                    })
                 }
             };
             futures::future::ready(out)
         })
+}
+
+/// The apiserver's message when it refused the request for RBAC (403).
+fn forbidden_message(e: &watcher::Error) -> Option<String> {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s,
+        watcher::Error::WatchError(s) => s,
+        _ => return None,
+    };
+    (status.code == 403).then(|| status.message.clone())
+}
+
+/// `true` when a direct list (as `check` does) was refused for RBAC.
+pub fn is_forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
 }
 
 fn watch_error_kind(e: &watcher::Error) -> &'static str {

@@ -17,7 +17,7 @@
 //!   watch cache does;
 //! * errors are `Status` objects with upstream's reasons and messages.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +67,8 @@ struct Inner {
     /// Mirrors `Store::rv` so requests for a future RV can wait for it without holding the lock.
     rv_tx: watch::Sender<u64>,
     available: AtomicBool,
+    /// Namespaces whose Services the client's RBAC does not allow it to read.
+    forbidden: Mutex<HashSet<String>>,
     requests: Mutex<Vec<RequestRecord>>,
     listeners: Mutex<Vec<Listener>>,
 }
@@ -151,6 +153,7 @@ impl FakeApiServer {
                 }),
                 rv_tx,
                 available: AtomicBool::new(true),
+                forbidden: Mutex::new(HashSet::new()),
                 requests: Mutex::new(Vec::new()),
                 listeners: Mutex::new(Vec::new()),
             }),
@@ -416,6 +419,17 @@ impl FakeApiServer {
         }
     }
 
+    /// Models RBAC without the Role for `namespace`: every read of its Services gets the apiserver's
+    /// 403 Status (list, watch, get); `false` grants it again.
+    pub fn set_forbidden(&self, namespace: &str, forbidden: bool) {
+        let mut f = lock(&self.inner.forbidden);
+        if forbidden {
+            f.insert(namespace.to_owned());
+        } else {
+            f.remove(namespace);
+        }
+    }
+
     /// Requests in arrival order of their responses (watches: when the stream started). Past 100k
     /// entries the oldest half is discarded.
     pub fn requests(&self) -> Vec<RequestRecord> {
@@ -664,6 +678,20 @@ impl ApiError {
         }
     }
 
+    /// RBAC's answer, as kube-apiserver words it for a service account.
+    fn forbidden(verb: &str, namespace: &str) -> Self {
+        Self {
+            details: Some(json!({"kind": "services"})),
+            ..Self::new(
+                403,
+                "Forbidden",
+                format!(
+                    "services is forbidden: User \"system:serviceaccount:monitoring:elb-exporter\" cannot {verb} resource \"services\" in API group \"\" in the namespace \"{namespace}\""
+                ),
+            )
+        }
+    }
+
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }
@@ -792,6 +820,23 @@ async fn route(
             "MethodNotAllowed",
             "the server does not allow this method on the requested resource",
         ));
+    }
+    if let ["api", "v1", "namespaces", ns, "services", ..]
+    | ["api", "v1", "watch", "namespaces", ns, "services", ..] = segs.as_slice()
+        && lock(&server.inner.forbidden).contains(*ns)
+    {
+        let verb = match (
+            segs.len(),
+            segs.get(2) == Some(&"watch")
+                || params
+                    .get("watch")
+                    .is_some_and(|v| parse_bool(v) == Some(true)),
+        ) {
+            (_, true) => "watch",
+            (6, _) => "get",
+            _ => "list",
+        };
+        return Err(ApiError::forbidden(verb, ns));
     }
     match segs.as_slice() {
         ["version"] => Ok(json_response(StatusCode::OK, &version_info())),
