@@ -10,13 +10,15 @@ use crate::discovery::{self, DiscoveryEvent};
 use crate::exposition::Renderer;
 use crate::server::{self, AppState};
 use crate::telemetry::Telemetry;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 /// Why the exporter could not start or stopped.
@@ -49,20 +51,80 @@ pub struct Pipeline {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
 }
 
-/// Starts discovery, inventory and collector tasks on the current runtime.
+/// A long-running task of the exporter; none of them ends while the process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Watch,
+    Inventory,
+    Collector,
+    Renderer,
+    CredentialReload,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Watch => "watch",
+            Task::Inventory => "inventory",
+            Task::Collector => "collector",
+            Task::Renderer => "renderer",
+            Task::CredentialReload => "credential_reload",
+        }
+    }
+}
+
+/// Owns the pipeline's tasks: one that ends or panics is logged, counted
+/// (`elb_exporter_task_failures_total`) and turns `/healthz` to 503, so Kubernetes restarts a pod whose
+/// `/metrics` would otherwise freeze behind a healthy probe. Dropping it aborts the tasks.
+#[derive(Default)]
+pub struct Supervisor {
+    tasks: JoinSet<()>,
+    names: HashMap<tokio::task::Id, Task>,
+}
+
+impl Supervisor {
+    pub fn spawn(&mut self, task: Task, fut: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.tasks.spawn(fut);
+        self.names.insert(handle.id(), task);
+    }
+
+    /// Watches the tasks until all have ended; returns when none is left.
+    pub async fn watch(mut self, healthy: Arc<AtomicBool>, telemetry: Telemetry) {
+        while let Some(done) = self.tasks.join_next_with_id().await {
+            let (id, panic) = match &done {
+                Ok((id, ())) => (*id, None),
+                Err(e) => (e.id(), e.is_panic().then(|| e.to_string())),
+            };
+            let task = self.names.remove(&id).map_or("unknown", Task::as_str);
+            healthy.store(false, Ordering::Release);
+            telemetry.task_failures.with_label_values(&[task]).inc();
+            error!(
+                task,
+                panic = panic.as_deref().unwrap_or(""),
+                "pipeline task ended; /healthz now fails so the pod is restarted"
+            );
+        }
+    }
+}
+
+/// Starts discovery, inventory and collector tasks under `tasks`.
 pub fn start_pipeline<C: CloudApi>(
     cfg: &Config,
     cloud: Arc<C>,
     kube: kube::Client,
     telemetry: &Telemetry,
+    tasks: &mut Supervisor,
 ) -> Pipeline {
     let (tx, rx) = mpsc::channel::<DiscoveryEvent>(1024);
-    tokio::spawn(discovery::run_watch(
-        kube,
-        cfg.discovery.namespaces.clone(),
-        cfg.discovery.annotation.clone(),
-        tx,
-    ));
+    tasks.spawn(
+        Task::Watch,
+        discovery::run_watch(
+            kube,
+            cfg.discovery.namespaces.clone(),
+            cfg.discovery.annotation.clone(),
+            tx,
+        ),
+    );
     let (inventory, targets) = Inventory::new(
         cloud.clone(),
         InventorySettings {
@@ -71,13 +133,13 @@ pub fn start_pipeline<C: CloudApi>(
         },
         telemetry.clone(),
     );
-    tokio::spawn(inventory.run(rx));
+    tasks.spawn(Task::Inventory, inventory.run(rx));
     let (collector, snapshots) = Collector::new(
         cloud,
         CollectorSettings::from_config(cfg),
         telemetry.clone(),
     );
-    tokio::spawn(collector.run(targets.clone()));
+    tasks.spawn(Task::Collector, collector.run(targets.clone()));
     Pipeline { targets, snapshots }
 }
 
@@ -144,15 +206,19 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let telemetry = Telemetry::new();
     let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone())?);
+    let mut tasks = Supervisor::default();
     if let Some(path) = config_path {
-        tokio::spawn(reload_credentials(
-            path,
-            cfg.auth.credentials_reload,
-            cfg.auth.credentials.clone(),
-            cloud.clone(),
-        ));
+        tasks.spawn(
+            Task::CredentialReload,
+            reload_credentials(
+                path,
+                cfg.auth.credentials_reload,
+                cfg.auth.credentials.clone(),
+                cloud.clone(),
+            ),
+        );
     }
-    serve_with(cfg, cloud, kube, listener, telemetry, shutdown).await
+    serve_supervised(cfg, cloud, kube, listener, telemetry, tasks, shutdown).await
 }
 
 /// Re-reads the config file when its content changes; new valid credentials replace the old ones.
@@ -205,6 +271,19 @@ pub async fn serve_with<C: CloudApi>(
     telemetry: Telemetry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
+    let tasks = Supervisor::default();
+    serve_supervised(cfg, cloud, kube, listener, telemetry, tasks, shutdown).await
+}
+
+async fn serve_supervised<C: CloudApi>(
+    cfg: Config,
+    cloud: Arc<C>,
+    kube: kube::Client,
+    listener: TcpListener,
+    telemetry: Telemetry,
+    mut tasks: Supervisor,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
     for key in &cfg.ignored_keys {
         warn!(key = %key, "cloudeye-exporter key has no effect here; ignored");
     }
@@ -218,13 +297,14 @@ pub async fn serve_with<C: CloudApi>(
             }
         }
     });
-    let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry);
-    let state = AppState::new(telemetry, &cfg.metric_path);
-    tokio::spawn(run_renderer(
-        Renderer::from_config(&cfg),
-        pipeline,
-        state.clone(),
-    ));
+    let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry, &mut tasks);
+    let state = AppState::new(telemetry.clone(), &cfg.metric_path);
+    tasks.spawn(
+        Task::Renderer,
+        run_renderer(Renderer::from_config(&cfg), pipeline, state.clone()),
+    );
+    // Dropped (and the tasks aborted) when serving ends.
+    let _supervisor = AbortOnDrop(tokio::spawn(tasks.watch(state.healthy.clone(), telemetry)));
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -234,4 +314,62 @@ pub async fn serve_with<C: CloudApi>(
     server::serve(listener, app, &cfg.web, shutdown).await?;
     info!("shut down");
     Ok(())
+}
+
+/// Aborts the task when dropped, so a returning caller takes its background work with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_task_is_counted_and_fails_health() {
+        let telemetry = Telemetry::new();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut tasks = Supervisor::default();
+        tasks.spawn(Task::Collector, async { panic!("injected") });
+        tasks.spawn(Task::Inventory, async {});
+        tasks.watch(healthy.clone(), telemetry.clone()).await;
+        assert!(!healthy.load(Ordering::Acquire));
+        for task in [Task::Collector, Task::Inventory] {
+            let n = telemetry
+                .task_failures
+                .with_label_values(&[task.as_str()])
+                .get();
+            assert_eq!(n, 1, "{task:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_the_supervisor() {
+        use tower::ServiceExt as _;
+        let state = AppState::new(Telemetry::new(), "/metrics");
+        let mut tasks = Supervisor::default();
+        tasks.spawn(Task::Watch, async {});
+        tasks.watch(state.healthy.clone(), Telemetry::new()).await;
+        let app = server::router(state, None);
+        let req = axum::http::Request::get("/healthz")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let status = app.oneshot(req).await.unwrap().status();
+        assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn living_tasks_keep_health() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut tasks = Supervisor::default();
+        tasks.spawn(Task::Renderer, std::future::pending());
+        let watch = tokio::spawn(tasks.watch(healthy.clone(), Telemetry::new()));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(healthy.load(Ordering::Acquire));
+        watch.abort();
+    }
 }

@@ -30,6 +30,8 @@ pub struct AppState {
     pub synced: Arc<AtomicBool>,
     /// The first collection cycle finished, successfully or not.
     pub collected: Arc<AtomicBool>,
+    /// Every pipeline task is alive; `/healthz` fails otherwise, so Kubernetes restarts the pod.
+    pub healthy: Arc<AtomicBool>,
     pub metric_path: String,
     /// The exporter's own metrics, rendered at most once per `OWN_TTL` and per body.
     own: Arc<Mutex<Option<OwnPart>>>,
@@ -55,6 +57,7 @@ impl AppState {
             telemetry,
             synced: Arc::new(AtomicBool::new(false)),
             collected: Arc::new(AtomicBool::new(false)),
+            healthy: Arc::new(AtomicBool::new(true)),
             metric_path: metric_path.to_string(),
             own: Arc::new(Mutex::new(None)),
         }
@@ -104,7 +107,7 @@ pub fn router(state: AppState, auth: Option<Arc<WebAuth>>) -> Router {
         protected = protected.route_layer(axum::middleware::from_fn_with_state(auth, require_auth));
     }
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
         .merge(protected)
@@ -377,6 +380,18 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
     resp
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    if s.healthy.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a pipeline task died; see the log\n",
+        )
+            .into_response()
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

@@ -56,6 +56,7 @@ pub struct Telemetry {
     pub skipped: IntCounterVec,
     pub collections: IntCounterVec,
     pub watch_restarts: IntCounterVec,
+    pub task_failures: IntCounterVec,
     pub info: GaugeVec,
 }
 
@@ -240,6 +241,17 @@ impl Telemetry {
                         "Errors of the Kubernetes Service watch (each followed by a backed-off retry).",
                     ),
                     &["kind"],
+                )
+                .expect("valid metric"),
+            ),
+            task_failures: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elb_exporter_task_failures_total",
+                        "Pipeline tasks that ended or panicked while the exporter served; any makes /healthz fail.",
+                    ),
+                    &["task"],
                 )
                 .expect("valid metric"),
             ),
