@@ -165,6 +165,7 @@ pub fn release_memory() {
 /// Re-renders the body whenever the targets or the data change, and tracks readiness.
 pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) {
     let renderer = Arc::new(renderer);
+    let mut expires: Option<tokio::time::Instant> = None;
     loop {
         let t = p.targets.borrow_and_update().clone();
         let s = p.snapshots.borrow_and_update().clone();
@@ -179,6 +180,7 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
         .await
         {
             Ok(body) => {
+                expires = body.expires;
                 state.body.store(Arc::new(body));
                 tokio::task::spawn_blocking(release_memory);
             }
@@ -188,9 +190,17 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
         }
         state.synced.store(synced, Ordering::Release);
         state.collected.store(finished, Ordering::Release);
+        // Values pass their staleness bound with time, not only with new data: render again then.
+        let stale = async {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = p.targets.changed() => if r.is_err() { return },
             r = p.snapshots.changed() => if r.is_err() { return },
+            _ = stale => {}
         }
     }
 }
@@ -360,6 +370,40 @@ mod tests {
             .unwrap();
         let status = app.oneshot(req).await.unwrap().status();
         assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// The gauges that describe the targets come from the body being served, not from whatever the
+    /// inventory published since, so one scrape never disagrees with itself.
+    #[tokio::test]
+    async fn own_gauges_describe_the_served_body() {
+        use tower::ServiceExt as _;
+        let telemetry = Telemetry::new();
+        let state = AppState::new(telemetry.clone(), "/metrics");
+        state.body.store(Arc::new(crate::exposition::Body {
+            services: 4,
+            listeners: 6,
+            series: 12,
+            problems: vec![(discovery::Problem::UnknownElb, 1)],
+            ..Default::default()
+        }));
+        telemetry.services.set(5);
+        let app = server::router(state, None);
+        let req = axum::http::Request::get("/metrics")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for line in [
+            "elb_exporter_services 4",
+            "elb_exporter_listeners 6",
+            "elb_exporter_series 12",
+            "elb_exporter_discovery_problems{reason=\"unknown_elb\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,8 +23,8 @@ const NEW_LISTENER_DELAY: Duration = Duration::from_millis(200);
 pub struct Sample {
     pub value: f64,
     pub timestamp_ms: i64,
-    /// Cycle in which CES last returned it (for the staleness bound).
-    pub cycle: u64,
+    /// When CES last returned it: the staleness bound is an age, checked when the body is rendered.
+    pub fetched: Instant,
 }
 
 /// Series key: listener id and index into the configured metric list.
@@ -74,6 +74,8 @@ pub struct CollectorSettings {
     pub batch_size: usize,
     pub stale_intervals: u32,
     pub concurrency: usize,
+    /// The CES rate limit (calls per minute) the cycles are planned against.
+    pub ces_per_minute: u32,
 }
 
 impl CollectorSettings {
@@ -86,6 +88,40 @@ impl CollectorSettings {
             batch_size: c.effective_batch_size(),
             stale_intervals: c.collection.stale_intervals,
             concurrency: c.cloud.max_concurrency,
+            ces_per_minute: c.cloud.rate_limit.ces_per_minute,
+        }
+    }
+
+    /// How long a value keeps being served after CES last returned it.
+    pub fn stale_after(&self) -> Duration {
+        self.interval.saturating_mul(self.stale_intervals)
+    }
+}
+
+/// What a full cycle of `calls` CES calls may take, and how often it can run within the rate limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CyclePlan {
+    pub calls: usize,
+    /// A cycle still running after this is cut: the larger of the interval and the whole minutes the
+    /// rate limit needs to let `calls` through, so pacing by the budget alone never cuts a cycle.
+    pub deadline: Duration,
+    /// Start to start: the interval, stretched when the calls do not fit the budget in one interval.
+    pub period: Duration,
+    /// The calls exceed the CES budget of one interval.
+    pub over_budget: bool,
+}
+
+impl CyclePlan {
+    pub fn new(calls: usize, interval: Duration, per_minute: u32) -> Self {
+        let per_minute = f64::from(per_minute.max(1));
+        let minutes = (calls as f64 / per_minute).ceil();
+        let deadline = interval.max(Duration::from_secs_f64(minutes * 60.0));
+        let needed = Duration::from_secs_f64((calls as f64 * 60.0 / per_minute).ceil());
+        CyclePlan {
+            calls,
+            deadline,
+            period: interval.max(needed),
+            over_budget: needed > interval,
         }
     }
 }
@@ -95,7 +131,7 @@ fn merge(
     values: &mut HashMap<SeriesKey, Sample>,
     keys: Vec<SeriesKey>,
     points: Vec<Option<Datapoint>>,
-    cycle: u64,
+    fetched: Instant,
 ) {
     for (key, p) in keys.into_iter().zip(points) {
         if let Some(p) = p {
@@ -104,11 +140,24 @@ fn merge(
                 Sample {
                     value: p.value,
                     timestamp_ms: p.timestamp_ms,
-                    cycle,
+                    fetched,
                 },
             );
         }
     }
+}
+
+/// (listener index, metric index) of each series in batch `batch`, when `listeners` × `per_listener`
+/// metrics are cut into batches of `size`.
+fn batch_series(
+    listeners: usize,
+    per_listener: usize,
+    size: usize,
+    batch: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    let total = listeners * per_listener;
+    (batch * size..((batch + 1) * size).min(total))
+        .map(move |i| (i / per_listener, i % per_listener))
 }
 
 /// CES calls one cycle needs for `listeners` listeners: ceil(listeners × metrics / batch size).
@@ -134,6 +183,19 @@ pub struct Collector<C: CloudApi> {
     tx: watch::Sender<Arc<Snapshot>>,
     /// Listener ids that have been part of a collection (full or prompt).
     attempted: HashSet<Arc<str>>,
+    /// The last plan was over the CES budget (logged when this changes).
+    over_budget: bool,
+}
+
+/// How a full cycle went, batch by batch.
+#[derive(Default)]
+struct CycleOutcome {
+    ok_calls: usize,
+    failed_calls: usize,
+    kept_stale: usize,
+    /// Batches that got an answer (data or error); the rest were cut by the deadline.
+    answered: Vec<bool>,
+    first_error: Option<CloudError>,
 }
 
 impl<C: CloudApi> Collector<C> {
@@ -150,6 +212,7 @@ impl<C: CloudApi> Collector<C> {
                 telemetry,
                 tx,
                 attempted: HashSet::new(),
+                over_budget: false,
             },
             rx,
         )
@@ -166,13 +229,15 @@ impl<C: CloudApi> Collector<C> {
                 return;
             }
         }
-        let mut ticker = tokio::time::interval(self.settings.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = Instant::now();
         loop {
             tokio::select! {
-                _ = ticker.tick() => {
+                _ = tokio::time::sleep_until(next) => {
+                    let started = Instant::now();
                     let t = targets.borrow_and_update().clone();
-                    self.full_cycle(&t).await;
+                    let period = self.full_cycle(&t).await;
+                    // Never start a cycle in the past: a long cycle delays the next, it does not double it.
+                    next = (started + period).max(Instant::now());
                 }
                 changed = targets.changed() => {
                     if changed.is_err() {
@@ -194,34 +259,32 @@ impl<C: CloudApi> Collector<C> {
         (now - self.settings.lookback.as_millis() as i64, now)
     }
 
-    /// Queries `listeners` × metrics and hands each batch's outcome to `sink` as it arrives. Batches are
-    /// built only when a call slot is free, so a 10k-listener cycle never holds its 260 requests at once.
+    /// Queries `listeners` × metrics and hands each batch's outcome to `sink` as it arrives, with the
+    /// batch's index. Batches are built only when a call slot is free, so a 10k-listener cycle never
+    /// holds its 260 requests at once.
     async fn query(
         &self,
         listeners: &[(Arc<str>, Arc<str>)],
-        mut sink: impl FnMut(Vec<SeriesKey>, Result<Vec<Option<Datapoint>>, CloudError>),
+        mut sink: impl FnMut(usize, Vec<SeriesKey>, Result<Vec<Option<Datapoint>>, CloudError>),
     ) {
         let (from_ms, to_ms) = self.window();
         let metrics = &self.settings.metrics;
         let per_listener = metrics.len();
-        let total = listeners.len() * per_listener;
         let size = self.settings.batch_size.max(1);
         let filter = self.settings.filter;
         let cloud = &self.cloud;
         let build = |batch: usize| {
-            let range = batch * size..((batch + 1) * size).min(total);
-            let mut keys = Vec::with_capacity(range.len());
-            let mut queries = Vec::with_capacity(range.len());
-            for i in range {
-                let (elb, l) = &listeners[i / per_listener];
-                let m = i % per_listener;
-                keys.push((l.clone(), m as u16));
+            let mut keys = Vec::with_capacity(size);
+            let mut queries = Vec::with_capacity(size);
+            for (l, m) in batch_series(listeners.len(), per_listener, size, batch) {
+                let (elb, listener) = &listeners[l];
+                keys.push((listener.clone(), m as u16));
                 queries.push(MetricQuery {
                     namespace: NAMESPACE.to_string(),
                     metric_name: metrics[m].clone(),
                     dimensions: vec![
                         ("lbaas_instance_id".to_string(), elb.to_string()),
-                        ("lbaas_listener_id".to_string(), l.to_string()),
+                        ("lbaas_listener_id".to_string(), listener.to_string()),
                     ],
                 });
             }
@@ -235,56 +298,137 @@ impl<C: CloudApi> Collector<C> {
             let cloud = cloud.clone();
             async move {
                 let r = cloud.batch_query(&query).await.map(|r| r.newest);
-                (keys, r)
+                (batch, keys, r)
             }
         };
+        let total = listeners.len() * per_listener;
         let mut outcomes = futures::stream::iter(0..total.div_ceil(size))
             .map(build)
             .buffer_unordered(self.settings.concurrency.max(1));
-        while let Some((keys, result)) = outcomes.next().await {
-            sink(keys, result);
+        while let Some((batch, keys, result)) = outcomes.next().await {
+            sink(batch, keys, result);
         }
     }
 
-    async fn full_cycle(&mut self, targets: &Targets) {
+    /// Plans a cycle for `listeners`, exports the plan and says when it does not fit the CES budget.
+    fn plan(&mut self, listeners: usize) -> CyclePlan {
+        let s = &self.settings;
+        let calls = calls_per_cycle(listeners, s.metrics.len(), s.batch_size);
+        let plan = CyclePlan::new(calls, s.interval, s.ces_per_minute);
+        let per_minute = calls as f64 * 60.0 / s.interval.as_secs_f64().max(0.001);
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Api::CesBatchQuery.as_str()])
+            .set(per_minute.ceil() as i64);
+        self.telemetry
+            .effective_interval
+            .set(plan.period.as_secs_f64());
+        if plan.over_budget != self.over_budget {
+            self.over_budget = plan.over_budget;
+            if plan.over_budget {
+                warn!(
+                    calls,
+                    interval_s = s.interval.as_secs_f64(),
+                    ces_per_minute = s.ces_per_minute,
+                    effective_interval_s = plan.period.as_secs_f64(),
+                    "planned CES calls exceed cloud.rate_limit.ces_per_minute; cycles are paced (longer interval): collect fewer metrics or raise collection.interval"
+                );
+            } else {
+                info!(calls, "planned CES calls fit the rate limit again");
+            }
+        }
+        plan
+    }
+
+    /// One full cycle; returns how long after its start the next one may begin.
+    async fn full_cycle(&mut self, targets: &Targets) -> Duration {
         let started = Instant::now();
         let listeners = distinct_listeners(targets);
+        let plan = self.plan(listeners.len());
         let prev = self.tx.borrow().clone();
         let cycle = prev.cycle + 1;
         let mut values: HashMap<SeriesKey, Sample> =
             HashMap::with_capacity(listeners.len() * self.settings.metrics.len());
-        let (mut ok_calls, mut failed_calls, mut kept_stale) = (0usize, 0usize, 0usize);
-        let mut first_error: Option<CloudError> = None;
-        let stale_bound = u64::from(self.settings.stale_intervals);
-        self.query(&listeners, |keys, result| match result {
-            Ok(points) => {
-                ok_calls += 1;
-                merge(&mut values, keys, points, cycle);
-            }
-            Err(e) => {
-                failed_calls += 1;
-                // Keep serving the last good values of this batch, within the staleness bound.
-                for key in keys {
-                    if let Some(old) = prev.get(&key)
-                        && cycle - old.cycle <= stale_bound
-                    {
-                        values.insert(key, *old);
-                        kept_stale += 1;
-                    }
+        let mut out = CycleOutcome {
+            answered: vec![false; plan.calls],
+            ..CycleOutcome::default()
+        };
+        let stale_after = self.settings.stale_after();
+        let keep = |values: &mut HashMap<SeriesKey, Sample>, key: SeriesKey| -> bool {
+            match prev.get(&key) {
+                Some(old) if started.saturating_duration_since(old.fetched) <= stale_after => {
+                    values.insert(key, *old);
+                    true
                 }
-                first_error.get_or_insert(e);
+                _ => false,
             }
-        })
-        .await;
-        // Down when a batch failed, or when an ELB could not be looked up at all (a wrong key fails
-        // every lookup, leaving no batch to fail).
+        };
+        let run = self.query(&listeners, |batch, keys, result| {
+            if let Some(a) = out.answered.get_mut(batch) {
+                *a = true;
+            }
+            match result {
+                Ok(points) => {
+                    out.ok_calls += 1;
+                    merge(&mut values, keys, points, Instant::now());
+                }
+                Err(e) => {
+                    out.failed_calls += 1;
+                    // Keep serving the last good values of this batch, within the staleness bound.
+                    for key in keys {
+                        out.kept_stale += usize::from(keep(&mut values, key));
+                    }
+                    out.first_error.get_or_insert(e);
+                }
+            }
+        });
+        let cut = tokio::time::timeout(plan.deadline, run).await.is_err();
+        if cut {
+            self.keep_unanswered(&listeners, &mut out, &mut values, keep);
+        }
+        self.finish_cycle(targets, &listeners, cycle, started, values, out, cut);
+        plan.period
+    }
+
+    /// After a cut, the batches that never answered keep their last values within the staleness bound.
+    fn keep_unanswered(
+        &self,
+        listeners: &[(Arc<str>, Arc<str>)],
+        out: &mut CycleOutcome,
+        values: &mut HashMap<SeriesKey, Sample>,
+        mut keep: impl FnMut(&mut HashMap<SeriesKey, Sample>, SeriesKey) -> bool,
+    ) {
+        let per_listener = self.settings.metrics.len();
+        let size = self.settings.batch_size.max(1);
+        for (batch, _) in out.answered.iter().enumerate().filter(|(_, a)| !**a) {
+            for (l, m) in batch_series(listeners.len(), per_listener, size, batch) {
+                let key = (listeners[l].1.clone(), m as u16);
+                out.kept_stale += usize::from(keep(values, key));
+            }
+        }
+    }
+
+    /// Publishes a full cycle's values and says how it went (metrics, log).
+    #[allow(clippy::too_many_arguments)]
+    fn finish_cycle(
+        &mut self,
+        targets: &Targets,
+        listeners: &[(Arc<str>, Arc<str>)],
+        cycle: u64,
+        started: Instant,
+        values: HashMap<SeriesKey, Sample>,
+        out: CycleOutcome,
+        cut: bool,
+    ) {
+        // Down when a batch failed or was cut, or when an ELB could not be looked up at all (a wrong
+        // key fails every lookup, leaving no batch to fail).
         let lookups_failed = targets
             .problems
             .get(&crate::discovery::Problem::ElbLookupFailed)
             .copied()
             .unwrap_or(0);
-        let up = failed_calls == 0 && lookups_failed == 0;
-        for (_, l) in &listeners {
+        let up = out.failed_calls == 0 && !cut && lookups_failed == 0;
+        for (_, l) in listeners {
             self.attempted.insert(l.clone());
         }
         let live: HashSet<&Arc<str>> = listeners.iter().map(|(_, l)| l).collect();
@@ -307,39 +451,29 @@ impl<C: CloudApi> Collector<C> {
                     .as_secs_f64(),
             );
         }
-        let calls = calls_per_cycle(
-            listeners.len(),
-            self.settings.metrics.len(),
-            self.settings.batch_size,
-        );
-        let per_minute = calls as f64 * 60.0 / self.settings.interval.as_secs_f64().max(0.001);
-        self.telemetry
-            .planned_calls
-            .with_label_values(&[Api::CesBatchQuery.as_str()])
-            .set(per_minute.ceil() as i64);
-        self.telemetry.series.set(values.len() as i64);
-        match &first_error {
-            None => info!(
+        let unanswered = out.answered.iter().filter(|a| !**a).count();
+        match (&out.first_error, cut) {
+            (None, false) => info!(
                 cycle,
                 listeners = listeners.len(),
-                calls = ok_calls,
+                calls = out.ok_calls,
                 series = values.len(),
                 elapsed_ms = elapsed.as_millis() as u64,
                 "collection done"
             ),
-            Some(e) => warn!(
+            (e, _) => warn!(
                 cycle,
                 listeners = listeners.len(),
-                ok_calls,
-                failed_calls,
-                kept_stale,
-                code = e.metric_code(),
-                cloud_code = e.cloud_code().unwrap_or(""),
-                error = %e,
+                ok_calls = out.ok_calls,
+                failed_calls = out.failed_calls,
+                cut_calls = unanswered,
+                kept_stale = out.kept_stale,
+                code = e.as_ref().map_or("deadline", |e| e.metric_code()),
+                cloud_code = e.as_ref().and_then(|e| e.cloud_code()).unwrap_or(""),
+                error = %e.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "cycle cut at its deadline".into()),
                 "collection failed in part; serving last good values within the staleness bound"
             ),
         }
-        drop(prev);
         self.tx.send_replace(Arc::new(Snapshot {
             cycle,
             values: Arc::new(values),
@@ -363,8 +497,8 @@ impl<C: CloudApi> Collector<C> {
         debug!(listeners = fresh.len(), "collecting new listeners now");
         let prev = self.tx.borrow().clone();
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
-        self.query(&fresh, |keys, result| match result {
-            Ok(points) => merge(&mut extra, keys, points, prev.cycle),
+        self.query(&fresh, |_, keys, result| match result {
+            Ok(points) => merge(&mut extra, keys, points, Instant::now()),
             Err(e) => {
                 warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
             }
@@ -380,7 +514,181 @@ impl<C: CloudApi> Collector<C> {
             finished: prev.finished,
             up: prev.up,
         };
-        self.telemetry.series.set(snapshot.len() as i64);
         self.tx.send_replace(Arc::new(snapshot));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::inventory::Target;
+    use crate::sim::fake::{FakeCloud, Script};
+
+    const METRICS: [&str; 3] = ["m1_cps", "m7_in_Bps", "m4_ncps"];
+
+    fn settings(batch_size: usize, concurrency: usize) -> CollectorSettings {
+        CollectorSettings {
+            metrics: Arc::new(METRICS.iter().map(|m| m.to_string()).collect()),
+            filter: Filter::Average,
+            interval: Duration::from_secs(60),
+            lookback: Duration::from_secs(300),
+            batch_size,
+            stale_intervals: 3,
+            concurrency,
+            ces_per_minute: 300,
+        }
+    }
+
+    fn listener(i: usize) -> String {
+        format!("l{i}")
+    }
+
+    /// `n` listeners on two ELBs, attributed and synced; the cloud answers `value` for each series.
+    fn world(n: usize, value: f64) -> (Arc<FakeCloud>, Arc<Targets>) {
+        let cloud = Arc::new(FakeCloud::default());
+        let targets = (0..n)
+            .map(|i| {
+                for m in METRICS {
+                    cloud.set_value(&listener(i), m, value);
+                }
+                Target {
+                    namespace: "default".into(),
+                    service: format!("svc{i}").into(),
+                    elb_id: format!("elb{}", i % 2).into(),
+                    listener_id: listener(i).into(),
+                    listener_name: "k8s_TCP_80".into(),
+                    port: 80,
+                    protocol: "TCP".into(),
+                }
+            })
+            .collect();
+        let targets = Targets {
+            synced: true,
+            targets,
+            ..Targets::default()
+        };
+        (cloud, Arc::new(targets))
+    }
+
+    fn set_all(cloud: &FakeCloud, n: usize, value: f64) {
+        for i in 0..n {
+            for m in METRICS {
+                cloud.set_value(&listener(i), m, value);
+            }
+        }
+    }
+
+    async fn next_full(rx: &mut watch::Receiver<Arc<Snapshot>>, after: u64) -> Arc<Snapshot> {
+        rx.wait_for(|s| s.cycle > after).await.unwrap().clone()
+    }
+
+    fn spawn(
+        cloud: Arc<FakeCloud>,
+        settings: CollectorSettings,
+        targets: Arc<Targets>,
+    ) -> (watch::Receiver<Arc<Snapshot>>, Telemetry) {
+        let telemetry = Telemetry::new();
+        let (collector, rx) = Collector::new(cloud, settings, telemetry.clone());
+        let (tx, trx) = watch::channel(targets);
+        tokio::spawn(async move {
+            collector.run(trx).await;
+            drop(tx);
+        });
+        (rx, telemetry)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_packed_across_listeners_and_load_balancers() {
+        let (cloud, targets) = world(7, 1.0);
+        let (mut rx, _) = spawn(cloud.clone(), settings(5, 2), targets);
+        let snap = next_full(&mut rx, 0).await;
+        let sizes: Vec<usize> = cloud.calls().iter().map(|c| c.series.len()).collect();
+        // 7 listeners x 3 metrics = 21 series: ceil(21 / 5) = 5 calls, all full but the last.
+        assert_eq!(sizes, [5, 5, 5, 5, 1]);
+        assert!(snap.up);
+        assert_eq!(snap.len(), 21);
+        for i in 0..7 {
+            for m in 0..3u16 {
+                assert_eq!(
+                    snap.get(&(listener(i).into(), m)).map(|s| s.value),
+                    Some(1.0)
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cycle_past_its_deadline_is_cut_and_keeps_what_finished() {
+        let (cloud, targets) = world(4, 1.0);
+        let (mut rx, telemetry) = spawn(cloud.clone(), settings(3, 1), targets);
+        let start = Instant::now();
+        let first = next_full(&mut rx, 0).await;
+        assert!(first.up);
+        // Cycle 2: the first batch answers new values, the second hangs for an hour.
+        set_all(&cloud, 4, 2.0);
+        // (Cycle 3 starts right at the cut; its first call takes 10 s so cycle 2 is seen on its own.)
+        cloud.script([
+            Script::Delay(Duration::ZERO),
+            Script::Delay(Duration::from_secs(3600)),
+            Script::Delay(Duration::from_secs(10)),
+        ]);
+        let second = next_full(&mut rx, 1).await;
+        assert_eq!(second.cycle, 2);
+        // Cut at the interval (60 s after the cycle began at 60 s), not after the hung call.
+        assert_eq!(start.elapsed().as_secs(), 120);
+        assert!(!second.up, "a cut cycle is a failed one");
+        let fresh = (listener(0).into(), 0u16);
+        assert_eq!(second.get(&fresh).map(|s| s.value), Some(2.0));
+        // The hung and unsent batches keep their last values (within the staleness bound).
+        let kept = (listener(3).into(), 2u16);
+        assert_eq!(second.get(&kept).map(|s| s.value), Some(1.0));
+        assert_eq!(second.len(), 12);
+        let cycle_two = cloud
+            .calls()
+            .iter()
+            .filter(|c| c.at.duration_since(start) < Duration::from_secs(120))
+            .count();
+        assert_eq!(cycle_two, 4 + 2, "the unsent batches are not sent late");
+        let failures = telemetry.collections.with_label_values(&["failure"]).get();
+        assert_eq!(failures, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cycles_over_the_ces_budget_are_paced_not_failed() {
+        let (cloud, targets) = world(10, 1.0);
+        let s = CollectorSettings {
+            ces_per_minute: 10,
+            ..settings(1, 4)
+        };
+        let (mut rx, telemetry) = spawn(cloud.clone(), s, targets);
+        let start = Instant::now();
+        next_full(&mut rx, 0).await;
+        let second = next_full(&mut rx, 1).await;
+        // 30 calls at 10/minute need 3 minutes: the next cycle starts then, and is not failed.
+        let second_call = &cloud.calls()[30];
+        assert_eq!(second_call.at.duration_since(start).as_secs(), 180);
+        assert!(second.up);
+        assert_eq!(telemetry.effective_interval.get(), 180.0);
+    }
+
+    #[test]
+    fn plans_stretch_only_when_the_budget_needs_it() {
+        let minute = Duration::from_secs(60);
+        let p = CyclePlan::new(260, minute, 300);
+        assert_eq!(
+            (p.deadline, p.period, p.over_budget),
+            (minute, minute, false)
+        );
+        // 600 calls at 300/minute: two minutes to send them; neither cut nor crowded.
+        let p = CyclePlan::new(600, minute, 300);
+        assert_eq!(p.period, 2 * minute);
+        assert_eq!(p.deadline, 2 * minute);
+        assert!(p.over_budget);
+        // A 5-minute interval with a 2-minute plan keeps its interval.
+        let p = CyclePlan::new(600, 5 * minute, 300);
+        assert_eq!(
+            (p.deadline, p.period, p.over_budget),
+            (5 * minute, 5 * minute, false)
+        );
     }
 }

@@ -3,12 +3,14 @@
 
 use crate::collector::Snapshot;
 use crate::config::{Config, Filter, format_duration};
+use crate::discovery::Problem;
 use crate::discovery::inventory::{Target, Targets};
 use bytes::Bytes;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// A rendered body. Cloning is cheap (reference-counted bytes).
 #[derive(Debug, Clone, Default)]
@@ -19,6 +21,13 @@ pub struct Body {
     /// Timestamp of the newest datapoint in the body.
     pub newest_ms: Option<i64>,
     pub series: usize,
+    /// When the first value in the body passes its staleness bound: the body must be rendered again.
+    pub expires: Option<Instant>,
+    /// What the targets behind this body were, so the exporter's own gauges that describe them are
+    /// served from the same state as the series (one scrape never disagrees with itself).
+    pub services: usize,
+    pub listeners: usize,
+    pub problems: Vec<(Problem, usize)>,
 }
 
 /// Unit and meaning of the documented SYS.ELB listener metrics, for HELP.
@@ -57,6 +66,8 @@ pub fn describe(metric: &str) -> (&'static str, &'static str) {
 #[derive(Debug, Clone)]
 pub struct Renderer {
     metrics: Arc<Vec<String>>,
+    /// A value older than this (since CES last returned it) is not served.
+    stale_after: Duration,
     /// `# HELP`/`# TYPE` header and family name per metric.
     headers: Vec<(String, String)>,
 }
@@ -89,7 +100,17 @@ impl Renderer {
                 )
             })
             .collect();
-        Renderer { metrics, headers }
+        Renderer {
+            metrics,
+            headers,
+            stale_after: interval.saturating_mul(DEFAULT_STALE_INTERVALS),
+        }
+    }
+
+    /// Serve values for at most `d` after CES last returned them.
+    pub fn with_stale_after(mut self, d: Duration) -> Self {
+        self.stale_after = d;
+        self
     }
 
     pub fn from_config(c: &Config) -> Self {
@@ -100,15 +121,26 @@ impl Renderer {
             c.collection.interval,
             c.collection.lookback,
         )
+        .with_stale_after(
+            c.collection
+                .interval
+                .saturating_mul(c.collection.stale_intervals),
+        )
     }
 
-    /// The body for the current targets joined with the current data: a target without data has no
-    /// series; data without a target (a deleted Service) is not shown.
+    /// The body for the current targets joined with the current data, now.
     pub fn render(&self, targets: &Targets, snap: &Snapshot) -> Body {
+        self.render_at(targets, snap, Instant::now())
+    }
+
+    /// The body at `now`: a target without data has no series; data without a target (a deleted
+    /// Service) is not shown; a value older than the staleness bound is not shown.
+    pub fn render_at(&self, targets: &Targets, snap: &Snapshot, now: Instant) -> Body {
         let labels: Vec<String> = targets.targets.iter().map(label_set).collect();
         let mut out =
             String::with_capacity(targets.targets.len() * (self.metrics.len() + 1) * 260 + 4096);
         let mut newest: Option<i64> = None;
+        let mut expires: Option<Instant> = None;
         let mut series = 0usize;
         // One lookup key per target, its metric index set per family: the listener id is cloned once
         // per render, not once per datapoint.
@@ -124,6 +156,13 @@ impl Renderer {
                 let Some(s) = snap.get(key) else {
                     continue;
                 };
+                let Some(until) = s.fetched.checked_add(self.stale_after) else {
+                    continue;
+                };
+                if until <= now {
+                    continue;
+                }
+                expires = Some(expires.map_or(until, |e| e.min(until)));
                 if !wrote_header {
                     out.push_str(header);
                     wrote_header = true;
@@ -146,9 +185,19 @@ impl Renderer {
             gzip,
             newest_ms: newest,
             series,
+            expires,
+            services: targets.services,
+            listeners: targets.targets.len(),
+            problems: Problem::ALL
+                .iter()
+                .map(|p| (*p, targets.problems.get(p).copied().unwrap_or(0)))
+                .collect(),
         }
     }
 }
+
+/// `collection.stale_intervals`' default, for renderers built without a config.
+const DEFAULT_STALE_INTERVALS: u32 = 3;
 
 /// Compresses one gzip member (fast level: the body is re-rendered every interval).
 pub fn gzip(data: &[u8]) -> Vec<u8> {
@@ -239,6 +288,57 @@ mod tests {
         assert_eq!(escape_label("line\nbreak"), "line\\nbreak");
         assert_eq!(escape_label("ünï 名"), "ünï 名");
         assert_eq!(escape_help("a\\b\nc"), "a\\\\b\\nc");
+    }
+
+    #[test]
+    fn values_past_their_staleness_bound_are_not_served() {
+        use crate::collector::Sample;
+        use crate::discovery::inventory::Target;
+        let minute = Duration::from_secs(60);
+        let r = Renderer::new(
+            "p",
+            Arc::new(vec!["m1_cps".into()]),
+            Filter::Average,
+            minute,
+            5 * minute,
+        )
+        .with_stale_after(3 * minute);
+        let target = Target {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            elb_id: "elb".into(),
+            listener_id: "l1".into(),
+            listener_name: "n".into(),
+            port: 80,
+            protocol: "TCP".into(),
+        };
+        let targets = Targets {
+            services: 1,
+            targets: vec![target],
+            ..Targets::default()
+        };
+        let fetched = Instant::now();
+        let sample = Sample {
+            value: 7.0,
+            timestamp_ms: 1,
+            fetched,
+        };
+        let snap = Snapshot {
+            values: Arc::new([(("l1".into(), 0u16), sample)].into_iter().collect()),
+            ..Snapshot::default()
+        };
+        let fresh = r.render_at(
+            &targets,
+            &snap,
+            fetched + 3 * minute - Duration::from_millis(1),
+        );
+        assert_eq!(fresh.series, 1);
+        assert_eq!(fresh.expires, Some(fetched + 3 * minute));
+        assert_eq!((fresh.services, fresh.listeners), (1, 1));
+        let stale = r.render_at(&targets, &snap, fetched + 3 * minute);
+        assert_eq!(stale.series, 0);
+        assert!(!String::from_utf8_lossy(&stale.plain).contains("p_sys_elb_listener_m1_cps{"));
+        assert_eq!(stale.expires, None);
     }
 
     #[test]

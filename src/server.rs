@@ -84,6 +84,7 @@ impl AppState {
             (now - ts).max(0) as f64 / 1000.0
         });
         self.telemetry.newest_datapoint_age.set(age.unwrap_or(0.0));
+        describe_body(&self.telemetry, body);
         let plain = Bytes::from(self.telemetry.render());
         let gzip = Bytes::from(exposition::gzip(&plain));
         *cache = Some(OwnPart {
@@ -93,6 +94,20 @@ impl AppState {
             gzip: gzip.clone(),
         });
         (plain, gzip)
+    }
+}
+
+/// Sets the gauges that describe the targets and data behind `body` from the body itself, so a
+/// scrape's own metrics never disagree with its series.
+fn describe_body(telemetry: &Telemetry, body: &Body) {
+    telemetry.services.set(body.services as i64);
+    telemetry.listeners.set(body.listeners as i64);
+    telemetry.series.set(body.series as i64);
+    for (problem, n) in &body.problems {
+        telemetry
+            .discovery_problems
+            .with_label_values(&[problem.as_str()])
+            .set(*n as i64);
     }
 }
 

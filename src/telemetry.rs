@@ -57,6 +57,7 @@ pub struct Telemetry {
     pub collections: IntCounterVec,
     pub watch_restarts: IntCounterVec,
     pub task_failures: IntCounterVec,
+    pub effective_interval: Gauge,
     pub info: GaugeVec,
 }
 
@@ -252,6 +253,14 @@ impl Telemetry {
                         "Pipeline tasks that ended or panicked while the exporter served; any makes /healthz fail.",
                     ),
                     &["task"],
+                )
+                .expect("valid metric"),
+            ),
+            effective_interval: reg(
+                &registry,
+                Gauge::new(
+                    "elb_exporter_collection_effective_interval_seconds",
+                    "Start-to-start period of full collection cycles: collection.interval, stretched when the planned CES calls exceed the rate limit.",
                 )
                 .expect("valid metric"),
             ),

@@ -1580,7 +1580,7 @@ proptest! {
             .map(|((l, m), (v, ts))| {
                 (
                     (Arc::from(l.as_str()), *m),
-                    Sample { value: *v, timestamp_ms: *ts, cycle: 1 },
+                    Sample { value: *v, timestamp_ms: *ts, fetched: tokio::time::Instant::now() },
                 )
             })
             .collect();

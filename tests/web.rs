@@ -29,6 +29,7 @@ async fn start(web: WebSettings) -> (SocketAddr, tokio::sync::oneshot::Sender<()
         gzip: Bytes::from(gzip(BODY.as_bytes())),
         newest_ms: None,
         series: 1,
+        ..Body::default()
     }));
     let app = server::router(state, WebAuth::from_settings(&web));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

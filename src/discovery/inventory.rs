@@ -497,14 +497,6 @@ impl<C: CloudApi> Inventory<C> {
         let synced = self.scopes_answered() >= self.settings.scopes
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
         self.generation += 1;
-        self.telemetry.services.set(reports.len() as i64);
-        self.telemetry.listeners.set(targets.len() as i64);
-        for reason in Problem::ALL {
-            self.telemetry
-                .discovery_problems
-                .with_label_values(&[reason.as_str()])
-                .set(problems.get(&reason).copied().unwrap_or(0) as i64);
-        }
         let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
         self.telemetry
             .planned_calls

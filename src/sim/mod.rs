@@ -2,4 +2,5 @@
 //! a simulated Huawei Cloud (`cloud`) and a fake Kubernetes API server (`kube`).
 
 pub mod cloud;
+pub mod fake;
 pub mod kube;

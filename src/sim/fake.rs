@@ -1,0 +1,157 @@
+//! An in-memory [`CloudApi`] for unit tests of the pipeline: no HTTP, no signing, answers and faults
+//! scripted per call, and every call recorded. Works under tokio's paused clock (delays are tokio
+//! sleeps), so deadlines and schedules are tested in milliseconds of real time.
+
+use crate::cloud::{
+    BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Listener,
+    MetricQuery,
+};
+use crate::telemetry::Api;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// What the next CES call does instead of answering at once.
+#[derive(Debug, Clone)]
+pub enum Script {
+    /// Answer after this long.
+    Delay(Duration),
+    /// Fail with this HTTP status (after no delay).
+    Fail(u16),
+}
+
+/// One recorded CES call.
+#[derive(Debug, Clone)]
+pub struct FakeCall {
+    /// (listener id, metric name) of each metric asked, in order.
+    pub series: Vec<(String, String)>,
+    pub at: tokio::time::Instant,
+}
+
+#[derive(Default)]
+struct State {
+    listeners: HashMap<(ElbVersion, String), Vec<Listener>>,
+    /// Value of (listener id, metric); a pair not set has no datapoint in the window.
+    values: HashMap<(String, String), f64>,
+    scripts: VecDeque<Script>,
+    calls: Vec<FakeCall>,
+    listings: usize,
+}
+
+/// The fake cloud. `Default` knows no load balancer and answers every metric with no datapoint.
+#[derive(Default)]
+pub struct FakeCloud {
+    state: Mutex<State>,
+}
+
+impl FakeCloud {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add_listener(&self, version: ElbVersion, elb: &str, l: Listener) {
+        self.state()
+            .listeners
+            .entry((version, elb.to_string()))
+            .or_default()
+            .push(l);
+    }
+
+    /// Every metric of `listener` answers `value` from now on.
+    pub fn set_value(&self, listener: &str, metric: &str, value: f64) {
+        self.state()
+            .values
+            .insert((listener.to_string(), metric.to_string()), value);
+    }
+
+    /// The next CES calls follow `scripts` in order; later calls answer at once.
+    pub fn script(&self, scripts: impl IntoIterator<Item = Script>) {
+        self.state().scripts.extend(scripts);
+    }
+
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.state().calls.clone()
+    }
+
+    pub fn listings(&self) -> usize {
+        self.state().listings
+    }
+}
+
+fn listener_of(m: &MetricQuery) -> &str {
+    m.dimensions
+        .iter()
+        .find(|(k, _)| k == "lbaas_listener_id")
+        .map_or("", |(_, v)| v.as_str())
+}
+
+fn failure(status: u16) -> CloudError {
+    CloudError::from_status(
+        Api::CesBatchQuery,
+        ErrorBody {
+            status,
+            code: None,
+            message: "scripted".into(),
+            request_id: None,
+        },
+        None,
+    )
+}
+
+#[async_trait::async_trait]
+impl CloudApi for FakeCloud {
+    async fn project_id(&self) -> Result<String, CloudError> {
+        Ok("fake-project".into())
+    }
+
+    async fn list_listeners(
+        &self,
+        version: ElbVersion,
+        loadbalancer_id: &str,
+    ) -> Result<Vec<Listener>, CloudError> {
+        let mut st = self.state();
+        st.listings += 1;
+        Ok(st
+            .listeners
+            .get(&(version, loadbalancer_id.to_string()))
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
+        let script = {
+            let mut st = self.state();
+            st.calls.push(FakeCall {
+                series: query
+                    .metrics
+                    .iter()
+                    .map(|m| (listener_of(m).to_string(), m.metric_name.clone()))
+                    .collect(),
+                at: tokio::time::Instant::now(),
+            });
+            st.scripts.pop_front()
+        };
+        match script {
+            Some(Script::Delay(d)) => tokio::time::sleep(d).await,
+            Some(Script::Fail(status)) => return Err(failure(status)),
+            None => {}
+        }
+        let st = self.state();
+        let newest = query
+            .metrics
+            .iter()
+            .map(|m| {
+                st.values
+                    .get(&(listener_of(m).to_string(), m.metric_name.clone()))
+                    .map(|v| Datapoint {
+                        timestamp_ms: query.to_ms - query.to_ms % 60_000,
+                        value: *v,
+                    })
+            })
+            .collect();
+        Ok(BatchResult {
+            newest,
+            skipped: Vec::new(),
+        })
+    }
+}
