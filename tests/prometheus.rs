@@ -1,7 +1,12 @@
 //! The practice guide's pipeline against the real Prometheus (Debian package `prometheus`, with `promtool`):
 //!
 //!   elb-exporter demo → Prometheus running the guide's `elb_metric` job (deploy/prometheus-additional.yaml)
-//!     → the prometheus-adapter rule of deploy/adapter-rules.yaml, filled in for deploy/example-hpa.yaml
+//!     AND a ServiceMonitor-equivalent job (deploy/servicemonitor.yaml: `honor_labels`), so every series is
+//!     stored twice, as with two scrape paths in a cluster
+//!     → every prometheus-adapter rule of deploy/adapter/elb-exporter-rules.yaml, filled in for the shipped
+//!       HPAs: each must return the single, undoubled value (the guide's plain `sum` returns twice it)
+//!     → every panel query of deploy/grafana/elb-exporter.json: parses, runs, and returns data unless it
+//!       shows failures
 //!
 //! Without `prometheus`/`promtool` on PATH the test skips, unless `REQUIRE_PROMETHEUS=1` (CI), where it fails.
 //!
