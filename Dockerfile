@@ -16,10 +16,21 @@
 # so no OpenSSL is needed at build or run time. Building on bookworm keeps the glibc the binary is linked
 # against (2.36) the same as the runtime image's.
 
-ARG RUST_VERSION=1
+# Base images, pinned by digest so a rebuild uses exactly the reviewed images (a tag can move). Both are build
+# arguments: where Docker Hub / gcr.io cannot be reached (e.g. builds in mainland China), pull the same images
+# through a mirror registry and pass its references with their digests (`crane copy` / `skopeo copy --all` keep
+# the digest; an image re-pushed with `docker push` gets a new one - use the digest the mirror reports):
+#   docker build \
+#     --build-arg RUST_IMAGE=swr.cn-east-3.myhuaweicloud.com/<org>/rust:1.95-bookworm@sha256:<digest> \
+#     --build-arg RUNTIME_IMAGE=swr.cn-east-3.myhuaweicloud.com/<org>/distroless-cc-debian12:nonroot@sha256:<digest> \
+#     -t elb-exporter:0.1.0 .
+# To update a pin: `docker buildx imagetools inspect rust:1.95-bookworm` (or `crane digest ...`) prints the
+# digest of the multi-platform index; use that one, not a per-platform manifest's.
+ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 
 ########################################################################################################################
-FROM rust:${RUST_VERSION}-bookworm AS builder
+FROM ${RUST_IMAGE} AS builder
 
 WORKDIR /build
 
@@ -45,7 +56,7 @@ RUN find src -type f -name '*.rs' -exec touch {} + \
  && test -n "$(/out/elb-exporter --version)"
 
 ########################################################################################################################
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 
 LABEL org.opencontainers.image.title="elb-exporter" \
       org.opencontainers.image.description="Prometheus exporter for Huawei Cloud ELB listener metrics (Cloud Eye), labelled with the Kubernetes Service"

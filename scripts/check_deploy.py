@@ -10,9 +10,13 @@ Modes:
   check_deploy.py [--root DIR]                 run every check; exit 1 listing every failure
   check_deploy.py [--root DIR] --list-native   print the deploy/ files that hold only Kubernetes-native objects
   check_deploy.py [--root DIR] --kustomized F  check `kubectl kustomize deploy/` output saved in F
+  check_deploy.py [--root DIR] --kustomized-overlay F   the same for `kubectl kustomize overlays/example`
+  check_deploy.py --split-native IN OUT        write the Kubernetes-native objects of IN to OUT (for schema checks)
 """
 
 import argparse
+import importlib.util
+import json
 import os
 import re
 import sys
@@ -40,6 +44,17 @@ KNOWN_GLOBAL_KEYS = {"port", "metric_path", "prefix", "scrape_batch_size"}
 KNOWN_AUTH_KEYS = {"auth_url", "region", "project_name", "project_id", "access_key", "secret_key",
                    "security_token"}
 EXAMPLE_HPA_SERIES = "huaweicloud_sys_elb_listener_m7_in_Bps"
+ADAPTER_SNIPPET = "adapter/elb-exporter-rules.yaml"
+MERGE_SCRIPT = "adapter/merge-adapter-rules.py"
+RULE_FILE = "prometheus/elb-exporter.rules.yml"
+RULE_TESTS = "prometheus/elb-exporter.rules.test.yml"
+DASHBOARD = "grafana/elb-exporter.json"
+OVERLAY = "overlays/example"
+# The label that identifies one series of a family (the adapter's inner max keeps it).
+IDENTITY_LABEL = {"listener": "lbaas_listener_id", "pool": "lbaas_pool_id"}
+REQUIRED_ALERTS = {"ElbExporterAbsent", "ElbExporterCollectionFailing", "ElbExporterDataTooOld", "ElbExporterCesThrottled",
+                   "ElbExporterCredentialsRejected", "ElbExporterCesBudgetExceeded", "ElbExporterDiscoveryProblems",
+                   "ElbExporterServiceSeriesVanished"}
 
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace", "CustomResourceDefinition",
                   "PersistentVolume", "StorageClass", "PriorityClass"}
@@ -126,8 +141,13 @@ class Checker:
         self.check_servicemonitor(svc)
         self.check_scrape_config(svc)
         rule_names = self.check_adapter_rules()
+        self.check_merge_script()
         self.check_examples(rule_names)
+        self.check_alert_rules()
+        self.check_dashboard()
         self.check_dockerfile(container)
+        self.check_license()
+        self.check_overlay_config()
 
     def check_kustomization(self):
         k = self.obj("kustomization.yaml", "Kustomization")
@@ -147,6 +167,8 @@ class Checker:
             kind = self.kinds.get(r)
             self.check(kind in ("native", "custom"), where,
                        f"is not a file of Kubernetes objects (it is {kind}); only the exporter's own objects belong here")
+            self.check(not r.startswith(("adapter", "prometheus/", "grafana")), where,
+                       "adapter rules, plain rule files and dashboards are not Kubernetes objects to apply")
             self.check(".example." not in r, where,
                        "example Secrets must not be applied by -k: they would overwrite the real Secret with placeholders")
             for d in self.load(r) or []:
@@ -155,9 +177,9 @@ class Checker:
                     self.check(md.get("namespace") in (None, ns), where,
                                f"{d.get('kind')} {md.get('name')} is in namespace {md.get('namespace')!r}, kustomization says {ns!r}")
         for needed in ("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "deployment.yaml",
-                       "service.yaml", "servicemonitor.yaml"):
+                       "service.yaml", "servicemonitor.yaml", "prometheus-rules.yaml"):
             self.check(needed in res, w, f"resources does not list {needed}")
-        for kept_out in ("prometheus-additional.yaml", "adapter-rules.yaml", "example-app.yaml", "example-hpa.yaml"):
+        for kept_out in ("prometheus-additional.yaml", "example-app.yaml", "example-hpa.yaml"):
             self.check(kept_out not in res, w, f"{kept_out} is applied separately and must not be in resources")
         self.namespace = ns
 
@@ -298,10 +320,15 @@ class Checker:
         w = "deploy/service.yaml"
         md = svc["metadata"]
         ann = md.get("annotations") or {}
-        want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
-                "prometheus.io/path": "/metrics", "prometheus.io/scheme": "http"}
+        want = {"prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
         for k, v in want.items():
             self.check(ann.get(k) == v, w, f"annotation {k} must be the string {v!r} (got {ann.get(k)!r})")
+        # One scrape path by default: the ServiceMonitor is applied by -k, so an annotation that CCE's auto
+        # service discovery (or any annotation job) acts on would store every series a second time.
+        k = self.load("kustomization.yaml") or [{}]
+        if "servicemonitor.yaml" in ((k[0] or {}).get("resources") or []):
+            self.check(str(ann.get("prometheus.io/scrape", "")).lower() != "true", w,
+                       "prometheus.io/scrape: \"true\" next to the ServiceMonitor in kustomization.yaml: two scrape paths")
         self.check((md.get("labels") or {}).get("app") == "elb-exporter", w, "label app: elb-exporter is missing")
         # The guide's job labelmaps every Service label onto the series (invalid characters become '_').
         mapped = {re.sub(r"[^a-zA-Z0-9_]", "_", k) for k in (md.get("labels") or {})}
@@ -393,23 +420,24 @@ class Checker:
                    "sets a target label named like an exported label without honor_labels: true")
 
     def check_adapter_rules(self):
-        cm = self.obj("adapter-rules.yaml", "ConfigMap")
-        w = "deploy/adapter-rules.yaml"
+        """deploy/adapter/elb-exporter-rules.yaml: a `rules:` snippet (never a whole ConfigMap), duplicate-safe."""
+        w = f"deploy/{ADAPTER_SNIPPET}"
         names = {}
-        if not cm:
+        for name in self.yaml_files():
+            for d in self.load(name) or []:
+                md = (d.get("metadata") or {}) if isinstance(d, dict) else {}
+                self.check(not (d.get("kind") == "ConfigMap" and md.get("name") == "user-adapter-config")
+                           if isinstance(d, dict) else True, f"deploy/{name}",
+                           "a whole user-adapter-config ConfigMap would replace the monitoring add-on's rules; ship a snippet")
+        docs = self.load(ADAPTER_SNIPPET)
+        if not docs:
             return names
-        self.check(cm["metadata"].get("name") == "user-adapter-config" and cm["metadata"].get("namespace") == "monitoring",
-                   w, "must be ConfigMap monitoring/user-adapter-config (CCE's prometheus-adapter config)")
-        text = (cm.get("data") or {}).get("config.yaml")
-        if not self.check(isinstance(text, str), w, "data.config.yaml is missing"):
+        snippet = docs[0]
+        if not self.check(len(docs) == 1 and isinstance(snippet, dict) and set(snippet) == {"rules"}, w,
+                          "must be a snippet holding only `rules:` (merged into the adapter config), not an object"):
             return names
-        try:
-            cfg = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            self.check(False, w, f"data.config.yaml is not valid YAML: {e}")
-            return names
-        rules = (cfg or {}).get("rules") if isinstance(cfg, dict) else None
-        if not self.check(isinstance(rules, list) and rules, w, "config.yaml has no `rules` list"):
+        rules = snippet["rules"]
+        if not self.check(isinstance(rules, list) and rules, w, "`rules` is empty"):
             return names
         elb_rules = 0
         for i, rule in enumerate(rules):
@@ -418,27 +446,84 @@ class Checker:
                 self.check(key in rule, rw, f"{key} is missing")
             ov = (rule.get("resources") or {}).get("overrides") or {}
             self.check((ov.get("namespace") or {}).get("resource") == "namespace", rw, "resources.overrides.namespace must map to resource namespace")
-            self.check((ov.get("service") or {}).get("resource") == "service", rw, "resources.overrides.service must map to resource service")
+            res_labels = sorted(k for k in ov if k != "namespace")
+            self.check(len(res_labels) == 1, rw, f"expected one resource label besides namespace, got {res_labels}")
             nm = rule.get("name") or {}
             if not self.check(nm.get("matches") and nm.get("as"), rw, "name.matches / name.as are missing"):
                 continue
             sq = str(rule.get("seriesQuery", ""))
             m = re.search(r'__name__=~"([^"]*)"', sq)
-            if not (m and re.fullmatch(m.group(1), EXAMPLE_HPA_SERIES)):
+            if not self.check(m, rw, "seriesQuery must select series by a __name__ regex"):
+                continue
+            family = "pool" if "_pool_" in m.group(1) else "listener"
+            identity = IDENTITY_LABEL[family]
+            for label in ["namespace"] + res_labels:
+                self.check(f'{label}!=""' in sq, rw, f'seriesQuery must require {label}!=""')
+            # Duplicate-safe shape: an inner max by (namespace, <resource label>, <series identity>) - one value per
+            # series however often it is stored - then the sum per resource.
+            mq = str(rule.get("metricsQuery", ""))
+            shape = re.fullmatch(r"sum by \(<<\.GroupBy>>\) \(max by \(([^)]*)\) \(<<\.Series>>\{<<\.LabelMatchers>>\}\)\)", mq)
+            if self.check(shape, rw, f"metricsQuery {mq!r} is not sum by (<<.GroupBy>>) (max by (...) (<<.Series>>{{<<.LabelMatchers>>}}))"):
+                inner = {x.strip() for x in shape.group(1).split(",")}
+                want = {"namespace", identity, *res_labels}
+                self.check(inner == want, rw, f"the inner max must be by {sorted(want)} (got {sorted(inner)})")
+            if not re.fullmatch(m.group(1), EXAMPLE_HPA_SERIES):
                 continue
             elb_rules += 1
-            self.check('namespace!=""' in sq and 'service!=""' in sq, rw, 'seriesQuery must require namespace!="" and service!=""')
+            self.check(res_labels == ["service"] and ov["service"].get("resource") == "service", rw,
+                       "resources.overrides.service must map to resource service")
             for metric in EXPORTED_CES_METRICS:
                 series = f"{PREFIX}_sys_elb_listener_{metric}"
                 if self.check(re.fullmatch(m.group(1), series), rw, f"seriesQuery does not select {series}"):
                     names[series] = adapter_name(nm["matches"], nm["as"], series)
             # Fill the template as prometheus-adapter does for the example HPA (Object metric on Service nginx).
-            filled = fill_metrics_query(str(rule.get("metricsQuery", "")), EXAMPLE_HPA_SERIES,
-                                        'namespace="default",service="nginx"', "service")
-            want = f'sum({EXAMPLE_HPA_SERIES}{{namespace="default",service="nginx"}}) by (service)'
-            self.check(filled == want, rw, f"metricsQuery for the example HPA gives {filled!r}, expected {want!r}")
-        self.check(elb_rules == 1, w, f"expected exactly one rule selecting {PREFIX}_sys_elb_listener_* series, found {elb_rules}")
+            filled = fill_metrics_query(mq, EXAMPLE_HPA_SERIES, 'namespace="default",service="nginx"', "service")
+            want_q = (f'sum by (service) (max by (namespace, service, lbaas_listener_id) '
+                      f'({EXAMPLE_HPA_SERIES}{{namespace="default",service="nginx"}}))')
+            self.check(filled == want_q, rw, f"metricsQuery for the example HPA gives {filled!r}, expected {want_q!r}")
+        self.check(elb_rules == 1, w, f"expected exactly one rule selecting {PREFIX}_sys_elb_listener_* series of Services, found {elb_rules}")
         return names
+
+    def check_merge_script(self):
+        """deploy/adapter/merge-adapter-rules.py on a CCE-like user-adapter-config: keeps the add-on's rules, adds
+        ours once (idempotent), refuses while the practice guide's elb01_ rule is there."""
+        w = f"deploy/{MERGE_SCRIPT}"
+        path = os.path.join(self.deploy, MERGE_SCRIPT)
+        try:
+            spec = importlib.util.spec_from_file_location("merge_adapter_rules", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        except (OSError, SyntaxError, ImportError) as e:
+            self.check(False, w, f"cannot load: {e}")
+            return
+        ours = mod.load_snippet(os.path.join(self.deploy, ADAPTER_SNIPPET))
+        cce_rule = {"seriesQuery": '{__name__=~"^container_.*",container!="POD",namespace!="",pod!=""}',
+                    "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+                    "name": {"matches": "^container_(.*)_seconds_total$"},
+                    "metricsQuery": "sum(rate(<<.Series>>{<<.LabelMatchers>>}[5m])) by (<<.GroupBy>>)"}
+        cm = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "user-adapter-config", "namespace": "monitoring", "resourceVersion": "4711"},
+              "data": {"config.yaml": yaml.safe_dump({"rules": [cce_rule], "resourceRules": {"cpu": {"containerQuery": "x"}}}),
+                       "other.yaml": "kept: true\n"}}
+        once = mod.merge_configmap(json.loads(json.dumps(cm)), ours)
+        cfg = yaml.safe_load(once["data"]["config.yaml"])
+        self.check(cfg.get("rules") == [cce_rule] + ours, w, f"merge must keep the add-on's rule and append ours: {cfg.get('rules')}")
+        self.check(cfg.get("resourceRules") == {"cpu": {"containerQuery": "x"}} and once["data"]["other.yaml"] == "kept: true\n",
+                   w, "merge must keep every other key of the ConfigMap")
+        self.check(once["metadata"].get("resourceVersion") == "4711", w,
+                   "merge must keep resourceVersion so that `kubectl replace` detects a concurrent change")
+        twice = mod.merge_configmap(json.loads(json.dumps(once)), ours)
+        self.check(yaml.safe_load(twice["data"]["config.yaml"]) == cfg, w, "merging twice must change nothing")
+        guide = {"seriesQuery": '{lbaas_listener_id="abc"}', "name": {"matches": "huaweicloud_sys_elb_(.*)", "as": "elb01_${1}"},
+                 "resources": {"overrides": {"kubernetes_namespace": {"resource": "namespace"},
+                                             "kubernetes_service": {"resource": "service"}}},
+                 "metricsQuery": 'sum(<<.Series>>{<<.LabelMatchers>>,lbaas_listener_id="abc"}) by (<<.GroupBy>>)'}
+        cm["data"]["config.yaml"] = yaml.safe_dump({"rules": [cce_rule, guide]})
+        try:
+            mod.merge_configmap(cm, ours)
+            self.check(False, w, "merge must refuse while the practice guide's elb01_ rule is in the config")
+        except mod.MergeError as e:
+            self.check("practice guide" in str(e), w, f"the refusal must point to the practice guide's rule: {e}")
 
     def check_examples(self, rule_names):
         app_dep = self.obj("example-app.yaml", "Deployment", "nginx")
@@ -484,7 +569,97 @@ class Checker:
             self.check(d.get("name") == app_svc["metadata"]["name"], w,
                        "describedObject must be the application's own Service (the one with the kubernetes.io/elb.id annotation)")
         t = obj.get("target") or {}
-        self.check(t.get("type") == "Value" and str(t.get("value")) == "1000", w, "target must be type Value, value 1000")
+        # Value would scale on replicas x total/target: adding pods does not lower an ELB's total, so it runs away.
+        self.check(t.get("type") == "AverageValue" and "value" not in t and str(t.get("averageValue")) == "1000", w,
+                   "target must be type AverageValue (per pod), averageValue 1000, for a Service's total traffic")
+        beh = spec.get("behavior") or {}
+        up, down = beh.get("scaleUp") or {}, beh.get("scaleDown") or {}
+        # CES data moves once a minute: react after a minute, shrink only after several quiet minutes.
+        self.check(60 <= (up.get("stabilizationWindowSeconds") or 0) <= 120, w,
+                   "behavior.scaleUp.stabilizationWindowSeconds must cover one CES minute (60..120 s)")
+        self.check((down.get("stabilizationWindowSeconds") or 0) >= 300, w,
+                   "behavior.scaleDown.stabilizationWindowSeconds must span several CES datapoints (>= 300 s)")
+        for d, pol in (("scaleUp", up), ("scaleDown", down)):
+            self.check(all((p.get("periodSeconds") or 0) >= 60 for p in pol.get("policies") or [{}]), w,
+                       f"behavior.{d} policies must use periods of at least one CES minute (60 s)")
+
+    def check_alert_rules(self):
+        """prometheus-rules.yaml (PrometheusRule) == prometheus/elb-exporter.rules.yml; alerts aggregate over replicas."""
+        pr = self.obj("prometheus-rules.yaml", "PrometheusRule")
+        w = "deploy/prometheus-rules.yaml"
+        if not pr:
+            return
+        self.check(pr.get("apiVersion") == "monitoring.coreos.com/v1", w, "apiVersion must be monitoring.coreos.com/v1")
+        try:
+            with open(os.path.join(self.deploy, RULE_FILE), encoding="utf-8") as f:
+                plain = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as e:
+            self.check(False, f"deploy/{RULE_FILE}", f"unreadable: {e}")
+            return
+        self.check(pr.get("spec") == plain, w, f"spec differs from deploy/{RULE_FILE}: edit both")
+        alerts = [r for g in (plain or {}).get("groups") or [] for r in g.get("rules") or [] if "alert" in r]
+        names = {r["alert"] for r in alerts}
+        self.check(names >= REQUIRED_ALERTS, f"deploy/{RULE_FILE}", f"missing alerts {sorted(REQUIRED_ALERTS - names)}")
+        for r in alerts:
+            expr = " ".join(str(r.get("expr", "")).split())
+            aggregated = expr.startswith("absent(") or "without (instance, pod" in expr or "group by (namespace, service)" in expr
+            self.check(aggregated, f"deploy/{RULE_FILE}: {r['alert']}",
+                       "must aggregate over replicas (max/min/sum without (instance, pod)) so a follower or a handover does not fire it")
+            self.check((r.get("labels") or {}).get("severity") in ("critical", "warning"), f"deploy/{RULE_FILE}: {r['alert']}",
+                       "needs a severity label (critical or warning)")
+        try:
+            with open(os.path.join(self.deploy, RULE_TESTS), encoding="utf-8") as f:
+                tests = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            self.check(False, f"deploy/{RULE_TESTS}", f"unreadable: {e}")
+            return
+        tested = {a.get("alertname") for t in tests.get("tests") or [] for a in t.get("alert_rule_test") or []
+                  if a.get("exp_alerts")}
+        self.check(names <= tested, f"deploy/{RULE_TESTS}", f"alerts never tested firing: {sorted(names - tested)}")
+
+    def check_dashboard(self):
+        w = f"deploy/{DASHBOARD}"
+        try:
+            with open(os.path.join(self.deploy, DASHBOARD), encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            self.check(False, w, f"not valid JSON: {e}")
+            return
+        self.check(d.get("uid") and d.get("title") and isinstance(d.get("panels"), list), w, "uid, title and panels are required")
+        variables = {v.get("name"): v for v in (d.get("templating") or {}).get("list") or []}
+        self.check((variables.get("datasource") or {}).get("type") == "datasource", w, "a datasource variable is required")
+        for v in ("namespace", "service"):
+            self.check(v in variables, w, f"variable {v} is missing")
+        text = json.dumps(d)
+        self.check("vector(" not in text, w, "no `vector(` padding: an empty panel must stay visibly empty")
+        # The queries themselves run against the real Prometheus in tests/prometheus.rs.
+
+    def check_license(self):
+        try:
+            text = open(os.path.join(self.root, "LICENSE"), encoding="utf-8").read()
+        except OSError:
+            text = ""
+        self.check("Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text,
+                   "LICENSE", "must hold the full Apache License 2.0 text")
+        try:
+            manifest = open(os.path.join(self.root, "Cargo.toml"), encoding="utf-8").read()
+        except OSError:
+            manifest = ""
+        self.check(re.search(r'^license\s*=\s*"Apache-2\.0"', manifest, re.M), "Cargo.toml", 'license = "Apache-2.0" is missing')
+
+    def check_overlay_config(self):
+        """The example overlay's clouds.yml (its Secret) must be the same valid shape as secret.example.yaml's."""
+        w = f"{OVERLAY}/clouds.yml"
+        try:
+            cfg = yaml.safe_load(open(os.path.join(self.root, OVERLAY, "clouds.yml"), encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            self.check(False, w, f"unreadable: {e}")
+            return
+        g, a = (cfg or {}).get("global") or {}, (cfg or {}).get("auth") or {}
+        self.check(g.get("port") == f":{METRICS_PORT}" and g.get("prefix") == PREFIX, w, f"global.port/prefix must be :{METRICS_PORT}/{PREFIX}")
+        self.check(set(g) <= KNOWN_GLOBAL_KEYS and set(a) <= KNOWN_AUTH_KEYS, w, "unknown keys")
+        self.check(str(a.get("access_key", "")).startswith("REPLACE_") or a.get("access_key") == "", w,
+                   "must hold placeholders, never real keys")
 
     def check_dockerfile(self, container):
         w = "Dockerfile"
@@ -496,10 +671,15 @@ class Checker:
         lines = join_continuations(text)
         froms = [l for l in lines if re.match(r"(?i)^FROM\s", l)]
         self.check(len(froms) == 2, w, f"expected two stages (builder, runtime), found {len(froms)}")
-        self.check(froms and re.search(r"rust:\$\{RUST_VERSION\}-(slim-)?bookworm|rust:[0-9.]+-(slim-)?bookworm", froms[0])
-                   and re.search(r"(?i)\bAS\s+builder\b", froms[0]), w, "first stage must be `FROM rust:…-bookworm AS builder`")
-        self.check(len(froms) > 1 and froms[-1].split()[1] == "gcr.io/distroless/cc-debian12:nonroot", w,
-                   "runtime stage must be gcr.io/distroless/cc-debian12:nonroot")
+        # Base images come from build arguments (mirror registries) whose defaults are pinned by digest.
+        args = dict(re.findall(r"^ARG\s+([A-Z_]+)=(\S+)$", "\n".join(lines), re.M))
+        digest = r"@sha256:[0-9a-f]{64}"
+        self.check(froms and re.fullmatch(r"FROM \$\{RUST_IMAGE\} AS builder", froms[0])
+                   and re.fullmatch(r"(docker\.io/library/)?rust:[0-9.]+-bookworm" + digest, args.get("RUST_IMAGE", "")), w,
+                   "first stage must be `FROM ${RUST_IMAGE} AS builder`, ARG RUST_IMAGE=rust:<version>-bookworm@sha256:<digest>")
+        self.check(len(froms) > 1 and froms[-1] == "FROM ${RUNTIME_IMAGE}"
+                   and re.fullmatch(r"gcr\.io/distroless/cc-debian12:nonroot" + digest, args.get("RUNTIME_IMAGE", "")), w,
+                   "runtime stage must be `FROM ${RUNTIME_IMAGE}`, ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:<digest>")
         builds = [i for i, l in enumerate(lines) if "cargo build --release --locked" in l]
         self.check(len(builds) == 2, w, "expected `cargo build --release --locked` twice (dependency layer, then the real source)")
         copy_manifest = next((i for i, l in enumerate(lines) if re.match(r"COPY\s+Cargo\.toml\s+Cargo\.lock\s", l)), None)
@@ -579,6 +759,55 @@ class Checker:
                     self.check(s.get("namespace") == ns, w, f"{d.get('kind')} subject {s.get('name')} is not in namespace {ns}")
         return len(docs)
 
+    def check_kustomized_overlay(self, path):
+        """`kubectl kustomize overlays/example` output: the base's objects plus the Namespace and the generated Secret,
+        all in the overlay's namespace, with the overlay's image and the Deployment mounting the generated Secret."""
+        w = f"kubectl kustomize {OVERLAY}"
+        with open(os.path.join(self.root, OVERLAY, "kustomization.yaml"), encoding="utf-8") as f:
+            ov = yaml.safe_load(f)
+        ns = ov.get("namespace")
+        base = self.obj("kustomization.yaml", "Kustomization") or {}
+        want = {("Namespace", ns)}
+        for r in base.get("resources") or []:
+            for d in self.load(r) or []:
+                want.add((d.get("kind"), (d.get("metadata") or {}).get("name")))
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        secrets = [d for d in docs if d.get("kind") == "Secret"]
+        got = {(d.get("kind"), (d.get("metadata") or {}).get("name")) for d in docs if d.get("kind") != "Secret"}
+        self.check(got == want, w, f"objects {sorted(got)} differ from {sorted(want)} (+ the Secret)")
+        if not self.check(len(secrets) == 1 and secrets[0]["metadata"]["name"].startswith("elb-exporter-clouds"), w,
+                          "exactly one generated Secret elb-exporter-clouds-<hash> expected"):
+            return len(docs)
+        secret = secrets[0]["metadata"]["name"]
+        self.check("clouds.yml" in (secrets[0].get("data") or {}), w, "the Secret has no clouds.yml")
+        img = (ov.get("images") or [{}])[0]
+        for d in docs:
+            md = d.get("metadata") or {}
+            if d.get("kind") not in CLUSTER_SCOPED:
+                self.check(md.get("namespace") == ns, w, f"{d.get('kind')} {md.get('name')} is not in namespace {ns}")
+            for sub in d.get("subjects") or []:
+                if sub.get("kind") == "ServiceAccount":
+                    self.check(sub.get("namespace") == ns, w, f"{d.get('kind')} subject {sub.get('name')} is not in namespace {ns}")
+            if d.get("kind") == "Deployment":
+                pod = d["spec"]["template"]["spec"]
+                self.check(pod["containers"][0]["image"] == f"{img.get('newName')}:{img.get('newTag')}", w,
+                           f"the Deployment's image is not the overlay's {img}")
+                vols = [v["secret"]["secretName"] for v in pod.get("volumes") or [] if "secret" in v]
+                self.check(vols == [secret], w, f"the Deployment mounts {vols}, not the generated Secret {secret}")
+        return len(docs)
+
+
+def split_native(path, out):
+    """Writes the Kubernetes-native objects of a multi-document file to `out` (for kubernetes-validate); returns
+    how many were written and how many custom resources were left out."""
+    with open(path, encoding="utf-8") as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    native = [d for d in docs if NATIVE_GROUP.match(str(d.get("apiVersion", "")))]
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump_all(native, f, sort_keys=False)
+    return len(native), len(docs) - len(native)
+
 
 def join_continuations(text):
     out, cur = [], ""
@@ -625,8 +854,22 @@ def main():
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ap.add_argument("--list-native", action="store_true")
     ap.add_argument("--kustomized", metavar="FILE")
+    ap.add_argument("--kustomized-overlay", metavar="FILE")
+    ap.add_argument("--split-native", nargs=2, metavar=("IN", "OUT"))
     args = ap.parse_args()
     c = Checker(args.root)
+    if args.split_native:
+        n, custom = split_native(*args.split_native)
+        print(f"{n} native objects ({custom} custom resources left out)")
+        return 0 if n else 1
+    if args.kustomized_overlay:
+        n = c.check_kustomized_overlay(args.kustomized_overlay)
+        for e in c.errors:
+            print(f"FAIL {e}", file=sys.stderr)
+        if c.errors:
+            return 1
+        print(f"check_deploy: kustomize build of {OVERLAY} ok ({n} objects)")
+        return 0
     if args.list_native:
         bad = []
         for name in c.yaml_files():

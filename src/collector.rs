@@ -8,7 +8,7 @@ use crate::discovery::inventory::Targets;
 use crate::telemetry::{Api, Telemetry};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -76,6 +76,8 @@ pub struct CollectorSettings {
     pub concurrency: usize,
     /// The CES rate limit (calls per minute) the cycles are planned against.
     pub ces_per_minute: u32,
+    /// `collection.absent_as_zero`: see [`ZeroGuard`].
+    pub absent_as_zero: bool,
 }
 
 impl CollectorSettings {
@@ -89,6 +91,7 @@ impl CollectorSettings {
             stale_intervals: c.collection.stale_intervals,
             concurrency: c.cloud.max_concurrency,
             ces_per_minute: c.cloud.rate_limit.ces_per_minute,
+            absent_as_zero: c.collection.absent_as_zero,
         }
     }
 
@@ -126,25 +129,102 @@ impl CyclePlan {
     }
 }
 
-/// Records the datapoints of one answered batch; a series without a datapoint stays absent.
+/// The opt-in `collection.absent_as_zero`. A series without a datapoint is exported as 0 only when all hold:
+/// the call succeeded (only answers reach `merge`); the same answer has a fresh datapoint (inside the lookback)
+/// for another series, so CES is ingesting - an ingestion gap leaves every series empty and exports nothing;
+/// and its listener has been answered continuously for longer than the lookback, so a new listener that CES
+/// has no data for yet stays absent. A listener missing from a whole cycle (detached, or its batch failed)
+/// starts afresh.
+#[derive(Debug, Default)]
+pub struct ZeroGuard {
+    enabled: bool,
+    lookback_ms: i64,
+    /// Listener -> (first answered, unix ms; last cycle answered).
+    seen: HashMap<Arc<str>, (i64, u64)>,
+    pruned_at: u64,
+}
+
+impl ZeroGuard {
+    pub fn new(enabled: bool, lookback: Duration) -> Self {
+        ZeroGuard {
+            enabled,
+            lookback_ms: i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX),
+            ..ZeroGuard::default()
+        }
+    }
+
+    fn observe(&mut self, keys: &[SeriesKey], cycle: u64, now_ms: i64) {
+        if !self.enabled {
+            return;
+        }
+        if cycle > self.pruned_at {
+            self.seen.retain(|_, (_, last)| *last + 1 >= cycle);
+            self.pruned_at = cycle;
+        }
+        for (listener, _) in keys {
+            let e = self.seen.entry(listener.clone()).or_insert((now_ms, cycle));
+            if e.1 + 1 < cycle {
+                e.0 = now_ms;
+            }
+            e.1 = e.1.max(cycle);
+        }
+    }
+
+    fn zero_allowed(&self, listener: &str, now_ms: i64) -> bool {
+        self.enabled
+            && self
+                .seen
+                .get(listener)
+                .is_some_and(|(first, _)| now_ms.saturating_sub(*first) > self.lookback_ms)
+    }
+}
+
+/// Records the datapoints of one answered batch. A series without a datapoint stays absent, unless the
+/// [`ZeroGuard`] allows a 0 (stamped with the answer's newest fresh datapoint, so it never looks fresher
+/// than the data that proved CES was ingesting).
 fn merge(
     values: &mut HashMap<SeriesKey, Sample>,
     keys: Vec<SeriesKey>,
     points: Vec<Option<Datapoint>>,
     fetched: Instant,
+    cycle: u64,
+    zeros: &Mutex<ZeroGuard>,
+    now_ms: i64,
 ) {
+    let mut zeros = zeros.lock().unwrap_or_else(|e| e.into_inner());
+    zeros.observe(&keys, cycle, now_ms);
+    let fresh_since = now_ms.saturating_sub(zeros.lookback_ms);
+    let fresh = points
+        .iter()
+        .flatten()
+        .map(|p| p.timestamp_ms)
+        .filter(|t| *t >= fresh_since)
+        .max();
     for (key, p) in keys.into_iter().zip(points) {
-        if let Some(p) = p {
-            values.insert(
-                key,
-                Sample {
-                    value: p.value,
-                    timestamp_ms: p.timestamp_ms,
-                    fetched,
-                },
-            );
-        }
+        let (value, timestamp_ms) = match (p, fresh) {
+            (Some(p), _) => (p.value, p.timestamp_ms),
+            (None, Some(ts)) if zeros.zero_allowed(&key.0, now_ms) => (0.0, ts),
+            (None, _) => continue,
+        };
+        values.insert(
+            key,
+            Sample {
+                value,
+                timestamp_ms,
+                fetched,
+            },
+        );
     }
+}
+
+fn wall_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(i64::MAX)
 }
 
 /// (listener index, metric index) of each series in batch `batch`, when `listeners` × `per_listener`
@@ -185,6 +265,7 @@ pub struct Collector<C: CloudApi> {
     attempted: HashSet<Arc<str>>,
     /// The last plan was over the CES budget (logged when this changes).
     over_budget: bool,
+    zeros: Mutex<ZeroGuard>,
 }
 
 /// How a full cycle went, batch by batch.
@@ -205,8 +286,10 @@ impl<C: CloudApi> Collector<C> {
         telemetry: Telemetry,
     ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let zeros = Mutex::new(ZeroGuard::new(settings.absent_as_zero, settings.lookback));
         (
             Collector {
+                zeros,
                 cloud,
                 settings,
                 telemetry,
@@ -370,7 +453,16 @@ impl<C: CloudApi> Collector<C> {
             match result {
                 Ok(points) => {
                     out.ok_calls += 1;
-                    merge(&mut values, keys, points, Instant::now());
+                    let now = Instant::now();
+                    merge(
+                        &mut values,
+                        keys,
+                        points,
+                        now,
+                        cycle,
+                        &self.zeros,
+                        wall_ms(),
+                    );
                 }
                 Err(e) => {
                     out.failed_calls += 1;
@@ -498,7 +590,15 @@ impl<C: CloudApi> Collector<C> {
         let prev = self.tx.borrow().clone();
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
         self.query(&fresh, |_, keys, result| match result {
-            Ok(points) => merge(&mut extra, keys, points, Instant::now()),
+            Ok(points) => merge(
+                &mut extra,
+                keys,
+                points,
+                Instant::now(),
+                prev.cycle,
+                &self.zeros,
+                wall_ms(),
+            ),
             Err(e) => {
                 warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
             }
@@ -536,6 +636,7 @@ mod tests {
             stale_intervals: 3,
             concurrency,
             ces_per_minute: 300,
+            absent_as_zero: false,
         }
     }
 
@@ -690,5 +791,174 @@ mod tests {
             (p.deadline, p.period, p.over_budget),
             (5 * minute, 5 * minute, false)
         );
+    }
+
+    const MIN: i64 = 60_000;
+    const T0: i64 = 1_800_000_000_000;
+
+    fn key(listener: &str, metric: u16) -> SeriesKey {
+        (Arc::from(listener), metric)
+    }
+
+    fn point(timestamp_ms: i64, value: f64) -> Option<Datapoint> {
+        Some(Datapoint {
+            timestamp_ms,
+            value,
+        })
+    }
+
+    /// One answer per minute, cycles 1..=minutes, for an idle listener "idle" (metric 0, never a datapoint)
+    /// next to a busy one ("busy", metric 0, a datapoint one minute old); returns the last cycle's values.
+    fn run(zeros: &Mutex<ZeroGuard>, minutes: u64, busy_age_ms: i64) -> HashMap<SeriesKey, Sample> {
+        let mut values = HashMap::new();
+        for cycle in 1..=minutes {
+            let now = T0 + i64::try_from(cycle).expect("small") * MIN;
+            values.clear();
+            merge(
+                &mut values,
+                vec![key("idle", 0), key("busy", 0)],
+                vec![None, point(now - busy_age_ms, 42.0)],
+                Instant::now(),
+                cycle,
+                zeros,
+                now,
+            );
+        }
+        values
+    }
+
+    fn guard(enabled: bool) -> Mutex<ZeroGuard> {
+        Mutex::new(ZeroGuard::new(enabled, Duration::from_secs(300)))
+    }
+
+    #[test]
+    fn absent_stays_absent_by_default() {
+        let values = run(&guard(false), 10, MIN);
+        assert_eq!(values.get(&key("busy", 0)).map(|s| s.value), Some(42.0));
+        assert!(!values.contains_key(&key("idle", 0)), "{values:?}");
+    }
+
+    #[test]
+    fn zero_for_a_listener_attributed_longer_than_the_lookback_while_others_have_data() {
+        let values = run(&guard(true), 10, MIN);
+        let now = T0 + 10 * MIN;
+        let idle = values
+            .get(&key("idle", 0))
+            .expect("a 0 for the idle listener");
+        assert_eq!(idle.value, 0.0);
+        // Stamped with the answer's fresh datapoint, never fresher than real data.
+        assert_eq!(idle.timestamp_ms, now - MIN);
+        assert_eq!(values.get(&key("busy", 0)).map(|s| s.value), Some(42.0));
+    }
+
+    #[test]
+    fn no_zero_for_a_new_listener() {
+        // First answered at minute 1: at minute 6 it has been attributed for exactly the 5-minute lookback.
+        let values = run(&guard(true), 6, MIN);
+        assert!(!values.contains_key(&key("idle", 0)), "{values:?}");
+        // One more minute and it qualifies.
+        let values = run(&guard(true), 7, MIN);
+        assert_eq!(values.get(&key("idle", 0)).map(|s| s.value), Some(0.0));
+    }
+
+    #[test]
+    fn no_zero_during_an_ingestion_gap() {
+        // The other series' newest datapoint is older than the lookback: CES is not ingesting.
+        let values = run(&guard(true), 10, 6 * MIN);
+        assert!(!values.contains_key(&key("idle", 0)), "{values:?}");
+        // An answer without any datapoint at all: nothing is made up either.
+        let zeros = guard(true);
+        run(&zeros, 10, MIN);
+        let mut values = HashMap::new();
+        let now = T0 + 11 * MIN;
+        merge(
+            &mut values,
+            vec![key("idle", 0), key("busy", 0)],
+            vec![None, None],
+            Instant::now(),
+            11,
+            &zeros,
+            now,
+        );
+        assert!(values.is_empty(), "{values:?}");
+    }
+
+    #[test]
+    fn no_zero_after_a_cycle_without_an_answer() {
+        // The listener's batch failed (no answer reaches merge) in cycle 11: it starts afresh in cycle 12,
+        // as does a listener that was detached and attributed again.
+        let zeros = guard(true);
+        run(&zeros, 10, MIN);
+        let mut values = HashMap::new();
+        let now = T0 + 12 * MIN;
+        merge(
+            &mut values,
+            vec![key("idle", 0), key("busy", 0)],
+            vec![None, point(now - MIN, 1.0)],
+            Instant::now(),
+            12,
+            &zeros,
+            now,
+        );
+        assert!(!values.contains_key(&key("idle", 0)), "{values:?}");
+    }
+
+    #[test]
+    fn a_prompt_answer_starts_the_attribution_and_same_cycle_answers_keep_it() {
+        // "new" appears after cycle 10 and is collected promptly, merged with the current cycle number 10.
+        let zeros = guard(true);
+        run(&zeros, 10, MIN);
+        let first = T0 + 10 * MIN + 30_000;
+        let mut values = HashMap::new();
+        merge(
+            &mut values,
+            vec![key("new", 0)],
+            vec![None],
+            Instant::now(),
+            10,
+            &zeros,
+            first,
+        );
+        let idle_new = |cycle: u64| {
+            let now = T0 + i64::try_from(cycle).expect("small") * MIN;
+            let mut values = HashMap::new();
+            merge(
+                &mut values,
+                vec![key("new", 0), key("busy", 0)],
+                vec![None, point(now - MIN, 42.0)],
+                Instant::now(),
+                cycle,
+                &zeros,
+                now,
+            );
+            values.get(&key("new", 0)).map(|s| s.value)
+        };
+        // Minute 15: 4.5 minutes since its first answer; minute 16: 5.5, longer than the lookback.
+        for cycle in 11..=15 {
+            assert_eq!(idle_new(cycle), None, "cycle {cycle}");
+        }
+        assert_eq!(idle_new(16), Some(0.0));
+    }
+
+    #[test]
+    fn detached_listeners_are_forgotten() {
+        let zeros = guard(true);
+        run(&zeros, 3, MIN);
+        let mut values = HashMap::new();
+        // "idle" is gone from cycle 4 on; only "busy" is answered.
+        for cycle in 4..=5 {
+            let now = T0 + i64::try_from(cycle).expect("small") * MIN;
+            merge(
+                &mut values,
+                vec![key("busy", 0)],
+                vec![point(now - MIN, 1.0)],
+                Instant::now(),
+                cycle,
+                &zeros,
+                now,
+            );
+        }
+        let seen = &zeros.lock().expect("lock").seen;
+        assert_eq!(seen.keys().map(|k| &**k).collect::<Vec<_>>(), ["busy"]);
     }
 }

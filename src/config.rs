@@ -297,6 +297,7 @@ struct RawCollection {
     filter: Option<String>,
     metrics: Option<Vec<String>>,
     stale_intervals: Option<i64>,
+    absent_as_zero: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -459,6 +460,8 @@ pub struct Collection {
     pub metrics: Vec<String>,
     /// How many intervals the last good values keep being served after collection fails.
     pub stale_intervals: u32,
+    /// Export 0 for a series CES had no datapoint for, under the collector's guard (opt-in).
+    pub absent_as_zero: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1083,6 +1086,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             filter,
             metrics,
             stale_intervals,
+            absent_as_zero: c.absent_as_zero.unwrap_or(false),
         },
         cloud: CloudSettings {
             connect_timeout,
@@ -1370,5 +1374,26 @@ mod tests {
         assert!(is_annotation_key("elb-id"));
         assert!(!is_annotation_key("kubernetes.io/"));
         assert!(!is_annotation_key("bad key"));
+    }
+
+    #[test]
+    fn absent_as_zero_is_opt_in_and_typed() {
+        let base = "auth: {auth_url: 'https://iam.cn-east-3.myhuaweicloud.com/v3', region: cn-east-3, \
+                    project_id: p, access_key: a, secret_key: s}\n";
+        let none = |_: &str| None;
+        let c = Config::from_yaml(base, &none).expect("loads");
+        assert!(!c.collection.absent_as_zero);
+        let on = format!("{base}collection: {{absent_as_zero: true}}\n");
+        assert!(
+            Config::from_yaml(&on, &none)
+                .expect("loads")
+                .collection
+                .absent_as_zero
+        );
+        let bad = format!("{base}collection: {{absent_as_zero: sometimes}}\n");
+        let err = Config::from_yaml(&bad, &none)
+            .expect_err("not a boolean")
+            .to_string();
+        assert!(err.contains("absent_as_zero"), "{err}");
     }
 }

@@ -1,7 +1,12 @@
 //! The practice guide's pipeline against the real Prometheus (Debian package `prometheus`, with `promtool`):
 //!
 //!   elb-exporter demo → Prometheus running the guide's `elb_metric` job (deploy/prometheus-additional.yaml)
-//!     → the prometheus-adapter rule of deploy/adapter-rules.yaml, filled in for deploy/example-hpa.yaml
+//!     AND a ServiceMonitor-equivalent job (deploy/servicemonitor.yaml: `honor_labels`), so every series is
+//!     stored twice, as with two scrape paths in a cluster
+//!     → every prometheus-adapter rule of deploy/adapter/elb-exporter-rules.yaml, filled in for the shipped
+//!       HPAs: each must return the single, undoubled value (the guide's plain `sum` returns twice it)
+//!     → every panel query of deploy/grafana/elb-exporter.json: parses, runs, and returns data unless it
+//!       shows failures
 //!
 //! Without `prometheus`/`promtool` on PATH the test skips, unless `REQUIRE_PROMETHEUS=1` (CI), where it fails.
 //!
@@ -46,6 +51,10 @@ use serde_yaml::{Mapping, Value as Yaml};
 
 const EXPORTER: &str = env!("CARGO_BIN_EXE_elb-exporter");
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+const ADAPTER_SNIPPET: &str = "adapter/elb-exporter-rules.yaml";
+const DASHBOARD: &str = "grafana/elb-exporter.json";
+/// The ServiceMonitor-equivalent job: the operator's relabelling names the job after the scraped Service.
+const SM_JOB: &str = "elb-exporter";
 
 /// The port the guide's keep rule and address rewrite insist on.
 const GUIDE_PORT: u16 = 8087;
@@ -457,6 +466,39 @@ fn guide_job(sd_url: &str) -> Yaml {
     Yaml::Mapping(job)
 }
 
+/// What the Prometheus Operator generates from deploy/servicemonitor.yaml for the exporter's Service
+/// (deploy/service.yaml): its endpoint's path, scheme and `honorLabels`, and the target labels the operator
+/// attaches (`namespace`/`service` naming the EXPORTER's Service, `pod`, `container`, `endpoint`); the job is
+/// named after the Service, as the operator's relabelling does. Endpoints discovery becomes a static target.
+fn servicemonitor_job(target: SocketAddr) -> Yaml {
+    let sm = yaml_file("servicemonitor.yaml");
+    let svc = yaml_file("service.yaml");
+    assert_eq!(sm["kind"], "ServiceMonitor");
+    let eps = sm["spec"]["endpoints"]
+        .as_sequence()
+        .expect("servicemonitor.yaml: spec.endpoints");
+    assert_eq!(eps.len(), 1, "one endpoint expected: {eps:?}");
+    let ep = &eps[0];
+    let port = s(&ep["port"], "endpoints[0].port");
+    let svc_name = s(&svc["metadata"]["name"], "service.yaml metadata.name");
+    assert_eq!(svc_name, SM_JOB);
+    let labels = json!({
+        "namespace": svc["metadata"]["namespace"].as_str().unwrap_or("default"),
+        "service": svc_name,
+        "pod": format!("{svc_name}-5d8f7c9b6d-x2x7q"),
+        "container": svc_name,
+        "endpoint": port,
+    });
+    let job = json!({
+        "job_name": SM_JOB,
+        "honor_labels": ep["honorLabels"].as_bool().unwrap_or(false),
+        "metrics_path": ep["path"].as_str().unwrap_or("/metrics"),
+        "scheme": ep["scheme"].as_str().unwrap_or("http"),
+        "static_configs": [{"targets": [target.to_string()], "labels": labels}],
+    });
+    serde_json::from_value(job).expect("job as YAML")
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // prometheus-adapter emulation
 
@@ -469,39 +511,39 @@ struct AdapterRule {
     overrides: BTreeMap<String, String>,
 }
 
-fn adapter_rule() -> AdapterRule {
-    let cm = yaml_file("adapter-rules.yaml");
-    assert_eq!(cm["kind"], "ConfigMap");
-    let config: Yaml = serde_yaml::from_str(s(&cm["data"]["config.yaml"], "data.config.yaml"))
-        .expect("config.yaml parses");
-    let rules = config["rules"].as_sequence().expect("rules list");
-    let mut matching = rules
-        .iter()
-        .filter(|r| r["name"]["matches"] == "huaweicloud_sys_elb_(.*)");
-    let rule = matching
-        .next()
-        .expect("a rule with name.matches huaweicloud_sys_elb_(.*)");
+/// Every rule of the adapter snippet (deploy/adapter/elb-exporter-rules.yaml: a `rules:` list to merge).
+fn adapter_rules() -> Vec<AdapterRule> {
+    let snippet = yaml_file(ADAPTER_SNIPPET);
     assert!(
-        matching.next().is_none(),
-        "two rules for huaweicloud_sys_elb_(.*)"
+        snippet.get("kind").is_none(),
+        "{ADAPTER_SNIPPET} must be a snippet to merge, not a whole object"
     );
-    let overrides = rule["resources"]["overrides"]
-        .as_mapping()
-        .expect("resources.overrides")
+    let rules = snippet["rules"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{ADAPTER_SNIPPET}: no rules list"));
+    assert!(!rules.is_empty(), "{ADAPTER_SNIPPET}: no rules");
+    rules
         .iter()
-        .map(|(label, r)| {
-            let res = s(&r["resource"], "resource").to_ascii_lowercase();
-            let res = res.strip_suffix('s').map(str::to_owned).unwrap_or(res);
-            (res, s(label, "override label").to_owned())
+        .map(|rule| {
+            let overrides = rule["resources"]["overrides"]
+                .as_mapping()
+                .expect("resources.overrides")
+                .iter()
+                .map(|(label, r)| {
+                    let res = s(&r["resource"], "resource").to_ascii_lowercase();
+                    let res = res.strip_suffix('s').map(str::to_owned).unwrap_or(res);
+                    (res, s(label, "override label").to_owned())
+                })
+                .collect();
+            AdapterRule {
+                series_query: s(&rule["seriesQuery"], "seriesQuery").to_owned(),
+                name_matches: s(&rule["name"]["matches"], "name.matches").to_owned(),
+                name_as: s(&rule["name"]["as"], "name.as").to_owned(),
+                metrics_query: s(&rule["metricsQuery"], "metricsQuery").to_owned(),
+                overrides,
+            }
         })
-        .collect();
-    AdapterRule {
-        series_query: s(&rule["seriesQuery"], "seriesQuery").to_owned(),
-        name_matches: s(&rule["name"]["matches"], "name.matches").to_owned(),
-        name_as: s(&rule["name"]["as"], "name.as").to_owned(),
-        metrics_query: s(&rule["metricsQuery"], "metricsQuery").to_owned(),
-        overrides,
-    }
+        .collect()
 }
 
 impl AdapterRule {
@@ -635,7 +677,9 @@ async fn guide_pipeline_against_real_prometheus() {
     );
     config.insert(
         "scrape_configs".into(),
-        Yaml::Sequence(vec![guide_job(&sd_url)]),
+        // Two scrape paths at once, as `deploy/` + the guide's job (or CCE's annotation discovery) produce:
+        // every series is stored twice, and the adapter rules must still see each value once.
+        Yaml::Sequence(vec![guide_job(&sd_url), servicemonitor_job(exporter_addr)]),
     );
     let config_text = serde_yaml::to_string(&config).expect("serialise config");
     let config_path = dir.path().join("prometheus.yml");
@@ -680,12 +724,12 @@ async fn guide_pipeline_against_real_prometheus() {
         .expect("buildinfo");
     eprintln!("prometheus buildinfo: {build}");
 
-    // --- wait for the scraped series
+    // --- wait for the scraped series: one copy per scrape path
     let series_query = format!("{SERIES}{{service=\"nginx\"}}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let samples = loop {
         let r = prom_query(&http, &prom_base, &series_query).await;
-        if !r.is_empty() {
+        if r.len() >= 2 {
             break r;
         }
         if Instant::now() > deadline {
@@ -694,13 +738,15 @@ async fn guide_pipeline_against_real_prometheus() {
                 .map(|(_, b)| b)
                 .unwrap_or_else(|e| e);
             panic!(
-                "no {series_query} in Prometheus within 30 s\ntargets: {targets}\n{}\n{}",
+                "not two {series_query} (one per job) in Prometheus within 30 s: {r:?}\ntargets: {targets}\n{}\n{}",
                 prom.log_tail(),
                 exporter.log_tail()
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    let jobs: BTreeSet<&str> = samples.iter().map(|(l, _)| l["job"].as_str()).collect();
+    assert_eq!(jobs, BTreeSet::from([JOB, SM_JOB]), "{samples:?}");
 
     // --- the relabelling: one target, kept by the 8087 rule, scraped at <pod ip>:8087
     let targets = prom_api(&http, &prom_base, "/api/v1/targets", &[]).await;
@@ -739,8 +785,15 @@ async fn guide_pipeline_against_real_prometheus() {
     );
 
     // --- the stored series' labels
-    assert_eq!(samples.len(), 1, "one nginx series: {samples:?}");
-    let labels = &samples[0].0;
+    assert_eq!(samples.len(), 2, "one nginx series per job: {samples:?}");
+    let by_job = |job: &str| {
+        &samples
+            .iter()
+            .find(|(l, _)| l["job"] == job)
+            .unwrap_or_else(|| panic!("no {job} sample in {samples:?}"))
+            .0
+    };
+    let labels = by_job(JOB);
     let mut expected: BTreeMap<String, String> = [
         ("__name__", SERIES),
         ("namespace", "default"),
@@ -770,77 +823,79 @@ async fn guide_pipeline_against_real_prometheus() {
         );
         expected.insert(k, s(v, "label").to_owned());
     }
-    assert_eq!(labels, &expected, "labels of the stored series");
-
-    // --- the adapter rule, as prometheus-adapter runs it for deploy/example-hpa.yaml
-    let rule = adapter_rule();
-    let hpa = yaml_file("example-hpa.yaml");
-    let object = &hpa["spec"]["metrics"][0]["object"];
-    assert_eq!(hpa["spec"]["metrics"][0]["type"], "Object");
-    let hpa_metric = s(&object["metric"]["name"], "metric.name");
-    assert_eq!(hpa_metric, "elb01_listener_m7_in_Bps");
-    let described = &object["describedObject"];
-    let kind = s(&described["kind"], "describedObject.kind").to_ascii_lowercase();
-    let described_name = s(&described["name"], "describedObject.name");
-    let hpa_ns = hpa["metadata"]["namespace"].as_str().unwrap_or("default");
-    assert_eq!(
-        (kind.as_str(), described_name, hpa_ns),
-        ("service", "nginx", "default")
+    assert_eq!(labels, &expected, "labels of the stored series (guide job)");
+    // The ServiceMonitor job: honor_labels keeps the exported namespace/service (the APPLICATION's Service);
+    // the operator's target labels only fill what the series lacks.
+    let sm_labels = by_job(SM_JOB);
+    for (k, v) in [
+        ("namespace", "default"),
+        ("service", "nginx"),
+        ("lbaas_listener_id", NGINX_LISTENER),
+        ("endpoint", "http-metrics"),
+        ("instance", scrape_addr.as_str()),
+    ] {
+        assert_eq!(
+            sm_labels.get(k).map(String::as_str),
+            Some(v),
+            "{k} of {sm_labels:?}"
+        );
+    }
+    assert!(
+        !sm_labels.keys().any(|k| k.starts_with("exported_")),
+        "honorLabels must keep the exported labels: {sm_labels:?}"
     );
-    assert_eq!(
-        rule.metric_name(SERIES).as_deref(),
-        Some("elb01_listener_m7_in_Bps"),
-        "the name rule maps {SERIES} to the HPA's metric"
-    );
-    // Discovery as the adapter does it: seriesQuery → series names → name rule → the HPA's metric.
-    let found = prom_api(
+    // The exporter's own series have no namespace/service: there the target's (the exporter's Service) apply.
+    let own = prom_query(
         &http,
         &prom_base,
-        "/api/v1/series",
-        &[("match[]", rule.series_query.as_str())],
+        &format!("elb_exporter_build_info{{job=\"{SM_JOB}\"}}"),
     )
     .await;
-    let names: BTreeSet<String> = found
-        .as_array()
-        .expect("series list")
-        .iter()
-        .map(|l| s_json(&l["__name__"]))
-        .collect();
-    let for_hpa: Vec<&String> = names
-        .iter()
-        .filter(|n| rule.metric_name(n).as_deref() == Some(hpa_metric))
-        .collect();
-    assert_eq!(
-        for_hpa,
-        [SERIES],
-        "series behind {hpa_metric} among {names:?}"
-    );
-    let adapter_query = rule.metrics_query(SERIES, hpa_ns, &kind, described_name);
-    assert_eq!(
-        adapter_query,
-        format!("sum({SERIES}{{namespace=\"default\",service=\"nginx\"}}) by (service)")
+    assert!(
+        own.len() == 1 && own[0].0["service"] == SM_JOB && own[0].0["namespace"] == "default",
+        "{own:?}"
     );
 
-    // --- values: Prometheus = the exporter's /metrics = the simulator's datapoint, adapter sum = the same.
+    // --- the adapter rules, as prometheus-adapter runs them for the shipped HPAs
+    let hpa_queries = adapter_queries_for_hpas(&http, &prom_base).await;
+
+    // --- values: Prometheus = the exporter's /metrics = the simulator's datapoint; every adapter query gives
+    // that value once although Prometheus holds two copies; so does the dashboard's traffic panel.
     // The exporter's value changes once a minute; retry until one round sees a single value everywhere.
+    let dashboard = dashboard_queries();
+    let traffic_panel = dashboard
+        .iter()
+        .find(|(title, _)| title.contains("elb01_listener_m7_in_Bps"))
+        .map(|(_, q)| substitute(q, "default", "nginx"))
+        .expect("a dashboard panel for elb01_listener_m7_in_Bps");
     let mut attempts = Vec::new();
     for _ in 0..10 {
         let t0 = now_ms();
         let before = exporter_nginx_value(&get(&http, &metrics_url).await.expect("/metrics").1);
         let scraped = prom_query(&http, &prom_base, &series_query).await;
-        let adapted = prom_query(&http, &prom_base, &adapter_query).await;
+        let mut adapted = Vec::new();
+        for q in &hpa_queries {
+            let r = prom_query(&http, &prom_base, q).await;
+            assert_eq!(r.len(), 1, "{q}: exactly one sample: {r:?}");
+            let wanted: BTreeMap<String, String> =
+                [("service".to_owned(), "nginx".to_owned())].into();
+            assert_eq!(r[0].0, wanted, "{q} groups by service");
+            adapted.push(r[0].1);
+        }
+        let panel = prom_query(&http, &prom_base, &traffic_panel).await;
+        // What the old plain-sum rule saw: the doubled value (proves the duplicates are really there).
+        let naive = prom_query(&http, &prom_base, &format!("sum({series_query})")).await;
         let after = exporter_nginx_value(&get(&http, &metrics_url).await.expect("/metrics").1);
         let t1 = now_ms();
-        assert_eq!(scraped.len(), 1, "{series_query}: {scraped:?}");
-        assert_eq!(
-            adapted.len(),
-            1,
-            "{adapter_query}: exactly one sample: {adapted:?}"
-        );
-        let wanted: BTreeMap<String, String> = [("service".to_owned(), "nginx".to_owned())].into();
-        assert_eq!(adapted[0].0, wanted, "{adapter_query} groups by service");
-        let (prom_v, adapter_v) = (scraped[0].1, adapted[0].1);
-        if before == after && prom_v == before && adapter_v == before {
+        assert_eq!(scraped.len(), 2, "{series_query}: {scraped:?}");
+        assert_eq!(panel.len(), 1, "{traffic_panel}: {panel:?}");
+        let prom_v: Vec<f64> = scraped.iter().map(|(_, v)| *v).collect();
+        if before == after
+            && prom_v.iter().all(|v| *v == before)
+            && adapted.iter().all(|v| *v == before)
+            && panel[0].1 == before
+            && naive.first().map(|(_, v)| *v) == Some(2.0 * before)
+        {
             // The exporter serves the newest minute with data as of its last collection (every 15 s in
             // the demo): floor((t - 60 s) / 60 s) for some t in [t0 - 20 s, t1].
             let newest = |t: i64| (t - MINUTE_MS).div_euclid(MINUTE_MS) * MINUTE_MS;
@@ -852,12 +907,16 @@ async fn guide_pipeline_against_real_prometheus() {
                 .map(|m| datapoint_value(NGINX_LISTENER, CES_METRIC, *m))
                 .collect();
             assert!(
-                sim.contains(&prom_v),
-                "Prometheus/exporter value {prom_v} is not the simulator's {CES_METRIC} of {NGINX_LISTENER} at \
+                sim.contains(&before),
+                "Prometheus/exporter value {before} is not the simulator's {CES_METRIC} of {NGINX_LISTENER} at \
                  minutes {minutes:?}: {sim:?}"
             );
+            check_dashboard(&http, &prom_base, &dashboard).await;
             eprintln!(
-                "prometheus test: value {prom_v} agrees everywhere; took {:.1} s",
+                "prometheus test: value {before} agrees everywhere (2 scrape paths, {} adapter queries, {} \
+                 dashboard queries); took {:.1} s",
+                hpa_queries.len(),
+                dashboard.len(),
                 started.elapsed().as_secs_f64()
             );
             sd_task.abort();
@@ -866,12 +925,14 @@ async fn guide_pipeline_against_real_prometheus() {
             return;
         }
         attempts.push(format!(
-            "exporter before {before}, Prometheus {prom_v}, adapter query {adapter_v}, exporter after {after}"
+            "exporter before {before}, Prometheus {prom_v:?}, adapter queries {adapted:?}, traffic panel {}, \
+             exporter after {after}",
+            panel[0].1
         ));
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     panic!(
-        "Prometheus, the adapter query and the exporter never agreed:\n{}",
+        "Prometheus, the adapter queries, the dashboard and the exporter never agreed:\n{}",
         attempts.join("\n")
     );
 }
@@ -880,4 +941,226 @@ fn s_json(v: &Json) -> String {
     v.as_str()
         .unwrap_or_else(|| panic!("not a string: {v}"))
         .to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the shipped HPAs through the adapter rules
+
+/// Every Object metric of the HPAs in deploy/ (resource kind, lower case; namespace; name; metric).
+fn shipped_hpa_metrics() -> Vec<(String, String, String, String)> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(DEPLOY)
+        .expect("read deploy/")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("file name");
+        for doc in yaml_docs(name) {
+            if doc["kind"] != "HorizontalPodAutoscaler" {
+                continue;
+            }
+            let ns = doc["metadata"]["namespace"].as_str().unwrap_or("default");
+            for m in doc["spec"]["metrics"].as_sequence().expect("spec.metrics") {
+                assert_eq!(
+                    m["type"], "Object",
+                    "{name}: only Object metrics are emulated"
+                );
+                let o = &m["object"];
+                let d = &o["describedObject"];
+                out.push((
+                    s(&d["kind"], "describedObject.kind").to_ascii_lowercase(),
+                    ns.to_owned(),
+                    s(&d["name"], "describedObject.name").to_owned(),
+                    s(&o["metric"]["name"], "metric.name").to_owned(),
+                ));
+            }
+        }
+    }
+    assert!(!out.is_empty(), "no HPA in deploy/");
+    out
+}
+
+/// For each shipped HPA metric: the query prometheus-adapter runs (seriesQuery → series names → name rule →
+/// the HPA's metric; metricsQuery filled for the described object). Every rule must serve some HPA metric,
+/// and each HPA metric exactly one rule and one series.
+async fn adapter_queries_for_hpas(http: &reqwest::Client, base: &str) -> Vec<String> {
+    let rules = adapter_rules();
+    let mut used = vec![false; rules.len()];
+    let mut queries = Vec::new();
+    for (kind, ns, name, metric) in shipped_hpa_metrics() {
+        let mut serving = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            if !rule.overrides.contains_key(&kind) {
+                continue;
+            }
+            let found = prom_api(
+                http,
+                base,
+                "/api/v1/series",
+                &[("match[]", rule.series_query.as_str())],
+            )
+            .await;
+            let series: BTreeSet<String> = found
+                .as_array()
+                .expect("series list")
+                .iter()
+                .map(|l| s_json(&l["__name__"]))
+                .filter(|n| rule.metric_name(n).as_deref() == Some(metric.as_str()))
+                .collect();
+            if !series.is_empty() {
+                serving.push((i, series));
+            }
+        }
+        assert_eq!(
+            serving.len(),
+            1,
+            "exactly one adapter rule must publish {metric} for {kind}: {serving:?}"
+        );
+        let (i, series) = serving.pop().expect("one");
+        let series: Vec<String> = series.into_iter().collect();
+        assert_eq!(series.len(), 1, "series behind {metric}: {series:?}");
+        used[i] = true;
+        let q = rules[i].metrics_query(&series[0], &ns, &kind, &name);
+        if metric == "elb01_listener_m7_in_Bps" {
+            assert_eq!(
+                q,
+                format!(
+                    "sum by (service) (max by (namespace, service, lbaas_listener_id) \
+                     ({SERIES}{{namespace=\"default\",service=\"nginx\"}}))"
+                )
+            );
+        }
+        queries.push(q);
+    }
+    for (rule, used) in rules.iter().zip(used) {
+        assert!(
+            used,
+            "adapter rule {} serves no shipped HPA: untested",
+            rule.series_query
+        );
+    }
+    queries
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the Grafana dashboard
+
+/// Panels that may be empty on the healthy demo: they show failures. Everything else must return data.
+const MAY_BE_EMPTY: [&str; 2] = [
+    "Cloud request failures/s by code",
+    "Calls paused after rejected credentials",
+];
+
+fn dashboard_json() -> Json {
+    let path = format!("{DEPLOY}/{DASHBOARD}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// (panel title, PromQL) of every target of every panel, after checking what makes the dashboard importable
+/// and honest: a datasource variable used by every panel and target, unique panel ids, no `vector(`
+/// padding that would hide a broken query.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let d = dashboard_json();
+    let vars = d["templating"]["list"].as_array().expect("templating.list");
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("dashboard variable {name} is missing"))
+    };
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    for v in ["namespace", "service"] {
+        assert_eq!(var(v)["type"], "query", "{v}");
+    }
+    let mut ids = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        assert!(
+            ids.insert(p["id"].as_i64().expect("panel id")),
+            "duplicate id {p}"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        let title = s_json(&p["title"]);
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no targets");
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
+            let expr = s_json(&t["expr"]);
+            assert!(!expr.contains("vector("), "{title}: padding in {expr}");
+            out.push((title.clone(), expr));
+        }
+    }
+    for t in MAY_BE_EMPTY {
+        assert!(out.iter().any(|(title, _)| title == t), "no panel {t}");
+    }
+    out
+}
+
+/// Grafana's variable interpolation for the values `namespace`, `service` (regex matchers: ".*" = All).
+fn substitute(q: &str, namespace: &str, service: &str) -> String {
+    let q = q
+        .replace("$namespace", namespace)
+        .replace("$service", service)
+        .replace("$__rate_interval", "1m");
+    assert!(!q.contains('$'), "uninterpolated variable in {q}");
+    q
+}
+
+/// Runs every panel query with All and with default/nginx selected, and every variable query.
+async fn check_dashboard(http: &reqwest::Client, base: &str, queries: &[(String, String)]) {
+    for (ns, svc) in [(".*", ".*"), ("default", "nginx")] {
+        for (title, q) in queries {
+            let q = substitute(q, ns, svc);
+            // Counters need two samples inside the rate window: allow a few scrapes.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = prom_query(http, base, &q).await;
+                if !r.is_empty() || MAY_BE_EMPTY.contains(&title.as_str()) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "panel {title:?}: no data for {q}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let d = dashboard_json();
+    for (var, want) in [("namespace", "default"), ("service", "nginx")] {
+        let v = d["templating"]["list"]
+            .as_array()
+            .expect("templating.list")
+            .iter()
+            .find(|v| v["name"] == var)
+            .expect("variable");
+        let def = s_json(&v["query"]["query"]);
+        let inner = def
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{var}: not label_values(selector, label): {def}"));
+        let (selector, label) = inner.rsplit_once(',').expect("selector, label");
+        assert_eq!(label.trim(), var);
+        let selector = substitute(selector.trim(), ".*", ".*");
+        let values = prom_api(
+            http,
+            base,
+            &format!("/api/v1/label/{var}/values"),
+            &[("match[]", selector.as_str())],
+        )
+        .await;
+        assert!(
+            values.as_array().expect("values").iter().any(|x| x == want),
+            "variable {var} ({def}) does not offer {want}: {values}"
+        );
+    }
 }
