@@ -42,6 +42,9 @@ pub struct Snapshot {
     pub finished: bool,
     /// The last full cycle succeeded completely.
     pub up: bool,
+    /// How long a value is served after CES returned it: `stale_intervals` × the cycle period (the
+    /// interval, or the longer period cycles are paced to); `None` leaves it to the renderer.
+    pub stale_after: Option<Duration>,
 }
 
 impl Snapshot {
@@ -95,9 +98,9 @@ impl CollectorSettings {
         }
     }
 
-    /// How long a value keeps being served after CES last returned it.
-    pub fn stale_after(&self) -> Duration {
-        self.interval.saturating_mul(self.stale_intervals)
+    /// How long a value keeps being served after CES last returned it, when cycles run every `period`.
+    pub fn stale_after(&self, period: Duration) -> Duration {
+        period.saturating_mul(self.stale_intervals)
     }
 }
 
@@ -268,6 +271,14 @@ pub struct Collector<C: CloudApi> {
     zeros: Mutex<ZeroGuard>,
 }
 
+/// Which full cycle ended, and how.
+struct CycleDone {
+    cycle: u64,
+    started: Instant,
+    cut: bool,
+    stale_after: Duration,
+}
+
 /// How a full cycle went, batch by batch.
 #[derive(Default)]
 struct CycleOutcome {
@@ -436,7 +447,7 @@ impl<C: CloudApi> Collector<C> {
             answered: vec![false; plan.calls],
             ..CycleOutcome::default()
         };
-        let stale_after = self.settings.stale_after();
+        let stale_after = self.settings.stale_after(plan.period);
         let keep = |values: &mut HashMap<SeriesKey, Sample>, key: SeriesKey| -> bool {
             match prev.get(&key) {
                 Some(old) if started.saturating_duration_since(old.fetched) <= stale_after => {
@@ -478,7 +489,13 @@ impl<C: CloudApi> Collector<C> {
         if cut {
             self.keep_unanswered(&listeners, &mut out, &mut values, keep);
         }
-        self.finish_cycle(targets, &listeners, cycle, started, values, out, cut);
+        let done = CycleDone {
+            cycle,
+            started,
+            cut,
+            stale_after,
+        };
+        self.finish_cycle(targets, &listeners, done, values, out);
         plan.period
     }
 
@@ -501,17 +518,20 @@ impl<C: CloudApi> Collector<C> {
     }
 
     /// Publishes a full cycle's values and says how it went (metrics, log).
-    #[allow(clippy::too_many_arguments)]
     fn finish_cycle(
         &mut self,
         targets: &Targets,
         listeners: &[(Arc<str>, Arc<str>)],
-        cycle: u64,
-        started: Instant,
+        done: CycleDone,
         values: HashMap<SeriesKey, Sample>,
         out: CycleOutcome,
-        cut: bool,
     ) {
+        let CycleDone {
+            cycle,
+            started,
+            cut,
+            stale_after,
+        } = done;
         // Down when a batch failed or was cut, or when an ELB could not be looked up at all (a wrong
         // key fails every lookup, leaving no batch to fail).
         let lookups_failed = targets
@@ -572,6 +592,7 @@ impl<C: CloudApi> Collector<C> {
             extra: Arc::default(),
             finished: true,
             up,
+            stale_after: Some(stale_after),
         }));
         // The cycle's answers are garbage now: return them before the new body is rendered on top.
         crate::app::release_memory();
@@ -613,6 +634,7 @@ impl<C: CloudApi> Collector<C> {
             extra: Arc::new(extra),
             finished: prev.finished,
             up: prev.up,
+            stale_after: prev.stale_after,
         };
         self.tx.send_replace(Arc::new(snapshot));
     }
@@ -770,6 +792,8 @@ mod tests {
         assert_eq!(second_call.at.duration_since(start).as_secs(), 180);
         assert!(second.up);
         assert_eq!(telemetry.effective_interval.get(), 180.0);
+        // Values outlive a paced period: the staleness bound counts periods, not the configured interval.
+        assert_eq!(second.stale_after, Some(Duration::from_secs(3 * 180)));
     }
 
     #[test]

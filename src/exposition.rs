@@ -141,6 +141,7 @@ impl Renderer {
             String::with_capacity(targets.targets.len() * (self.metrics.len() + 1) * 260 + 4096);
         let mut newest: Option<i64> = None;
         let mut expires: Option<Instant> = None;
+        let stale_after = snap.stale_after.unwrap_or(self.stale_after);
         let mut series = 0usize;
         // One lookup key per target, its metric index set per family: the listener id is cloned once
         // per render, not once per datapoint.
@@ -156,7 +157,7 @@ impl Renderer {
                 let Some(s) = snap.get(key) else {
                     continue;
                 };
-                let Some(until) = s.fetched.checked_add(self.stale_after) else {
+                let Some(until) = s.fetched.checked_add(stale_after) else {
                     continue;
                 };
                 if until <= now {

@@ -1590,6 +1590,7 @@ proptest! {
             extra: Default::default(),
             finished: true,
             up: true,
+            stale_after: None,
         };
         let body = renderer.render(&targets, &snap);
 
