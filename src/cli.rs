@@ -4,7 +4,7 @@
 use crate::app;
 use crate::cloud::client::HttpCloud;
 use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
-use crate::collector::{NAMESPACE, calls_per_cycle, distinct_listeners};
+use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners};
 use crate::config::{Config, ConfigError, LogFormat, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::{self, DiscoveryEvent, Observed, observe};
@@ -227,10 +227,17 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         targets.elbs,
         format_duration(cfg.discovery.listener_refresh),
     );
-    if per_min > f64::from(cfg.cloud.rate_limit.ces_per_minute) {
+    let plan = CyclePlan::new(
+        calls,
+        cfg.collection.interval,
+        cfg.cloud.rate_limit.ces_per_minute,
+    );
+    if plan.over_budget {
         problems.push(format!(
-            "{per_min:.0} CES calls/minute exceed cloud.rate_limit.ces_per_minute ({}): raise collection.interval",
-            cfg.cloud.rate_limit.ces_per_minute
+            "{per_min:.0} CES calls/minute exceed cloud.rate_limit.ces_per_minute ({}): cycles will be paced to one every {} instead of {}; collect fewer metrics or raise collection.interval",
+            cfg.cloud.rate_limit.ces_per_minute,
+            format_duration(plan.period),
+            format_duration(cfg.collection.interval),
         ));
     }
     // One small CES call proves the AK may read metrics (ces:metricData:list).
