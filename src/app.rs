@@ -219,7 +219,7 @@ pub async fn serve_with<C: CloudApi>(
         }
     });
     let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry);
-    let state = AppState::new(telemetry, &cfg.metric_path);
+    let state = AppState::new(telemetry.clone(), &cfg.metric_path);
     tokio::spawn(run_renderer(
         Renderer::from_config(&cfg),
         pipeline,
@@ -231,7 +231,7 @@ pub async fn serve_with<C: CloudApi>(
         .unwrap_or_default();
     info!(addr = %addr, path = %cfg.metric_path, "serving metrics");
     let app = server::router(state, server::WebAuth::from_settings(&cfg.web));
-    server::serve(listener, app, &cfg.web, shutdown).await?;
+    server::serve(listener, app, &cfg.web, &telemetry, shutdown).await?;
     info!("shut down");
     Ok(())
 }

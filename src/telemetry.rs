@@ -56,6 +56,7 @@ pub struct Telemetry {
     pub skipped: IntCounterVec,
     pub collections: IntCounterVec,
     pub watch_restarts: IntCounterVec,
+    pub http_dropped: IntCounterVec,
     pub info: GaugeVec,
 }
 
@@ -240,6 +241,17 @@ impl Telemetry {
                         "Errors of the Kubernetes Service watch (each followed by a backed-off retry).",
                     ),
                     &["kind"],
+                )
+                .expect("valid metric"),
+            ),
+            http_dropped: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elb_exporter_http_connections_dropped_total",
+                        "Connections to /metrics closed by the exporter, by reason (timeouts, limit, TLS).",
+                    ),
+                    &["reason"],
                 )
                 .expect("valid metric"),
             ),

@@ -1,10 +1,17 @@
-//! The listener: connection cap, timeouts, optional TLS and the graceful drain.
+//! The listener: connection cap, per-connection deadlines, optional TLS (reloaded when its files change)
+//! and the graceful drain.
 
 use crate::config::WebSettings;
+use crate::telemetry::Telemetry;
 use axum::Router;
-use std::path::Path;
-use std::sync::Arc;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,36 +49,222 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `app` until `shutdown`, with a header-read timeout (slow clients cannot hold connections), a
-/// connection cap, optional TLS, and a bounded graceful drain.
+/// Why the server closed a connection; the `reason` label of `elb_exporter_http_connections_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// No complete request within `web.read_header_timeout` of accept (silent, `PRI`, an HTTP/2 preface
+    /// alone, a TLS handshake and nothing after it, headers trickling in).
+    HeaderTimeout,
+    /// No request started for `web.idle_timeout` (HTTP/1 keep-alive or HTTP/2).
+    IdleTimeout,
+    /// The TLS handshake failed.
+    TlsHandshake,
+    /// `web.max_connections` connections were open already.
+    ConnectionLimit,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::HeaderTimeout,
+        DropReason::IdleTimeout,
+        DropReason::TlsHandshake,
+        DropReason::ConnectionLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::HeaderTimeout => "header_timeout",
+            DropReason::IdleTimeout => "idle_timeout",
+            DropReason::TlsHandshake => "tls_handshake",
+            DropReason::ConnectionLimit => "connection_limit",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One log line per reason per `every` at most, carrying how many drops it stands for: a flood of idle
+/// connections must not become a flood of log lines.
+pub struct DropLog {
+    every: Duration,
+    state: Mutex<[(Option<Instant>, u64); 4]>,
+}
+
+impl DropLog {
+    pub fn new(every: Duration) -> Self {
+        DropLog {
+            every,
+            state: Mutex::new([(None, 0); 4]),
+        }
+    }
+
+    /// Notes one drop at `now`; `Some(n)` when a line is due, for `n` drops since the last line.
+    pub fn note(&self, reason: DropReason, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, pending) = &mut state[reason.index()];
+        *pending += 1;
+        if last.is_some_and(|l| now.duration_since(l) < self.every) {
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(pending))
+    }
+}
+
+/// How often a drop reason may be logged.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Counts and logs dropped connections.
+#[derive(Clone)]
+struct Drops {
+    telemetry: Telemetry,
+    log: Arc<DropLog>,
+}
+
+impl Drops {
+    fn new(telemetry: &Telemetry) -> Self {
+        for r in DropReason::ALL {
+            telemetry.http_dropped.with_label_values(&[r.as_str()]);
+        }
+        Drops {
+            telemetry: telemetry.clone(),
+            log: Arc::new(DropLog::new(DROP_LOG_EVERY)),
+        }
+    }
+
+    fn record(&self, reason: DropReason, web: &Limits) {
+        self.telemetry
+            .http_dropped
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        let Some(count) = self.log.note(reason, Instant::now()) else {
+            return;
+        };
+        if reason == DropReason::IdleTimeout {
+            // Routine for keep-alive connections that outlive their scraper.
+            tracing::debug!(reason = reason.as_str(), count, "closed idle connections");
+        } else {
+            tracing::warn!(
+                reason = reason.as_str(),
+                count,
+                read_header_timeout = ?web.read_header,
+                max_connections = web.max_connections,
+                "dropped connections (logged at most every 30s)"
+            );
+        }
+    }
+}
+
+/// The TLS acceptor, rebuilt when the certificate or key file changes (cert-manager rotates them in
+/// place). Checked on each new connection: two `stat` calls, and a reload only when the files changed.
+pub struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    state: Mutex<(FilesStamp, tokio_rustls::TlsAcceptor)>,
+}
+
+/// What identifies a file version: a Kubernetes Secret volume swaps in new files (new inode), an
+/// in-place write changes the length or modification time.
+type FileStamp = Option<(u64, u64, Option<std::time::SystemTime>)>;
+type FilesStamp = (FileStamp, FileStamp);
+
+fn file_stamp(p: &Path) -> FileStamp {
+    let m = std::fs::metadata(p).ok()?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((ino, m.len(), m.modified().ok()))
+}
+
+impl TlsFiles {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, ServeError> {
+        let stamp = (file_stamp(cert), file_stamp(key));
+        let acceptor = tls_acceptor(cert, key)?;
+        Ok(TlsFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            state: Mutex::new((stamp, acceptor)),
+        })
+    }
+
+    /// The acceptor for a new connection. New files that do not load (say the key is not written yet)
+    /// keep the previous certificate in use until the files change again.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let stamp = (file_stamp(&self.cert), file_stamp(&self.key));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 != stamp {
+            state.0 = stamp;
+            match tls_acceptor(&self.cert, &self.key) {
+                Ok(a) => {
+                    state.1 = a;
+                    tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "TLS files changed but do not load; serving the previous certificate"
+                ),
+            }
+        }
+        state.1.clone()
+    }
+}
+
+/// The deadlines every connection lives under.
+#[derive(Clone, Copy)]
+struct Limits {
+    read_header: Duration,
+    idle: Duration,
+    max_connections: usize,
+}
+
+/// Requests started on one connection, and when the last one started (ms after accept). The service
+/// wrapper writes it; the connection's supervisor reads it when a deadline passes.
+#[derive(Default)]
+struct Activity {
+    requests: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+/// Serves `app` until `shutdown`. Every connection must deliver a complete request within
+/// `web.read_header_timeout` of accept (the TLS handshake included) and is closed once no request started
+/// for `web.idle_timeout`, whatever protocol it speaks, so idle sockets cannot hold the `max_connections`
+/// slots. Optional TLS; a bounded graceful drain.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     web: &WebSettings,
+    telemetry: &Telemetry,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-
     let tls = match &web.tls {
-        Some((c, k)) => Some(tls_acceptor(c, k)?),
+        Some((c, k)) => Some(Arc::new(TlsFiles::load(c, k)?)),
         None => None,
     };
     let mut builder = Builder::new(TokioExecutor::new());
+    // hyper starts its HTTP/1 header timer as soon as it waits for the next request, so it also bounds
+    // keep-alive idleness: set to the idle timeout it lets Prometheus reuse its connection. The first
+    // request of every connection is held to `read_header_timeout` by `Conn::serve`, for any protocol.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(web.read_header_timeout)
+        .header_read_timeout(web.idle_timeout)
         .max_buf_size(64 * 1024);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(64)
         .max_header_list_size(64 * 1024);
-    let handshake_timeout = web.read_header_timeout;
+    let limits = Limits {
+        read_header: web.read_header_timeout,
+        idle: web.idle_timeout,
+        max_connections: web.max_connections,
+    };
+    let drops = Drops::new(telemetry);
     let slots = Arc::new(tokio::sync::Semaphore::new(web.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -86,50 +279,132 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let accepted = Instant::now();
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max = web.max_connections,
-                "connection limit reached; closing a new connection"
-            );
+            drops.record(DropReason::ConnectionLimit, &limits);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        match &tls {
-            None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(slot);
-                });
+        let (app, builder, tls, drops, stop) = (
+            app.clone(),
+            builder.clone(),
+            tls.clone(),
+            drops.clone(),
+            stop_rx.clone(),
+        );
+        tokio::spawn(async move {
+            let conn = Conn {
+                app,
+                builder,
+                limits,
+                accepted,
+                stop,
+            };
+            let dropped = match tls {
+                None => conn.serve(stream).await,
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(stream);
+                    match tokio::time::timeout_at(accepted + limits.read_header, handshake).await {
+                        Err(_) => Some(DropReason::HeaderTimeout),
+                        Ok(Err(_)) => Some(DropReason::TlsHandshake),
+                        Ok(Ok(tls_stream)) => conn.serve(tls_stream).await,
+                    }
+                }
+            };
+            if let Some(reason) = dropped {
+                drops.record(reason, &limits);
             }
-            Some(acceptor) => {
-                let (acceptor, builder, watcher) =
-                    (acceptor.clone(), builder.clone(), graceful.watcher());
-                tokio::spawn(async move {
-                    let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                    else {
-                        return;
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls_stream), service)
-                        .into_owned();
-                    let _ = watcher.watch(conn).await;
-                    drop(slot);
-                });
-            }
-        }
+            drop(slot);
+        });
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+    let _ = stop_tx.send(true);
+    let all = u32::try_from(web.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(all))
         .await
         .is_err()
     {
         tracing::warn!("connections still open after 10s; closing them");
     }
     Ok(())
+}
+
+/// One accepted connection and what it needs to be served.
+struct Conn {
+    app: Router,
+    builder: Builder<TokioExecutor>,
+    limits: Limits,
+    accepted: Instant,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Conn {
+    /// Serves HTTP on `io` until the client closes, a deadline passes, or the server stops. Returns why
+    /// the server dropped it, if it did.
+    async fn serve<I>(mut self, io: I) -> Option<DropReason>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::default());
+        let seen = activity.clone();
+        let accepted = self.accepted;
+        let service = tower::ServiceExt::map_request(self.app, move |req| {
+            let ms = u64::try_from(accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+            seen.last_ms.store(ms, Ordering::Relaxed);
+            seen.requests.fetch_add(1, Ordering::Release);
+            req
+        });
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        let mut conn = std::pin::pin!(conn);
+        let mut seen_requests = 0;
+        let mut deadline = accepted + self.limits.read_header;
+        let dropped = loop {
+            tokio::select! {
+                _ = conn.as_mut() => return None,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let n = activity.requests.load(Ordering::Acquire);
+                    if n > seen_requests {
+                        seen_requests = n;
+                        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+                        deadline = accepted + last + self.limits.idle;
+                        continue;
+                    }
+                    if seen_requests == 0 {
+                        // Nothing worth finishing: close at once.
+                        return Some(DropReason::HeaderTimeout);
+                    }
+                    break Some(DropReason::IdleTimeout);
+                }
+                _ = self.stop.wait_for(|stop| *stop) => break None,
+            }
+        };
+        // HTTP/2 gets a GOAWAY, HTTP/1 finishes its response; a peer that does not cooperate is cut.
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(self.limits.read_header, conn).await;
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_log_is_rate_limited_per_reason_and_counts_what_it_skipped() {
+        let log = DropLog::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        assert_eq!(log.note(DropReason::HeaderTimeout, t0), Some(1));
+        assert_eq!(log.note(DropReason::HeaderTimeout, t0), None);
+        assert_eq!(
+            log.note(DropReason::HeaderTimeout, t0 + Duration::from_secs(29)),
+            None
+        );
+        // Another reason has its own budget.
+        assert_eq!(log.note(DropReason::ConnectionLimit, t0), Some(1));
+        assert_eq!(
+            log.note(DropReason::HeaderTimeout, t0 + Duration::from_secs(30)),
+            Some(3)
+        );
+    }
 }

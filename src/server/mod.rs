@@ -19,7 +19,7 @@ mod auth;
 mod listen;
 
 pub use auth::WebAuth;
-pub use listen::{ServeError, serve, tls_acceptor};
+pub use listen::{DropLog, DropReason, ServeError, TlsFiles, serve, tls_acceptor};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
