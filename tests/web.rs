@@ -105,6 +105,138 @@ async fn basic_auth_protects_metrics_but_not_probes() {
     assert_eq!(status(&c, format!("http://{addr}/readyz")).await, 503);
 }
 
+/// A config file's text with `web:` YAML appended.
+fn config_text(web: &str) -> String {
+    format!(
+        "auth:\n  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n  project_name: \"cn-east-3\"\n  \
+         access_key: \"AKWEB000000000000001\"\n  secret_key: \"SKweb00000000000000000000000000000000000\"\n  \
+         region: \"cn-east-3\"\nweb:\n{web}"
+    )
+}
+
+#[test]
+fn bcrypt_costs_above_12_are_refused_in_config() {
+    // Format-valid hashes; config looks at the cost, not the digest.
+    let hash = |cost: u32| format!("$2b${cost:02}${}", "a".repeat(53));
+    let load = |cost: u32| {
+        elb_exporter::config::Config::from_yaml(
+            &config_text(&format!(
+                "  basic_auth_users:\n    prom: \"{}\"\n",
+                hash(cost)
+            )),
+            &|_| None,
+        )
+    };
+    assert!(load(10).is_ok());
+    assert!(load(12).is_ok());
+    for cost in [13, 31] {
+        let err = load(cost).unwrap_err();
+        assert_eq!(err.field(), Some("web.basic_auth_users.prom"), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("bcrypt cost {cost} is above 12")),
+            "{text}"
+        );
+        assert!(!text.contains(&hash(cost)), "the hash leaked: {text}");
+    }
+    // The binary refuses it before doing anything else: exit 2, naming the field.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clouds.yml");
+    std::fs::write(
+        &path,
+        config_text(&format!(
+            "  basic_auth_users:\n    prom: \"{}\"\n",
+            hash(31)
+        )),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("web.basic_auth_users.prom"), "{stderr}");
+}
+
+/// Sends `n` requests at once, each on its own connection, with basic auth `user`/`password`;
+/// returns the statuses in the order the answers arrived.
+async fn flood(addr: SocketAddr, n: usize, user: &str, password: &str) -> Vec<u16> {
+    let url = format!("http://{addr}/metrics");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..n {
+        let (url, user, password, tx) = (
+            url.clone(),
+            user.to_string(),
+            password.to_string(),
+            tx.clone(),
+        );
+        tokio::spawn(async move {
+            // A client per request: one connection each, so they really arrive together.
+            let r = client()
+                .get(url)
+                .basic_auth(user, Some(password))
+                .send()
+                .await;
+            let _ = tx.send(r.map(|r| r.status().as_u16()).unwrap_or(0));
+        });
+    }
+    drop(tx);
+    let mut statuses = Vec::new();
+    while let Some(s) = rx.recv().await {
+        statuses.push(s);
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_checks_are_capped_and_unknown_users_are_checked_too() {
+    let hash = bcrypt::hash("s3cret pass", 10).unwrap();
+    let mut web = settings();
+    web.basic_auth_users = vec![("prometheus".into(), Secret::new(hash))];
+    let (addr, _stop) = start(web).await;
+    let url = format!("http://{addr}/metrics");
+    let ok = || async {
+        client()
+            .get(&url)
+            .basic_auth("prometheus", Some("s3cret pass"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ok().await, 200);
+
+    // Wrong passwords for a known user, and any password for an unknown one: at most
+    // MAX_CONCURRENT_VERIFICATIONS bcrypt checks run; the rest are answered 429 without one (so
+    // before the checks that run finish), never queued.
+    let n = 12;
+    for (user, password) in [("prometheus", "wrong"), ("nobody", "s3cret pass")] {
+        let flooding = tokio::spawn(flood(addr, n, user, password));
+        // Meanwhile a scraper with the right (already verified) password is served.
+        for _ in 0..3 {
+            assert_eq!(ok().await, 200);
+        }
+        let statuses = flooding.await.unwrap();
+        let denied = statuses.iter().filter(|s| **s == 401).count();
+        let busy = statuses.iter().filter(|s| **s == 429).count();
+        assert_eq!(denied + busy, n, "{user}: {statuses:?}");
+        // A check takes ~0.5 s here (cost 10, unoptimised build), the 12 requests arrive within
+        // milliseconds of each other: all but the first MAX_CONCURRENT_VERIFICATIONS find the slots
+        // taken.
+        assert!(
+            (1..=server::MAX_CONCURRENT_VERIFICATIONS).contains(&denied),
+            "{user}: {denied} checks instead of at most {}: {statuses:?}",
+            server::MAX_CONCURRENT_VERIFICATIONS
+        );
+        // Refused at once, not after waiting for a check: the first answer is a 429.
+        assert_eq!(statuses[0], 429, "{user}: {statuses:?}");
+    }
+}
+
 #[tokio::test]
 async fn bearer_token_is_accepted() {
     let mut web = settings();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 mod auth;
 mod listen;
 
-pub use auth::WebAuth;
+pub use auth::{MAX_CONCURRENT_VERIFICATIONS, Verdict, WebAuth};
 pub use listen::{DropLog, DropReason, ServeError, TlsFiles, serve, tls_acceptor};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
