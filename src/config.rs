@@ -1163,6 +1163,37 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
     })
 }
 
+impl Config {
+    /// Settings that weaken the transport to the cloud: logged as warnings at start and printed by
+    /// `check`, because they are legal (private clouds, tests) but must never pass unnoticed.
+    pub fn transport_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.cloud.insecure_skip_verify {
+            warnings.push(
+                "cloud.insecure_skip_verify (global.ignore_ssl_verify) is on: cloud TLS certificates are \
+                 not verified, so anyone on the path can read the requests and forge the answers"
+                    .to_string(),
+            );
+        }
+        if self.auth.credentials.security_token.is_some() {
+            let e = &self.endpoints;
+            for (field, endpoint) in [
+                ("endpoints.iam", &e.iam),
+                ("endpoints.elb", &e.elb),
+                ("endpoints.ces", &e.ces),
+            ] {
+                if endpoint.scheme != "https" {
+                    warnings.push(format!(
+                        "{field} is {} while auth.security_token is set: the token is sent in clear text",
+                        endpoint.base_url()
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+}
+
 /// The cost of a bcrypt hash (`$2b$10$` + 53 characters), refused above `MAX_BCRYPT_COST`.
 fn bcrypt_cost(field: &str, h: &str) -> Result<u32, ConfigError> {
     let prefix_ok = h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$");
