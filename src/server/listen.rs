@@ -243,20 +243,7 @@ pub async fn serve(
         Some((c, k)) => Some(Arc::new(TlsFiles::load(c, k)?)),
         None => None,
     };
-    let mut builder = Builder::new(TokioExecutor::new());
-    // hyper starts its HTTP/1 header timer as soon as it waits for the next request, so it also bounds
-    // keep-alive idleness: set to the idle timeout it lets Prometheus reuse its connection. The first
-    // request of every connection is held to `read_header_timeout` by `Conn::serve`, for any protocol.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(web.idle_timeout)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .max_header_list_size(64 * 1024);
+    let builder = http_builder(web);
     let limits = Limits {
         read_header: web.read_header_timeout,
         idle: web.idle_timeout,
@@ -327,6 +314,25 @@ pub async fn serve(
         tracing::warn!("connections still open after 10s; closing them");
     }
     Ok(())
+}
+
+/// HTTP/1 and HTTP/2 (negotiated per connection) with bounded buffers and headers.
+fn http_builder(web: &WebSettings) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    // hyper starts its HTTP/1 header timer as soon as it waits for the next request, so it also bounds
+    // keep-alive idleness: set to the idle timeout it lets Prometheus reuse its connection. The first
+    // request of every connection is held to `read_header_timeout` by `Conn::serve`, for any protocol.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(web.idle_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .max_header_list_size(64 * 1024);
+    builder
 }
 
 /// One accepted connection and what it needs to be served.
