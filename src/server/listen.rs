@@ -286,22 +286,13 @@ pub async fn serve(
                 limits,
                 accepted,
                 stop,
+                drops,
+                slot: Some(slot),
             };
-            let dropped = match tls {
+            match tls {
                 None => conn.serve(stream).await,
-                Some(tls) => {
-                    let handshake = tls.acceptor().accept(stream);
-                    match tokio::time::timeout_at(accepted + limits.read_header, handshake).await {
-                        Err(_) => Some(DropReason::HeaderTimeout),
-                        Ok(Err(_)) => Some(DropReason::TlsHandshake),
-                        Ok(Ok(tls_stream)) => conn.serve(tls_stream).await,
-                    }
-                }
-            };
-            if let Some(reason) = dropped {
-                drops.record(reason, &limits);
+                Some(tls) => conn.serve_tls(&tls, stream).await,
             }
-            drop(slot);
         });
     }
     drop(listener);
@@ -320,12 +311,13 @@ pub async fn serve(
 fn http_builder(web: &WebSettings) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     // hyper starts its HTTP/1 header timer as soon as it waits for the next request, so it also bounds
-    // keep-alive idleness: set to the idle timeout it lets Prometheus reuse its connection. The first
-    // request of every connection is held to `read_header_timeout` by `Conn::serve`, for any protocol.
+    // keep-alive idleness; at `read_header_timeout` it would defeat keep-alive for scrape intervals above
+    // it. `Conn::serve` enforces both deadlines for every protocol (and counts them); hyper's timer is only
+    // a backstop after them.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(web.idle_timeout)
+        .header_read_timeout(web.idle_timeout + web.read_header_timeout)
         .max_buf_size(64 * 1024);
     builder
         .http2()
@@ -342,32 +334,55 @@ struct Conn {
     limits: Limits,
     accepted: Instant,
     stop: tokio::sync::watch::Receiver<bool>,
+    drops: Drops,
+    /// Its `max_connections` slot, held until the connection ends.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Conn {
-    /// Serves HTTP on `io` until the client closes, a deadline passes, or the server stops. Returns why
-    /// the server dropped it, if it did.
-    async fn serve<I>(mut self, io: I) -> Option<DropReason>
+    /// Counts the drop and frees the slot while the socket is still open, so that a client that sees the
+    /// close and connects again at once finds both done.
+    fn give_up(&mut self, reason: DropReason) {
+        self.drops.record(reason, &self.limits);
+        self.slot.take();
+    }
+
+    /// Completes the TLS handshake within what is left of `read_header_timeout`, then serves HTTP.
+    async fn serve_tls(mut self, tls: &TlsFiles, stream: tokio::net::TcpStream) {
+        let handshake = tls.acceptor().accept(stream);
+        let mut handshake = std::pin::pin!(handshake);
+        let deadline = self.accepted + self.limits.read_header;
+        match tokio::time::timeout_at(deadline, handshake.as_mut()).await {
+            Err(_) => self.give_up(DropReason::HeaderTimeout),
+            Ok(Err(_)) => self.give_up(DropReason::TlsHandshake),
+            Ok(Ok(tls_stream)) => self.serve(tls_stream).await,
+        }
+    }
+
+    /// Serves HTTP on `io` until the client closes, a deadline passes, or the server stops.
+    async fn serve<I>(mut self, io: I)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::default());
         let seen = activity.clone();
         let accepted = self.accepted;
-        let service = tower::ServiceExt::map_request(self.app, move |req| {
+        let service = tower::ServiceExt::map_request(self.app.clone(), move |req| {
             let ms = u64::try_from(accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
             seen.last_ms.store(ms, Ordering::Relaxed);
             seen.requests.fetch_add(1, Ordering::Release);
             req
         });
         let service = hyper_util::service::TowerToHyperService::new(service);
-        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        let builder = self.builder.clone();
+        let conn = builder.serve_connection(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         let mut seen_requests = 0;
         let mut deadline = accepted + self.limits.read_header;
-        let dropped = loop {
+        let mut stop = self.stop.clone();
+        loop {
             tokio::select! {
-                _ = conn.as_mut() => return None,
+                _ = conn.as_mut() => return,
                 _ = tokio::time::sleep_until(deadline) => {
                     let n = activity.requests.load(Ordering::Acquire);
                     if n > seen_requests {
@@ -378,17 +393,18 @@ impl Conn {
                     }
                     if seen_requests == 0 {
                         // Nothing worth finishing: close at once.
-                        return Some(DropReason::HeaderTimeout);
+                        self.give_up(DropReason::HeaderTimeout);
+                        return;
                     }
-                    break Some(DropReason::IdleTimeout);
+                    self.give_up(DropReason::IdleTimeout);
+                    break;
                 }
-                _ = self.stop.wait_for(|stop| *stop) => break None,
+                _ = stop.wait_for(|stop| *stop) => break,
             }
-        };
+        }
         // HTTP/2 gets a GOAWAY, HTTP/1 finishes its response; a peer that does not cooperate is cut.
         conn.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(self.limits.read_header, conn).await;
-        dropped
     }
 }
 
