@@ -161,25 +161,45 @@ fn bcrypt_costs_above_12_are_refused_in_config() {
     assert!(stderr.contains("web.basic_auth_users.prom"), "{stderr}");
 }
 
+#[test]
+fn web_timeouts_are_validated() {
+    let load = |web: &str| elb_exporter::config::Config::from_yaml(&config_text(web), &|_| None);
+    let c = load("  read_header_timeout: \"5s\"\n").unwrap();
+    assert_eq!(c.web.idle_timeout, Duration::from_secs(120));
+    assert_eq!(
+        load("  idle_timeout: \"90s\"\n").unwrap().web.idle_timeout,
+        Duration::from_secs(90)
+    );
+    for bad in [
+        "  idle_timeout: \"5s\"\n",
+        "  idle_timeout: \"2h\"\n",
+        "  idle_timeout: \"soon\"\n",
+    ] {
+        let err = load(bad).unwrap_err();
+        assert_eq!(err.field(), Some("web.idle_timeout"), "{bad}: {err}");
+    }
+    assert!(
+        load("  idle_timeoutt: \"90s\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("idle_timeoutt")
+    );
+}
+
 /// Sends `n` requests at once, each on its own connection, with basic auth `user`/`password`;
 /// returns the statuses in the order the answers arrived.
 async fn flood(addr: SocketAddr, n: usize, user: &str, password: &str) -> Vec<u16> {
     let url = format!("http://{addr}/metrics");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for _ in 0..n {
-        let (url, user, password, tx) = (
-            url.clone(),
-            user.to_string(),
-            password.to_string(),
-            tx.clone(),
-        );
+    // A client per request (one connection each), all built before the first is sent, so that the
+    // requests really arrive together.
+    let requests: Vec<_> = (0..n)
+        .map(|_| client().get(&url).basic_auth(user, Some(password)))
+        .collect();
+    for request in requests {
+        let tx = tx.clone();
         tokio::spawn(async move {
-            // A client per request: one connection each, so they really arrive together.
-            let r = client()
-                .get(url)
-                .basic_auth(user, Some(password))
-                .send()
-                .await;
+            let r = request.send().await;
             let _ = tx.send(r.map(|r| r.status().as_u16()).unwrap_or(0));
         });
     }
