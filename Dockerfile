@@ -15,8 +15,8 @@
 # The binary links only glibc and libgcc_s (TLS is rustls), so no OpenSSL is needed at build or run time.
 # Trust roots do not come from the image: the cloud endpoints are verified against the Mozilla roots compiled
 # into the binary (reqwest's rustls-tls feature = webpki-roots) plus `cloud.ca_file` when set, and the
-# Kubernetes API against the service account's ca.crt. The image's /etc/ssl/certs is not read, so a private CA
-# must go in `cloud.ca_file`, not into the image. Building on bookworm keeps the glibc the binary is linked
+# Kubernetes API against the service account's ca.crt (only a kubeconfig without a CA would fall back to the
+# system store). The image's /etc/ssl/certs is not read for the cloud, so a private CA goes in `cloud.ca_file`. Building on bookworm keeps the glibc the binary is linked
 # against (2.36) the same as the runtime image's.
 
 ARG RUST_VERSION=1

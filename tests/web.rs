@@ -547,6 +547,30 @@ async fn idle_keep_alive_connections_are_closed() {
         .unwrap();
     assert_eq!(dropped(&body, "idle_timeout"), 2.0);
     assert_eq!(dropped(&body, "header_timeout"), 0.0);
+
+    // The same over TLS.
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, cert, key) = write_cert(dir.path());
+    let mut web = settings();
+    web.idle_timeout = Duration::from_millis(1500);
+    web.tls = Some((cert, key));
+    let (addr, _stop) = start(web).await;
+    let mut tls = tls_connect(addr, &[&pem]).await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let closed = closed_after(&mut tls)
+        .await
+        .expect("idle TLS connection closed");
+    assert!(closed >= Duration::from_millis(1000), "TLS: {closed:?}");
+    let r = https_client(&pem, addr)
+        .get(format!("https://localhost:{}/metrics", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dropped(&r.text().await.unwrap(), "idle_timeout"), 1.0);
 }
 
 #[tokio::test]
