@@ -314,14 +314,16 @@ async fn serve_supervised<C: CloudApi>(
         run_renderer(Renderer::from_config(&cfg), pipeline, state.clone()),
     );
     // Dropped (and the tasks aborted) when serving ends.
-    let _supervisor = AbortOnDrop(tokio::spawn(tasks.watch(state.healthy.clone(), telemetry)));
+    let _supervisor = AbortOnDrop(tokio::spawn(
+        tasks.watch(state.healthy.clone(), telemetry.clone()),
+    ));
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     info!(addr = %addr, path = %cfg.metric_path, "serving metrics");
     let app = server::router(state, server::WebAuth::from_settings(&cfg.web));
-    server::serve(listener, app, &cfg.web, shutdown).await?;
+    server::serve(listener, app, &cfg.web, &telemetry, shutdown).await?;
     info!("shut down");
     Ok(())
 }

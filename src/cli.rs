@@ -105,6 +105,9 @@ pub fn init_logging(level: &str, format: LogFormat) {
 
 /// Runs the exporter from a loaded config (`path`: where it came from, watched for rotated credentials).
 pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
+    for w in cfg.transport_warnings() {
+        tracing::warn!(warning = %w, "insecure transport to the cloud");
+    }
     let kube = kube_client().await?;
     let listener = app::bind(&cfg.listen).await?;
     announce(&listener, &cfg.metric_path);
@@ -143,6 +146,9 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     println!("config: ok");
     for k in &cfg.ignored_keys {
         println!("  note: {k} is a cloudeye-exporter key with no effect here");
+    }
+    for w in cfg.transport_warnings() {
+        println!("  warning: {w}");
     }
     let telemetry = Telemetry::new();
     let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone()).map_err(app::AppError::from)?);

@@ -339,6 +339,7 @@ struct RawWeb {
     basic_auth_users: Option<std::collections::BTreeMap<String, Secret>>,
     bearer_token_file: Option<String>,
     read_header_timeout: Option<String>,
+    idle_timeout: Option<String>,
     max_connections: Option<i64>,
 }
 
@@ -494,7 +495,7 @@ pub struct RateLimits {
 }
 
 /// Protection and limits of the HTTP server (like Prometheus' exporter web config). Off by default.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WebSettings {
     /// PEM certificate chain and key: serve HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -502,8 +503,33 @@ pub struct WebSettings {
     pub basic_auth_users: Vec<(String, Secret)>,
     /// Accepted `Authorization: Bearer` token, read from `web.bearer_token_file`.
     pub bearer_token: Option<Secret>,
+    /// A connection must deliver a complete request within this from accept (TLS handshake included).
     pub read_header_timeout: Duration,
+    /// A connection on which no request started for this long is closed (HTTP/1 keep-alive and HTTP/2).
+    pub idle_timeout: Duration,
     pub max_connections: usize,
+}
+
+/// Highest bcrypt cost accepted in `web.basic_auth_users`: cost 12 is ~0.25 s of CPU per check already,
+/// and every wrong password an unauthenticated client sends costs one check.
+pub const MAX_BCRYPT_COST: u32 = 12;
+
+const DEFAULT_READ_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than any usual scrape interval, so Prometheus keeps reusing its connection.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+const DEFAULT_MAX_CONNECTIONS: i64 = 256;
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        WebSettings {
+            tls: None,
+            basic_auth_users: Vec::new(),
+            bearer_token: None,
+            read_header_timeout: DEFAULT_READ_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+        }
+    }
 }
 
 impl WebSettings {
@@ -1141,16 +1167,7 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
                 "a user name must be non-empty and without ':'",
             ));
         }
-        let h = hash.expose();
-        if !(h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$"))
-            || h.len() != 60
-        {
-            return Err(ConfigError::invalid(
-                &field,
-                "[redacted]",
-                "must be a bcrypt hash (e.g. htpasswd -nBC 10 \"\" | tr -d ':\\n')",
-            ));
-        }
+        bcrypt_cost(&field, hash.expose())?;
         users.push((user, hash));
     }
     let bearer_token = match file("web.bearer_token_file", w.bearer_token_file)? {
@@ -1170,8 +1187,8 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
             Some(Secret::new(t))
         }
     };
-    let read_header_timeout =
-        dur("web.read_header_timeout", w.read_header_timeout)?.unwrap_or(Duration::from_secs(10));
+    let read_header_timeout = dur("web.read_header_timeout", w.read_header_timeout)?
+        .unwrap_or(DEFAULT_READ_HEADER_TIMEOUT);
     if read_header_timeout < Duration::from_millis(100)
         || read_header_timeout > Duration::from_secs(300)
     {
@@ -1181,15 +1198,85 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
             "must be between 100ms and 5m",
         ));
     }
-    let max_connections =
-        positive("web.max_connections", w.max_connections, 256, 100_000)? as usize;
+    let idle_timeout = dur("web.idle_timeout", w.idle_timeout)?.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    if idle_timeout < read_header_timeout || idle_timeout > Duration::from_secs(3600) {
+        return Err(ConfigError::invalid(
+            "web.idle_timeout",
+            format_duration(idle_timeout),
+            "must be between web.read_header_timeout and 1h (and longer than the scrape interval)",
+        ));
+    }
+    let max_connections = positive(
+        "web.max_connections",
+        w.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+        100_000,
+    )? as usize;
     Ok(WebSettings {
         tls,
         basic_auth_users: users,
         bearer_token,
         read_header_timeout,
+        idle_timeout,
         max_connections,
     })
+}
+
+impl Config {
+    /// Settings that weaken the transport to the cloud: logged as warnings at start and printed by
+    /// `check`, because they are legal (private clouds, tests) but must never pass unnoticed.
+    pub fn transport_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.cloud.insecure_skip_verify {
+            warnings.push(
+                "cloud.insecure_skip_verify (global.ignore_ssl_verify) is on: cloud TLS certificates are \
+                 not verified, so anyone on the path can read the requests and forge the answers"
+                    .to_string(),
+            );
+        }
+        if self.auth.credentials.security_token.is_some() {
+            let e = &self.endpoints;
+            for (field, endpoint) in [
+                ("endpoints.iam", &e.iam),
+                ("endpoints.elb", &e.elb),
+                ("endpoints.ces", &e.ces),
+            ] {
+                if endpoint.scheme != "https" {
+                    warnings.push(format!(
+                        "{field} is {} while auth.security_token is set: the token is sent in clear text",
+                        endpoint.base_url()
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+}
+
+/// The cost of a bcrypt hash (`$2b$10$` + 53 characters), refused above `MAX_BCRYPT_COST`.
+fn bcrypt_cost(field: &str, h: &str) -> Result<u32, ConfigError> {
+    let prefix_ok = h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$");
+    let cost = h
+        .get(4..6)
+        .filter(|_| prefix_ok && h.len() == 60 && h.as_bytes()[6] == b'$')
+        .and_then(|c| c.parse::<u32>().ok())
+        .filter(|c| (4..=31).contains(c));
+    match cost {
+        None => Err(ConfigError::invalid(
+            field,
+            "[redacted]",
+            "must be a bcrypt hash (e.g. htpasswd -nBC 10 \"\" | tr -d ':\\n')",
+        )),
+        Some(c) if c > MAX_BCRYPT_COST => Err(ConfigError::invalid(
+            field,
+            "[redacted]",
+            format!(
+                "bcrypt cost {c} is above {MAX_BCRYPT_COST}: every wrong password would cost that much CPU; \
+                 hash again with htpasswd -nBC 10"
+            ),
+        )),
+        Some(c) => Ok(c),
+    }
 }
 
 /// `":8087"` (cloudeye style: all interfaces), `"8087"`, `"127.0.0.1:8087"` or `"[::1]:8087"`.

@@ -58,6 +58,7 @@ pub struct Telemetry {
     pub watch_restarts: IntCounterVec,
     pub task_failures: IntCounterVec,
     pub effective_interval: Gauge,
+    pub http_dropped: IntCounterVec,
     pub info: GaugeVec,
 }
 
@@ -261,6 +262,17 @@ impl Telemetry {
                 Gauge::new(
                     "elb_exporter_collection_effective_interval_seconds",
                     "Start-to-start period of full collection cycles: collection.interval, stretched when the planned CES calls exceed the rate limit.",
+                )
+                .expect("valid metric"),
+            ),
+            http_dropped: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elb_exporter_http_connections_dropped_total",
+                        "Connections to /metrics closed by the exporter, by reason (timeouts, limit, TLS).",
+                    ),
+                    &["reason"],
                 )
                 .expect("valid metric"),
             ),

@@ -1597,3 +1597,48 @@ async fn secrets_never_appear_in_logs_errors_or_metrics() {
     }
     assert!(leaks.is_empty(), "secrets printed:\n{}", leaks.join("\n"));
 }
+
+/// Basic auth at `RUST_LOG=trace`: a right password, a wrong one, an unknown user and a burst of wrong
+/// passwords beyond the check cap (429s). Neither the passwords, their `Authorization` values nor the
+/// bcrypt hash appear in `/metrics`, the logs or stdout.
+#[tokio::test]
+async fn basic_auth_secrets_never_appear_in_logs_or_metrics() {
+    use base64::Engine as _;
+    let w = fixture().await;
+    let (right, wrong) = ("RightBasicAuthPassword-7Hq", "WrongBasicAuthPassword-9Zx");
+    let hash = bcrypt::hash(right, 6).unwrap();
+    let web = format!("web:\n  basic_auth_users:\n    prometheus: \"{hash}\"\n");
+    let e = w.exporter_env(&fast("", "", &web), |t| t, &[("RUST_LOG", "trace")]);
+    e.wait_ready().await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |user: &'static str, password: &'static str| {
+        let request = client.get(&e.metrics_url).basic_auth(user, Some(password));
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, body) = get("prometheus", right).await;
+    assert_eq!(status, 200);
+    assert_eq!(get("prometheus", wrong).await.0, 401);
+    assert_eq!(get("nobody", right).await.0, 401);
+    let burst = futures::future::join_all((0..8).map(|_| get("prometheus", wrong))).await;
+    assert!(
+        burst.iter().all(|(s, _)| *s == 401 || *s == 429),
+        "{burst:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let header =
+        |u: &str, p: &str| base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+    let secrets = [
+        right,
+        wrong,
+        hash.as_str(),
+        &header("prometheus", right),
+        &header("prometheus", wrong),
+        &header("nobody", right),
+    ];
+    assert_no_secret("basic auth: /metrics", &body, &secrets);
+    assert_no_secret("basic auth: stderr", &e.logs(), &secrets);
+    assert_no_secret("basic auth: stdout", &e.stdout(), &secrets);
+}
