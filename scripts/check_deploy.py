@@ -190,10 +190,12 @@ class Checker:
         if role:
             w = "deploy/clusterrole.yaml"
             rules = role.get("rules") or []
-            self.check(len(rules) == 1, w, f"expected exactly one rule (services get/list/watch), found {len(rules)}")
+            # Read-only rules, one per (API group, resource) the exporter watches.
+            expected = {("", "services"), ("networking.k8s.io", "ingresses")}
+            got = {(tuple(r.get("apiGroups") or []), tuple(r.get("resources") or [])) for r in rules}
+            self.check(got == {((g,), (r,)) for g, r in expected} and len(rules) == len(expected), w,
+                       f"expected exactly the rules services (core) and ingresses (networking.k8s.io), got {sorted(got)}")
             for rule in rules:
-                self.check(rule.get("apiGroups") == [""], w, "rule must be for the core API group only ([\"\"])")
-                self.check(rule.get("resources") == ["services"], w, "rule must cover `services` only")
                 self.check(sorted(rule.get("verbs") or []) == ["get", "list", "watch"], w,
                            f"verbs must be exactly get, list, watch (got {rule.get('verbs')})")
                 self.check(not rule.get("resourceNames") and not rule.get("nonResourceURLs"), w,

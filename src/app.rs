@@ -55,6 +55,7 @@ pub struct Pipeline {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
     Watch,
+    IngressWatch,
     Inventory,
     Collector,
     Renderer,
@@ -65,6 +66,7 @@ impl Task {
     pub fn as_str(self) -> &'static str {
         match self {
             Task::Watch => "watch",
+            Task::IngressWatch => "ingress_watch",
             Task::Inventory => "inventory",
             Task::Collector => "collector",
             Task::Renderer => "renderer",
@@ -116,6 +118,16 @@ pub fn start_pipeline<C: CloudApi>(
     tasks: &mut Supervisor,
 ) -> Pipeline {
     let (tx, rx) = mpsc::channel::<DiscoveryEvent>(1024);
+    if cfg.discovery.ingresses {
+        tasks.spawn(
+            Task::IngressWatch,
+            discovery::ingress::run_watch(
+                kube.clone(),
+                cfg.discovery.namespaces.clone(),
+                tx.clone(),
+            ),
+        );
+    }
     tasks.spawn(
         Task::Watch,
         discovery::run_watch(

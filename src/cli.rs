@@ -177,7 +177,11 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         let mine: Vec<_> = targets
             .targets
             .iter()
-            .filter(|t| t.namespace == r.namespace && t.service == r.name)
+            .filter(|t| {
+                t.owner == discovery::Owner::Service
+                    && t.namespace == r.namespace
+                    && t.service == r.name
+            })
             .collect();
         if mine.is_empty() {
             println!(
@@ -215,6 +219,7 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         );
     }
 
+    print_ingresses(&targets, &mut problems);
     let listeners = distinct_listeners(&targets);
     let batch = cfg.effective_batch_size();
     let metrics = cfg.collection.metrics.len();
@@ -296,6 +301,67 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
 }
 
 /// Lists the Services once and resolves their ELBs through the same inventory the exporter runs.
+/// The Ingress → listener table of `check`; a shared listener is a note, anything else a problem.
+fn print_ingresses(targets: &Targets, problems: &mut Vec<String>) {
+    if targets.ingresses == 0 && targets.ingress_problems.is_empty() {
+        return;
+    }
+    println!(
+        "\n{:<20} {:<24} {:<38} {:<38} {:>5} {:<17} NAME",
+        "NAMESPACE", "INGRESS", "ELB", "LISTENER", "PORT", "PROTOCOL"
+    );
+    for t in targets
+        .targets
+        .iter()
+        .filter(|t| t.owner == discovery::Owner::Ingress)
+    {
+        println!(
+            "{:<20} {:<24} {:<38} {:<38} {:>5} {:<17} {}",
+            t.namespace, t.service, t.elb_id, t.listener_id, t.port, t.protocol, t.listener_name
+        );
+    }
+    for (problem, text) in &targets.ingress_problems {
+        match problem {
+            discovery::Problem::SharedListener => println!("  note: {text}"),
+            _ => problems.push(text.clone()),
+        }
+    }
+}
+
+/// Lists CCE Ingresses once per scope into the inventory (before the Services, so their ELBs are
+/// looked up before the inventory reports itself synced).
+async fn list_ingresses_once(
+    kube: &kube::Client,
+    scopes: &[discovery::Scope],
+    tx: &mpsc::Sender<DiscoveryEvent>,
+) -> Result<(), CliError> {
+    use discovery::ingress::{IngressEvent, ObservedIngress};
+    for scope in scopes {
+        let api: kube::Api<k8s_openapi::api::networking::v1::Ingress> = match scope {
+            None => kube::Api::all(kube.clone()),
+            Some(ns) => kube::Api::namespaced(kube.clone(), ns),
+        };
+        let ev = match api.list(&kube::api::ListParams::default()).await {
+            Ok(list) => IngressEvent::Resync {
+                scope: scope.clone(),
+                observed: list
+                    .items
+                    .iter()
+                    .map(discovery::ingress::observe)
+                    .filter(|o| !matches!(o, ObservedIngress::Ignored(_)))
+                    .collect(),
+            },
+            Err(kube::Error::Api(s)) if s.code == 403 => IngressEvent::Forbidden {
+                scope: scope.clone(),
+                message: s.message.clone(),
+            },
+            Err(e) => return Err(CliError::Kube(format!("listing ingresses: {e}"))),
+        };
+        let _ = tx.send(DiscoveryEvent::Ingress(ev)).await;
+    }
+    Ok(())
+}
+
 async fn resolve_once<C: CloudApi>(
     cfg: &Config,
     cloud: Arc<C>,
@@ -313,6 +379,9 @@ async fn resolve_once<C: CloudApi>(
         telemetry.clone(),
     );
     let task = tokio::spawn(inventory.run(rx));
+    if cfg.discovery.ingresses {
+        list_ingresses_once(&kube, &scopes, &tx).await?;
+    }
     for scope in scopes {
         let api: kube::Api<Service> = match &scope {
             None => kube::Api::all(kube.clone()),

@@ -675,6 +675,7 @@ mod tests {
                     cloud.set_value(&listener(i), m, value);
                 }
                 Target {
+                    owner: crate::discovery::Owner::Service,
                     namespace: "default".into(),
                     service: format!("svc{i}").into(),
                     elb_id: format!("elb{}", i % 2).into(),

@@ -287,6 +287,7 @@ struct RawDiscovery {
     annotation: Option<String>,
     namespaces: Option<Vec<String>>,
     listener_refresh: Option<String>,
+    ingresses: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -419,6 +420,8 @@ pub struct Discovery {
     pub annotation: String,
     pub namespaces: Vec<String>,
     pub listener_refresh: Duration,
+    /// Watch CCE ELB Ingresses too (`discovery.ingresses`, default true).
+    pub ingresses: bool,
 }
 
 /// CES statistic.
@@ -1105,6 +1108,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             annotation,
             namespaces,
             listener_refresh,
+            ingresses: d.ingresses.unwrap_or(true),
         },
         collection: Collection {
             interval,

@@ -103,6 +103,55 @@ pub fn service(ns: &str, name: &str, annotations: &[(&str, &str)], ports: &[i32]
     s
 }
 
+/// A CCE ELB Ingress (`spec.ingressClassName: cce`) routing `/<service>` to each backend
+/// (Service name, Service port).
+pub fn ingress(
+    ns: &str,
+    name: &str,
+    annotations: &[(&str, &str)],
+    backends: &[(&str, i32)],
+) -> k8s_openapi::api::networking::v1::Ingress {
+    use k8s_openapi::api::networking::v1::{
+        HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
+        IngressServiceBackend, IngressSpec, ServiceBackendPort,
+    };
+    let mut ing = Ingress::default();
+    ing.metadata.namespace = Some(ns.into());
+    ing.metadata.name = Some(name.into());
+    ing.metadata.annotations = Some(
+        annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    let paths = backends
+        .iter()
+        .map(|(svc, port)| HTTPIngressPath {
+            path: Some(format!("/{svc}")),
+            path_type: "Prefix".into(),
+            backend: IngressBackend {
+                service: Some(IngressServiceBackend {
+                    name: svc.to_string(),
+                    port: Some(ServiceBackendPort {
+                        number: Some(*port),
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            },
+        })
+        .collect();
+    ing.spec = Some(IngressSpec {
+        ingress_class_name: Some("cce".into()),
+        rules: Some(vec![IngressRule {
+            host: None,
+            http: Some(HTTPIngressRuleValue { paths }),
+        }]),
+        ..Default::default()
+    });
+    ing
+}
+
 /// The demo's Services in two namespaces: dedicated and shared ELBs, a two-port Service, a Service
 /// without the class annotation (v3 then v2), and one without the ELB annotation.
 pub fn services() -> Vec<Service> {

@@ -218,7 +218,7 @@ fn label_set(t: &Target) -> String {
     let mut s = String::with_capacity(256);
     for (i, (k, v)) in [
         ("namespace", &*t.namespace),
-        ("service", &*t.service),
+        (t.owner.label(), &*t.service),
         ("lbaas_instance_id", &*t.elb_id),
         ("lbaas_listener_id", &*t.listener_id),
         ("listener_name", &*t.listener_name),
@@ -305,6 +305,7 @@ mod tests {
         )
         .with_stale_after(3 * minute);
         let target = Target {
+            owner: crate::discovery::Owner::Service,
             namespace: "ns".into(),
             service: "svc".into(),
             elb_id: "elb".into(),

@@ -1509,6 +1509,7 @@ fn render_case() -> impl Strategy<Value = RenderCase> {
                 let targets: Vec<Target> = targets
                     .into_iter()
                     .map(|(ns, svc, elb, li, name, port, proto)| Target {
+                        owner: elb_exporter::discovery::Owner::Service,
                         namespace: ns.into(),
                         service: svc.into(),
                         elb_id: elb.into(),

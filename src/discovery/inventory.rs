@@ -5,7 +5,8 @@
 //! `listener_refresh`, and after a failure retried with backoff (never a retry storm). Events are coalesced
 //! so a burst of Service changes publishes one new target set.
 
-use super::{DiscoveryEvent, ElbClass, Observed, Problem, Scope, ServiceKey, ServiceTarget};
+use super::ingress::{IngressBook, IngressEvent};
+use super::{DiscoveryEvent, ElbClass, Observed, Owner, Problem, Scope, ServiceKey};
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Listener};
 use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,9 +28,11 @@ const AUTH_RETRY: Duration = Duration::from_secs(2);
 /// First retry delay after a failed listing; doubles up to `listener_refresh`.
 const RETRY_BASE: Duration = Duration::from_secs(15);
 
-/// One exported listener of one Service.
+/// One exported listener of one Service (or Ingress).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// Whether `service` names a Service or an Ingress.
+    pub owner: Owner,
     pub namespace: Arc<str>,
     pub service: Arc<str>,
     pub elb_id: Arc<str>,
@@ -60,8 +63,13 @@ pub struct Targets {
     pub synced: bool,
     /// Annotated Services (usable or not).
     pub services: usize,
-    /// Sorted by namespace, service, port, listener id.
+    /// Service listeners sorted by namespace, service, port, listener id; then Ingress listeners
+    /// sorted the same way.
     pub targets: Vec<Target>,
+    /// CCE Ingresses watched (usable or not).
+    pub ingresses: usize,
+    /// Ingress problems for `check` and logs: the reason, and `ingress namespace/name: problem`.
+    pub ingress_problems: Vec<(Problem, String)>,
     /// Current problem counts by reason (`elb_exporter_discovery_problems`).
     pub problems: BTreeMap<Problem, usize>,
     /// Watch scopes the apiserver refuses to list (RBAC), with its message, for `check` and logs.
@@ -112,6 +120,7 @@ pub struct Inventory<C: CloudApi> {
     initial_pending: Option<HashSet<Arc<str>>>,
     generation: u64,
     logged: HashMap<ServiceKey, Vec<String>>,
+    ingresses: IngressBook,
     tx: watch::Sender<Arc<Targets>>,
 }
 
@@ -134,6 +143,7 @@ impl<C: CloudApi> Inventory<C> {
                 initial_pending: None,
                 generation: 0,
                 logged: HashMap::new(),
+                ingresses: IngressBook::default(),
                 tx,
             },
             rx,
@@ -262,6 +272,7 @@ impl<C: CloudApi> Inventory<C> {
                 self.start_initial_lookups();
                 new
             }
+            DiscoveryEvent::Ingress(ev) => self.apply_ingress(ev),
             DiscoveryEvent::Error(kind) => {
                 self.telemetry
                     .watch_restarts
@@ -308,29 +319,26 @@ impl<C: CloudApi> Inventory<C> {
             return false;
         }
         if let Observed::Target(t) = &o {
-            self.ensure_elb(t);
+            self.ensure_elb(&t.elb_id, t.class);
         }
         self.services.insert(key, o);
         self.gc_elbs();
         true
     }
 
-    fn ensure_elb(&mut self, t: &ServiceTarget) {
-        let st = self
-            .elbs
-            .entry(t.elb_id.clone())
-            .or_insert_with(|| ElbState {
-                class: t.class,
-                version: None,
-                listeners: Arc::new(Vec::new()),
-                status: ElbStatus::Pending,
-                in_flight: false,
-                next_resolve: Instant::now(),
-                failures: 0,
-            });
+    fn ensure_elb(&mut self, elb_id: &Arc<str>, class: ElbClass) {
+        let st = self.elbs.entry(elb_id.clone()).or_insert_with(|| ElbState {
+            class,
+            version: None,
+            listeners: Arc::new(Vec::new()),
+            status: ElbStatus::Pending,
+            in_flight: false,
+            next_resolve: Instant::now(),
+            failures: 0,
+        });
         // A changed class (or a changed Service) re-resolves at once.
-        if st.class != t.class {
-            st.class = t.class;
+        if st.class != class {
+            st.class = class;
             st.version = None;
         }
         st.next_resolve = Instant::now();
@@ -344,6 +352,7 @@ impl<C: CloudApi> Inventory<C> {
                 Observed::Target(t) => Some(&t.elb_id),
                 _ => None,
             })
+            .chain(self.ingresses.elbs().map(|(id, _)| id))
             .collect();
         self.elbs.retain(|id, _| used.contains(id));
     }
@@ -452,6 +461,7 @@ impl<C: CloudApi> Inventory<C> {
                             for l in st.listeners.iter().filter(|l| l.port == port) {
                                 found = true;
                                 targets.push(Target {
+                                    owner: Owner::Service,
                                     namespace: t.namespace.clone(),
                                     service: t.name.clone(),
                                     elb_id: t.elb_id.clone(),
@@ -494,6 +504,7 @@ impl<C: CloudApi> Inventory<C> {
         if !self.scopes_forbidden.is_empty() {
             problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
         }
+        let ingress_problems = self.ingress_targets(&mut targets, &mut problems);
         let synced = self.scopes_answered() >= self.settings.scopes
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
         self.generation += 1;
@@ -515,8 +526,84 @@ impl<C: CloudApi> Inventory<C> {
                 .collect(),
             reports,
             elbs: self.elbs.len(),
+            ingresses: self.ingresses.ingresses.len(),
+            ingress_problems,
         };
         self.tx.send_replace(Arc::new(t));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Ingresses (attribution itself lives in `super::ingress`)
+
+impl<C: CloudApi> Inventory<C> {
+    fn apply_ingress(&mut self, ev: IngressEvent) -> bool {
+        if !self.ingresses.apply(ev) {
+            return false;
+        }
+        let elbs: Vec<(Arc<str>, ElbClass)> = self
+            .ingresses
+            .elbs()
+            .filter(|(id, _)| !self.elbs.contains_key(*id))
+            .map(|(id, c)| (id.clone(), c))
+            .collect();
+        for (id, class) in elbs {
+            self.ensure_elb(&id, class);
+        }
+        self.gc_elbs();
+        true
+    }
+
+    /// Appends the Ingress listener targets and counts Ingress problems; returns them in words.
+    fn ingress_targets(
+        &self,
+        targets: &mut Vec<Target>,
+        problems: &mut BTreeMap<Problem, usize>,
+    ) -> Vec<(Problem, String)> {
+        let a = super::ingress::attribute(&self.ingresses, |id| {
+            self.elbs
+                .get(id)
+                .filter(|st| st.status == ElbStatus::Ok)
+                .map(|st| st.listeners.as_slice())
+        });
+        let start = targets.len();
+        for o in &a.owned {
+            targets.push(Target {
+                owner: Owner::Ingress,
+                namespace: o.ingress.namespace.clone(),
+                service: o.ingress.name.clone(),
+                elb_id: o.ingress.elb_id.clone(),
+                listener_id: o.listener.id.as_str().into(),
+                listener_name: o.listener.name.as_str().into(),
+                port: o.listener.port,
+                protocol: o.listener.protocol.as_str().into(),
+            });
+        }
+        targets[start..].sort_by(|x, y| {
+            (&x.namespace, &x.service, x.port, &x.listener_id).cmp(&(
+                &y.namespace,
+                &y.service,
+                y.port,
+                &y.listener_id,
+            ))
+        });
+        let mut words: Vec<(Problem, String)> = a
+            .problems
+            .iter()
+            .map(|(key, problem, text)| {
+                *problems.entry(*problem).or_default() += 1;
+                (*problem, format!("ingress {}/{}: {text}", key.0, key.1))
+            })
+            .collect();
+        for (scope, message) in &self.ingresses.forbidden {
+            *problems.entry(Problem::IngressForbidden).or_default() += 1;
+            words.push((
+                Problem::IngressForbidden,
+                format!("ingresses in {}: {message}", super::scope_name(scope)),
+            ));
+        }
+        words.sort();
+        words
     }
 }
 

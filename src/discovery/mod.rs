@@ -2,6 +2,7 @@
 //! [`ServiceTarget`] (no Kubernetes object is kept). The [`inventory`] resolves each ELB's listeners and
 //! attributes them to Service ports.
 
+pub mod ingress;
 pub mod inventory;
 
 use futures::{Stream, StreamExt};
@@ -62,10 +63,18 @@ pub enum Problem {
     PortWithoutListener,
     /// RBAC forbids reading Services in a watched namespace (or cluster-wide).
     NamespaceForbidden,
+    /// RBAC forbids reading Ingresses (Services are still collected).
+    IngressForbidden,
+    /// A CCE Ingress names no ELB the exporter can find (no usable `kubernetes.io/elb.id`).
+    IngressUnbound,
+    /// A CCE Ingress's `kubernetes.io/elb.listen-ports` / `kubernetes.io/elb.port` is unusable.
+    IngressBadPorts,
+    /// An Ingress listener shared with another Ingress, to which it is attributed.
+    SharedListener,
 }
 
 impl Problem {
-    pub const ALL: [Problem; 7] = [
+    pub const ALL: [Problem; 11] = [
         Problem::EmptyAnnotation,
         Problem::SeveralIds,
         Problem::InvalidId,
@@ -73,6 +82,10 @@ impl Problem {
         Problem::ElbLookupFailed,
         Problem::PortWithoutListener,
         Problem::NamespaceForbidden,
+        Problem::IngressForbidden,
+        Problem::IngressUnbound,
+        Problem::IngressBadPorts,
+        Problem::SharedListener,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +97,10 @@ impl Problem {
             Problem::ElbLookupFailed => "elb_lookup_failed",
             Problem::PortWithoutListener => "port_without_listener",
             Problem::NamespaceForbidden => "namespace_forbidden",
+            Problem::IngressForbidden => "ingress_forbidden",
+            Problem::IngressUnbound => "ingress_unbound",
+            Problem::IngressBadPorts => "ingress_bad_ports",
+            Problem::SharedListener => "shared_listener",
         }
     }
 
@@ -99,6 +116,18 @@ impl Problem {
             Problem::PortWithoutListener => "a Service port has no listener on its ELB",
             Problem::NamespaceForbidden => {
                 "RBAC forbids listing Services here (grant get/list/watch on services)"
+            }
+            Problem::IngressForbidden => {
+                "RBAC forbids listing Ingresses (grant get/list/watch on ingresses.networking.k8s.io)"
+            }
+            Problem::IngressUnbound => {
+                "the CCE Ingress has no usable kubernetes.io/elb.id (elb.ip and auto-created ELBs are not looked up yet)"
+            }
+            Problem::IngressBadPorts => {
+                "kubernetes.io/elb.listen-ports (JSON [{\"HTTP\":80}]) or kubernetes.io/elb.port is not a list of ports"
+            }
+            Problem::SharedListener => {
+                "the Ingress listener is shared and attributed to another Ingress (its master, else the oldest)"
             }
         }
     }
@@ -153,18 +182,7 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
         return Observed::Ignored(key);
     };
     let id = raw.trim();
-    let problem = if id.is_empty() {
-        Some(Problem::EmptyAnnotation)
-    } else if id.contains([',', ' ', ';', '\n', '\t']) {
-        Some(Problem::SeveralIds)
-    } else if id.len() > MAX_ELB_ID_LEN
-        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        Some(Problem::InvalidId)
-    } else {
-        None
-    };
-    if let Some(problem) = problem {
+    if let Some(problem) = elb_id_problem(id) {
         return Observed::Invalid { key, problem };
     }
     let class = match annotations
@@ -196,6 +214,21 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
     })
 }
 
+/// What is wrong with an ELB id annotation's (trimmed) value, if anything.
+pub fn elb_id_problem(id: &str) -> Option<Problem> {
+    if id.is_empty() {
+        Some(Problem::EmptyAnnotation)
+    } else if id.contains([',', ' ', ';', '\n', '\t']) {
+        Some(Problem::SeveralIds)
+    } else if id.len() > MAX_ELB_ID_LEN
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        Some(Problem::InvalidId)
+    } else {
+        None
+    }
+}
+
 /// What the watch reports to the inventory.
 #[derive(Debug)]
 pub enum DiscoveryEvent {
@@ -214,6 +247,25 @@ pub enum DiscoveryEvent {
     /// The apiserver refused to list or watch `scope` (403): reported, retried with the watch's
     /// backoff, and not waited for by readiness, so the other scopes are collected meanwhile.
     Forbidden { scope: Scope, message: String },
+    /// From the Ingress watch.
+    Ingress(ingress::IngressEvent),
+}
+
+/// The kind of Kubernetes object a listener series is attributed to: names its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    Service,
+    Ingress,
+}
+
+impl Owner {
+    /// The label carrying the object's name on listener series.
+    pub fn label(self) -> &'static str {
+        match self {
+            Owner::Service => "service",
+            Owner::Ingress => "ingress",
+        }
+    }
 }
 
 /// Watches Services (all namespaces, or each listed one) and sends [`DiscoveryEvent`]s until the receiver

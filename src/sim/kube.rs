@@ -35,6 +35,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod ingress;
+
 /// How long a request for a resourceVersion newer than the store waits before giving up, as the
 /// watch cache does (`resourceVersionTooHighRetrySeconds` is 1, the wait itself 3 s upstream).
 const TOO_LARGE_RV_WAIT: Duration = Duration::from_secs(3);
@@ -71,6 +73,8 @@ struct Inner {
     forbidden: Mutex<HashSet<String>>,
     requests: Mutex<Vec<RequestRecord>>,
     listeners: Mutex<Vec<Listener>>,
+    /// networking.k8s.io/v1 Ingresses (see [`ingress`]).
+    ingresses: Mutex<ingress::IngressStore>,
 }
 
 struct Listener {
@@ -156,6 +160,7 @@ impl FakeApiServer {
                 forbidden: Mutex::new(HashSet::new()),
                 requests: Mutex::new(Vec::new()),
                 listeners: Mutex::new(Vec::new()),
+                ingresses: Mutex::new(ingress::IngressStore::default()),
             }),
         }
     }
@@ -801,6 +806,9 @@ async fn route(
     params: &Params,
 ) -> Result<Response, ApiError> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if ingress::is_ingress_path(&segs) && method == Method::GET {
+        return ingress::route(server, &segs, params);
+    }
     let known = matches!(
         segs.as_slice(),
         ["version" | "api" | "apis" | "healthz" | "readyz" | "livez"]

@@ -1,0 +1,528 @@
+//! CCE ELB Ingresses (`networking.k8s.io/v1`, class `cce`): what the exporter keeps of each one, the
+//! watch that reports them, and the attribution of their ELB listeners (one Ingress per listener: the
+//! listener master, else the oldest; the others are reported `shared_listener`).
+//!
+//! Binding: `kubernetes.io/elb.id` only for now. An Ingress bound by `kubernetes.io/elb.ip` or by an
+//! auto-created `cce-lb-<uid>` ELB is reported `ingress_unbound` (and re-examined on every change)
+//! until those lookups exist.
+
+use super::{DiscoveryEvent, ELB_CLASS_ANNOTATION, ElbClass, Problem, Scope, forbidden_message};
+use crate::cloud::Listener;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
+pub const CCE_CLASS: &str = "cce";
+pub const ELB_ID_ANNOTATION: &str = "kubernetes.io/elb.id";
+pub const ELB_IP_ANNOTATION: &str = "kubernetes.io/elb.ip";
+pub const PORT_ANNOTATION: &str = "kubernetes.io/elb.port";
+pub const LISTEN_PORTS_ANNOTATION: &str = "kubernetes.io/elb.listen-ports";
+pub const MASTER_ANNOTATION: &str = "kubernetes.io/elb.listener-master-ingress";
+
+/// (namespace, name) of an Ingress.
+pub type IngressKey = (Arc<str>, Arc<str>);
+
+/// What the exporter keeps of a CCE Ingress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressTarget {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub uid: Arc<str>,
+    /// `metadata.creationTimestamp`, seconds: the oldest Ingress owns a shared listener.
+    pub created: i64,
+    pub elb_id: Arc<str>,
+    pub class: ElbClass,
+    /// ELB listener ports, sorted, deduplicated.
+    pub ports: Vec<u16>,
+    /// `<namespace>/<name>` of the listener master CCE named on this Ingress, if any.
+    pub master: Option<String>,
+}
+
+impl IngressTarget {
+    pub fn key(&self) -> IngressKey {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// The exporter's view of a watched Ingress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObservedIngress {
+    Target(IngressTarget),
+    /// A CCE Ingress the exporter cannot bind or read.
+    Invalid {
+        key: IngressKey,
+        problem: Problem,
+    },
+    /// Another class: not ours.
+    Ignored(IngressKey),
+}
+
+impl ObservedIngress {
+    pub fn key(&self) -> IngressKey {
+        match self {
+            ObservedIngress::Target(t) => t.key(),
+            ObservedIngress::Invalid { key, .. } | ObservedIngress::Ignored(key) => key.clone(),
+        }
+    }
+}
+
+/// What the Ingress watch reports to the inventory.
+#[derive(Debug)]
+pub enum IngressEvent {
+    Upsert(ObservedIngress),
+    Delete(IngressKey),
+    /// The complete set for `scope` after a (re-)list.
+    Resync {
+        scope: Scope,
+        observed: Vec<ObservedIngress>,
+    },
+    /// RBAC refuses Ingresses in `scope`: Services are unaffected.
+    Forbidden {
+        scope: Scope,
+        message: String,
+    },
+}
+
+/// Listener ports from `kubernetes.io/elb.listen-ports` (JSON list of `{"PROTOCOL": port}`), else
+/// `kubernetes.io/elb.port`, else 80 (443 with TLS). `Err` names the annotation that is unusable.
+pub fn listener_ports(
+    annotations: Option<&BTreeMap<String, String>>,
+    tls: bool,
+) -> Result<Vec<u16>, &'static str> {
+    let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|s| s.trim());
+    if let Some(raw) = get(LISTEN_PORTS_ANNOTATION).filter(|s| !s.is_empty()) {
+        let parsed: Vec<BTreeMap<String, u64>> =
+            serde_json::from_str(raw).map_err(|_| LISTEN_PORTS_ANNOTATION)?;
+        let mut ports = Vec::new();
+        for entry in parsed {
+            for port in entry.into_values() {
+                match u16::try_from(port) {
+                    Ok(p) if p > 0 => ports.push(p),
+                    _ => return Err(LISTEN_PORTS_ANNOTATION),
+                }
+            }
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        return if ports.is_empty() {
+            Err(LISTEN_PORTS_ANNOTATION)
+        } else {
+            Ok(ports)
+        };
+    }
+    if let Some(raw) = get(PORT_ANNOTATION) {
+        return match raw.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(vec![p]),
+            _ => Err(PORT_ANNOTATION),
+        };
+    }
+    Ok(vec![if tls { 443 } else { 80 }])
+}
+
+/// `true` for an Ingress of class `cce` (spec.ingressClassName, or the pre-1.23 annotation).
+pub fn is_cce(ing: &Ingress) -> bool {
+    let by_spec = ing
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress_class_name.as_deref())
+        .map(str::trim);
+    let by_annotation = ing
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CLASS_ANNOTATION))
+        .map(|s| s.trim());
+    by_spec.or(by_annotation) == Some(CCE_CLASS)
+}
+
+/// Reads the class, ELB binding and ports of an Ingress.
+pub fn observe(ing: &Ingress) -> ObservedIngress {
+    let namespace: Arc<str> = ing
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or("default")
+        .into();
+    let name: Arc<str> = ing.metadata.name.as_deref().unwrap_or("").into();
+    let key = (namespace.clone(), name.clone());
+    if !is_cce(ing) {
+        return ObservedIngress::Ignored(key);
+    }
+    let annotations = ing.metadata.annotations.as_ref();
+    let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|s| s.trim());
+    let elb_id = match get(ELB_ID_ANNOTATION) {
+        Some(id) if !id.is_empty() => match super::elb_id_problem(id) {
+            Some(problem) => return ObservedIngress::Invalid { key, problem },
+            None => id,
+        },
+        // `elb.ip` and the auto-created `cce-lb-<uid>` need an ELB lookup not built yet.
+        _ => {
+            return ObservedIngress::Invalid {
+                key,
+                problem: Problem::IngressUnbound,
+            };
+        }
+    };
+    let tls = ing
+        .spec
+        .as_ref()
+        .and_then(|s| s.tls.as_ref())
+        .is_some_and(|t| !t.is_empty());
+    let Ok(ports) = listener_ports(annotations, tls) else {
+        return ObservedIngress::Invalid {
+            key,
+            problem: Problem::IngressBadPorts,
+        };
+    };
+    let class = match get(ELB_CLASS_ANNOTATION) {
+        Some("union") => ElbClass::Shared,
+        Some("performance") => ElbClass::Dedicated,
+        _ => ElbClass::Unspecified,
+    };
+    ObservedIngress::Target(IngressTarget {
+        namespace,
+        name,
+        uid: ing.metadata.uid.as_deref().unwrap_or("").into(),
+        created: ing
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(i64::MAX, |t| t.0.as_second()),
+        elb_id: elb_id.into(),
+        class,
+        ports,
+        master: get(MASTER_ANNOTATION)
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned),
+    })
+}
+
+/// The Ingresses known to the inventory, by key.
+#[derive(Debug, Default)]
+pub struct IngressBook {
+    pub ingresses: HashMap<IngressKey, ObservedIngress>,
+    /// Scopes whose Ingress list RBAC refuses.
+    pub forbidden: BTreeMap<Scope, String>,
+}
+
+impl IngressBook {
+    /// Applies an event; returns whether anything changed.
+    pub fn apply(&mut self, ev: IngressEvent) -> bool {
+        match ev {
+            IngressEvent::Upsert(ObservedIngress::Ignored(key)) | IngressEvent::Delete(key) => {
+                let removed = self.ingresses.remove(&key).is_some();
+                if removed {
+                    info!(namespace = %key.0, ingress = %key.1, "ingress gone");
+                }
+                removed
+            }
+            IngressEvent::Upsert(o) => {
+                let key = o.key();
+                self.ingresses.insert(key, o.clone()) != Some(o)
+            }
+            IngressEvent::Resync { scope, observed } => {
+                let keep: HashSet<IngressKey> = observed.iter().map(ObservedIngress::key).collect();
+                self.ingresses
+                    .retain(|k, _| scope.as_ref().is_some_and(|ns| *ns != k.0) || keep.contains(k));
+                for o in observed {
+                    self.ingresses.insert(o.key(), o);
+                }
+                self.forbidden.remove(&scope);
+                true
+            }
+            IngressEvent::Forbidden { scope, message } => {
+                let new = self.forbidden.insert(scope.clone(), message.clone()) != Some(message);
+                if new {
+                    warn!(
+                        scope = super::scope_name(&scope),
+                        "RBAC forbids listing ingresses here; services are still collected"
+                    );
+                }
+                new
+            }
+        }
+    }
+
+    /// ELBs the Ingresses name, with their class.
+    pub fn elbs(&self) -> impl Iterator<Item = (&Arc<str>, ElbClass)> {
+        self.ingresses.values().filter_map(|o| match o {
+            ObservedIngress::Target(t) => Some((&t.elb_id, t.class)),
+            _ => None,
+        })
+    }
+}
+
+/// One Ingress listener attributed to its owning Ingress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressListener<'a> {
+    pub ingress: &'a IngressTarget,
+    pub listener: &'a Listener,
+}
+
+/// What attribution found: the owned listeners, and each Ingress's problems.
+#[derive(Debug, Default)]
+pub struct Attribution<'a> {
+    pub owned: Vec<IngressListener<'a>>,
+    pub problems: Vec<(IngressKey, Problem, String)>,
+}
+
+/// Attributes every Ingress listener to one Ingress: CCE's listener master when an Ingress on that
+/// listener names one of them, else the oldest (creation time, then namespace/name). `listeners`
+/// gives an ELB's resolved listeners (`None` while unresolved, so nothing is reported yet).
+pub fn attribute<'a>(
+    book: &'a IngressBook,
+    listeners: impl Fn(&str) -> Option<&'a [Listener]>,
+) -> Attribution<'a> {
+    let mut out = Attribution::default();
+    let mut by_listener: BTreeMap<&str, (&Listener, Vec<&IngressTarget>)> = BTreeMap::new();
+    let mut targets: Vec<&IngressTarget> = Vec::new();
+    for o in book.ingresses.values() {
+        match o {
+            ObservedIngress::Target(t) => targets.push(t),
+            ObservedIngress::Invalid { key, problem } => {
+                out.problems
+                    .push((key.clone(), *problem, problem.describe().to_owned()));
+            }
+            ObservedIngress::Ignored(_) => {}
+        }
+    }
+    targets.sort_by(|a, b| {
+        (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name))
+    });
+    for t in targets {
+        let Some(ls) = listeners(&t.elb_id) else {
+            continue;
+        };
+        for &port in &t.ports {
+            match ls.iter().find(|l| l.port == port) {
+                Some(l) => by_listener
+                    .entry(&l.id)
+                    .or_insert((l, Vec::new()))
+                    .1
+                    .push(t),
+                None => out.problems.push((
+                    t.key(),
+                    Problem::PortWithoutListener,
+                    format!("port {port} has no listener on ELB {}", t.elb_id),
+                )),
+            }
+        }
+    }
+    for (_, (listener, sharing)) in by_listener {
+        let named = |t: &&&IngressTarget| {
+            sharing
+                .iter()
+                .any(|s| s.master.as_deref() == Some(&format!("{}/{}", t.namespace, t.name)))
+        };
+        let owner = sharing.iter().find(named).or(sharing.first()).copied();
+        for t in &sharing {
+            if Some(*t) == owner {
+                out.owned.push(IngressListener {
+                    ingress: t,
+                    listener,
+                });
+            } else if let Some(o) = owner {
+                out.problems.push((
+                    t.key(),
+                    Problem::SharedListener,
+                    format!(
+                        "listener {} (port {}) is attributed to ingress {}/{}",
+                        listener.id, listener.port, o.namespace, o.name
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Watches Ingresses (all namespaces, or each listed one) and sends them as [`DiscoveryEvent::Ingress`].
+pub async fn run_watch(
+    client: kube::Client,
+    namespaces: Vec<String>,
+    tx: mpsc::Sender<DiscoveryEvent>,
+) {
+    let streams = super::scopes(&namespaces).into_iter().map(|scope| {
+        let api: Api<Ingress> = match &scope {
+            None => Api::all(client.clone()),
+            Some(ns) => Api::namespaced(client.clone(), ns),
+        };
+        scoped_events(api, scope).boxed()
+    });
+    let mut merged = futures::stream::select_all(streams);
+    while let Some(ev) = merged.next().await {
+        if tx.send(DiscoveryEvent::Ingress(ev)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn scoped_events(api: Api<Ingress>, scope: Scope) -> impl Stream<Item = IngressEvent> + Send {
+    let mut buffer: Option<Vec<ObservedIngress>> = None;
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |ev| {
+            let out = match ev {
+                Ok(watcher::Event::Init) => {
+                    buffer = Some(Vec::new());
+                    None
+                }
+                Ok(watcher::Event::InitApply(ing)) => {
+                    let o = observe(&ing);
+                    if !matches!(o, ObservedIngress::Ignored(_)) {
+                        buffer.get_or_insert_with(Vec::new).push(o);
+                    }
+                    None
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let observed = buffer.take().unwrap_or_default();
+                    info!(scope = super::scope_name(&scope), cce = observed.len(), "ingress list synced");
+                    Some(IngressEvent::Resync {
+                        scope: scope.clone(),
+                        observed,
+                    })
+                }
+                Ok(watcher::Event::Apply(ing)) => Some(IngressEvent::Upsert(observe(&ing))),
+                Ok(watcher::Event::Delete(ing)) => Some(IngressEvent::Delete((
+                    ing.metadata.namespace.as_deref().unwrap_or("default").into(),
+                    ing.metadata.name.as_deref().unwrap_or("").into(),
+                ))),
+                Err(e) => {
+                    warn!(scope = super::scope_name(&scope), error = %e, "ingress watch failed, retrying with backoff");
+                    forbidden_message(&e).map(|message| IngressEvent::Forbidden {
+                        scope: scope.clone(),
+                        message,
+                    })
+                }
+            };
+            futures::future::ready(out)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn listener_ports_follow_cce_priority() {
+        let both = ann(&[
+            (LISTEN_PORTS_ANNOTATION, r#"[{"HTTP":80},{"HTTPS":443}]"#),
+            (PORT_ANNOTATION, "8080"),
+        ]);
+        assert_eq!(listener_ports(Some(&both), false), Ok(vec![80, 443]));
+        let port = ann(&[(PORT_ANNOTATION, " 8080 ")]);
+        assert_eq!(listener_ports(Some(&port), true), Ok(vec![8080]));
+        assert_eq!(listener_ports(None, false), Ok(vec![80]));
+        assert_eq!(listener_ports(None, true), Ok(vec![443]));
+        for bad in [r#"[{"HTTP":70000}]"#, "80", "[]", r#"[{"HTTP":0}]"#] {
+            let a = ann(&[(LISTEN_PORTS_ANNOTATION, bad)]);
+            assert_eq!(
+                listener_ports(Some(&a), false),
+                Err(LISTEN_PORTS_ANNOTATION),
+                "{bad}"
+            );
+        }
+        let a = ann(&[(PORT_ANNOTATION, "http")]);
+        assert_eq!(listener_ports(Some(&a), false), Err(PORT_ANNOTATION));
+    }
+
+    fn ingress(name: &str, created: i64, master: Option<&str>) -> ObservedIngress {
+        ObservedIngress::Target(IngressTarget {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: format!("uid-{name}").into(),
+            created,
+            elb_id: "elb".into(),
+            class: ElbClass::Dedicated,
+            ports: vec![80],
+            master: master.map(str::to_owned),
+        })
+    }
+
+    fn book(items: Vec<ObservedIngress>) -> IngressBook {
+        let mut b = IngressBook::default();
+        for o in items {
+            b.apply(IngressEvent::Upsert(o));
+        }
+        b
+    }
+
+    #[test]
+    fn a_shared_listener_goes_to_the_master_else_the_oldest() {
+        let listeners = vec![Listener {
+            id: "l80".into(),
+            name: "k8s_HTTP_80".into(),
+            protocol: "HTTP".into(),
+            port: 80,
+        }];
+        let lookup = |_: &str| Some(listeners.as_slice());
+        let oldest = book(vec![ingress("b", 10, None), ingress("a", 20, None)]);
+        let a = attribute(&oldest, lookup);
+        assert_eq!(a.owned.len(), 1);
+        assert_eq!(&*a.owned[0].ingress.name, "b");
+        assert_eq!(a.problems.len(), 1);
+        assert_eq!(
+            (&*a.problems[0].0.1, a.problems[0].1),
+            ("a", Problem::SharedListener)
+        );
+
+        let mastered = book(vec![
+            ingress("b", 10, Some("shop/a")),
+            ingress("a", 20, Some("shop/a")),
+        ]);
+        let a = attribute(&mastered, lookup);
+        assert_eq!(&*a.owned[0].ingress.name, "a");
+        assert_eq!(&*a.problems[0].0.1, "b");
+    }
+
+    #[test]
+    fn class_and_binding_are_read() {
+        use k8s_openapi::api::networking::v1::IngressSpec;
+        let mut ing = Ingress::default();
+        ing.metadata.name = Some("web".into());
+        ing.metadata.annotations = Some(ann(&[(ELB_ID_ANNOTATION, "elb-1")]));
+        assert!(matches!(observe(&ing), ObservedIngress::Ignored(_)));
+        ing.spec = Some(IngressSpec {
+            ingress_class_name: Some("cce".into()),
+            ..IngressSpec::default()
+        });
+        let ObservedIngress::Target(t) = observe(&ing) else {
+            panic!("not a target")
+        };
+        assert_eq!((&*t.elb_id, t.ports.as_slice()), ("elb-1", &[80u16][..]));
+        ing.metadata.annotations = Some(ann(&[(ELB_IP_ANNOTATION, "192.168.0.9")]));
+        assert!(matches!(
+            observe(&ing),
+            ObservedIngress::Invalid {
+                problem: Problem::IngressUnbound,
+                ..
+            }
+        ));
+        ing.spec = None;
+        ing.metadata.annotations = Some(ann(&[
+            (CLASS_ANNOTATION, "cce"),
+            (ELB_ID_ANNOTATION, "e"),
+            (PORT_ANNOTATION, "x"),
+        ]));
+        assert!(matches!(
+            observe(&ing),
+            ObservedIngress::Invalid {
+                problem: Problem::IngressBadPorts,
+                ..
+            }
+        ));
+    }
+}
