@@ -6,6 +6,7 @@ use crate::cloud::client::{ClientBuildError, HttpCloud};
 use crate::collector::{Collector, CollectorSettings, Snapshot};
 use crate::config::{Config, Credentials};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
+use crate::discovery::pools::PoolStage;
 use crate::discovery::{self, DiscoveryEvent};
 use crate::exposition::Renderer;
 use crate::server::{self, AppState};
@@ -57,6 +58,7 @@ pub enum Task {
     Watch,
     IngressWatch,
     Inventory,
+    Pools,
     Collector,
     Renderer,
     CredentialReload,
@@ -68,6 +70,7 @@ impl Task {
             Task::Watch => "watch",
             Task::IngressWatch => "ingress_watch",
             Task::Inventory => "inventory",
+            Task::Pools => "pools",
             Task::Collector => "collector",
             Task::Renderer => "renderer",
             Task::CredentialReload => "credential_reload",
@@ -137,7 +140,7 @@ pub fn start_pipeline<C: CloudApi>(
             tx,
         ),
     );
-    let (inventory, targets) = Inventory::new(
+    let (inventory, listed) = Inventory::new(
         cloud.clone(),
         InventorySettings {
             listener_refresh: cfg.discovery.listener_refresh,
@@ -146,6 +149,9 @@ pub fn start_pipeline<C: CloudApi>(
         telemetry.clone(),
     );
     tasks.spawn(Task::Inventory, inventory.run(rx));
+    // Pools behind Ingress listeners, between the inventory and the collector.
+    let (pool_stage, targets) = PoolStage::new(cloud.clone(), cfg.discovery.listener_refresh);
+    tasks.spawn(Task::Pools, pool_stage.run(listed));
     let (collector, snapshots) = Collector::new(
         cloud,
         CollectorSettings::from_config(cfg),

@@ -7,6 +7,7 @@ use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
 use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners};
 use crate::config::{Config, ConfigError, LogFormat, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
+use crate::discovery::pools::PoolStage;
 use crate::discovery::{self, DiscoveryEvent, Observed, observe};
 use crate::telemetry::Telemetry;
 use clap::{Parser, Subcommand};
@@ -371,7 +372,7 @@ async fn resolve_once<C: CloudApi>(
     let scopes = discovery::scopes(&cfg.discovery.namespaces);
     let (tx, rx) = mpsc::channel(scopes.len() + 1);
     let (inventory, mut targets) = Inventory::new(
-        cloud,
+        cloud.clone(),
         InventorySettings {
             listener_refresh: cfg.discovery.listener_refresh,
             scopes: scopes.len(),
@@ -424,7 +425,14 @@ async fn resolve_once<C: CloudApi>(
         .map_err(|_| CliError::Check("listener lookups did not finish in time".into()));
     drop(tx);
     task.abort();
-    result
+    let listed = result?;
+    // Pools behind Ingress listeners: one listing per Ingress ELB.
+    let (mut stage, out) = PoolStage::new(cloud, cfg.discovery.listener_refresh);
+    tokio::time::timeout(limit, stage.update(&listed))
+        .await
+        .map_err(|_| CliError::Check("pool lookups did not finish in time".into()))?;
+    let resolved = out.borrow().clone();
+    Ok(resolved)
 }
 
 /// Entry point used by the binary.

@@ -27,7 +27,8 @@ pub struct Sample {
     pub fetched: Instant,
 }
 
-/// Series key: listener id and index into the configured metric list.
+/// Series key: listener or pool id, and index into the configured metrics: `collection.metrics` for a
+/// listener, `collection.metrics.len()` + the index into `collection.pool_metrics` for a pool.
 pub type SeriesKey = (Arc<str>, u16);
 
 /// The result of collection, published as a whole.
@@ -71,6 +72,8 @@ impl Snapshot {
 #[derive(Debug, Clone)]
 pub struct CollectorSettings {
     pub metrics: Arc<Vec<String>>,
+    /// `collection.pool_metrics`: collected for every attributed pool.
+    pub pool_metrics: Arc<Vec<String>>,
     pub filter: Filter,
     pub interval: Duration,
     pub lookback: Duration,
@@ -87,6 +90,7 @@ impl CollectorSettings {
     pub fn from_config(c: &Config) -> Self {
         CollectorSettings {
             metrics: Arc::new(c.collection.metrics.clone()),
+            pool_metrics: Arc::new(c.collection.pool_metrics.clone()),
             filter: c.collection.filter,
             interval: c.collection.interval,
             lookback: c.collection.lookback,
@@ -230,22 +234,63 @@ fn wall_ms() -> i64 {
     .unwrap_or(i64::MAX)
 }
 
-/// (listener index, metric index) of each series in batch `batch`, when `listeners` × `per_listener`
-/// metrics are cut into batches of `size`.
-fn batch_series(
-    listeners: usize,
+/// The series of one cycle: every listener × `collection.metrics`, then every pool ×
+/// `collection.pool_metrics`, numbered flat so batches are cut across both (the minimum number of calls).
+#[derive(Debug, Clone, Copy)]
+struct Work<'a> {
+    listeners: &'a [(Arc<str>, Arc<str>)],
+    pools: &'a [(Arc<str>, Arc<str>)],
     per_listener: usize,
-    size: usize,
-    batch: usize,
-) -> impl Iterator<Item = (usize, usize)> {
-    let total = listeners * per_listener;
-    (batch * size..((batch + 1) * size).min(total))
-        .map(move |i| (i / per_listener, i % per_listener))
+    per_pool: usize,
+}
+
+impl<'a> Work<'a> {
+    fn total(&self) -> usize {
+        self.listeners.len() * self.per_listener + self.pools.len() * self.per_pool
+    }
+
+    /// (ELB, listener or pool id, its CES dimension, metric index of its series key) of series `i`.
+    fn series(&self, i: usize) -> (&'a (Arc<str>, Arc<str>), &'static str, usize) {
+        let in_listeners = self.listeners.len() * self.per_listener;
+        if i < in_listeners {
+            let l = &self.listeners[i / self.per_listener];
+            (l, "lbaas_listener_id", i % self.per_listener)
+        } else {
+            let j = i - in_listeners;
+            let p = &self.pools[j / self.per_pool];
+            (p, "lbaas_pool_id", self.per_listener + j % self.per_pool)
+        }
+    }
+
+    /// The series of batch `batch` when cut into batches of `size`.
+    fn batch(
+        self,
+        size: usize,
+        batch: usize,
+    ) -> impl Iterator<Item = (&'a (Arc<str>, Arc<str>), &'static str, usize)> {
+        (batch * size..((batch + 1) * size).min(self.total())).map(move |i| self.series(i))
+    }
+
+    /// Every listener and pool id.
+    fn ids(&self) -> impl Iterator<Item = &'a Arc<str>> {
+        self.listeners.iter().chain(self.pools).map(|(_, id)| id)
+    }
 }
 
 /// CES calls one cycle needs for `listeners` listeners: ceil(listeners × metrics / batch size).
 pub fn calls_per_cycle(listeners: usize, metrics: usize, batch_size: usize) -> usize {
     (listeners * metrics).div_ceil(batch_size.max(1))
+}
+
+/// The distinct (ELB, pool) pairs of the targets, in target order.
+pub fn distinct_pools(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
+    let mut seen = HashSet::with_capacity(targets.pools.len());
+    targets
+        .pools
+        .iter()
+        .filter(|p| seen.insert(p.pool_id.clone()))
+        .map(|p| (p.elb_id.clone(), p.pool_id.clone()))
+        .collect()
 }
 
 /// The distinct (ELB, listener) pairs of the targets, in target order.
@@ -353,32 +398,52 @@ impl<C: CloudApi> Collector<C> {
         (now - self.settings.lookback.as_millis() as i64, now)
     }
 
-    /// Queries `listeners` × metrics and hands each batch's outcome to `sink` as it arrives, with the
+    /// The work of a cycle over `listeners` and `pools`.
+    fn work<'a>(
+        &self,
+        listeners: &'a [(Arc<str>, Arc<str>)],
+        pools: &'a [(Arc<str>, Arc<str>)],
+    ) -> Work<'a> {
+        Work {
+            listeners,
+            pools,
+            per_listener: self.settings.metrics.len(),
+            per_pool: self.settings.pool_metrics.len(),
+        }
+    }
+
+    /// The CES metric name of a series key's metric index.
+    fn metric_name(&self, m: usize) -> &str {
+        let listener = &self.settings.metrics;
+        match listener.get(m) {
+            Some(name) => name,
+            None => &self.settings.pool_metrics[m - listener.len()],
+        }
+    }
+
+    /// Queries the work's series and hands each batch's outcome to `sink` as it arrives, with the
     /// batch's index. Batches are built only when a call slot is free, so a 10k-listener cycle never
     /// holds its 260 requests at once.
     async fn query(
         &self,
-        listeners: &[(Arc<str>, Arc<str>)],
+        work: Work<'_>,
         mut sink: impl FnMut(usize, Vec<SeriesKey>, Result<Vec<Option<Datapoint>>, CloudError>),
     ) {
         let (from_ms, to_ms) = self.window();
-        let metrics = &self.settings.metrics;
-        let per_listener = metrics.len();
         let size = self.settings.batch_size.max(1);
         let filter = self.settings.filter;
         let cloud = &self.cloud;
         let build = |batch: usize| {
             let mut keys = Vec::with_capacity(size);
             let mut queries = Vec::with_capacity(size);
-            for (l, m) in batch_series(listeners.len(), per_listener, size, batch) {
-                let (elb, listener) = &listeners[l];
-                keys.push((listener.clone(), m as u16));
+            for ((elb, id), dimension, m) in work.batch(size, batch) {
+                keys.push((id.clone(), m as u16));
                 queries.push(MetricQuery {
                     namespace: NAMESPACE.to_string(),
-                    metric_name: metrics[m].clone(),
+                    metric_name: self.metric_name(m).to_string(),
                     dimensions: vec![
                         ("lbaas_instance_id".to_string(), elb.to_string()),
-                        ("lbaas_listener_id".to_string(), listener.to_string()),
+                        (dimension.to_string(), id.to_string()),
                     ],
                 });
             }
@@ -395,8 +460,7 @@ impl<C: CloudApi> Collector<C> {
                 (batch, keys, r)
             }
         };
-        let total = listeners.len() * per_listener;
-        let mut outcomes = futures::stream::iter(0..total.div_ceil(size))
+        let mut outcomes = futures::stream::iter(0..work.total().div_ceil(size))
             .map(build)
             .buffer_unordered(self.settings.concurrency.max(1));
         while let Some((batch, keys, result)) = outcomes.next().await {
@@ -404,10 +468,11 @@ impl<C: CloudApi> Collector<C> {
         }
     }
 
-    /// Plans a cycle for `listeners`, exports the plan and says when it does not fit the CES budget.
-    fn plan(&mut self, listeners: usize) -> CyclePlan {
+    /// Plans a cycle of `series` series (listeners and pools), exports the plan and says when it does
+    /// not fit the CES budget.
+    fn plan(&mut self, series: usize) -> CyclePlan {
         let s = &self.settings;
-        let calls = calls_per_cycle(listeners, s.metrics.len(), s.batch_size);
+        let calls = calls_per_cycle(series, 1, s.batch_size);
         let plan = CyclePlan::new(calls, s.interval, s.ces_per_minute);
         let per_minute = calls as f64 * 60.0 / s.interval.as_secs_f64().max(0.001);
         self.telemetry
@@ -438,11 +503,12 @@ impl<C: CloudApi> Collector<C> {
     async fn full_cycle(&mut self, targets: &Targets) -> Duration {
         let started = Instant::now();
         let listeners = distinct_listeners(targets);
-        let plan = self.plan(listeners.len());
+        let pools = distinct_pools(targets);
+        let work = self.work(&listeners, &pools);
+        let plan = self.plan(work.total());
         let prev = self.tx.borrow().clone();
         let cycle = prev.cycle + 1;
-        let mut values: HashMap<SeriesKey, Sample> =
-            HashMap::with_capacity(listeners.len() * self.settings.metrics.len());
+        let mut values: HashMap<SeriesKey, Sample> = HashMap::with_capacity(work.total());
         let mut out = CycleOutcome {
             answered: vec![false; plan.calls],
             ..CycleOutcome::default()
@@ -457,7 +523,7 @@ impl<C: CloudApi> Collector<C> {
                 _ => false,
             }
         };
-        let run = self.query(&listeners, |batch, keys, result| {
+        let run = self.query(work, |batch, keys, result| {
             if let Some(a) = out.answered.get_mut(batch) {
                 *a = true;
             }
@@ -487,7 +553,7 @@ impl<C: CloudApi> Collector<C> {
         });
         let cut = tokio::time::timeout(plan.deadline, run).await.is_err();
         if cut {
-            self.keep_unanswered(&listeners, &mut out, &mut values, keep);
+            self.keep_unanswered(work, &mut out, &mut values, keep);
         }
         let done = CycleDone {
             cycle,
@@ -495,23 +561,22 @@ impl<C: CloudApi> Collector<C> {
             cut,
             stale_after,
         };
-        self.finish_cycle(targets, &listeners, done, values, out);
+        self.finish_cycle(targets, work, done, values, out);
         plan.period
     }
 
     /// After a cut, the batches that never answered keep their last values within the staleness bound.
     fn keep_unanswered(
         &self,
-        listeners: &[(Arc<str>, Arc<str>)],
+        work: Work<'_>,
         out: &mut CycleOutcome,
         values: &mut HashMap<SeriesKey, Sample>,
         mut keep: impl FnMut(&mut HashMap<SeriesKey, Sample>, SeriesKey) -> bool,
     ) {
-        let per_listener = self.settings.metrics.len();
         let size = self.settings.batch_size.max(1);
         for (batch, _) in out.answered.iter().enumerate().filter(|(_, a)| !**a) {
-            for (l, m) in batch_series(listeners.len(), per_listener, size, batch) {
-                let key = (listeners[l].1.clone(), m as u16);
+            for ((_, id), _, m) in work.batch(size, batch) {
+                let key = (id.clone(), m as u16);
                 out.kept_stale += usize::from(keep(values, key));
             }
         }
@@ -521,7 +586,7 @@ impl<C: CloudApi> Collector<C> {
     fn finish_cycle(
         &mut self,
         targets: &Targets,
-        listeners: &[(Arc<str>, Arc<str>)],
+        work: Work<'_>,
         done: CycleDone,
         values: HashMap<SeriesKey, Sample>,
         out: CycleOutcome,
@@ -540,10 +605,10 @@ impl<C: CloudApi> Collector<C> {
             .copied()
             .unwrap_or(0);
         let up = out.failed_calls == 0 && !cut && lookups_failed == 0;
-        for (_, l) in listeners {
-            self.attempted.insert(l.clone());
+        for id in work.ids() {
+            self.attempted.insert(id.clone());
         }
-        let live: HashSet<&Arc<str>> = listeners.iter().map(|(_, l)| l).collect();
+        let live: HashSet<&Arc<str>> = work.ids().collect();
         self.attempted.retain(|l| live.contains(l));
 
         let elapsed = started.elapsed();
@@ -567,7 +632,8 @@ impl<C: CloudApi> Collector<C> {
         match (&out.first_error, cut) {
             (None, false) => info!(
                 cycle,
-                listeners = listeners.len(),
+                listeners = work.listeners.len(),
+                pools = work.pools.len(),
                 calls = out.ok_calls,
                 series = values.len(),
                 elapsed_ms = elapsed.as_millis() as u64,
@@ -575,7 +641,8 @@ impl<C: CloudApi> Collector<C> {
             ),
             (e, _) => warn!(
                 cycle,
-                listeners = listeners.len(),
+                listeners = work.listeners.len(),
+                pools = work.pools.len(),
                 ok_calls = out.ok_calls,
                 failed_calls = out.failed_calls,
                 cut_calls = unanswered,
@@ -604,13 +671,22 @@ impl<C: CloudApi> Collector<C> {
             .into_iter()
             .filter(|(_, l)| !self.attempted.contains(l))
             .collect();
-        if fresh.is_empty() {
+        let fresh_pools: Vec<(Arc<str>, Arc<str>)> = distinct_pools(targets)
+            .into_iter()
+            .filter(|(_, p)| !self.attempted.contains(p))
+            .collect();
+        if fresh.is_empty() && fresh_pools.is_empty() {
             return;
         }
-        debug!(listeners = fresh.len(), "collecting new listeners now");
+        debug!(
+            listeners = fresh.len(),
+            pools = fresh_pools.len(),
+            "collecting new listeners and pools now"
+        );
+        let work = self.work(&fresh, &fresh_pools);
         let prev = self.tx.borrow().clone();
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
-        self.query(&fresh, |_, keys, result| match result {
+        self.query(work, |_, keys, result| match result {
             Ok(points) => merge(
                 &mut extra,
                 keys,
@@ -625,8 +701,8 @@ impl<C: CloudApi> Collector<C> {
             }
         })
         .await;
-        for (_, l) in &fresh {
-            self.attempted.insert(l.clone());
+        for id in work.ids() {
+            self.attempted.insert(id.clone());
         }
         let snapshot = Snapshot {
             cycle: prev.cycle,
@@ -651,6 +727,7 @@ mod tests {
     fn settings(batch_size: usize, concurrency: usize) -> CollectorSettings {
         CollectorSettings {
             metrics: Arc::new(METRICS.iter().map(|m| m.to_string()).collect()),
+            pool_metrics: Arc::new(Vec::new()),
             filter: Filter::Average,
             interval: Duration::from_secs(60),
             lookback: Duration::from_secs(300),

@@ -299,6 +299,7 @@ struct RawCollection {
     metrics: Option<Vec<String>>,
     stale_intervals: Option<i64>,
     absent_as_zero: Option<bool>,
+    pool_metrics: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -462,6 +463,8 @@ pub struct Collection {
     pub lookback: Duration,
     pub filter: Filter,
     pub metrics: Vec<String>,
+    /// `collection.pool_metrics`: L7 metrics of the pools behind Ingress listeners (empty: none).
+    pub pool_metrics: Vec<String>,
     /// How many intervals the last good values keep being served after collection fails.
     pub stale_intervals: u32,
     /// Export 0 for a series CES had no datapoint for, under the collector's guard (opt-in).
@@ -554,6 +557,37 @@ pub struct LogSettings {
 }
 
 /// The default metric set (PRODUCT.md).
+/// `collection.pool_metrics` by default: the pool L7 metrics an HPA and a dashboard want.
+pub const DEFAULT_POOL_METRICS: &[&str] = &[
+    "mb_l7_qps",
+    "m24_l7_req_Bps",
+    "m25_l7_resp_Bps",
+    "m17_l7_upstream_rt",
+    "m15_l7_upstream_4xx",
+    "m16_l7_upstream_5xx",
+];
+
+/// Each name a CES metric name, none twice.
+fn metric_names(field: &str, metrics: &[String]) -> Result<(), ConfigError> {
+    for (i, m) in metrics.iter().enumerate() {
+        if !is_ces_metric_name(m) {
+            return Err(ConfigError::invalid(
+                &format!("{field}[{i}]"),
+                m,
+                "a CES metric name: 1-96 chars of [0-9A-Za-z_-], starting with a letter",
+            ));
+        }
+        if metrics[..i].contains(m) {
+            return Err(ConfigError::invalid(
+                &format!("{field}[{i}]"),
+                m,
+                "listed twice",
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub const DEFAULT_METRICS: &[&str] = &[
     "m1_cps",
     "m1e_server_rps",
@@ -931,22 +965,11 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             "at least one metric is required",
         ));
     }
-    for (i, m) in metrics.iter().enumerate() {
-        if !is_ces_metric_name(m) {
-            return Err(ConfigError::invalid(
-                &format!("collection.metrics[{i}]"),
-                m,
-                "a CES metric name: 1-96 chars of [0-9A-Za-z_-], starting with a letter",
-            ));
-        }
-        if metrics[..i].contains(m) {
-            return Err(ConfigError::invalid(
-                &format!("collection.metrics[{i}]"),
-                m,
-                "listed twice",
-            ));
-        }
-    }
+    metric_names("collection.metrics", &metrics)?;
+    let pool_metrics = c
+        .pool_metrics
+        .unwrap_or_else(|| DEFAULT_POOL_METRICS.iter().map(|s| s.to_string()).collect());
+    metric_names("collection.pool_metrics", &pool_metrics)?;
     let stale_intervals =
         positive("collection.stale_intervals", c.stale_intervals, 3, 1000)? as u32;
 
@@ -1117,6 +1140,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             metrics,
             stale_intervals,
             absent_as_zero: c.absent_as_zero.unwrap_or(false),
+            pool_metrics,
         },
         cloud: CloudSettings {
             connect_timeout,

@@ -5,6 +5,7 @@ use crate::collector::Snapshot;
 use crate::config::{Config, Filter, format_duration};
 use crate::discovery::Problem;
 use crate::discovery::inventory::{Target, Targets};
+use crate::discovery::pools::PoolTarget;
 use bytes::Bytes;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -55,6 +56,10 @@ pub fn describe(metric: &str) -> (&'static str, &'static str) {
             ("backend response time", "ms")
         }
         m if m.starts_with("m17_l7_upstream_rt_p") => ("backend response time percentile", "ms"),
+        "m24_l7_req_Bps" => ("layer-7 request bandwidth", "bit/s"),
+        "m25_l7_resp_Bps" => ("layer-7 response bandwidth", "bit/s"),
+        "m9_abnormal_servers" => ("unhealthy backend servers", "Count"),
+        "ma_normal_servers" => ("healthy backend servers", "Count"),
         m if m.contains("_l7_http_") || m.contains("_l7_upstream_") => {
             ("layer-7 status codes per second", "Count/s")
         }
@@ -62,7 +67,7 @@ pub fn describe(metric: &str) -> (&'static str, &'static str) {
     }
 }
 
-/// Renders the cloud families and `elb_exporter_listener_info`.
+/// Renders the cloud families and `elb_exporter_listener_info` (and the pool ones).
 #[derive(Debug, Clone)]
 pub struct Renderer {
     metrics: Arc<Vec<String>>,
@@ -70,6 +75,47 @@ pub struct Renderer {
     stale_after: Duration,
     /// `# HELP`/`# TYPE` header and family name per metric.
     headers: Vec<(String, String)>,
+    /// The same for `collection.pool_metrics` (`<prefix>_sys_elb_pool_<metric>`).
+    pool_headers: Vec<(String, String)>,
+}
+
+/// `# HELP`/`# TYPE` header and family name of each metric of `object` (`listener` or `pool`).
+fn family_headers(
+    prefix: &str,
+    object: &str,
+    metrics: &[String],
+    filter: Filter,
+    interval: Duration,
+    lookback: Duration,
+) -> Vec<(String, String)> {
+    metrics
+        .iter()
+        .map(|m| {
+            let family = format!("{prefix}_sys_elb_{object}_{m}");
+            let (what, unit) = describe(m);
+            let help = format!(
+                "Cloud Eye SYS.ELB {object} metric {m}: {what} ({unit}); newest {} datapoint of the last {}, collected in the background every {}.",
+                filter.as_str(),
+                format_duration(lookback),
+                format_duration(interval)
+            );
+            (
+                format!(
+                    "# HELP {family} {}\n# TYPE {family} gauge\n",
+                    escape_help(&help)
+                ),
+                family,
+            )
+        })
+        .collect()
+}
+
+/// Where one render accumulates its series.
+struct Acc {
+    out: String,
+    newest: Option<i64>,
+    expires: Option<Instant>,
+    series: usize,
 }
 
 impl Renderer {
@@ -80,31 +126,28 @@ impl Renderer {
         interval: Duration,
         lookback: Duration,
     ) -> Self {
-        let headers = metrics
-            .iter()
-            .map(|m| {
-                let family = format!("{prefix}_sys_elb_listener_{m}");
-                let (what, unit) = describe(m);
-                let help = format!(
-                    "Cloud Eye SYS.ELB listener metric {m}: {what} ({unit}); newest {} datapoint of the last {}, collected in the background every {}.",
-                    filter.as_str(),
-                    format_duration(lookback),
-                    format_duration(interval)
-                );
-                (
-                    format!(
-                        "# HELP {family} {}\n# TYPE {family} gauge\n",
-                        escape_help(&help)
-                    ),
-                    family,
-                )
-            })
-            .collect();
+        let headers = family_headers(prefix, "listener", &metrics, filter, interval, lookback);
         Renderer {
             metrics,
             headers,
+            pool_headers: Vec::new(),
             stale_after: interval.saturating_mul(DEFAULT_STALE_INTERVALS),
         }
+    }
+
+    /// Also render `<prefix>_sys_elb_pool_<metric>` for `pool_metrics` (series key indices after the
+    /// listener metrics, as the collector numbers them).
+    pub fn with_pool_metrics(
+        mut self,
+        prefix: &str,
+        pool_metrics: &[String],
+        filter: Filter,
+        interval: Duration,
+        lookback: Duration,
+    ) -> Self {
+        self.pool_headers =
+            family_headers(prefix, "pool", pool_metrics, filter, interval, lookback);
+        self
     }
 
     /// Serve values for at most `d` after CES last returned them.
@@ -126,6 +169,13 @@ impl Renderer {
                 .interval
                 .saturating_mul(c.collection.stale_intervals),
         )
+        .with_pool_metrics(
+            &c.prefix,
+            &c.collection.pool_metrics,
+            c.collection.filter,
+            c.collection.interval,
+            c.collection.lookback,
+        )
     }
 
     /// The body for the current targets joined with the current data, now.
@@ -137,48 +187,62 @@ impl Renderer {
     /// Service) is not shown; a value older than the staleness bound is not shown.
     pub fn render_at(&self, targets: &Targets, snap: &Snapshot, now: Instant) -> Body {
         let labels: Vec<String> = targets.targets.iter().map(label_set).collect();
-        let mut out =
-            String::with_capacity(targets.targets.len() * (self.metrics.len() + 1) * 260 + 4096);
-        let mut newest: Option<i64> = None;
-        let mut expires: Option<Instant> = None;
+        let pool_labels: Vec<String> = targets.pools.iter().map(pool_label_set).collect();
+        let mut acc = Acc {
+            out: String::with_capacity(
+                (targets.targets.len() * (self.metrics.len() + 1)
+                    + targets.pools.len() * (self.pool_headers.len() + 1))
+                    * 260
+                    + 4096,
+            ),
+            newest: None,
+            expires: None,
+            series: 0,
+        };
         let stale_after = snap.stale_after.unwrap_or(self.stale_after);
-        let mut series = 0usize;
-        // One lookup key per target, its metric index set per family: the listener id is cloned once
-        // per render, not once per datapoint.
-        let mut keys: Vec<(Arc<str>, u16)> = targets
-            .targets
-            .iter()
-            .map(|t| (t.listener_id.clone(), 0))
-            .collect();
-        for (m, (header, family)) in self.headers.iter().enumerate() {
-            let mut wrote_header = false;
-            for (key, l) in keys.iter_mut().zip(&labels) {
-                key.1 = m as u16;
-                let Some(s) = snap.get(key) else {
-                    continue;
-                };
-                let Some(until) = s.fetched.checked_add(stale_after) else {
-                    continue;
-                };
-                if until <= now {
-                    continue;
-                }
-                expires = Some(expires.map_or(until, |e| e.min(until)));
-                if !wrote_header {
-                    out.push_str(header);
-                    wrote_header = true;
-                }
-                let _ = writeln!(out, "{family}{{{l}}} {}", FloatFmt(s.value));
-                series += 1;
-                newest = newest.max(Some(s.timestamp_ms));
-            }
-        }
+        let keys = targets.targets.iter().map(|t| t.listener_id.clone());
+        self.families(
+            &mut acc,
+            &self.headers,
+            0,
+            keys,
+            &labels,
+            snap,
+            (now, stale_after),
+        );
         if !targets.targets.is_empty() {
-            out.push_str("# HELP elb_exporter_listener_info ELB listeners attributed to a Kubernetes Service port; always 1.\n# TYPE elb_exporter_listener_info gauge\n");
+            acc.out.push_str("# HELP elb_exporter_listener_info ELB listeners attributed to a Kubernetes Service port or Ingress; always 1.\n# TYPE elb_exporter_listener_info gauge\n");
             for l in &labels {
-                let _ = writeln!(out, "elb_exporter_listener_info{{{l}}} 1");
+                let _ = writeln!(acc.out, "elb_exporter_listener_info{{{l}}} 1");
             }
         }
+        let keys = targets.pools.iter().map(|p| p.pool_id.clone());
+        let first = self.metrics.len();
+        self.families(
+            &mut acc,
+            &self.pool_headers,
+            first,
+            keys,
+            &pool_labels,
+            snap,
+            (now, stale_after),
+        );
+        if !targets.pools.is_empty() {
+            acc.out.push_str("# HELP elb_exporter_pool_info ELB backend server groups behind Ingress listeners attributed to their backend Service (uid: the Ingress's); always 1.\n# TYPE elb_exporter_pool_info gauge\n");
+            for (l, p) in pool_labels.iter().zip(&targets.pools) {
+                let _ = writeln!(
+                    acc.out,
+                    "elb_exporter_pool_info{{{l},uid=\"{}\"}} 1",
+                    escape_label(&p.uid)
+                );
+            }
+        }
+        let Acc {
+            out,
+            newest,
+            expires,
+            series,
+        } = acc;
         let plain = Bytes::from(out.into_bytes());
         let gzip = Bytes::from(gzip(&plain));
         Body {
@@ -193,6 +257,48 @@ impl Renderer {
                 .iter()
                 .map(|p| (*p, targets.problems.get(p).copied().unwrap_or(0)))
                 .collect(),
+        }
+    }
+}
+
+impl Renderer {
+    /// Writes one family per header, each with the fresh values of `ids` (metric index `first` + the
+    /// header's): one lookup key per object, its metric index set per family, so an id is cloned once
+    /// per render, not once per datapoint.
+    #[allow(clippy::too_many_arguments)]
+    fn families(
+        &self,
+        acc: &mut Acc,
+        headers: &[(String, String)],
+        first: usize,
+        ids: impl Iterator<Item = Arc<str>>,
+        labels: &[String],
+        snap: &Snapshot,
+        (now, stale_after): (Instant, Duration),
+    ) {
+        let mut keys: Vec<(Arc<str>, u16)> = ids.map(|id| (id, 0)).collect();
+        for (m, (header, family)) in headers.iter().enumerate() {
+            let mut wrote_header = false;
+            for (key, l) in keys.iter_mut().zip(labels) {
+                key.1 = (first + m) as u16;
+                let Some(s) = snap.get(key) else {
+                    continue;
+                };
+                let Some(until) = s.fetched.checked_add(stale_after) else {
+                    continue;
+                };
+                if until <= now {
+                    continue;
+                }
+                acc.expires = Some(acc.expires.map_or(until, |e| e.min(until)));
+                if !wrote_header {
+                    acc.out.push_str(header);
+                    wrote_header = true;
+                }
+                let _ = writeln!(acc.out, "{family}{{{l}}} {}", FloatFmt(s.value));
+                acc.series += 1;
+                acc.newest = acc.newest.max(Some(s.timestamp_ms));
+            }
         }
     }
 }
@@ -237,6 +343,31 @@ fn label_set(t: &Target) -> String {
     let _ = write!(s, ",port=\"{}\",protocol=\"", t.port);
     escape_label_into(&mut s, &t.protocol);
     s.push('"');
+    s
+}
+
+fn pool_label_set(p: &PoolTarget) -> String {
+    let mut s = String::with_capacity(256);
+    for (i, (k, v)) in [
+        ("namespace", &*p.namespace),
+        ("service", &*p.service),
+        ("ingress", &*p.ingress),
+        ("lbaas_instance_id", &*p.elb_id),
+        ("lbaas_pool_id", &*p.pool_id),
+        ("pool_name", &*p.pool_name),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(k);
+        s.push_str("=\"");
+        escape_label_into(&mut s, v);
+        s.push('"');
+    }
+    let _ = write!(s, ",port=\"{}\"", p.port);
     s
 }
 

@@ -12,13 +12,19 @@ pub enum Api {
     IamListProjects,
     ElbListListeners,
     CesBatchQuery,
+    /// Backend server groups of Ingress ELBs.
+    ElbListPools,
+    /// Forwarding policies of Ingress listeners.
+    ElbListL7policies,
 }
 
 impl Api {
-    pub const ALL: [Api; 3] = [
+    pub const ALL: [Api; 5] = [
         Api::IamListProjects,
         Api::ElbListListeners,
         Api::CesBatchQuery,
+        Api::ElbListPools,
+        Api::ElbListL7policies,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -26,6 +32,8 @@ impl Api {
             Api::IamListProjects => "iam_list_projects",
             Api::ElbListListeners => "elb_list_listeners",
             Api::CesBatchQuery => "ces_batch_query",
+            Api::ElbListPools => "elb_list_pools",
+            Api::ElbListL7policies => "elb_list_l7policies",
         }
     }
 }

@@ -322,3 +322,255 @@ async fn forbidden_ingresses_leave_services_working_and_are_reported() {
     .await;
     assert!(ok, "{body}\n{}", e.logs());
 }
+
+const POOL_METRICS: &str = "collection:\n  interval: \"2s\"\n  metrics: [m1_cps, mb_l7_qps]\n  pool_metrics: [mb_l7_qps, m24_l7_req_Bps, m17_l7_upstream_rt]\n";
+
+fn pool_series(
+    metric: &str,
+    svc: &str,
+    ing: &str,
+    elb: &str,
+    pool: &str,
+    name: &str,
+    port: u16,
+) -> String {
+    format!(
+        "huaweicloud_sys_elb_pool_{metric}{{namespace=\"shop\",service=\"{svc}\",ingress=\"{ing}\",lbaas_instance_id=\"{elb}\",lbaas_pool_id=\"{pool}\",pool_name=\"{name}\",port=\"{port}\"}} "
+    )
+}
+
+/// Two Ingresses on one listener (web, the older: cart + web; api: cart + orders), CCE's pools and
+/// policies behind it, a pool no backend matches, and an Ingress on the shared ELB (v2 pools).
+async fn pool_fixture(w: &World) -> [String; 5] {
+    let mut web = ingress(
+        "shop",
+        "web",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[("cart", 8080), ("web", 80)],
+    );
+    web.metadata.creation_timestamp = Some(created(1_700_000_000));
+    let web = w.cluster.apply_ingress(web);
+    let mut api = ingress(
+        "shop",
+        "api",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[("cart", 8080), ("orders", 9000)],
+    );
+    api.metadata.creation_timestamp = Some(created(1_700_000_100));
+    let api = w.cluster.apply_ingress(api);
+    let old = ingress(
+        "shop",
+        "old",
+        &[
+            (ID, SHARED),
+            (CLASS, "union"),
+            ("kubernetes.io/elb.port", "8080"),
+        ],
+        &[("legacy", 81)],
+    );
+    let old = w.cluster.apply_ingress(old);
+    let uid = |i: &k8s_openapi::api::networking::v1::Ingress| i.metadata.uid.clone().expect("uid");
+    let route = |lb, l, port, svc, svc_port, ing: &str| {
+        w.sim.add_cce_route(lb, l, port, "shop", svc, svc_port, ing)
+    };
+    let cart = route(DEDICATED, L_DED_80, 80, "cart", 8080, &uid(&web));
+    let web_pool = route(DEDICATED, L_DED_80, 80, "web", 80, &uid(&web));
+    assert_eq!(
+        route(DEDICATED, L_DED_80, 80, "cart", 8080, &uid(&api)),
+        cart,
+        "one pool per backend and listener"
+    );
+    let orders = route(DEDICATED, L_DED_80, 80, "orders", 9000, &uid(&api));
+    // A pool behind the listener that no Ingress backend names.
+    let _ghost = route(DEDICATED, L_DED_80, 80, "ghost", 80, &uid(&api));
+    let legacy = route(SHARED, L_SHARED_8080, 8080, "legacy", 81, &uid(&old));
+    [cart, web_pool, orders, legacy, uid(&web)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_backend_gets_its_own_pool_series_behind_a_shared_listener() {
+    let w = fixture().await;
+    let [cart, web_pool, orders, legacy, web_uid] = pool_fixture(&w).await;
+    let e = w.exporter(POOL_METRICS);
+    e.wait_ready().await;
+    let cart_qps = pool_series(
+        "mb_l7_qps",
+        "cart",
+        "web",
+        DEDICATED,
+        &cart,
+        "k8s_shop_cart-8080_HTTP-80",
+        80,
+    );
+    let orders_qps = pool_series(
+        "mb_l7_qps",
+        "orders",
+        "api",
+        DEDICATED,
+        &orders,
+        "k8s_shop_orders-9000_HTTP-80",
+        80,
+    );
+    let web_bps = pool_series(
+        "m24_l7_req_Bps",
+        "web",
+        "web",
+        DEDICATED,
+        &web_pool,
+        "k8s_shop_web-80_HTTP-80",
+        80,
+    );
+    let legacy_rt = pool_series(
+        "m17_l7_upstream_rt",
+        "legacy",
+        "old",
+        SHARED,
+        &legacy,
+        "k8s_shop_legacy-81_HTTP-8080",
+        8080,
+    );
+    let (ok, body) = scrape_until(&e, WAIT, |body| {
+        [&cart_qps, &orders_qps, &web_bps, &legacy_rt]
+            .iter()
+            .all(|p| sample(body, p).is_some())
+    })
+    .await;
+    assert!(ok, "pool series missing:\n{body}\nlogs:\n{}", e.logs());
+    let cart_v = sample(&body, &cart_qps).unwrap_or(-1.0);
+    let orders_v = sample(&body, &orders_qps).unwrap_or(-1.0);
+    assert!(is_sim_value(cart_v, &cart, "mb_l7_qps"), "{cart_v}");
+    assert!(is_sim_value(orders_v, &orders, "mb_l7_qps"), "{orders_v}");
+    assert_ne!(cart_v, orders_v, "each backend its own values");
+    assert!(is_sim_value(
+        sample(&body, &web_bps).unwrap_or(-1.0),
+        &web_pool,
+        "m24_l7_req_Bps"
+    ));
+    assert!(is_sim_value(
+        sample(&body, &legacy_rt).unwrap_or(-1.0),
+        &legacy,
+        "m17_l7_upstream_rt"
+    ));
+    // The shared cart pool is exported once, with the oldest Ingress; the listener once, to web.
+    assert_eq!(
+        family_lines(&body, "huaweicloud_sys_elb_pool_mb_l7_qps")
+            .iter()
+            .filter(|l| l.contains(&*cart))
+            .count(),
+        1,
+        "{body}"
+    );
+    assert_eq!(
+        family_lines(&body, "huaweicloud_sys_elb_listener_m1_cps")
+            .iter()
+            .filter(|l| l.contains(L_DED_80))
+            .count(),
+        1,
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "elb_exporter_discovery_problems{reason=\"pool_unmatched\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(!body.contains("service=\"ghost\""), "{body}");
+    assert!(
+        body.contains(&format!(
+            "elb_exporter_pool_info{{namespace=\"shop\",service=\"cart\",ingress=\"web\",lbaas_instance_id=\"{DEDICATED}\",lbaas_pool_id=\"{cart}\",pool_name=\"k8s_shop_cart-8080_HTTP-80\",port=\"80\",uid=\"{web_uid}\"}} 1"
+        )),
+        "{body}"
+    );
+    // Pool and policy listings are counted under their own api label.
+    for api in ["elb_list_pools", "elb_list_l7policies"] {
+        let n = sample(
+            &body,
+            &format!("elb_exporter_cloud_requests_total{{api=\"{api}\"}}"),
+        )
+        .unwrap_or(0.0);
+        assert!(n >= 2.0, "{api}: {n}\n{body}");
+    }
+    check_exposition(&body).expect("valid exposition");
+
+    // Deleting the older Ingress hands the shared cart pool to api; web's own pool goes.
+    assert!(w.cluster.delete_ingress("shop", "web"));
+    let cart_api = pool_series(
+        "mb_l7_qps",
+        "cart",
+        "api",
+        DEDICATED,
+        &cart,
+        "k8s_shop_cart-8080_HTTP-80",
+        80,
+    );
+    let (ok, body) = scrape_until(&e, WAIT, |body| {
+        sample(body, &cart_api).is_some()
+            && !body.contains(&*web_pool)
+            && !body.contains("ingress=\"web\"")
+    })
+    .await;
+    assert!(ok, "after deleting web:\n{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ces_calls_per_cycle_pack_listener_and_pool_series() {
+    let w = fixture().await;
+    pool_fixture(&w).await;
+    // Listeners: legacy's 81 (Service), dedicated 80 (web), shared 8080 (old) = 3 x 2 metrics = 6;
+    // pools: cart, web, orders, legacy = 4 x 3 metrics = 12; 18 series in batches of 5 -> 4 calls
+    // (listeners and pools batched apart would take ceil(6/5) + ceil(12/5) = 5).
+    let e = w.exporter_edited(POOL_METRICS, |t| {
+        t.replace(
+            "  prefix: \"huaweicloud\"\n",
+            "  prefix: \"huaweicloud\"\n  scrape_batch_size: 5\n",
+        )
+    });
+    e.wait_ready().await;
+    let want = pool_series("mb_l7_qps", "legacy", "old", SHARED, "", "", 0);
+    let want = want
+        .split("lbaas_pool_id")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let (ok, body) = scrape_until(&e, WAIT, |body| {
+        family_lines(body, "huaweicloud_sys_elb_pool_mb_l7_qps").len() == 4 && body.contains(&want)
+    })
+    .await;
+    assert!(ok, "{body}");
+    let cycles =
+        |b: &str| sample(b, "elb_exporter_collections_total{result=\"success\"}").unwrap_or(0.0);
+    let (_, body) = scrape_until(&e, WAIT, |_| true).await;
+    let c0 = cycles(&body);
+    let (ok, _) = scrape_until(&e, WAIT, |b| cycles(b) >= c0 + 1.0).await;
+    assert!(ok);
+    w.sim.clear_requests();
+    let (_, body) = scrape_until(&e, WAIT, |_| true).await;
+    let c1 = cycles(&body);
+    let (ok, _) = scrape_until(&e, Duration::from_secs(15), |b| cycles(b) >= c1 + 4.0).await;
+    assert!(ok);
+    let ces: Vec<_> = w
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("batch-query-metric-data"))
+        .collect();
+    let mut groups: Vec<usize> = Vec::new();
+    let mut last: Option<i64> = None;
+    for r in &ces {
+        if last.is_none_or(|t| r.time_ms - t > 1000) {
+            groups.push(0);
+        }
+        if let Some(g) = groups.last_mut() {
+            *g += 1;
+        }
+        last = Some(r.time_ms);
+    }
+    assert!(groups.len() >= 3, "{groups:?}");
+    assert!(
+        groups[1..groups.len() - 1].iter().all(|&n| n == 4),
+        "ceil((6 + 12) / 5) = 4 calls per cycle: {groups:?}"
+    );
+    assert!(ces.iter().all(|r| r.ces_metrics <= 5));
+}

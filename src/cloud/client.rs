@@ -3,7 +3,8 @@
 
 use super::retry::{RateLimiter, backoff};
 use super::{
-    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, Listener, parse,
+    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, L7Policy, Listener, Pool,
+    parse,
 };
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
@@ -281,7 +282,8 @@ impl HttpCloud {
     fn limiter(&self, api: Api) -> &RateLimiter {
         match api {
             Api::IamListProjects => &self.limiters[0],
-            Api::ElbListListeners => &self.limiters[1],
+            // One ELB budget for every ELB listing.
+            Api::ElbListListeners | Api::ElbListPools | Api::ElbListL7policies => &self.limiters[1],
             Api::CesBatchQuery => &self.limiters[2],
         }
     }
@@ -564,6 +566,72 @@ impl HttpCloud {
         ))
     }
 
+    /// Lists every item of an ELB collection (`pools`, `l7policies`) matching `filters`, following
+    /// pages as [`Self::list_paged`] does; items `parse` rejects are counted as skipped.
+    async fn list_collection<T>(
+        &self,
+        api: Api,
+        version: ElbVersion,
+        collection: &str,
+        filters: &[(&str, &str)],
+        parse: fn(&serde_json::Value) -> Option<T>,
+    ) -> Result<Vec<T>, CloudError> {
+        let project = self.project_id().await?;
+        let limit = match version {
+            ElbVersion::V2 => V2_PAGE,
+            ElbVersion::V3 => V3_PAGE,
+        };
+        let path = format!("/{}/{project}/elb/{collection}", version.as_str());
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut query: Vec<(String, String)> = filters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            query.push(("limit".to_string(), limit.to_string()));
+            if let Some(m) = &marker {
+                query.push(("marker".to_string(), m.clone()));
+            }
+            let call = Call {
+                api,
+                endpoint: &self.elb,
+                method: reqwest::Method::GET,
+                path: path.clone(),
+                query,
+                body: Vec::new(),
+                project: Some(&project),
+            };
+            let page = self
+                .call(&call, |body| parse::item_page(body, collection, parse))
+                .await?;
+            if page.skipped > 0 {
+                self.telemetry
+                    .skipped
+                    .with_label_values(&["invalid_elb_item"])
+                    .inc_by(page.skipped as u64);
+            }
+            out.extend(page.items);
+            if page.raw_count < limit {
+                return Ok(out);
+            }
+            let next = page.next_marker.or(page.last_id).ok_or_else(|| {
+                CloudError::Malformed(api, format!("a full page of {collection} without ids"))
+            })?;
+            if marker.as_deref() == Some(next.as_str()) {
+                return Err(CloudError::Malformed(
+                    api,
+                    format!("paging marker {next:?} did not advance"),
+                ));
+            }
+            marker = Some(next);
+        }
+        Err(CloudError::Malformed(
+            api,
+            format!("more than {MAX_PAGES} pages of {collection}"),
+        ))
+    }
+
     async fn resolve_project(&self) -> Result<String, CloudError> {
         let call = Call {
             api: Api::IamListProjects,
@@ -726,6 +794,39 @@ impl CloudApi for HttpCloud {
                 Ok(out)
             }
         }
+    }
+
+    async fn list_pools(
+        &self,
+        version: ElbVersion,
+        loadbalancer_id: &str,
+    ) -> Result<Vec<Pool>, CloudError> {
+        let filters = [("loadbalancer_id", loadbalancer_id)];
+        self.list_collection(Api::ElbListPools, version, "pools", &filters, parse::pool)
+            .await
+    }
+
+    async fn list_l7policies(
+        &self,
+        version: ElbVersion,
+        listener_ids: &[&str],
+    ) -> Result<Vec<L7Policy>, CloudError> {
+        let mut out = Vec::new();
+        // Filters are multi-valued (repeated keys); a chunk keeps the URL short.
+        for chunk in listener_ids.chunks(V3_IDS_PER_CALL) {
+            let filters: Vec<(&str, &str)> = chunk.iter().map(|id| ("listener_id", *id)).collect();
+            out.extend(
+                self.list_collection(
+                    Api::ElbListL7policies,
+                    version,
+                    "l7policies",
+                    &filters,
+                    parse::l7policy,
+                )
+                .await?,
+            );
+        }
+        Ok(out)
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {

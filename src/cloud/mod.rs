@@ -37,6 +37,25 @@ pub struct Listener {
     pub port: u16,
 }
 
+/// A backend server group (pool), as far as Ingress attribution needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub id: String,
+    pub name: String,
+    pub protocol: String,
+    /// `listeners[].id`: may be empty for a pool reached only through a forwarding policy.
+    pub listeners: Vec<String>,
+}
+
+/// A forwarding policy (`l7policies[]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L7Policy {
+    pub id: String,
+    pub listener_id: String,
+    pub action: String,
+    pub redirect_pool_id: Option<String>,
+}
+
 /// One metric of a batch query: namespace, metric name and dimensions (order as sent).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MetricQuery {
@@ -98,6 +117,22 @@ pub trait CloudApi: Send + Sync + 'static {
             }
         }
         Ok(out)
+    }
+    /// Every pool of a load balancer. The default (for fakes without pools) has none.
+    async fn list_pools(
+        &self,
+        _version: ElbVersion,
+        _loadbalancer_id: &str,
+    ) -> Result<Vec<Pool>, CloudError> {
+        Ok(Vec::new())
+    }
+    /// Every forwarding policy of the listeners. The default (for fakes without pools) has none.
+    async fn list_l7policies(
+        &self,
+        _version: ElbVersion,
+        _listener_ids: &[&str],
+    ) -> Result<Vec<L7Policy>, CloudError> {
+        Ok(Vec::new())
     }
     /// One CES batch call (the caller keeps it within 500 metrics and the datapoint budget).
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError>;

@@ -196,6 +196,85 @@ fn listener(item: &Value, id: Option<&str>, asked: &[&str]) -> Option<(String, L
     ))
 }
 
+/// One page of an ELB collection other than listeners (`pools`, `l7policies`).
+#[derive(Debug)]
+pub struct ItemPage<T> {
+    pub items: Vec<T>,
+    pub raw_count: usize,
+    pub last_id: Option<String>,
+    pub next_marker: Option<String>,
+    pub skipped: usize,
+}
+
+/// Parses a v2 or v3 page of `collection`, keeping the items `parse` accepts.
+pub fn item_page<T>(
+    body: &[u8],
+    collection: &str,
+    parse: fn(&Value) -> Option<T>,
+) -> Result<ItemPage<T>, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let items = v
+        .get(collection)
+        .and_then(|l| l.as_array())
+        .ok_or_else(|| format!("no `{collection}` array"))?;
+    let mut page = ItemPage {
+        items: Vec::with_capacity(items.len()),
+        raw_count: items.len(),
+        last_id: None,
+        next_marker: v
+            .pointer("/page_info/next_marker")
+            .and_then(|m| m.as_str())
+            .filter(|m| !m.is_empty())
+            .map(str::to_string),
+        skipped: 0,
+    };
+    for item in items {
+        if let Some(id) = item
+            .get("id")
+            .and_then(|i| i.as_str())
+            .filter(|s| !s.is_empty())
+        {
+            page.last_id = Some(id.to_string());
+        }
+        match parse(item) {
+            Some(t) => page.items.push(t),
+            None => page.skipped += 1,
+        }
+    }
+    Ok(page)
+}
+
+fn nonempty_str(item: &Value, key: &str) -> Option<String> {
+    item.get(key)
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// A pool needs an id; `listeners[]` may be empty or absent.
+pub fn pool(item: &Value) -> Option<crate::cloud::Pool> {
+    Some(crate::cloud::Pool {
+        id: nonempty_str(item, "id")?,
+        name: nonempty_str(item, "name").unwrap_or_default(),
+        protocol: nonempty_str(item, "protocol").unwrap_or_default(),
+        listeners: item
+            .get("listeners")
+            .and_then(|l| l.as_array())
+            .map(|a| a.iter().filter_map(|x| nonempty_str(x, "id")).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// A policy needs an id and its listener.
+pub fn l7policy(item: &Value) -> Option<crate::cloud::L7Policy> {
+    Some(crate::cloud::L7Policy {
+        id: nonempty_str(item, "id")?,
+        listener_id: nonempty_str(item, "listener_id")?,
+        action: nonempty_str(item, "action").unwrap_or_default(),
+        redirect_pool_id: nonempty_str(item, "redirect_pool_id"),
+    })
+}
+
 /// The match key of a metric: namespace, metric name and the dimension set in sorted order, joined with
 /// separators that cannot occur in them (one allocation per entry, not one per dimension).
 fn match_key<'k>(ns: &str, name: &str, dims: impl Iterator<Item = (&'k str, &'k str)>) -> String {

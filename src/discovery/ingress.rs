@@ -42,6 +42,9 @@ pub struct IngressTarget {
     pub ports: Vec<u16>,
     /// `<namespace>/<name>` of the listener master CCE named on this Ingress, if any.
     pub master: Option<String>,
+    /// Backend Services (name, numeric port) of `spec.rules[].http.paths[]` and `defaultBackend`,
+    /// sorted, deduplicated. A port given by name cannot match CCE's pool name and is left out.
+    pub backends: Vec<(Arc<str>, u16)>,
 }
 
 impl IngressTarget {
@@ -200,7 +203,32 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         master: get(MASTER_ANNOTATION)
             .filter(|m| !m.is_empty())
             .map(str::to_owned),
+        backends: backends(ing),
     })
+}
+
+/// The Ingress's own backend Services with numeric ports.
+pub fn backends(ing: &Ingress) -> Vec<(Arc<str>, u16)> {
+    let Some(spec) = ing.spec.as_ref() else {
+        return Vec::new();
+    };
+    let paths = spec
+        .rules
+        .iter()
+        .flatten()
+        .filter_map(|r| r.http.as_ref())
+        .flat_map(|h| h.paths.iter().map(|p| &p.backend));
+    let mut out: Vec<(Arc<str>, u16)> = paths
+        .chain(spec.default_backend.as_ref())
+        .filter_map(|b| b.service.as_ref())
+        .filter_map(|s| {
+            let port = s.port.as_ref()?.number?;
+            Some((Arc::from(s.name.as_str()), u16::try_from(port).ok()?))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The Ingresses known to the inventory, by key.
@@ -265,10 +293,19 @@ pub struct IngressListener<'a> {
     pub listener: &'a Listener,
 }
 
-/// What attribution found: the owned listeners, and each Ingress's problems.
+/// Every Ingress on one listener, oldest first: the pools behind it are attributed among them.
+#[derive(Debug, Clone)]
+pub struct ListenerRoutes<'a> {
+    pub listener: &'a Listener,
+    pub ingresses: Vec<&'a IngressTarget>,
+}
+
+/// What attribution found: the owned listeners, every Ingress listener's routes, and each Ingress's
+/// problems.
 #[derive(Debug, Default)]
 pub struct Attribution<'a> {
     pub owned: Vec<IngressListener<'a>>,
+    pub routes: Vec<ListenerRoutes<'a>>,
     pub problems: Vec<(IngressKey, Problem, String)>,
 }
 
@@ -338,6 +375,10 @@ pub fn attribute<'a>(
                 ));
             }
         }
+        out.routes.push(ListenerRoutes {
+            listener,
+            ingresses: sharing,
+        });
     }
     out
 }
@@ -449,6 +490,7 @@ mod tests {
             class: ElbClass::Dedicated,
             ports: vec![80],
             master: master.map(str::to_owned),
+            backends: Vec::new(),
         })
     }
 

@@ -55,7 +55,7 @@ pub struct ServiceReport {
 }
 
 /// What the collector collects and the exposition labels: published as a whole, atomically.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Targets {
     /// Increases with every publication.
     pub generation: u64,
@@ -70,6 +70,10 @@ pub struct Targets {
     pub ingresses: usize,
     /// Ingress problems for `check` and logs: the reason, and `ingress namespace/name: problem`.
     pub ingress_problems: Vec<(Problem, String)>,
+    /// Every Ingress listener with the Ingresses routed through it (input of the pool stage).
+    pub routes: Vec<super::pools::IngressRoute>,
+    /// Pools attributed to backend Services (filled by the pool stage).
+    pub pools: Vec<super::pools::PoolTarget>,
     /// Current problem counts by reason (`elb_exporter_discovery_problems`).
     pub problems: BTreeMap<Problem, usize>,
     /// Watch scopes the apiserver refuses to list (RBAC), with its message, for `check` and logs.
@@ -504,7 +508,7 @@ impl<C: CloudApi> Inventory<C> {
         if !self.scopes_forbidden.is_empty() {
             problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
         }
-        let ingress_problems = self.ingress_targets(&mut targets, &mut problems);
+        let (ingress_problems, routes) = self.ingress_targets(&mut targets, &mut problems);
         let synced = self.scopes_answered() >= self.settings.scopes
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
         self.generation += 1;
@@ -528,6 +532,8 @@ impl<C: CloudApi> Inventory<C> {
             elbs: self.elbs.len(),
             ingresses: self.ingresses.ingresses.len(),
             ingress_problems,
+            routes,
+            pools: Vec::new(),
         };
         self.tx.send_replace(Arc::new(t));
     }
@@ -554,12 +560,13 @@ impl<C: CloudApi> Inventory<C> {
         true
     }
 
-    /// Appends the Ingress listener targets and counts Ingress problems; returns them in words.
+    /// Appends the Ingress listener targets and counts Ingress problems; returns them in words, and
+    /// the routes the pool stage attributes pools along.
     fn ingress_targets(
         &self,
         targets: &mut Vec<Target>,
         problems: &mut BTreeMap<Problem, usize>,
-    ) -> Vec<(Problem, String)> {
+    ) -> (Vec<(Problem, String)>, Vec<super::pools::IngressRoute>) {
         let a = super::ingress::attribute(&self.ingresses, |id| {
             self.elbs
                 .get(id)
@@ -603,7 +610,30 @@ impl<C: CloudApi> Inventory<C> {
             ));
         }
         words.sort();
-        words
+        let routes = a
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let elb = &r.ingresses.first()?.elb_id;
+                Some(super::pools::IngressRoute {
+                    elb_id: elb.clone(),
+                    version: self.elbs.get(elb).and_then(|st| st.version),
+                    listener_id: r.listener.id.as_str().into(),
+                    port: r.listener.port,
+                    ingresses: r
+                        .ingresses
+                        .iter()
+                        .map(|i| super::pools::RouteIngress {
+                            namespace: i.namespace.clone(),
+                            name: i.name.clone(),
+                            uid: i.uid.clone(),
+                            backends: i.backends.clone(),
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        (words, routes)
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod ingress;
 pub mod inventory;
+pub mod pools;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
@@ -71,10 +72,14 @@ pub enum Problem {
     IngressBadPorts,
     /// An Ingress listener shared with another Ingress, to which it is attributed.
     SharedListener,
+    /// A pool behind an Ingress listener that no Ingress backend matches (by CCE's pool name).
+    PoolUnmatched,
+    /// The pools or forwarding policies of an Ingress ELB could not be listed (yet).
+    PoolLookupFailed,
 }
 
 impl Problem {
-    pub const ALL: [Problem; 11] = [
+    pub const ALL: [Problem; 13] = [
         Problem::EmptyAnnotation,
         Problem::SeveralIds,
         Problem::InvalidId,
@@ -86,6 +91,8 @@ impl Problem {
         Problem::IngressUnbound,
         Problem::IngressBadPorts,
         Problem::SharedListener,
+        Problem::PoolUnmatched,
+        Problem::PoolLookupFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +108,8 @@ impl Problem {
             Problem::IngressUnbound => "ingress_unbound",
             Problem::IngressBadPorts => "ingress_bad_ports",
             Problem::SharedListener => "shared_listener",
+            Problem::PoolUnmatched => "pool_unmatched",
+            Problem::PoolLookupFailed => "pool_lookup_failed",
         }
     }
 
@@ -129,6 +138,10 @@ impl Problem {
             Problem::SharedListener => {
                 "the Ingress listener is shared and attributed to another Ingress (its master, else the oldest)"
             }
+            Problem::PoolUnmatched => {
+                "a pool behind an Ingress listener matches no backend of its Ingresses by CCE's pool name"
+            }
+            Problem::PoolLookupFailed => "the pools of an Ingress ELB could not be listed",
         }
     }
 }

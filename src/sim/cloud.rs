@@ -21,6 +21,9 @@ use serde_json::{Map, Value, json};
 
 use crate::signer::{self, Algorithm, SignRequest};
 
+mod pools;
+pub use pools::{SimL7Policy, SimPool, cce_pool_name};
+
 /// Bounded so a long benchmark or demo run cannot grow memory without limit.
 const MAX_LOG: usize = 100_000;
 /// Read limit for any request body; the CES 512 KB rule is checked separately so it can answer `ces.0014`.
@@ -232,6 +235,8 @@ struct SimState {
     log: VecDeque<SimRequest>,
     auth: AuthState,
     ces_calls: VecDeque<Instant>,
+    /// Pools and forwarding policies (see [`pools`]).
+    pools: pools::PoolState,
 }
 
 impl CloudSim {
@@ -328,6 +333,7 @@ impl CloudSim {
         let mut st = self.inner.state();
         st.lbs.remove(id);
         st.listeners.retain(|_, l| l.lb_id != id);
+        st.pools.remove_lb(id);
     }
 
     /// Adds or replaces a listener; listeners of load balancers that do not exist are stored but not listed.
@@ -407,6 +413,9 @@ enum Endpoint {
     ListenersV3(String),
     LoadBalancersV3(String),
     BatchQuery(String),
+    /// Pools and l7policies: `(v3, project id)`.
+    Pools(bool, String),
+    L7Policies(bool, String),
 }
 
 impl Endpoint {
@@ -416,6 +425,13 @@ impl Endpoint {
             Endpoint::ListenersV2(_) => SimApi::ElbV2,
             Endpoint::ListenersV3(_) | Endpoint::LoadBalancersV3(_) => SimApi::ElbV3,
             Endpoint::BatchQuery(_) => SimApi::Ces,
+            Endpoint::Pools(v3, _) | Endpoint::L7Policies(v3, _) => {
+                if *v3 {
+                    SimApi::ElbV3
+                } else {
+                    SimApi::ElbV2
+                }
+            }
         }
     }
 }
@@ -441,6 +457,12 @@ fn route(method: &Method, path: &str) -> Option<Endpoint> {
         ["", "V1.0", pid, "batch-query-metric-data"] if method == Method::POST => {
             Endpoint::BatchQuery(pid.to_string())
         }
+        ["", v @ ("v2" | "v3"), pid, "elb", "pools"] if method == Method::GET => {
+            Endpoint::Pools(*v == "v3", pid.to_string())
+        }
+        ["", v @ ("v2" | "v3"), pid, "elb", "l7policies"] if method == Method::GET => {
+            Endpoint::L7Policies(*v == "v3", pid.to_string())
+        }
         _ => return None,
     };
     match &ep {
@@ -448,6 +470,8 @@ fn route(method: &Method, path: &str) -> Option<Endpoint> {
         | Endpoint::ListenersV3(p)
         | Endpoint::LoadBalancersV3(p)
         | Endpoint::BatchQuery(p)
+        | Endpoint::Pools(_, p)
+        | Endpoint::L7Policies(_, p)
             if p.is_empty() =>
         {
             None
@@ -683,6 +707,8 @@ impl Inner {
             }
             Endpoint::LoadBalancersV3(pid) => self.list_loadbalancers(pid, headers, &query, rid),
             Endpoint::BatchQuery(pid) => self.batch_query(pid, headers, &body, rid, rec),
+            Endpoint::Pools(v3, pid) => self.list_pools(*v3, pid, headers, &query, rid),
+            Endpoint::L7Policies(v3, pid) => self.list_l7policies(*v3, pid, headers, &query, rid),
         };
         if malformed {
             let cut = (reply.body.len() / 2).max(1);
@@ -1217,6 +1243,17 @@ impl Inner {
             q.metrics
                 .iter()
                 .map(|m| {
+                    if let Some((lb, pool)) = m.pool_target() {
+                        // Pools have the L7 metrics only, and only when they are HTTP(S).
+                        let protocol = st.pools.pool_protocol(lb, pool)?;
+                        let spec = metric_spec(&m.metric_name)?;
+                        let ok = pid == self.cfg.project_id
+                            && m.namespace == "SYS.ELB"
+                            && st.lbs.contains_key(lb)
+                            && matches!(spec.family, Family::L7 | Family::PoolOnly)
+                            && is_l7(protocol);
+                        return ok.then(|| pool.to_string());
+                    }
                     let (lb, listener) = m.listener_target()?;
                     let known = st.listeners.get(listener)?;
                     let spec = metric_spec(&m.metric_name)?;
@@ -1730,6 +1767,16 @@ impl MetricQuery {
             _ => None,
         }
     }
+
+    /// `(lb, pool)` when the dimensions are exactly `[lbaas_instance_id, lbaas_pool_id]`.
+    fn pool_target(&self) -> Option<(&str, &str)> {
+        match self.dimensions.as_slice() {
+            [(a, lb), (b, pool)] if a == "lbaas_instance_id" && b == "lbaas_pool_id" => {
+                Some((lb.as_str(), pool.as_str()))
+            }
+            _ => None,
+        }
+    }
 }
 
 struct CesQuery {
@@ -1909,6 +1956,8 @@ enum Family {
     L4,
     TcpResets,
     L7,
+    /// Backend server group metrics that listeners do not have.
+    PoolOnly,
 }
 
 impl Family {
@@ -1917,6 +1966,7 @@ impl Family {
             Family::L4 => true,
             Family::TcpResets => protocol == "TCP",
             Family::L7 => is_l7(protocol),
+            Family::PoolOnly => false,
         }
     }
 }
@@ -1954,7 +2004,7 @@ fn metric_spec(name: &str) -> Option<MetricSpec> {
         | "m17_l7_upstream_rt_p90"
         | "m17_l7_upstream_rt_p95"
         | "m17_l7_upstream_rt_p99" => ("ms", Family::L7),
-        _ => return None,
+        other => (pools::pool_only_unit(other)?, Family::PoolOnly),
     };
     Some(MetricSpec { unit, family })
 }
@@ -2107,6 +2157,7 @@ pub fn datapoint_value(listener_id: &str, metric: &str, minute_ms: i64) -> f64 {
         "m17_l7_upstream_rt_p90" => rt() * 0.85 * 1.6,
         "m17_l7_upstream_rt_p95" => rt() * 0.85 * 2.0,
         "m17_l7_upstream_rt_p99" => rt() * 0.85 * 3.2,
+        m if pools::pool_only_unit(m).is_some() => pools::pool_only_value(qps(), m, noise(l, m, t)),
         _ => 0.0,
     };
     round2(v)
