@@ -179,7 +179,8 @@ class Checker:
         for needed in ("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "deployment.yaml",
                        "service.yaml", "servicemonitor.yaml", "prometheus-rules.yaml"):
             self.check(needed in res, w, f"resources does not list {needed}")
-        for kept_out in ("prometheus-additional.yaml", "example-app.yaml", "example-hpa.yaml"):
+        for kept_out in ("prometheus-additional.yaml", "example-app.yaml", "example-hpa.yaml",
+                         "example-hpa-ingress.yaml"):
             self.check(kept_out not in res, w, f"{kept_out} is applied separately and must not be in resources")
         self.namespace = ns
 
@@ -469,7 +470,8 @@ class Checker:
                 inner = {x.strip() for x in shape.group(1).split(",")}
                 want = {"namespace", identity, *res_labels}
                 self.check(inner == want, rw, f"the inner max must be by {sorted(want)} (got {sorted(inner)})")
-            if not re.fullmatch(m.group(1), EXAMPLE_HPA_SERIES):
+            # Only the Service listener rule serves the example HPA (an Ingress rule selects the same names).
+            if not re.fullmatch(m.group(1), EXAMPLE_HPA_SERIES) or res_labels != ["service"]:
                 continue
             elb_rules += 1
             self.check(res_labels == ["service"] and ov["service"].get("resource") == "service", rw,

@@ -145,6 +145,11 @@ pub fn start_pipeline<C: CloudApi>(
         InventorySettings {
             listener_refresh: cfg.discovery.listener_refresh,
             scopes: discovery::scopes(&cfg.discovery.namespaces).len(),
+            ingress_scopes: if cfg.discovery.ingresses {
+                discovery::scopes(&cfg.discovery.namespaces).len()
+            } else {
+                0
+            },
         },
         telemetry.clone(),
     );

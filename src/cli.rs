@@ -376,6 +376,11 @@ async fn resolve_once<C: CloudApi>(
         InventorySettings {
             listener_refresh: cfg.discovery.listener_refresh,
             scopes: scopes.len(),
+            ingress_scopes: if cfg.discovery.ingresses {
+                scopes.len()
+            } else {
+                0
+            },
         },
         telemetry.clone(),
     );

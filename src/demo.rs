@@ -181,6 +181,44 @@ pub fn services() -> Vec<Service> {
     ]
 }
 
+/// The demo's CCE ELB Ingress: dedicated ELB, one HTTP listener on port 80.
+pub const INGRESS_ELB: FixtureElb = FixtureElb {
+    id: "ad5f0e5c-4b1c-4f99-8e6f-5b6c7d8e9f05",
+    kind: LbKind::Dedicated,
+    listeners: &[(
+        "e5000000-0000-4000-8000-000000000080",
+        "k8s_HTTP_80",
+        "HTTP",
+        80,
+    )],
+};
+
+/// The demo's Ingress `shop/storefront` with two backends (`web:80`, `cart:8080`) on one listener, and
+/// the ELB objects CCE creates for it (a pool per backend, reached by forwarding policies), so the
+/// per-backend QPS split is visible: `<prefix>_sys_elb_pool_mb_l7_qps{service="web"|"cart",...}`.
+pub fn seed_ingress(sim: &CloudSim, cluster: &FakeApiServer) {
+    let elb = &INGRESS_ELB;
+    sim.add_loadbalancer(elb.id, elb.kind);
+    for (id, name, proto, port) in elb.listeners {
+        sim.add_listener(elb.id, SimListener::new(*id, *name, *proto, *port));
+    }
+    let backends = [("web", 80), ("cart", 8080)];
+    let ing = cluster.apply_ingress(ingress(
+        "shop",
+        "storefront",
+        &[
+            ("kubernetes.io/elb.id", elb.id),
+            ("kubernetes.io/elb.class", "performance"),
+        ],
+        &backends,
+    ));
+    let uid = ing.metadata.uid.unwrap_or_default();
+    let (listener, _, _, port) = elb.listeners[0];
+    for (svc, svc_port) in backends {
+        sim.add_cce_route(elb.id, listener, port, "shop", svc, svc_port as u16, &uid);
+    }
+}
+
 /// Fills a simulator with the fixture's load balancers.
 pub fn seed_cloud(sim: &CloudSim) {
     for elb in ELBS {
@@ -215,14 +253,24 @@ pub async fn run(listen: &str) -> Result<(), crate::cli::CliError> {
     for s in services() {
         cluster.apply(s);
     }
+    seed_ingress(&sim, &cluster);
     let cluster_addr = cluster
         .serve(loopback)
         .await
         .map_err(|e| crate::cli::CliError::Check(format!("simulated cluster: {e}")))?;
+    // The default listener metrics plus the L7 requests per second the Ingress HPA example scales on.
+    let metrics = crate::config::DEFAULT_METRICS
+        .iter()
+        .chain(&["mb_l7_qps"])
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     let text = config_for(
         &sim,
         &format!("http://{cloud_addr}"),
-        "collection:\n  interval: \"15s\"\ndiscovery:\n  listener_refresh: \"1m\"\n",
+        &format!(
+            "collection:\n  interval: \"15s\"\n  metrics: [{metrics}]\ndiscovery:\n  listener_refresh: \"1m\"\n"
+        ),
     );
     let cfg = Config::from_yaml(&text, &|_| None)?;
     let kube = kube::Client::try_from(cluster.client_config())
@@ -233,7 +281,7 @@ pub async fn run(listen: &str) -> Result<(), crate::cli::CliError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| listen.to_string());
     println!(
-        "elb-exporter demo: serving http://{addr}/metrics\n  simulated Huawei Cloud (IAM, ELB, CES) at http://{cloud_addr}, simulated Kubernetes API at http://{cluster_addr}\n  5 Services in namespaces default and shop; press Ctrl-C to stop"
+        "elb-exporter demo: serving http://{addr}/metrics\n  simulated Huawei Cloud (IAM, ELB, CES) at http://{cloud_addr}, simulated Kubernetes API at http://{cluster_addr}\n  5 Services in namespaces default and shop, and Ingress shop/storefront (backends web and cart on one listener); press Ctrl-C to stop"
     );
     app::run(cfg, None, kube, listener, crate::server::shutdown_signal()).await?;
     Ok(())

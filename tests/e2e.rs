@@ -505,7 +505,17 @@ async fn demo_serves_series() {
         );
     }
     assert_eq!(sample(&body, "elb_exporter_up "), Some(1.0));
-    assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 5);
+    // 5 Service listeners and the Ingress storefront's, which shares its listener between two backends:
+    // each backend its own pool series.
+    assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 6);
+    for svc in ["web", "cart"] {
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with("huaweicloud_sys_elb_pool_mb_l7_qps{")
+                    && l.contains(&format!("service=\"{svc}\",ingress=\"storefront\""))),
+            "demo pool series for {svc}:\n{body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,6 +237,8 @@ pub struct IngressBook {
     pub ingresses: HashMap<IngressKey, ObservedIngress>,
     /// Scopes whose Ingress list RBAC refuses.
     pub forbidden: BTreeMap<Scope, String>,
+    /// Scopes that have answered once (a list or a refusal): readiness waits for each.
+    pub answered: HashSet<Scope>,
 }
 
 impl IngressBook {
@@ -262,9 +264,12 @@ impl IngressBook {
                     self.ingresses.insert(o.key(), o);
                 }
                 self.forbidden.remove(&scope);
+                self.answered.insert(scope);
                 true
             }
             IngressEvent::Forbidden { scope, message } => {
+                // A refusal counts as an answer, and as a change the first time.
+                let first = self.answered.insert(scope.clone());
                 let new = self.forbidden.insert(scope.clone(), message.clone()) != Some(message);
                 if new {
                     warn!(
@@ -272,7 +277,7 @@ impl IngressBook {
                         "RBAC forbids listing ingresses here; services are still collected"
                     );
                 }
-                new
+                new || first
             }
         }
     }

@@ -109,6 +109,8 @@ pub struct InventorySettings {
     pub listener_refresh: Duration,
     /// Number of watch scopes (namespaces, or 1 for all) that must report a full list before `synced`.
     pub scopes: usize,
+    /// The same for the Ingress watch (0 when Ingresses are not watched).
+    pub ingress_scopes: usize,
 }
 
 pub struct Inventory<C: CloudApi> {
@@ -298,7 +300,7 @@ impl<C: CloudApi> Inventory<C> {
 
     /// Once every scope has answered, the ELBs known then are looked up before the first sync.
     fn start_initial_lookups(&mut self) {
-        if self.initial_pending.is_none() && self.scopes_answered() >= self.settings.scopes {
+        if self.initial_pending.is_none() && self.all_answered() {
             self.initial_pending = Some(
                 self.elbs
                     .iter()
@@ -509,8 +511,8 @@ impl<C: CloudApi> Inventory<C> {
             problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
         }
         let (ingress_problems, routes) = self.ingress_targets(&mut targets, &mut problems);
-        let synced = self.scopes_answered() >= self.settings.scopes
-            && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
+        let synced =
+            self.all_answered() && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
         self.generation += 1;
         let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
         self.telemetry
@@ -543,6 +545,12 @@ impl<C: CloudApi> Inventory<C> {
 // Ingresses (attribution itself lives in `super::ingress`)
 
 impl<C: CloudApi> Inventory<C> {
+    /// Every Service scope and every Ingress scope has answered (a list or a refusal).
+    fn all_answered(&self) -> bool {
+        self.scopes_answered() >= self.settings.scopes
+            && self.ingresses.answered.len() >= self.settings.ingress_scopes
+    }
+
     fn apply_ingress(&mut self, ev: IngressEvent) -> bool {
         if !self.ingresses.apply(ev) {
             return false;
@@ -557,6 +565,7 @@ impl<C: CloudApi> Inventory<C> {
             self.ensure_elb(&id, class);
         }
         self.gc_elbs();
+        self.start_initial_lookups();
         true
     }
 
