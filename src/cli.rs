@@ -4,7 +4,7 @@
 use crate::app;
 use crate::cloud::client::HttpCloud;
 use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
-use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners};
+use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners, distinct_pools};
 use crate::config::{Config, ConfigError, LogFormat, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::pools::PoolStage;
@@ -222,15 +222,21 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
 
     print_ingresses(&targets, &mut problems);
     let listeners = distinct_listeners(&targets);
+    let pools = distinct_pools(&targets);
     let batch = cfg.effective_batch_size();
     let metrics = cfg.collection.metrics.len();
-    let calls = calls_per_cycle(listeners.len(), metrics, batch);
+    let pool_metrics = cfg.collection.pool_metrics.len();
+    // Listener and pool series are packed into the same batches.
+    let series = listeners.len() * metrics + pools.len() * pool_metrics;
+    let calls = calls_per_cycle(series, 1, batch);
     let per_min = calls as f64 * 60.0 / cfg.collection.interval.as_secs_f64();
     println!(
-        "\nplan: {} listeners x {} metrics = {} series -> {} CES batch call(s) per {} interval (batch size {}), {:.1} calls/minute (limit {}/minute); {} ELB(s) re-listed every {}",
+        "\nplan: {} listeners x {} metrics + {} pools x {} pool metrics = {} series -> {} CES batch call(s) per {} interval (batch size {}), {:.1} calls/minute (limit {}/minute); {} ELB(s) re-listed every {}",
         listeners.len(),
         metrics,
-        listeners.len() * metrics,
+        pools.len(),
+        pool_metrics,
+        series,
         calls,
         format_duration(cfg.collection.interval),
         batch,
@@ -321,9 +327,23 @@ fn print_ingresses(targets: &Targets, problems: &mut Vec<String>) {
             t.namespace, t.service, t.elb_id, t.listener_id, t.port, t.protocol, t.listener_name
         );
     }
+    if !targets.pools.is_empty() {
+        println!(
+            "\n{:<20} {:<24} {:<24} {:<38} {:>5} POOL NAME",
+            "NAMESPACE", "INGRESS", "BACKEND SERVICE", "POOL", "PORT"
+        );
+    }
+    for p in &targets.pools {
+        println!(
+            "{:<20} {:<24} {:<24} {:<38} {:>5} {}",
+            p.namespace, p.ingress, p.service, p.pool_id, p.port, p.pool_name
+        );
+    }
     for (problem, text) in &targets.ingress_problems {
         match problem {
-            discovery::Problem::SharedListener => println!("  note: {text}"),
+            discovery::Problem::SharedListener => {
+                println!("  note: {} (its traffic is in the pool series)", text)
+            }
             _ => problems.push(text.clone()),
         }
     }

@@ -574,3 +574,45 @@ async fn ces_calls_per_cycle_pack_listener_and_pool_series() {
     );
     assert!(ces.iter().all(|r| r.ces_metrics <= 5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_shows_ingresses_listeners_pools_and_backends() {
+    let w = fixture().await;
+    let [cart, _, orders, _, _] = pool_fixture(&w).await;
+    let (code, out, err) = w.run(POOL_METRICS, &["check"]);
+    let row = |cells: &[&str]| {
+        out.lines()
+            .any(|l| cells.iter().all(|c| l.split_whitespace().any(|w| w == *c)))
+    };
+    assert!(
+        row(&["shop", "web", DEDICATED, L_DED_80, "80", "HTTP"]),
+        "{out}"
+    );
+    assert!(
+        row(&["shop", "old", SHARED, L_SHARED_8080, "8080"]),
+        "{out}"
+    );
+    assert!(
+        row(&[
+            "shop",
+            "web",
+            "cart",
+            &cart,
+            "80",
+            "k8s_shop_cart-8080_HTTP-80"
+        ]),
+        "{out}"
+    );
+    assert!(row(&["shop", "api", "orders", &orders, "80"]), "{out}");
+    // api shares web's listener: a note, not a problem; the ghost pool is a problem.
+    assert!(out.contains("note: ingress shop/api: listener"), "{out}");
+    assert!(
+        out.contains("3 listeners x 2 metrics + 4 pools x 3 pool metrics = 18 series"),
+        "{out}"
+    );
+    assert_ne!(code, 0, "an unmatched pool is a problem:\n{out}\n{err}");
+    assert!(
+        format!("{out}{err}").contains("matches no backend"),
+        "{out}\n{err}"
+    );
+}

@@ -331,13 +331,14 @@ impl<C: CloudApi> PoolStage<C> {
             .cache
             .values()
             .all(|c| c.listing.is_some() || c.error.is_some());
+        // Ingress and pool problems are logged once each when they appear (a shared listener is normal).
         let fresh: Vec<String> = words
             .iter()
-            .filter(|(p, _)| matches!(p, Problem::PoolUnmatched))
+            .filter(|(p, _)| !matches!(p, Problem::SharedListener))
             .map(|(_, w)| w.clone())
             .collect();
         for w in fresh.iter().filter(|w| !self.logged.contains(w)) {
-            warn!(problem = %w, "pool not attributed");
+            warn!(problem = %w, "ingress or pool cannot be fully exported");
         }
         self.logged = fresh;
         let out = Targets {
