@@ -57,6 +57,7 @@ pub struct Pipeline {
 pub enum Task {
     Watch,
     IngressWatch,
+    IngressBinder,
     Inventory,
     Pools,
     Collector,
@@ -69,6 +70,7 @@ impl Task {
         match self {
             Task::Watch => "watch",
             Task::IngressWatch => "ingress_watch",
+            Task::IngressBinder => "ingress_binder",
             Task::Inventory => "inventory",
             Task::Pools => "pools",
             Task::Collector => "collector",
@@ -122,13 +124,15 @@ pub fn start_pipeline<C: CloudApi>(
 ) -> Pipeline {
     let (tx, rx) = mpsc::channel::<DiscoveryEvent>(1024);
     if cfg.discovery.ingresses {
+        // Ingress watch -> binder (ELB by id, VIP address or CCE's name) -> inventory.
+        let (itx, irx) = mpsc::channel(256);
         tasks.spawn(
             Task::IngressWatch,
-            discovery::ingress::run_watch(
-                kube.clone(),
-                cfg.discovery.namespaces.clone(),
-                tx.clone(),
-            ),
+            discovery::ingress::run_watch(kube.clone(), cfg.discovery.namespaces.clone(), itx),
+        );
+        tasks.spawn(
+            Task::IngressBinder,
+            discovery::ingress::run_binder(cloud.clone(), irx, tx.clone()),
         );
     }
     tasks.spawn(

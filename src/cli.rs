@@ -351,8 +351,9 @@ fn print_ingresses(targets: &Targets, problems: &mut Vec<String>) {
 
 /// Lists CCE Ingresses once per scope into the inventory (before the Services, so their ELBs are
 /// looked up before the inventory reports itself synced).
-async fn list_ingresses_once(
+async fn list_ingresses_once<C: CloudApi>(
     kube: &kube::Client,
+    binder: &mut discovery::ingress::Binder<C>,
     scopes: &[discovery::Scope],
     tx: &mpsc::Sender<DiscoveryEvent>,
 ) -> Result<(), CliError> {
@@ -378,6 +379,7 @@ async fn list_ingresses_once(
             },
             Err(e) => return Err(CliError::Kube(format!("listing ingresses: {e}"))),
         };
+        let ev = binder.bind(ev).await;
         let _ = tx.send(DiscoveryEvent::Ingress(ev)).await;
     }
     Ok(())
@@ -406,7 +408,8 @@ async fn resolve_once<C: CloudApi>(
     );
     let task = tokio::spawn(inventory.run(rx));
     if cfg.discovery.ingresses {
-        list_ingresses_once(&kube, &scopes, &tx).await?;
+        let mut binder = discovery::ingress::Binder::new(cloud.clone());
+        list_ingresses_once(&kube, &mut binder, &scopes, &tx).await?;
     }
     for scope in scopes {
         let api: kube::Api<Service> = match &scope {

@@ -16,15 +16,18 @@ pub enum Api {
     ElbListPools,
     /// Forwarding policies of Ingress listeners.
     ElbListL7policies,
+    /// Load balancers, to bind Ingresses named by VIP address or CCE's auto-created ELB name.
+    ElbListLoadbalancers,
 }
 
 impl Api {
-    pub const ALL: [Api; 5] = [
+    pub const ALL: [Api; 6] = [
         Api::IamListProjects,
         Api::ElbListListeners,
         Api::CesBatchQuery,
         Api::ElbListPools,
         Api::ElbListL7policies,
+        Api::ElbListLoadbalancers,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +37,7 @@ impl Api {
             Api::CesBatchQuery => "ces_batch_query",
             Api::ElbListPools => "elb_list_pools",
             Api::ElbListL7policies => "elb_list_l7policies",
+            Api::ElbListLoadbalancers => "elb_list_loadbalancers",
         }
     }
 }

@@ -616,3 +616,75 @@ async fn check_shows_ingresses_listeners_pools_and_backends() {
         "{out}\n{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingresses_bind_by_vip_address_and_by_cce_auto_created_name() {
+    const AUTO: &str = "33333333-3333-4333-8333-333333333333";
+    const L_AUTO: &str = "a0000000-0000-4000-8000-000000000080";
+    let w = fixture().await;
+    w.sim.add_loadbalancer(AUTO, LbKind::Dedicated);
+    w.sim
+        .add_listener(AUTO, SimListener::new(L_AUTO, "k8s_HTTP_80", "HTTP", 80));
+    let vip = elb_exporter::sim::cloud::vip_address(DEDICATED);
+    w.cluster.apply_ingress(ingress(
+        "shop",
+        "byip",
+        &[
+            ("kubernetes.io/elb.ip", vip.as_str()),
+            ("kubernetes.io/elb.listen-ports", r#"[{"HTTPS":443}]"#),
+        ],
+        &[("cart", 8080)],
+    ));
+    // No binding annotation: CCE's auto-created ELB, which does not exist yet.
+    let auto = w
+        .cluster
+        .apply_ingress(ingress("shop", "auto", &[], &[("web", 80)]));
+    let e = w.exporter(METRICS);
+    e.wait_ready().await;
+    let byip = format!(
+        "huaweicloud_sys_elb_listener_m1_cps{{{}}} ",
+        listener_labels(
+            "shop",
+            "byip",
+            DEDICATED,
+            L_DED_443,
+            "k8s_HTTPS_443",
+            443,
+            "HTTPS"
+        )
+    );
+    let (ok, body) = scrape_until(&e, WAIT, |body| {
+        sample(body, &byip).is_some()
+            && sample(
+                body,
+                "elb_exporter_discovery_problems{reason=\"ingress_unbound\"}",
+            ) == Some(1.0)
+    })
+    .await;
+    assert!(ok, "{body}\n{}", e.logs());
+    // CCE creates the ELB `cce-lb-<uid>`; the next change of the Ingress (or the periodic retry) binds it.
+    let uid = auto.metadata.uid.clone().expect("uid");
+    w.sim.set_loadbalancer_name(AUTO, &format!("cce-lb-{uid}"));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut touched = auto.clone();
+    touched.metadata.labels = Some([("touched".to_string(), "1".to_string())].into());
+    w.cluster.apply_ingress(touched);
+    let bound = format!(
+        "huaweicloud_sys_elb_listener_m1_cps{{{}}} ",
+        listener_labels("shop", "auto", AUTO, L_AUTO, "k8s_HTTP_80", 80, "HTTP")
+    );
+    let (ok, body) = scrape_until(&e, WAIT, |body| {
+        sample(body, &bound).is_some()
+            && sample(
+                body,
+                "elb_exporter_discovery_problems{reason=\"ingress_unbound\"}",
+            ) == Some(0.0)
+    })
+    .await;
+    assert!(ok, "{body}\n{}", e.logs());
+    let lbs = sample(
+        &body,
+        "elb_exporter_cloud_requests_total{api=\"elb_list_loadbalancers\"}",
+    );
+    assert!(lbs.is_some_and(|n| n >= 2.0), "{lbs:?}");
+}

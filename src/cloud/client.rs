@@ -3,8 +3,8 @@
 
 use super::retry::{RateLimiter, backoff};
 use super::{
-    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, L7Policy, Listener, Pool,
-    parse,
+    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, L7Policy, Listener,
+    LoadBalancer, Pool, parse,
 };
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
@@ -283,7 +283,10 @@ impl HttpCloud {
         match api {
             Api::IamListProjects => &self.limiters[0],
             // One ELB budget for every ELB listing.
-            Api::ElbListListeners | Api::ElbListPools | Api::ElbListL7policies => &self.limiters[1],
+            Api::ElbListListeners
+            | Api::ElbListPools
+            | Api::ElbListL7policies
+            | Api::ElbListLoadbalancers => &self.limiters[1],
             Api::CesBatchQuery => &self.limiters[2],
         }
     }
@@ -804,6 +807,17 @@ impl CloudApi for HttpCloud {
         let filters = [("loadbalancer_id", loadbalancer_id)];
         self.list_collection(Api::ElbListPools, version, "pools", &filters, parse::pool)
             .await
+    }
+
+    async fn list_loadbalancers(&self) -> Result<Vec<LoadBalancer>, CloudError> {
+        self.list_collection(
+            Api::ElbListLoadbalancers,
+            ElbVersion::V3,
+            "loadbalancers",
+            &[],
+            parse::loadbalancer,
+        )
+        .await
     }
 
     async fn list_l7policies(

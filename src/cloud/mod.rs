@@ -47,6 +47,16 @@ pub struct Pool {
     pub listeners: Vec<String>,
 }
 
+/// A load balancer of the v3 listing (`GET /v3/{project_id}/elb/loadbalancers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadBalancer {
+    pub id: String,
+    pub name: String,
+    pub vip_address: String,
+    /// `true` dedicated, `false` shared (when the v3 API lists shared ones at all).
+    pub guaranteed: Option<bool>,
+}
+
 /// A forwarding policy (`l7policies[]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct L7Policy {
@@ -124,6 +134,10 @@ pub trait CloudApi: Send + Sync + 'static {
         _version: ElbVersion,
         _loadbalancer_id: &str,
     ) -> Result<Vec<Pool>, CloudError> {
+        Ok(Vec::new())
+    }
+    /// Every load balancer the v3 API lists. The default (for fakes without them) has none.
+    async fn list_loadbalancers(&self) -> Result<Vec<LoadBalancer>, CloudError> {
         Ok(Vec::new())
     }
     /// Every forwarding policy of the listeners. The default (for fakes without pools) has none.

@@ -265,6 +265,16 @@ pub fn pool(item: &Value) -> Option<crate::cloud::Pool> {
     })
 }
 
+/// A load balancer needs an id.
+pub fn loadbalancer(item: &Value) -> Option<crate::cloud::LoadBalancer> {
+    Some(crate::cloud::LoadBalancer {
+        id: nonempty_str(item, "id")?,
+        name: nonempty_str(item, "name").unwrap_or_default(),
+        vip_address: nonempty_str(item, "vip_address").unwrap_or_default(),
+        guaranteed: item.get("guaranteed").and_then(|g| g.as_bool()),
+    })
+}
+
 /// A policy needs an id and its listener.
 pub fn l7policy(item: &Value) -> Option<crate::cloud::L7Policy> {
     Some(crate::cloud::L7Policy {

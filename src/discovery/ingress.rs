@@ -2,19 +2,21 @@
 //! watch that reports them, and the attribution of their ELB listeners (one Ingress per listener: the
 //! listener master, else the oldest; the others are reported `shared_listener`).
 //!
-//! Binding: `kubernetes.io/elb.id` only for now. An Ingress bound by `kubernetes.io/elb.ip` or by an
-//! auto-created `cce-lb-<uid>` ELB is reported `ingress_unbound` (and re-examined on every change)
-//! until those lookups exist.
+//! Binding: `kubernetes.io/elb.id`; else `kubernetes.io/elb.ip`, looked up by `vip_address`; else CCE's
+//! auto-created ELB named `cce-lb-<ingress uid>` (the [`Binder`], from the v3 load balancer listing). An
+//! Ingress none of these binds is reported `ingress_unbound` and retried.
 
 use super::{DiscoveryEvent, ELB_CLASS_ANNOTATION, ElbClass, Problem, Scope, forbidden_message};
-use crate::cloud::Listener;
+use crate::cloud::{CloudApi, Listener, LoadBalancer};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
@@ -53,10 +55,21 @@ impl IngressTarget {
     }
 }
 
+/// How an Ingress without `kubernetes.io/elb.id` names its ELB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// `kubernetes.io/elb.ip`: the ELB's `vip_address`.
+    Ip(Arc<str>),
+    /// An auto-created ELB: `cce-lb-<ingress uid>`.
+    Name(Arc<str>),
+}
+
 /// The exporter's view of a watched Ingress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObservedIngress {
     Target(IngressTarget),
+    /// Everything but the ELB id (empty), which the [`Binder`] looks up.
+    Unbound(IngressTarget, Binding),
     /// A CCE Ingress the exporter cannot bind or read.
     Invalid {
         key: IngressKey,
@@ -69,8 +82,19 @@ pub enum ObservedIngress {
 impl ObservedIngress {
     pub fn key(&self) -> IngressKey {
         match self {
-            ObservedIngress::Target(t) => t.key(),
+            ObservedIngress::Target(t) | ObservedIngress::Unbound(t, _) => t.key(),
             ObservedIngress::Invalid { key, .. } | ObservedIngress::Ignored(key) => key.clone(),
+        }
+    }
+
+    /// What the inventory keeps: an Ingress still unbound is a problem to report.
+    fn settled(self) -> ObservedIngress {
+        match self {
+            ObservedIngress::Unbound(t, _) => ObservedIngress::Invalid {
+                key: t.key(),
+                problem: Problem::IngressUnbound,
+            },
+            o => o,
         }
     }
 }
@@ -159,12 +183,14 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
     }
     let annotations = ing.metadata.annotations.as_ref();
     let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|s| s.trim());
-    let elb_id = match get(ELB_ID_ANNOTATION) {
-        Some(id) if !id.is_empty() => match super::elb_id_problem(id) {
+    let uid = ing.metadata.uid.as_deref().unwrap_or("");
+    let (elb_id, binding) = match (get(ELB_ID_ANNOTATION), get(ELB_IP_ANNOTATION)) {
+        (Some(id), _) if !id.is_empty() => match super::elb_id_problem(id) {
             Some(problem) => return ObservedIngress::Invalid { key, problem },
-            None => id,
+            None => (id, None),
         },
-        // `elb.ip` and the auto-created `cce-lb-<uid>` need an ELB lookup not built yet.
+        (_, Some(ip)) if !ip.is_empty() => ("", Some(Binding::Ip(ip.into()))),
+        _ if !uid.is_empty() => ("", Some(Binding::Name(format!("cce-lb-{uid}").into()))),
         _ => {
             return ObservedIngress::Invalid {
                 key,
@@ -188,10 +214,10 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         Some("performance") => ElbClass::Dedicated,
         _ => ElbClass::Unspecified,
     };
-    ObservedIngress::Target(IngressTarget {
+    let target = IngressTarget {
         namespace,
         name,
-        uid: ing.metadata.uid.as_deref().unwrap_or("").into(),
+        uid: uid.into(),
         created: ing
             .metadata
             .creation_timestamp
@@ -204,7 +230,11 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
             .filter(|m| !m.is_empty())
             .map(str::to_owned),
         backends: backends(ing),
-    })
+    };
+    match binding {
+        None => ObservedIngress::Target(target),
+        Some(b) => ObservedIngress::Unbound(target, b),
+    }
 }
 
 /// The Ingress's own backend Services with numeric ports.
@@ -253,6 +283,7 @@ impl IngressBook {
                 removed
             }
             IngressEvent::Upsert(o) => {
+                let o = o.settled();
                 let key = o.key();
                 self.ingresses.insert(key, o.clone()) != Some(o)
             }
@@ -261,7 +292,7 @@ impl IngressBook {
                 self.ingresses
                     .retain(|k, _| scope.as_ref().is_some_and(|ns| *ns != k.0) || keep.contains(k));
                 for o in observed {
-                    self.ingresses.insert(o.key(), o);
+                    self.ingresses.insert(o.key(), o.settled());
                 }
                 self.forbidden.remove(&scope);
                 self.answered.insert(scope);
@@ -331,6 +362,10 @@ pub fn attribute<'a>(
                 out.problems
                     .push((key.clone(), *problem, problem.describe().to_owned()));
             }
+            ObservedIngress::Unbound(t, _) => {
+                let p = Problem::IngressUnbound;
+                out.problems.push((t.key(), p, p.describe().to_owned()));
+            }
             ObservedIngress::Ignored(_) => {}
         }
     }
@@ -388,11 +423,11 @@ pub fn attribute<'a>(
     out
 }
 
-/// Watches Ingresses (all namespaces, or each listed one) and sends them as [`DiscoveryEvent::Ingress`].
+/// Watches Ingresses (all namespaces, or each listed one) and sends their events to the [`Binder`].
 pub async fn run_watch(
     client: kube::Client,
     namespaces: Vec<String>,
-    tx: mpsc::Sender<DiscoveryEvent>,
+    tx: mpsc::Sender<IngressEvent>,
 ) {
     let streams = super::scopes(&namespaces).into_iter().map(|scope| {
         let api: Api<Ingress> = match &scope {
@@ -403,8 +438,153 @@ pub async fn run_watch(
     });
     let mut merged = futures::stream::select_all(streams);
     while let Some(ev) = merged.next().await {
-        if tx.send(DiscoveryEvent::Ingress(ev)).await.is_err() {
+        if tx.send(ev).await.is_err() {
             return;
+        }
+    }
+}
+
+/// The shortest time between two load balancer listings triggered by Ingress events.
+const RELIST_MIN: Duration = Duration::from_secs(2);
+/// How often Ingresses that are still unbound are looked up again.
+const BIND_RETRY: Duration = Duration::from_secs(30);
+
+/// Binds Ingresses that name their ELB by VIP address or by CCE's auto-created name, from the v3 load
+/// balancer listing (re-listed at most every [`RELIST_MIN`] on Ingress events, and every [`BIND_RETRY`]
+/// while some Ingress is unbound).
+pub struct Binder<C: CloudApi> {
+    cloud: Arc<C>,
+    lbs: Vec<LoadBalancer>,
+    listed: Option<Instant>,
+    unbound: HashMap<IngressKey, ObservedIngress>,
+}
+
+impl<C: CloudApi> Binder<C> {
+    pub fn new(cloud: Arc<C>) -> Self {
+        Binder {
+            cloud,
+            lbs: Vec::new(),
+            listed: None,
+            unbound: HashMap::new(),
+        }
+    }
+
+    /// The event with each Ingress bound when a load balancer matches.
+    pub async fn bind(&mut self, ev: IngressEvent) -> IngressEvent {
+        match ev {
+            IngressEvent::Upsert(o) => IngressEvent::Upsert(self.bind_one(o).await),
+            IngressEvent::Delete(key) => {
+                self.unbound.remove(&key);
+                IngressEvent::Delete(key)
+            }
+            IngressEvent::Resync { scope, observed } => {
+                let keep: HashSet<IngressKey> = observed.iter().map(ObservedIngress::key).collect();
+                self.unbound
+                    .retain(|k, _| scope.as_ref().is_some_and(|ns| *ns != k.0) || keep.contains(k));
+                let mut bound = Vec::with_capacity(observed.len());
+                for o in observed {
+                    bound.push(self.bind_one(o).await);
+                }
+                IngressEvent::Resync {
+                    scope,
+                    observed: bound,
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn bind_one(&mut self, o: ObservedIngress) -> ObservedIngress {
+        if !matches!(o, ObservedIngress::Unbound(..)) {
+            self.unbound.remove(&o.key());
+            return o;
+        }
+        let stale = self.listed.is_none_or(|t| t.elapsed() >= RELIST_MIN);
+        if resolve(&o, &self.lbs).is_none() && stale {
+            self.relist().await;
+        }
+        match resolve(&o, &self.lbs) {
+            Some(bound) => {
+                self.unbound.remove(&o.key());
+                bound
+            }
+            None => {
+                self.unbound.insert(o.key(), o.clone());
+                o
+            }
+        }
+    }
+
+    async fn relist(&mut self) {
+        self.listed = Some(Instant::now());
+        match self.cloud.list_loadbalancers().await {
+            Ok(lbs) => self.lbs = lbs,
+            Err(e) => {
+                warn!(error = %e, "load balancer listing failed; unbound ingresses are retried")
+            }
+        }
+    }
+
+    /// Looks the unbound Ingresses up again; returns those that bind now.
+    pub async fn retry(&mut self) -> Vec<IngressEvent> {
+        if self.unbound.is_empty() {
+            return Vec::new();
+        }
+        self.relist().await;
+        let bound: Vec<ObservedIngress> = self
+            .unbound
+            .values()
+            .filter_map(|o| resolve(o, &self.lbs))
+            .collect();
+        for b in &bound {
+            self.unbound.remove(&b.key());
+        }
+        bound.into_iter().map(IngressEvent::Upsert).collect()
+    }
+}
+
+/// An unbound Ingress bound to the load balancer its binding names, if one does.
+fn resolve(o: &ObservedIngress, lbs: &[LoadBalancer]) -> Option<ObservedIngress> {
+    let ObservedIngress::Unbound(t, binding) = o else {
+        return None;
+    };
+    let lb = lbs.iter().find(|lb| match binding {
+        Binding::Ip(ip) => lb.vip_address == **ip,
+        Binding::Name(name) => lb.name == **name,
+    })?;
+    let class = match (t.class, lb.guaranteed) {
+        (ElbClass::Unspecified, Some(true)) => ElbClass::Dedicated,
+        (ElbClass::Unspecified, Some(false)) => ElbClass::Shared,
+        (c, _) => c,
+    };
+    Some(ObservedIngress::Target(IngressTarget {
+        elb_id: lb.id.as_str().into(),
+        class,
+        ..t.clone()
+    }))
+}
+
+/// Binds the Ingress watch's events and hands them to the inventory, until either side closes.
+pub async fn run_binder<C: CloudApi>(
+    cloud: Arc<C>,
+    mut rx: mpsc::Receiver<IngressEvent>,
+    tx: mpsc::Sender<DiscoveryEvent>,
+) {
+    let mut binder = Binder::new(cloud);
+    let mut tick = tokio::time::interval(BIND_RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let out = tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => vec![binder.bind(ev).await],
+                None => return,
+            },
+            _ = tick.tick() => binder.retry().await,
+        };
+        for ev in out {
+            if tx.send(DiscoveryEvent::Ingress(ev)).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -553,10 +733,13 @@ mod tests {
         ing.metadata.annotations = Some(ann(&[(ELB_IP_ANNOTATION, "192.168.0.9")]));
         assert!(matches!(
             observe(&ing),
-            ObservedIngress::Invalid {
-                problem: Problem::IngressUnbound,
-                ..
-            }
+            ObservedIngress::Unbound(_, Binding::Ip(ip)) if &*ip == "192.168.0.9"
+        ));
+        ing.metadata.annotations = None;
+        ing.metadata.uid = Some("u-1".into());
+        assert!(matches!(
+            observe(&ing),
+            ObservedIngress::Unbound(_, Binding::Name(n)) if &*n == "cce-lb-u-1"
         ));
         ing.spec = None;
         ing.metadata.annotations = Some(ann(&[

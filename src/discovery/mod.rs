@@ -66,7 +66,7 @@ pub enum Problem {
     NamespaceForbidden,
     /// RBAC forbids reading Ingresses (Services are still collected).
     IngressForbidden,
-    /// A CCE Ingress names no ELB the exporter can find (no usable `kubernetes.io/elb.id`).
+    /// A CCE Ingress names no ELB the exporter can find (by id, VIP address or CCE's `cce-lb-<uid>`).
     IngressUnbound,
     /// A CCE Ingress's `kubernetes.io/elb.listen-ports` / `kubernetes.io/elb.port` is unusable.
     IngressBadPorts,
@@ -130,7 +130,7 @@ impl Problem {
                 "RBAC forbids listing Ingresses (grant get/list/watch on ingresses.networking.k8s.io)"
             }
             Problem::IngressUnbound => {
-                "the CCE Ingress has no usable kubernetes.io/elb.id (elb.ip and auto-created ELBs are not looked up yet)"
+                "no ELB matches the CCE Ingress's kubernetes.io/elb.id, kubernetes.io/elb.ip (vip_address) or auto-created name cce-lb-<uid> (retried)"
             }
             Problem::IngressBadPorts => {
                 "kubernetes.io/elb.listen-ports (JSON [{\"HTTP\":80}]) or kubernetes.io/elb.port is not a list of ports"

@@ -211,6 +211,8 @@ struct Project {
 struct LbRecord {
     kind: LbKind,
     seq: u64,
+    /// Set by [`CloudSim::set_loadbalancer_name`] (CCE names auto-created Ingress ELBs `cce-lb-<uid>`).
+    name: Option<String>,
 }
 
 struct ListenerRecord {
@@ -325,7 +327,18 @@ impl CloudSim {
         st.lbs
             .entry(id.to_string())
             .and_modify(|lb| lb.kind = kind)
-            .or_insert(LbRecord { kind, seq });
+            .or_insert(LbRecord {
+                kind,
+                seq,
+                name: None,
+            });
+    }
+
+    /// Names a load balancer (the default is `sim-elb-<id prefix>`).
+    pub fn set_loadbalancer_name(&self, id: &str, name: &str) {
+        if let Some(lb) = self.inner.state().lbs.get_mut(id) {
+            lb.name = Some(name.to_string());
+        }
     }
 
     /// Removes a load balancer and its listeners.
@@ -1152,7 +1165,9 @@ impl Inner {
                 .filter(|_| in_project)
                 .filter(|(_, lb)| lb.kind == LbKind::Dedicated || self.cfg.v3_lists_shared)
                 .filter(|(id, _)| ids.is_empty() || ids.contains(&id.as_str()))
-                .filter(|(id, _)| names.is_empty() || names.contains(&lb_name(id).as_str()))
+                .filter(|(id, lb)| {
+                    names.is_empty() || names.contains(&lb_display_name(id, lb).as_str())
+                })
                 .map(|(id, lb)| {
                     let mut listeners: Vec<(&u64, &String)> = st
                         .listeners
@@ -1162,7 +1177,9 @@ impl Inner {
                         .collect();
                     listeners.sort();
                     let listeners: Vec<&String> = listeners.into_iter().map(|(_, l)| l).collect();
-                    (lb.seq, loadbalancer_json(id, lb.kind, &listeners, pid))
+                    let mut v = loadbalancer_json(id, lb.kind, &listeners, pid);
+                    v["name"] = Value::String(lb_display_name(id, lb));
+                    (lb.seq, v)
                 })
                 .collect();
             paging.apply(candidates, marker_seq)
@@ -1664,13 +1681,22 @@ fn listener_json(rec: &ListenerRecord, pid: &str, v3: bool) -> Value {
     v
 }
 
+fn lb_display_name(id: &str, lb: &LbRecord) -> String {
+    lb.name.clone().unwrap_or_else(|| lb_name(id))
+}
+
+/// The `vip_address` the simulator reports for load balancer `id` (tests annotate `kubernetes.io/elb.ip`).
+pub fn vip_address(id: &str) -> String {
+    let h = hash_u64(&[id, "vip"]);
+    format!("192.168.{}.{}", (h >> 8) % 256, 2 + h % 252)
+}
+
 fn lb_name(id: &str) -> String {
     format!("sim-elb-{}", id.chars().take(8).collect::<String>())
 }
 
 fn loadbalancer_json(id: &str, kind: LbKind, listeners: &[&String], pid: &str) -> Value {
     let created = created_secs(id);
-    let h = hash_u64(&[id, "vip"]);
     json!({
         "id": id,
         "name": lb_name(id),
@@ -1681,7 +1707,7 @@ fn loadbalancer_json(id: &str, kind: LbKind, listeners: &[&String], pid: &str) -
         "provider": "vlb",
         "guaranteed": kind == LbKind::Dedicated,
         "vpc_id": uuid_from(&format!("vpc/{pid}")),
-        "vip_address": format!("192.168.{}.{}", (h >> 8) % 256, 2 + h % 252),
+        "vip_address": vip_address(id),
         "vip_port_id": uuid_from(&format!("port/{id}")),
         "vip_subnet_cidr_id": uuid_from(&format!("subnet/{pid}")),
         "ipv6_vip_address": Value::Null,
