@@ -230,12 +230,16 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     let series = listeners.len() * metrics + pools.len() * pool_metrics;
     let calls = calls_per_cycle(series, 1, batch);
     let per_min = calls as f64 * 60.0 / cfg.collection.interval.as_secs_f64();
+    // Pools only when there are some: the line stays as it was for Service-only clusters.
+    let pool_part = if pools.is_empty() {
+        String::new()
+    } else {
+        format!(" + {} pools x {pool_metrics} pool metrics", pools.len())
+    };
     println!(
-        "\nplan: {} listeners x {} metrics + {} pools x {} pool metrics = {} series -> {} CES batch call(s) per {} interval (batch size {}), {:.1} calls/minute (limit {}/minute); {} ELB(s) re-listed every {}",
+        "\nplan: {} listeners x {} metrics{pool_part} = {} series -> {} CES batch call(s) per {} interval (batch size {}), {:.1} calls/minute (limit {}/minute); {} ELB(s) re-listed every {}",
         listeners.len(),
         metrics,
-        pools.len(),
-        pool_metrics,
         series,
         calls,
         format_duration(cfg.collection.interval),
