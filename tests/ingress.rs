@@ -688,3 +688,67 @@ async fn ingresses_bind_by_vip_address_and_by_cce_auto_created_name() {
     );
     assert!(lbs.is_some_and(|n| n >= 2.0), "{lbs:?}");
 }
+
+/// The client against the simulator's pool and policy listings: every page is followed (v2 pages of 500,
+/// v3 pages of 2000), filters keep other load balancers' pools out, and a policy-only pool is found through
+/// its policy but not through a `listener_id` filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_and_policy_listings_page_and_filter() {
+    use elb_exporter::cloud::client::HttpCloud;
+    use elb_exporter::cloud::{CloudApi, ElbVersion};
+    use elb_exporter::sim::cloud::SimPool;
+    let w = fixture().await;
+    let pool = |lb: &str, i: usize| SimPool {
+        id: format!("{}-pool-{i:05}", &lb[..8]),
+        name: format!("p{i}"),
+        protocol: "HTTP".into(),
+        listeners: Vec::new(),
+    };
+    for i in 0..501 {
+        w.sim.add_pool(SHARED, pool(SHARED, i));
+    }
+    for i in 0..2001 {
+        w.sim.add_pool(DEDICATED, pool(DEDICATED, i));
+    }
+    // Another dedicated ELB's pools: the loadbalancer_id filter keeps them out.
+    const OTHER: &str = "44444444-4444-4444-8444-444444444444";
+    w.sim.add_loadbalancer(OTHER, LbKind::Dedicated);
+    for i in 0..3 {
+        w.sim.add_pool(OTHER, pool(OTHER, i));
+    }
+    let routed = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "cart", 8080, "uid-1");
+    let text = elb_exporter::demo::config_for(&w.sim, &w.cloud_url, "");
+    let cfg = elb_exporter::config::Config::from_yaml(&text, &|_| None).expect("config");
+    let cloud = HttpCloud::new(&cfg, elb_exporter::telemetry::Telemetry::new()).expect("client");
+    let v2 = cloud
+        .list_pools(ElbVersion::V2, SHARED)
+        .await
+        .expect("v2 pools");
+    assert_eq!(v2.len(), 501);
+    let v3 = cloud
+        .list_pools(ElbVersion::V3, DEDICATED)
+        .await
+        .expect("v3 pools");
+    assert_eq!(v3.len(), 2002, "every page, this ELB's pools only");
+    assert!(v3.iter().any(|p| p.id == routed && p.listeners.is_empty()));
+    let policies = cloud
+        .list_l7policies(ElbVersion::V3, &[L_DED_80])
+        .await
+        .expect("policies");
+    assert_eq!(policies.len(), 1);
+    assert_eq!(
+        policies[0].redirect_pool_id.as_deref(),
+        Some(routed.as_str())
+    );
+    assert_eq!(policies[0].action, "REDIRECT_TO_POOL");
+    let pages: Vec<_> = w
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/elb/pools"))
+        .collect();
+    assert_eq!(pages.len(), 2 + 2, "v2: 500 + 1, v3: 2000 + 2: {pages:?}");
+    assert!(pages.iter().all(|r| r.status == 200));
+}
