@@ -752,3 +752,27 @@ async fn pool_and_policy_listings_page_and_filter() {
     assert_eq!(pages.len(), 2 + 2, "v2: 500 + 1, v3: 2000 + 2: {pages:?}");
     assert!(pages.iter().all(|r| r.status == 200));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_ingresses_false_never_reads_ingresses() {
+    let w = fixture().await;
+    w.cluster.apply_ingress(ingress(
+        "shop",
+        "web",
+        &[(ID, DEDICATED)],
+        &[("cart", 8080)],
+    ));
+    let e = w.exporter(&format!("{METRICS}discovery:\n  ingresses: false\n"));
+    e.wait_ready().await;
+    let legacy = "huaweicloud_sys_elb_listener_m1_cps{namespace=\"default\",service=\"legacy\"";
+    let (ok, body) = scrape_until(&e, WAIT, |body| sample(body, legacy).is_some()).await;
+    assert!(ok, "{body}");
+    assert!(!body.contains("ingress=\""), "{body}");
+    let asked: Vec<_> = w
+        .cluster
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("ingresses"))
+        .collect();
+    assert!(asked.is_empty(), "{asked:?}");
+}
