@@ -776,3 +776,40 @@ async fn discovery_ingresses_false_never_reads_ingresses() {
         .collect();
     assert!(asked.is_empty(), "{asked:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_cce_creates_after_the_ingress_is_picked_up_before_the_refresh() {
+    let w = fixture().await;
+    let web = w.cluster.apply_ingress(ingress(
+        "shop",
+        "web",
+        &[(ID, DEDICATED)],
+        &[("cart", 8080)],
+    ));
+    // listener_refresh 5m: only the missing-pool retry (15 s) can find the pool in time.
+    let e = w.exporter(&format!(
+        "{POOL_METRICS}discovery:\n  listener_refresh: \"5m\"\n"
+    ));
+    e.wait_ready().await;
+    let (ok, body) = scrape_until(&e, WAIT, |b| b.contains("ingress=\"web\"")).await;
+    assert!(ok, "{body}");
+    assert!(!body.contains("huaweicloud_sys_elb_pool_"), "{body}");
+    let uid = web.metadata.uid.clone().expect("uid");
+    let cart = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "cart", 8080, &uid);
+    let series = pool_series(
+        "mb_l7_qps",
+        "cart",
+        "web",
+        DEDICATED,
+        &cart,
+        "k8s_shop_cart-8080_HTTP-80",
+        80,
+    );
+    let (ok, body) = scrape_until(&e, Duration::from_secs(25), |b| {
+        sample(b, &series).is_some()
+    })
+    .await;
+    assert!(ok, "{body}\n{}", e.logs());
+}

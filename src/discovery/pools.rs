@@ -27,6 +27,9 @@ use tracing::{info, warn};
 const RETRY_BASE: Duration = Duration::from_secs(15);
 /// ELBs whose pools are listed at once.
 const CONCURRENCY: usize = 4;
+/// An ELB where some Ingress backend has no pool yet (CCE creates it after the Ingress changes) is listed
+/// again after this (or half the refresh period, when shorter), not only at the next refresh.
+const MISSING_RETRY: Duration = Duration::from_secs(15);
 
 /// One Ingress on a listener, as pool attribution needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -304,6 +307,30 @@ impl<C: CloudApi> PoolStage<C> {
         }
     }
 
+    /// Brings the next listing forward for ELBs where a backend of an Ingress has no pool yet.
+    fn retry_missing(&mut self, routes: &[IngressRoute], pools: &[PoolTarget]) {
+        let soon = Instant::now() + MISSING_RETRY.min(self.refresh / 2);
+        for r in routes {
+            let missing = r.ingresses.iter().any(|i| {
+                i.backends.iter().any(|(svc, _)| {
+                    !pools.iter().any(|p| {
+                        p.elb_id == r.elb_id
+                            && p.port == r.port
+                            && p.namespace == i.namespace
+                            && p.service == *svc
+                    })
+                })
+            });
+            if let Some(c) = self
+                .cache
+                .get_mut(&r.elb_id)
+                .filter(|c| missing && c.listing.is_some())
+            {
+                c.next = c.next.min(soon);
+            }
+        }
+    }
+
     fn publish(&mut self, input: &Targets) {
         let listings: HashMap<Arc<str>, ElbPools> = self
             .cache
@@ -311,6 +338,7 @@ impl<C: CloudApi> PoolStage<C> {
             .filter_map(|(id, c)| c.listing.clone().map(|l| (id.clone(), l)))
             .collect();
         let (pools, unmatched) = attribute_pools(&input.routes, &listings);
+        self.retry_missing(&input.routes, &pools);
         let mut problems = input.problems.clone();
         let mut words: Vec<(Problem, String)> = input.ingress_problems.clone();
         if !unmatched.is_empty() {
