@@ -117,6 +117,16 @@ async fn ingresses_on_dedicated_and_shared_elbs_get_listener_series() {
     );
     old_style.spec.as_mut().expect("spec").ingress_class_name = None;
     w.cluster.apply_ingress(old_style);
+    // An ELB no API knows: reported like a Service's.
+    w.cluster.apply_ingress(ingress(
+        "shop",
+        "lost",
+        &[
+            (ID, "99999999-9999-4999-8999-999999999999"),
+            (CLASS, "performance"),
+        ],
+        &[("x", 80)],
+    ));
     // Another class: not ours.
     let mut nginx = ingress("default", "other", &[(ID, DEDICATED)], &[("x", 80)]);
     nginx.spec.as_mut().expect("spec").ingress_class_name = Some("nginx".into());
@@ -157,6 +167,10 @@ async fn ingresses_on_dedicated_and_shared_elbs_get_listener_series() {
         [&web, &api, &legacy]
             .iter()
             .all(|p| sample(body, p).is_some())
+            && sample(
+                body,
+                "elb_exporter_discovery_problems{reason=\"unknown_elb\"}",
+            ) == Some(1.0)
     })
     .await;
     assert!(ok, "series missing:\n{body}\nlogs:\n{}", e.logs());

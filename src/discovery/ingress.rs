@@ -347,10 +347,11 @@ pub struct Attribution<'a> {
 
 /// Attributes every Ingress listener to one Ingress: CCE's listener master when an Ingress on that
 /// listener names one of them, else the oldest (creation time, then namespace/name). `listeners`
-/// gives an ELB's resolved listeners (`None` while unresolved, so nothing is reported yet).
+/// gives an ELB's resolved listeners, `Err(None)` while it is being looked up (nothing to report yet) or
+/// `Err(Some(problem))` when the lookup found nothing or failed.
 pub fn attribute<'a>(
     book: &'a IngressBook,
-    listeners: impl Fn(&str) -> Option<&'a [Listener]>,
+    listeners: impl Fn(&str) -> Result<&'a [Listener], Option<Problem>>,
 ) -> Attribution<'a> {
     let mut out = Attribution::default();
     let mut by_listener: BTreeMap<&str, (&Listener, Vec<&IngressTarget>)> = BTreeMap::new();
@@ -373,8 +374,13 @@ pub fn attribute<'a>(
         (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name))
     });
     for t in targets {
-        let Some(ls) = listeners(&t.elb_id) else {
-            continue;
+        let ls = match listeners(&t.elb_id) {
+            Ok(ls) => ls,
+            Err(None) => continue,
+            Err(Some(p)) => {
+                out.problems.push((t.key(), p, p.describe().to_owned()));
+                continue;
+            }
         };
         for &port in &t.ports {
             match ls.iter().find(|l| l.port == port) {
@@ -695,7 +701,7 @@ mod tests {
             protocol: "HTTP".into(),
             port: 80,
         }];
-        let lookup = |_: &str| Some(listeners.as_slice());
+        let lookup = |_: &str| Ok(listeners.as_slice());
         let oldest = book(vec![ingress("b", 10, None), ingress("a", 20, None)]);
         let a = attribute(&oldest, lookup);
         assert_eq!(a.owned.len(), 1);

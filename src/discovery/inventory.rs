@@ -576,11 +576,13 @@ impl<C: CloudApi> Inventory<C> {
         targets: &mut Vec<Target>,
         problems: &mut BTreeMap<Problem, usize>,
     ) -> (Vec<(Problem, String)>, Vec<super::pools::IngressRoute>) {
-        let a = super::ingress::attribute(&self.ingresses, |id| {
-            self.elbs
-                .get(id)
-                .filter(|st| st.status == ElbStatus::Ok)
-                .map(|st| st.listeners.as_slice())
+        let a = super::ingress::attribute(&self.ingresses, |id| match self.elbs.get(id) {
+            Some(st) if st.status == ElbStatus::Ok => Ok(st.listeners.as_slice()),
+            Some(st) if st.status == ElbStatus::NotFound => Err(Some(Problem::UnknownElb)),
+            Some(st) if matches!(st.status, ElbStatus::Failed(_)) => {
+                Err(Some(Problem::ElbLookupFailed))
+            }
+            _ => Err(None),
         });
         let start = targets.len();
         for o in &a.owned {
