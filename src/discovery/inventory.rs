@@ -617,7 +617,10 @@ impl<C: CloudApi> Inventory<C> {
             *problems.entry(Problem::IngressForbidden).or_default() += 1;
             words.push((
                 Problem::IngressForbidden,
-                format!("ingresses in {}: {message}", super::scope_name(scope)),
+                format!(
+                    "ingresses in {}: {message}; grant get/list/watch on ingresses.networking.k8s.io (deploy/clusterrole.yaml) or set discovery.ingresses: false",
+                    super::scope_name(scope)
+                ),
             ));
         }
         words.sort();
