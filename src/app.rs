@@ -143,25 +143,6 @@ pub fn start_pipeline<C: CloudApi>(
     Pipeline { targets, snapshots }
 }
 
-/// Caps glibc's per-thread malloc arenas: each arena keeps its own high-water mark, and the collector's
-/// bursts of short-lived allocations on several worker threads otherwise multiply peak RSS.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-/// Hands memory freed by a render or a cycle back to the OS, so RSS follows the live set.
-pub fn release_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Re-renders the body whenever the targets or the data change, and tracks readiness.
 pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) {
     let renderer = Arc::new(renderer);
@@ -182,7 +163,7 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
             Ok(body) => {
                 expires = body.expires;
                 state.body.store(Arc::new(body));
-                tokio::task::spawn_blocking(release_memory);
+                tokio::task::spawn_blocking(crate::memory::release_memory);
             }
             Err(e) => {
                 error!(error = %e, "rendering the exposition body failed; keeping the previous one")

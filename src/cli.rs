@@ -37,6 +37,7 @@ pub enum Command {
     /// planned CES calls per interval; exit non-zero on any problem.
     Check,
     /// Run against a built-in simulated cloud and cluster, serving /metrics on 127.0.0.1:8087.
+    #[cfg(feature = "sim")]
     Demo {
         /// Listen address for the demo exporter.
         #[arg(long, default_value = "127.0.0.1:8087", value_name = "ADDR")]
@@ -58,6 +59,9 @@ pub enum CliError {
     Kube(String),
     #[error("{0}")]
     Check(String),
+    #[cfg(feature = "sim")]
+    #[error(transparent)]
+    Demo(#[from] crate::demo::DemoError),
 }
 
 impl CliError {
@@ -65,6 +69,8 @@ impl CliError {
         match self {
             CliError::Config(_) => ExitCode::from(EXIT_CONFIG),
             CliError::App(app::AppError::Client(_)) => ExitCode::from(EXIT_CONFIG),
+            #[cfg(feature = "sim")]
+            CliError::Demo(crate::demo::DemoError::Config(_)) => ExitCode::from(EXIT_CONFIG),
             _ => ExitCode::from(1),
         }
     }
@@ -361,7 +367,7 @@ async fn resolve_once<C: CloudApi>(
 /// Entry point used by the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    app::tune_allocator();
+    crate::memory::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -373,9 +379,12 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        #[cfg(feature = "sim")]
         Some(Command::Demo { listen }) => {
             init_logging("info", LogFormat::Text);
-            runtime.block_on(crate::demo::run(&listen))
+            runtime
+                .block_on(crate::demo::run(&listen))
+                .map_err(CliError::from)
         }
         command => {
             let cfg = match load_config(&cli.config, cli.listen.as_deref()) {

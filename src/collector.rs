@@ -595,7 +595,7 @@ impl<C: CloudApi> Collector<C> {
             stale_after: Some(stale_after),
         }));
         // The cycle's answers are garbage now: return them before the new body is rendered on top.
-        crate::app::release_memory();
+        crate::memory::release_memory();
     }
 
     /// Collects listeners that appeared since the last cycle, merging them into the current snapshot.
@@ -640,7 +640,7 @@ impl<C: CloudApi> Collector<C> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sim"))]
 mod tests {
     use super::*;
     use crate::discovery::inventory::Target;
