@@ -718,9 +718,11 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         ));
     }
     if access_key.contains(|c: char| c.is_whitespace() || c == ',') {
+        // A credential's value is never printed, even a wrong one: it may be a secret pasted into
+        // the wrong field.
         return Err(ConfigError::invalid(
             "auth.access_key",
-            &access_key,
+            "[redacted]",
             "must not contain spaces or commas",
         ));
     }
@@ -985,14 +987,9 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         if let Some(v) = v
             && v.bytes().any(|b| !(0x20..0x7f).contains(&b))
         {
-            let shown = if field == "auth.access_key" {
-                v
-            } else {
-                "[redacted]"
-            };
             return Err(ConfigError::invalid(
                 field,
-                shown,
+                "[redacted]",
                 "must be printable ASCII",
             ));
         }
@@ -1161,7 +1158,11 @@ fn parse_url(
     s: &str,
     path_allowed: bool,
 ) -> Result<(String, String, Option<u16>), ConfigError> {
-    let url = reqwest::Url::parse(s)
+    // Every message shows the URL without its userinfo, even when it does not parse.
+    let shown = without_userinfo(s);
+    let s_in = s;
+    let s = shown.as_str();
+    let url = reqwest::Url::parse(s_in)
         .map_err(|e| ConfigError::invalid(field, s, format!("not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(ConfigError::invalid(
@@ -1179,8 +1180,8 @@ fn parse_url(
     if !url.username().is_empty() || url.password().is_some() {
         return Err(ConfigError::invalid(
             field,
-            "[redacted]",
-            "must not carry credentials",
+            s,
+            "must not carry credentials (user:password@)",
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
@@ -1198,6 +1199,19 @@ fn parse_url(
         ));
     }
     Ok((url.scheme().to_string(), host, url.port()))
+}
+
+/// `s` with everything between `scheme://` and the last `@` removed (userinfo may hold any
+/// character, so the last `@` is the only safe end), for error messages. Works on any string.
+fn without_userinfo(s: &str) -> String {
+    let (scheme, rest) = match s.find("://") {
+        Some(i) => s.split_at(i + 3),
+        None => ("", s),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}{}", &rest[at + 1..]),
+        None => s.to_string(),
+    }
 }
 
 fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
@@ -1282,6 +1296,44 @@ mod tests {
         }
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn credential_values_and_url_userinfo_never_reach_error_text() {
+        let base = "auth:\n  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n  region: \"cn-east-3\"\n  access_key: \"AKVALUE\"\n  secret_key: \"SKVALUE\"\n";
+        let cases = [
+            ("AKVALUE", "AK WITH SPACE-LEAK1", "auth.access_key"),
+            ("AKVALUE", "AK,COMMA-LEAK2", "auth.access_key"),
+            ("AKVALUE", "AK\\tTAB-LEAK3", "auth.access_key"),
+            ("AKVALUE", "AK\\u00e9-LEAK4", "auth.access_key"),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "https://user:PW-LEAK5@iam.cn-east-3.myhuaweicloud.com/v3",
+                "auth.auth_url",
+            ),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "https://user:PW-LEAK6@iam.example.com:99999/v3",
+                "auth.auth_url",
+            ),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "ftp://user:PW/LEAK7@iam.example.com/v3",
+                "auth.auth_url",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = base.replace(from, to);
+            let err = Config::from_yaml(&text, &|_| None).expect_err(to);
+            let msg = err.to_string();
+            assert_eq!(err.field(), Some(field), "{msg}");
+            assert!(!msg.contains("LEAK"), "{to}: {msg}");
+        }
+        let text =
+            base.to_string() + "endpoints:\n  ces: \"https://ak:PW-LEAK8@ces.example.com/x\"\n";
+        let msg = Config::from_yaml(&text, &|_| None).unwrap_err().to_string();
+        assert!(!msg.contains("LEAK"), "{msg}");
+        assert!(msg.contains("https://ces.example.com/x"), "{msg}");
     }
 
     #[test]

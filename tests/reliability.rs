@@ -1742,6 +1742,14 @@ async fn secrets_never_appear_in_logs_errors_or_metrics() {
             vec![&sk],
         ),
         (
+            "access_key invalid: the secret pasted into it",
+            base.replace(
+                &format!("  access_key: \"{}\"\n", w.sim.config().ak),
+                &format!("  access_key: \"{sk}, x\"\n"),
+            ),
+            vec![&sk],
+        ),
+        (
             "secret_key blank, token set",
             base.replace(
                 &secret_line,
