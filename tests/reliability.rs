@@ -1444,6 +1444,39 @@ async fn bad_annotations_are_counted_logged_and_isolated() {
     assert_alive(&mut e).await;
 }
 
+/// `check` prints listener names from the cloud with control characters (terminal escapes, carriage
+/// returns, newlines, bidirectional overrides) escaped, so a name cannot rewrite the operator's screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_escapes_control_characters_in_cloud_names() {
+    let w = fixture().await;
+    let elb = "d4444444-4444-4444-8444-444444444444";
+    w.sim.add_loadbalancer(elb, LbKind::Dedicated);
+    w.sim.add_listener(
+        elb,
+        SimListener::new(
+            "d0000000-0000-4000-8000-000000000080",
+            "evil\u{1b}[2J\rname\nline\u{202e}rtl é名",
+            "TCP",
+            80,
+        ),
+    );
+    w.cluster.apply(service(
+        "hostile",
+        "names",
+        &[(ID, elb), (CLASS, "performance")],
+        &[80],
+    ));
+    let (code, out, err) = w.run("", &["check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for bad in ['\u{1b}', '\r', '\u{202e}'] {
+        assert!(!out.contains(bad), "{bad:?} printed raw:\n{out:?}");
+    }
+    assert!(
+        out.contains(r"evil\u{1b}[2J\rname\nline\u{202e}rtl é名"),
+        "{out}"
+    );
+}
+
 /// A listener name with quotes, backslashes, a newline and non-ASCII characters: escaped exactly as the
 /// text format requires, and the whole body still parses line by line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
