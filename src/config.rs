@@ -747,7 +747,21 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         ));
     }
 
-    // endpoints: explicit, else the auth_url host with `iam` replaced by the service name.
+    // endpoints: explicit, else derived from the auth_url host (rule in PRODUCT.md).
+    let derives = non_empty(raw.endpoints.elb.clone()).is_none()
+        || non_empty(raw.endpoints.ces.clone()).is_none();
+    if derives
+        && let Some(other) = iam_region(&auth_host)
+        && other != region
+    {
+        return Err(ConfigError::invalid(
+            "auth.region",
+            &region,
+            format!(
+                "differs from the region {other} of the auth.auth_url host {auth_host}: ELB and CES calls would go to {other}; make them agree (or set endpoints.elb and endpoints.ces)"
+            ),
+        ));
+    }
     let service_default = |svc: &str| -> Endpoint {
         let host = derive_host(&auth_host, svc, &region);
         Endpoint {
@@ -1223,16 +1237,34 @@ fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
     }
 }
 
-/// `iam.cn-east-3.myhuaweicloud.com` → `elb.cn-east-3.myhuaweicloud.com`; the global
-/// `iam.myhuaweicloud.com` → `elb.{region}.myhuaweicloud.com`; any other host (a simulator, a private
-/// cloud gateway) is kept as it is.
+/// The region label of a regional IAM host (`iam.<region>.<domain>`): a second label shaped like a
+/// region id (`cn-east-3`, `eu-west-101`, `eu-de`). `None` for a global IAM host or any other host.
+fn iam_region(host: &str) -> Option<&str> {
+    let rest = host.strip_prefix("iam.")?;
+    let (label, domain) = rest.split_once('.')?;
+    let (geo, tail) = label.split_once('-')?;
+    let region_like = geo.len() == 2
+        && geo.bytes().all(|b| b.is_ascii_lowercase())
+        && !tail.is_empty()
+        && tail.split('-').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        });
+    (region_like && !domain.is_empty()).then_some(label)
+}
+
+/// The PRODUCT.md rule: the leading `iam` label replaced by the service (`iam.cn-east-3.myhuaweicloud.com`
+/// → `elb.cn-east-3.myhuaweicloud.com`); a global IAM host without a region label gets the region
+/// inserted (`iam.myhuaweicloud.eu` → `elb.<region>.myhuaweicloud.eu`); a host without a leading `iam`
+/// label (an IP, a simulator, a private gateway) is kept as it is.
 fn derive_host(auth_host: &str, service: &str, region: &str) -> String {
     if service == "iam" {
         return auth_host.to_string();
     }
     match auth_host.split_once('.') {
-        Some(("iam", "myhuaweicloud.com")) => format!("{service}.{region}.myhuaweicloud.com"),
-        Some(("iam", rest)) => format!("{service}.{rest}"),
+        Some(("iam", rest)) if iam_region(auth_host).is_some() => format!("{service}.{rest}"),
+        Some(("iam", domain)) => format!("{service}.{region}.{domain}"),
         _ => auth_host.to_string(),
     }
 }
@@ -1351,6 +1383,96 @@ mod tests {
             "elb.eu-west-101.myhuaweicloud.eu"
         );
         assert_eq!(derive_host("127.0.0.1", "ces", "r"), "127.0.0.1");
+    }
+
+    /// Real IAM hosts from reference/HUAWEI_CLOUD_API.md (Huawei CN/intl, Huawei Europe, Open Telekom
+    /// Cloud) and hosts without an `iam` label, through the whole config path.
+    #[test]
+    fn endpoints_derive_from_real_iam_hosts() {
+        let table: &[(&str, &str, &str, &str)] = &[
+            // (auth_url, region, elb endpoint, ces endpoint)
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "cn-east-3",
+                "https://elb.cn-east-3.myhuaweicloud.com",
+                "https://ces.cn-east-3.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.ap-southeast-1.myhuaweicloud.com/v3",
+                "ap-southeast-1",
+                "https://elb.ap-southeast-1.myhuaweicloud.com",
+                "https://ces.ap-southeast-1.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.myhuaweicloud.com/v3",
+                "cn-north-4",
+                "https://elb.cn-north-4.myhuaweicloud.com",
+                "https://ces.cn-north-4.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.eu-west-101.myhuaweicloud.eu/v3",
+                "eu-west-101",
+                "https://elb.eu-west-101.myhuaweicloud.eu",
+                "https://ces.eu-west-101.myhuaweicloud.eu",
+            ),
+            (
+                "https://iam.myhuaweicloud.eu/v3",
+                "eu-west-101",
+                "https://elb.eu-west-101.myhuaweicloud.eu",
+                "https://ces.eu-west-101.myhuaweicloud.eu",
+            ),
+            (
+                "https://iam.eu-de.otc.t-systems.com/v3",
+                "eu-de",
+                "https://elb.eu-de.otc.t-systems.com",
+                "https://ces.eu-de.otc.t-systems.com",
+            ),
+            (
+                "https://iam.eu-nl.otc.t-systems.com:443/v3",
+                "eu-nl",
+                "https://elb.eu-nl.otc.t-systems.com",
+                "https://ces.eu-nl.otc.t-systems.com",
+            ),
+            (
+                "http://127.0.0.1:8080/v3",
+                "cn-east-3",
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:8080",
+            ),
+            (
+                "http://sim.local:9000/v3",
+                "cn-east-3",
+                "http://sim.local:9000",
+                "http://sim.local:9000",
+            ),
+        ];
+        for (auth_url, region, elb, ces) in table {
+            let text = format!(
+                "auth:\n  auth_url: \"{auth_url}\"\n  region: \"{region}\"\n  access_key: \"AK\"\n  secret_key: \"SK\"\n"
+            );
+            let cfg =
+                Config::from_yaml(&text, &|_| None).unwrap_or_else(|e| panic!("{auth_url}: {e}"));
+            assert_eq!(cfg.endpoints.elb.base_url(), *elb, "{auth_url}");
+            assert_eq!(cfg.endpoints.ces.base_url(), *ces, "{auth_url}");
+        }
+        // A regional IAM host of another region: an error naming both fields, unless both endpoints
+        // are explicit.
+        let text = "auth:\n  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n  region: \"cn-north-4\"\n  access_key: \"AK\"\n  secret_key: \"SK\"\n";
+        let err = Config::from_yaml(text, &|_| None).unwrap_err();
+        assert_eq!(err.field(), Some("auth.region"));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("auth.auth_url") && msg.contains("cn-east-3"),
+            "{msg}"
+        );
+        let explicit = format!(
+            "{text}endpoints:\n  elb: \"https://elb.cn-north-4.myhuaweicloud.com\"\n  ces: \"https://ces.cn-north-4.myhuaweicloud.com\"\n"
+        );
+        let cfg = Config::from_yaml(&explicit, &|_| None).unwrap();
+        assert_eq!(
+            cfg.endpoints.ces.base_url(),
+            "https://ces.cn-north-4.myhuaweicloud.com"
+        );
     }
 
     #[test]
