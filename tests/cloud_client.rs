@@ -502,6 +502,34 @@ async fn paging_stops_on_any_marker_seen_before() {
     assert_eq!(count(&sim, SimApi::ElbV2), 3, "no page after the repeat");
 }
 
+/// A full-port listener (port 0, protocol IP, on a dedicated ELB) is valid: it is attributed to no port
+/// and counted as `unattributable_listener`, not as `invalid_listener`.
+#[tokio::test]
+async fn a_port_0_listener_is_unattributable_not_invalid() {
+    let (sim, url) = start(SimConfig::default()).await;
+    sim.add_loadbalancer(DEDICATED_LB, LbKind::Dedicated);
+    sim.add_listener(
+        DEDICATED_LB,
+        SimListener::new(listener_id(7, 0), "all", "IP", 0),
+    );
+    sim.add_listener(
+        DEDICATED_LB,
+        SimListener::new(listener_id(7, 1), "k8s_TCP_80", "TCP", 80),
+    );
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    let got = bounded(cloud.list_listeners(ElbVersion::V3, DEDICATED_LB))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|l| l.port).collect::<Vec<_>>(),
+        vec![80],
+        "{got:?}"
+    );
+    let skipped = |r: &str| telemetry.skipped.with_label_values(&[r]).get();
+    assert_eq!(skipped("unattributable_listener"), 1);
+    assert_eq!(skipped("invalid_listener"), 0);
+}
+
 #[tokio::test]
 async fn a_500_metric_batch_is_matched_to_the_request() {
     let (sim, url) = start(SimConfig::default()).await;

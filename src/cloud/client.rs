@@ -455,11 +455,16 @@ impl HttpCloud {
             let page = self
                 .call(&call, |body| parse::listener_page_limited(body, ids, limit))
                 .await?;
-            if page.skipped > 0 {
-                self.telemetry
-                    .skipped
-                    .with_label_values(&["invalid_listener"])
-                    .inc_by(page.skipped as u64);
+            for (reason, n) in [
+                ("invalid_listener", page.skipped - page.unattributable),
+                ("unattributable_listener", page.unattributable),
+            ] {
+                if n > 0 {
+                    self.telemetry
+                        .skipped
+                        .with_label_values(&[reason])
+                        .inc_by(n as u64);
+                }
             }
             for (lb, l) in page.listeners {
                 if seen.insert(l.id.clone()) {

@@ -194,6 +194,9 @@ pub struct ListenerPage {
     pub next_marker: Option<String>,
     /// Items skipped because a required field was missing or wrong, or they belong to another LB.
     pub skipped: usize,
+    /// Of `skipped`, valid listeners on port 0 (full-port / IP listeners of dedicated ELBs): they match
+    /// no Service port, so they are attributed to none.
+    pub unattributable: usize,
 }
 
 /// Parses a v2 or v3 listener page, keeping listeners of the asked load balancers. A listener that does
@@ -246,6 +249,10 @@ pub fn listener_page_limited(
             .as_ref()
             .and_then(|r| listener(r, id?, loadbalancer_ids))
         {
+            Some((_, l)) if l.port == 0 => {
+                page.skipped += 1;
+                page.unattributable += 1;
+            }
             Some(pair) => page.listeners.push(pair),
             None => page.skipped += 1,
         }
@@ -290,7 +297,7 @@ fn listener(item: &ListenerItem<'_>, id: &str, asked: &[&str]) -> Option<(String
             Err(_) => raw.parse().ok()?,
         }
     };
-    let port = u16::try_from(port).ok().filter(|p| *p > 0)?;
+    let port = u16::try_from(port).ok()?;
     // The first named load balancer that was asked for; none named means the only one asked.
     let mut named = false;
     let mut hit: Option<&str> = None;
@@ -564,6 +571,19 @@ mod tests {
     }
 
     #[test]
+    fn a_port_0_listener_is_unattributable_not_invalid() {
+        let body = br#"{"listeners":[
+            {"id":"a","protocol":"IP","protocol_port":0,"loadbalancers":[{"id":"lb"}]},
+            {"id":"b","protocol":"TCP","protocol_port":"0"},
+            {"id":"c","protocol":"TCP","protocol_port":80},
+            {"id":"d","protocol":"TCP","protocol_port":-1}
+        ]}"#;
+        let p = listener_page(body, &["lb"]).unwrap();
+        assert_eq!(p.listeners.len(), 1);
+        assert_eq!((p.skipped, p.unattributable), (3, 2));
+    }
+
+    #[test]
     fn listener_page_skips_bad_items_and_tracks_marker() {
         let body = br#"{"listeners":[
             {"id":"a","name":"n1","protocol":"TCP","protocol_port":80,"loadbalancers":[{"id":"lb"}],"extra":{"x":1}},
@@ -581,6 +601,7 @@ mod tests {
         assert_eq!(p.listeners[1].1.port, 8080);
         assert_eq!(p.listeners[1].1.name, "");
         assert_eq!(p.listeners[1].0, "lb");
+        assert_eq!(p.unattributable, 0);
         // Several load balancers asked: a listener must name its own.
         let p = listener_page(body, &["lb", "other"]).unwrap();
         assert_eq!(p.listeners.len(), 2);
