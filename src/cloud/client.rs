@@ -1,7 +1,7 @@
 //! The real cloud client: AK/SK-signed HTTPS (rustls) with explicit timeouts, per-API rate limits, a
 //! concurrency cap, classified retries, and request metrics.
 
-use super::auth::{AuthGate, Verdict};
+use super::auth::{AuthGate, Ticket, Verdict};
 use super::retry::{RateLimiter, backoff};
 use super::{
     BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, Listener, parse,
@@ -165,28 +165,7 @@ impl HttpCloud {
         let start = Instant::now();
         let mut attempt = 0u32;
         loop {
-            // If this future is dropped while the ticket is out (a caller's timeout), the ticket frees
-            // its place, so the next call probes instead of every call waiting for a verdict that
-            // never comes.
-            // Refused calls are refused before they take a place in the rate limit; a call waiting
-            // for the limiter is not yet at risk, so it takes its ticket only afterwards.
-            let admitted = match self.auth.refusal(call.api) {
-                Some(e) => Err(e),
-                None => {
-                    self.limiter(call.api).acquire().await;
-                    self.auth.admit(call.api).await
-                }
-            };
-            let ticket = match admitted {
-                Ok(t) => t,
-                Err(e) => {
-                    self.telemetry
-                        .paused_calls
-                        .with_label_values(&[call.api.as_str()])
-                        .inc();
-                    return Err(e);
-                }
-            };
+            let ticket = self.admit(call.api).await?;
             let sent = {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
                 let _permit = self.in_flight.acquire().await.ok();
@@ -237,6 +216,28 @@ impl HttpCloud {
             );
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Permission from the auth gate to send one request. Refused calls are refused before they take
+    /// a place in the rate limit; a call waiting for the limiter is not yet at risk, so it takes its
+    /// ticket only afterwards. If the caller drops the future while the ticket is out (its timeout),
+    /// the ticket frees its place, so the next call probes instead of waiting for a verdict that never
+    /// comes.
+    async fn admit(&self, api: Api) -> Result<Ticket<'_>, CloudError> {
+        let admitted = match self.auth.refusal(api) {
+            Some(e) => Err(e),
+            None => {
+                self.limiter(api).acquire().await;
+                self.auth.admit(api).await
+            }
+        };
+        if admitted.is_err() {
+            self.telemetry
+                .paused_calls
+                .with_label_values(&[api.as_str()])
+                .inc();
+        }
+        admitted
     }
 
     /// One signed HTTP request.
