@@ -157,7 +157,7 @@ pub enum CloudError {
     #[error("project lookup: {0}")]
     Project(String),
     #[error(
-        "{0}: not sent: the credentials were rejected (401) and calls pause for {1:?} more so the AK is not locked"
+        "{0}: not sent: the credentials were rejected (401); cloud calls pause until a probe succeeds (next probe in {1:?} at the earliest) so the AK is not locked"
     )]
     AuthBackoff(Api, Duration),
 }
