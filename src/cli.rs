@@ -146,6 +146,28 @@ fn announce(listener: &tokio::net::TcpListener, path: &str) {
     }
 }
 
+/// Text from the cloud (listener names, error messages) with control characters and bidirectional
+/// overrides escaped (`\u{1b}`, `\n`), so it cannot move the cursor, clear or reorder the terminal.
+fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// `check`: one pass of discovery, listener resolution and a CES probe; prints what would be collected.
 pub async fn check(cfg: Config) -> Result<(), CliError> {
     let mut problems: Vec<String> = Vec::new();
@@ -198,10 +220,10 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
                 t.service,
                 t.elb_id,
                 api,
-                t.listener_id,
+                escape_controls(&t.listener_id),
                 t.port,
-                t.protocol,
-                t.listener_name
+                escape_controls(&t.protocol),
+                escape_controls(&t.listener_name)
             );
         }
         for p in &r.problems {
@@ -292,7 +314,8 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     } else {
         println!("\nproblems:");
         for p in &problems {
-            println!("  - {p}");
+            // Problems quote cloud answers (error messages).
+            println!("  - {}", escape_controls(p));
         }
         Err(CliError::Check(format!(
             "{} problem(s) found",
