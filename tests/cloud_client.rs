@@ -922,6 +922,41 @@ async fn retry_after_on_503_is_honoured() {
     );
 }
 
+/// A retry the rate limit would hold past `max_elapsed` is not sent: the call fails when its time is up,
+/// not a minute later (1 CES call per minute, max_elapsed 1 s).
+#[tokio::test]
+async fn no_retry_starts_after_max_elapsed() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let q = small_setup(&sim);
+    let text = config_for(
+        &sim,
+        &url,
+        "cloud:\n  retry:\n    initial_backoff: \"10ms\"\n    max_backoff: \"50ms\"\n    max_elapsed: \"1s\"\n  rate_limit:\n    ces_per_minute: 1\n",
+    );
+    let text = text.replacen(
+        "auth:\n",
+        &format!("auth:\n  project_id: \"{}\"\n", sim.config().project_id),
+        1,
+    );
+    let (cloud, _) = client_with(&Config::from_yaml(&text, &|_| None).unwrap());
+    sim.inject(
+        SimApi::Ces,
+        Fault::Unavailable {
+            retry_after_secs: None,
+            count: 1,
+        },
+    );
+    let started = Instant::now();
+    let err = bounded(cloud.batch_query(&q)).await.unwrap_err();
+    assert_eq!(err.metric_code(), "503");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "gave up after {took:?}"
+    );
+    assert_eq!(count(&sim, SimApi::Ces), 1, "the held retry was never sent");
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 7. Security token
 

@@ -164,8 +164,20 @@ impl HttpCloud {
     ) -> Result<T, CloudError> {
         let start = Instant::now();
         let mut attempt = 0u32;
+        let mut last: Option<CloudError> = None;
         loop {
-            let ticket = self.admit(call.api).await?;
+            let ticket = match last.take() {
+                None => self.admit(call.api).await?,
+                // A retry that would start after max_elapsed (the gate or the rate limit held it) is not
+                // sent: the last failure stands.
+                Some(err) => {
+                    let left = self.retry.max_elapsed.saturating_sub(start.elapsed());
+                    match tokio::time::timeout(left, self.admit(call.api)).await {
+                        Ok(ticket) => ticket?,
+                        Err(_) => return Err(err),
+                    }
+                }
+            };
             let sent = {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
                 let _permit = self.in_flight.acquire().await.ok();
@@ -215,6 +227,7 @@ impl HttpCloud {
                 "cloud call failed, retrying"
             );
             tokio::time::sleep(delay).await;
+            last = Some(err);
         }
     }
 
