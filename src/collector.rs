@@ -108,8 +108,8 @@ impl CollectorSettings {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CyclePlan {
     pub calls: usize,
-    /// A cycle still running after this is cut: the larger of the interval and the whole minutes the
-    /// rate limit needs to let `calls` through, so pacing by the budget alone never cuts a cycle.
+    /// A cycle still running after this is cut: the larger of the interval and the time the rate limit
+    /// needs to let `calls` through at its steady rate, so pacing by the budget alone never cuts a cycle.
     pub deadline: Duration,
     /// Start to start: the interval, stretched when the calls do not fit the budget in one interval.
     pub period: Duration,
@@ -120,13 +120,13 @@ pub struct CyclePlan {
 impl CyclePlan {
     pub fn new(calls: usize, interval: Duration, per_minute: u32) -> Self {
         let per_minute = f64::from(per_minute.max(1));
-        let minutes = (calls as f64 / per_minute).ceil();
-        let deadline = interval.max(Duration::from_secs_f64(minutes * 60.0));
+        // The steady rate the limit allows: a cycle that needs longer is paced, not cut.
         let needed = Duration::from_secs_f64((calls as f64 * 60.0 / per_minute).ceil());
+        let period = interval.max(needed);
         CyclePlan {
             calls,
-            deadline,
-            period: interval.max(needed),
+            deadline: period,
+            period,
             over_budget: needed > interval,
         }
     }
