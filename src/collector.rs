@@ -610,7 +610,18 @@ impl<C: CloudApi> Collector<C> {
         debug!(listeners = fresh.len(), "collecting new listeners now");
         let prev = self.tx.borrow().clone();
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
-        self.query(&fresh, |_, keys, result| match result {
+        // Bounded like a full cycle, so new listeners never hold back the next full cycle for long;
+        // what it did not finish, the next full cycle collects.
+        let plan = CyclePlan::new(
+            calls_per_cycle(
+                fresh.len(),
+                self.settings.metrics.len(),
+                self.settings.batch_size,
+            ),
+            self.settings.interval,
+            self.settings.ces_per_minute,
+        );
+        let run = self.query(&fresh, |_, keys, result| match result {
             Ok(points) => merge(
                 &mut extra,
                 keys,
@@ -623,8 +634,13 @@ impl<C: CloudApi> Collector<C> {
             Err(e) => {
                 warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout(plan.deadline, run).await.is_err() {
+            warn!(
+                listeners = fresh.len(),
+                "prompt collection of new listeners cut at its deadline; the next cycle collects them"
+            );
+        }
         for (_, l) in &fresh {
             self.attempted.insert(l.clone());
         }
@@ -794,6 +810,36 @@ mod tests {
         assert_eq!(telemetry.effective_interval.get(), 180.0);
         // Values outlive a paced period: the staleness bound counts periods, not the configured interval.
         assert_eq!(second.stale_after, Some(Duration::from_secs(3 * 180)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_prompt_collection_does_not_hold_back_the_next_cycle() {
+        let (cloud, targets) = world(2, 1.0);
+        let telemetry = Telemetry::new();
+        let (collector, mut rx) = Collector::new(cloud.clone(), settings(3, 1), telemetry);
+        let one = Targets {
+            synced: true,
+            targets: targets.targets[..1].to_vec(),
+            ..Targets::default()
+        };
+        let (ttx, trx) = watch::channel(Arc::new(one));
+        tokio::spawn(collector.run(trx));
+        let start = Instant::now();
+        next_full(&mut rx, 0).await;
+        // A new listener appears; its prompt call hangs for an hour.
+        cloud.script([Script::Delay(Duration::from_secs(3600))]);
+        ttx.send_replace(targets);
+        let second = next_full(&mut rx, 1).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(62),
+            "the next cycle waited {:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            second.len(),
+            6,
+            "the full cycle collected the new listener too"
+        );
     }
 
     #[test]
