@@ -6,6 +6,7 @@ use crate::cloud::{
     BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Listener,
     MetricQuery,
 };
+use crate::sim::publication::Publication;
 use crate::telemetry::Api;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -26,6 +27,8 @@ pub struct FakeCall {
     /// (listener id, metric name) of each metric asked, in order.
     pub series: Vec<(String, String)>,
     pub at: tokio::time::Instant,
+    /// The end of the asked window (Unix ms): when the caller asked, by its clock.
+    pub to_ms: i64,
 }
 
 #[derive(Default)]
@@ -36,6 +39,8 @@ struct State {
     scripts: VecDeque<Script>,
     calls: Vec<FakeCall>,
     listings: usize,
+    /// When set, the newest datapoint is the newest minute published at the asked time.
+    publication: Option<Publication>,
 }
 
 /// The fake cloud. `Default` knows no load balancer and answers every metric with no datapoint.
@@ -67,6 +72,11 @@ impl FakeCloud {
     /// The next CES calls follow `scripts` in order; later calls answer at once.
     pub fn script(&self, scripts: impl IntoIterator<Item = Script>) {
         self.state().scripts.extend(scripts);
+    }
+
+    /// Datapoints follow Cloud Eye's publication lag from now on (by default the asked minute is there).
+    pub fn set_publication(&self, p: Publication) {
+        self.state().publication = Some(p);
     }
 
     pub fn calls(&self) -> Vec<FakeCall> {
@@ -128,6 +138,7 @@ impl CloudApi for FakeCloud {
                     .map(|m| (listener_of(m).to_string(), m.metric_name.clone()))
                     .collect(),
                 at: tokio::time::Instant::now(),
+                to_ms: query.to_ms,
             });
             st.scripts.pop_front()
         };
@@ -137,6 +148,10 @@ impl CloudApi for FakeCloud {
             None => {}
         }
         let st = self.state();
+        let minute = match &st.publication {
+            Some(p) => p.newest(query.to_ms),
+            None => query.to_ms - query.to_ms % 60_000,
+        };
         let newest = query
             .metrics
             .iter()
@@ -144,7 +159,7 @@ impl CloudApi for FakeCloud {
                 st.values
                     .get(&(listener_of(m).to_string(), m.metric_name.clone()))
                     .map(|v| Datapoint {
-                        timestamp_ms: query.to_ms - query.to_ms % 60_000,
+                        timestamp_ms: minute,
                         value: *v,
                     })
             })
