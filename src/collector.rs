@@ -594,9 +594,16 @@ impl<C: CloudApi> Collector<C> {
         let aligned = self.settings.aligned(&plan);
         st.target = self.prepare_alignment(&plan, aligned);
         let run = async {
+            let all = || (0..plan.calls).collect::<Vec<usize>>();
             let rest = match st.target {
-                Some(m) if plan.calls > 0 => self.probe(&listeners, &mut st, m, plan.calls).await,
-                _ => (0..plan.calls).collect(),
+                // The probe's re-asks never keep the rest of the cycle from its deadline.
+                Some(m) if plan.calls > 0 => {
+                    let probe = self.probe(&listeners, &mut st, m, plan.calls);
+                    tokio::time::timeout(plan.deadline / 2, probe)
+                        .await
+                        .unwrap_or_else(|_| all())
+                }
+                _ => all(),
             };
             self.query(&listeners, rest, |b, k, a, r| {
                 self.absorb(&mut st, b, k, a, r)

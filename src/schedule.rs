@@ -16,6 +16,8 @@ const QUANTILE: f64 = 0.8;
 /// A missed minute is asked again after half the way to the estimate, within these bounds.
 const RETRY_MIN_MS: i64 = 1_000;
 const RETRY_MAX_MS: i64 = 5_000;
+/// A minute seen within this long of a miss has its lag pinned down.
+const PINNED_MS: i64 = 2 * RETRY_MAX_MS;
 /// Missed this far past the estimate, a minute is a late one: stop re-asking, collect as usual.
 const GIVE_UP_MS: i64 = 15_000;
 /// After minutes seen at the first attempt, the next first attempt moves earlier by 2, 4, 8, 16 s, so a
@@ -95,17 +97,28 @@ impl LagEstimator {
     }
 
     /// Each settled recent minute's lag (ms): at most when it was first seen; for a minute overtaken by a
-    /// newer one before it showed (a late one), at least when it was last missed.
+    /// newer one before it showed (a late one), at least when it was last missed. A minute first seen
+    /// without a miss shortly before only bounds its lag from above, loosely after a start: once three
+    /// minutes are pinned between a miss and a hit, only those (and the late ones) count.
     fn lags(&self) -> Vec<i64> {
         let newest = self.newest_seen.unwrap_or(i64::MIN);
-        self.minutes
-            .iter()
-            .filter_map(|b| match (b.upto, b.above) {
-                (Some(u), a) => Some(u.max(a.unwrap_or(i64::MIN))),
-                (None, Some(a)) if b.minute_ms < newest => Some(a),
-                _ => None,
-            })
-            .collect()
+        let mut all = Vec::with_capacity(self.minutes.len());
+        let mut pinned = Vec::with_capacity(self.minutes.len());
+        for b in &self.minutes {
+            match (b.upto, b.above) {
+                (Some(u), Some(a)) if u - a <= PINNED_MS => {
+                    all.push(u.max(a));
+                    pinned.push(u.max(a));
+                }
+                (Some(u), a) => all.push(u.max(a.unwrap_or(i64::MIN))),
+                (None, Some(a)) if b.minute_ms < newest => {
+                    all.push(a);
+                    pinned.push(a);
+                }
+                _ => {}
+            }
+        }
+        if pinned.len() >= 3 { pinned } else { all }
     }
 
     /// The estimated lag: the 0.8 quantile of the last 20 minutes'.
@@ -223,11 +236,13 @@ impl Aligner {
         if self.late(minute_ms, asked_ms) {
             return None;
         }
-        // Past where the last minute showed, the lag grew: step by the most.
-        let step = if good > missed {
-            ((good - missed) / 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS)
-        } else {
-            RETRY_MAX_MS
+        // Halve the way to where the last minute showed (reaching it, not creeping towards it); past
+        // it, the lag grew: step by the most.
+        let gap = good - missed;
+        let step = match gap {
+            g if g <= 0 => RETRY_MAX_MS,
+            g if g <= 2 * RETRY_MIN_MS => g,
+            g => (g / 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS),
         };
         self.spend(1).then_some(asked_ms + step)
     }
@@ -240,11 +255,11 @@ impl Aligner {
     }
 
     /// When to send the rest of a cycle whose first attempt missed and cannot be repeated: when the
-    /// minute is expected, at the latest.
+    /// minute is expected, within a few re-ask steps.
     pub fn fallback(&self, minute_ms: i64, asked_ms: i64) -> i64 {
-        match self.est.estimate_ms() {
+        match self.last_seen_ms.or(self.est.estimate_ms()) {
             Some(good) if !self.late(minute_ms, asked_ms) => {
-                (minute_ms + good).max(asked_ms + RETRY_MIN_MS)
+                (minute_ms + good).clamp(asked_ms + RETRY_MIN_MS, asked_ms + 3 * RETRY_MAX_MS)
             }
             _ => asked_ms,
         }
@@ -264,7 +279,10 @@ impl Aligner {
                 if self.tokens < 1.0 {
                     return;
                 }
-                let mut next = first - self.down_ms;
+                // Finding the lag again below costs about one re-ask per halving of the step: step no
+                // further than the budget in hand can pay for.
+                let affordable = DOWN_FIRST_MS / 2 << (self.tokens.floor() as u32).min(5);
+                let mut next = first - self.down_ms.min(affordable);
                 if let Some(floor) = self.est.recent_floor(minute_ms).filter(|f| *f < first) {
                     if first - floor <= RETRY_MIN_MS {
                         self.down_ms = DOWN_FIRST_MS;

@@ -41,6 +41,10 @@ struct State {
     listings: usize,
     /// When set, the newest datapoint is the newest minute published at the asked time.
     publication: Option<Publication>,
+    /// Added to every CES answer.
+    latency: Duration,
+    /// Answer each datapoint's minute number (Unix minutes) instead of the set value.
+    stamp: bool,
 }
 
 /// The fake cloud. `Default` knows no load balancer and answers every metric with no datapoint.
@@ -77,6 +81,17 @@ impl FakeCloud {
     /// Datapoints follow Cloud Eye's publication lag from now on (by default the asked minute is there).
     pub fn set_publication(&self, p: Publication) {
         self.state().publication = Some(p);
+    }
+
+    /// Every CES call answers after `d` (network and service time).
+    pub fn set_latency(&self, d: Duration) {
+        self.state().latency = d;
+    }
+
+    /// A datapoint's value is its minute (Unix ms / 60,000), so a reader of `/metrics` sees which
+    /// minute each series shows; series still need a value set to have data.
+    pub fn stamp_values(&self) {
+        self.state().stamp = true;
     }
 
     pub fn calls(&self) -> Vec<FakeCall> {
@@ -140,8 +155,12 @@ impl CloudApi for FakeCloud {
                 at: tokio::time::Instant::now(),
                 to_ms: query.to_ms,
             });
-            st.scripts.pop_front()
+            (st.scripts.pop_front(), st.latency)
         };
+        let (script, latency) = script;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         match script {
             Some(Script::Delay(d)) => tokio::time::sleep(d).await,
             Some(Script::Fail(status)) => return Err(failure(status)),
@@ -160,7 +179,11 @@ impl CloudApi for FakeCloud {
                     .get(&(listener_of(m).to_string(), m.metric_name.clone()))
                     .map(|v| Datapoint {
                         timestamp_ms: minute,
-                        value: *v,
+                        value: if st.stamp {
+                            (minute / 60_000) as f64
+                        } else {
+                            *v
+                        },
                     })
             })
             .collect();
