@@ -144,7 +144,7 @@ impl CollectorSettings {
         let secs = self.interval.as_secs();
         self.align
             && secs >= 60
-            && secs % 60 == 0
+            && secs.is_multiple_of(60)
             && self.interval.subsec_nanos() == 0
             && !plan.over_budget
     }

@@ -281,7 +281,7 @@ impl Aligner {
                 }
                 // Finding the lag again below costs about one re-ask per halving of the step: step no
                 // further than the budget in hand can pay for.
-                let affordable = DOWN_FIRST_MS / 2 << (self.tokens.floor() as u32).min(5);
+                let affordable = (DOWN_FIRST_MS / 2) << (self.tokens.floor() as u32).min(5);
                 let mut next = first - self.down_ms.min(affordable);
                 if let Some(floor) = self.est.recent_floor(minute_ms).filter(|f| *f < first) {
                     if first - floor <= RETRY_MIN_MS {

@@ -44,7 +44,10 @@ impl Publication {
 
     /// Whether the minute stamped `minute_ms` is one of the late ones.
     pub fn is_late(&self, minute_ms: i64) -> bool {
-        self.late_every > 0 && self.draw(minute_ms, 2) % u64::from(self.late_every) == 0
+        self.late_every > 0
+            && self
+                .draw(minute_ms, 2)
+                .is_multiple_of(u64::from(self.late_every))
     }
 
     /// Milliseconds from the minute's timestamp to its publication.
