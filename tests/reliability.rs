@@ -804,7 +804,11 @@ async fn huge_valid_answers_keep_memory_under_the_pod_limit() {
             count: 1,
         },
     );
-    let mut e = w.exporter_edited(&fast("", "", ""), batch_size(1));
+    // 3 s: room for the retried huge answers inside one cycle, which is cut after its interval.
+    let mut e = w.exporter_edited(
+        &fast("", "", "").replace("interval: \"1s\"", "interval: \"3s\""),
+        batch_size(1),
+    );
     steady(&e).await;
     let huge_error = format!(
         r#"{{"error_code":"ces.0007","error_msg":"{}"}}"#,
