@@ -3,14 +3,14 @@
 
 use super::retry::{RateLimiter, backoff};
 use super::{
-    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, Listener, parse,
+    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, Lane, Listing, parse,
 };
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
 use crate::telemetry::{Api, Telemetry};
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{OnceCell, Semaphore};
@@ -19,11 +19,6 @@ use tracing::{debug, warn};
 
 /// Cap on a response body: a listener page of 2000 items is ~2 MB, a 500-metric CES answer ~1 MB.
 const MAX_BODY: usize = 32 * 1024 * 1024;
-/// Page sizes: v3 allows up to 2000; v2 documents none, so stay moderate.
-const V2_PAGE: usize = 500;
-const V3_PAGE: usize = 2000;
-/// Load balancer ids per v3 listing: keeps the query string short (~2 KB).
-const V3_IDS_PER_CALL: usize = 50;
 /// A load balancer with more pages than this is treated as a paging bug rather than followed forever.
 const MAX_PAGES: usize = 1000;
 
@@ -313,7 +308,7 @@ impl HttpCloud {
                 gate: &self.auth,
                 armed: probe,
             };
-            self.limiter(call.api).acquire().await;
+            self.limiter(call.api).acquire_in(call.lane).await;
             let sent = {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
                 let _permit = self.in_flight.acquire().await.ok();
@@ -496,24 +491,29 @@ impl HttpCloud {
         ))
     }
 
-    /// Lists the listeners of `ids` (one id on v2), following every page until a short one.
+    /// Lists the listeners of `ids` (one id on v2), or of the whole project when `ids` is `None`,
+    /// following every page until a short one, at most `max_pages`.
     async fn list_paged(
         &self,
         version: ElbVersion,
-        ids: &[&str],
-    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
+        ids: Option<&[&str]>,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
         let api = Api::ElbListListeners;
         let project = self.project_id().await?;
-        let limit = match version {
-            ElbVersion::V2 => V2_PAGE,
-            ElbVersion::V3 => V3_PAGE,
-        };
+        let limit = version.page_size();
         let path = format!("/{}/{project}/elb/listeners", version.as_str());
-        let mut out: HashMap<String, Vec<Listener>> = HashMap::new();
+        let mut out = Listing::default();
         let mut seen: HashSet<String> = HashSet::new();
         let mut marker: Option<String> = None;
-        for _ in 0..MAX_PAGES {
+        for page_no in 0..max_pages.min(MAX_PAGES as u32) {
+            if page_no > 0 && !page_gap.is_zero() {
+                tokio::time::sleep(page_gap).await;
+            }
             let mut query: Vec<(String, String)> = ids
+                .unwrap_or_default()
                 .iter()
                 .map(|id| ("loadbalancer_id".to_string(), id.to_string()))
                 .collect();
@@ -529,10 +529,16 @@ impl HttpCloud {
                 query,
                 body: Vec::new(),
                 project: Some(&project),
+                lane,
             };
             let page = self
-                .call(&call, |body| parse::listener_page(body, ids))
+                .call(&call, |body| match ids {
+                    Some(ids) => parse::listener_page(body, ids),
+                    None => parse::listener_page_all(body),
+                })
                 .await?;
+            out.calls += 1;
+            out.seen += page.raw_count;
             if page.skipped > 0 {
                 self.telemetry
                     .skipped
@@ -541,10 +547,11 @@ impl HttpCloud {
             }
             for (lb, l) in page.listeners {
                 if seen.insert(l.id.clone()) {
-                    out.entry(lb).or_default().push(l);
+                    out.by_lb.entry(lb).or_default().push(l);
                 }
             }
             if page.raw_count < limit {
+                out.complete = true;
                 return Ok(out);
             }
             let next = page.next_marker.or(page.last_id).ok_or_else(|| {
@@ -557,6 +564,10 @@ impl HttpCloud {
                 ));
             }
             marker = Some(next);
+        }
+        if ids.is_none() && max_pages < MAX_PAGES as u32 {
+            // The caller's budget, not a paging bug: it falls back to filtered listings.
+            return Ok(out);
         }
         Err(CloudError::Malformed(
             api,
@@ -573,6 +584,7 @@ impl HttpCloud {
             query: vec![("name".into(), self.project_name.clone())],
             body: Vec::new(),
             project: None,
+            lane: Lane::Priority,
         };
         let ids = self
             .call(&call, |body| parse::projects(body, &self.project_name))
@@ -609,6 +621,7 @@ struct Call<'a> {
     query: Vec<(String, String)>,
     body: Vec<u8>,
     project: Option<&'a str>,
+    lane: Lane,
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -695,37 +708,38 @@ impl CloudApi for HttpCloud {
             .cloned()
     }
 
-    async fn list_listeners(
-        &self,
-        version: ElbVersion,
-        loadbalancer_id: &str,
-    ) -> Result<Vec<Listener>, CloudError> {
-        let mut all = self.list_paged(version, &[loadbalancer_id]).await?;
-        Ok(all.remove(loadbalancer_id).unwrap_or_default())
-    }
-
-    async fn list_listeners_many(
+    async fn list_listeners_of(
         &self,
         version: ElbVersion,
         loadbalancer_ids: &[&str],
-    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
-        match version {
-            // v3 filters are multi-valued (`loadbalancer_id=A&loadbalancer_id=B`).
-            ElbVersion::V3 => {
-                let mut out = HashMap::new();
-                for chunk in loadbalancer_ids.chunks(V3_IDS_PER_CALL) {
-                    out.extend(self.list_paged(version, chunk).await?);
-                }
-                Ok(out)
-            }
-            ElbVersion::V2 => {
-                let mut out = HashMap::new();
-                for id in loadbalancer_ids {
-                    out.extend(self.list_paged(version, &[id]).await?);
-                }
-                Ok(out)
-            }
+        lane: Lane,
+    ) -> Result<Listing, CloudError> {
+        // v3 filters are multi-valued (`loadbalancer_id=A&loadbalancer_id=B`); v2 takes one id.
+        let per_call = version.ids_per_listing();
+        let mut out = Listing {
+            complete: true,
+            ..Listing::default()
+        };
+        for chunk in loadbalancer_ids.chunks(per_call) {
+            let part = self
+                .list_paged(version, Some(chunk), lane, MAX_PAGES as u32, Duration::ZERO)
+                .await?;
+            out.by_lb.extend(part.by_lb);
+            out.seen += part.seen;
+            out.calls += part.calls;
         }
+        Ok(out)
+    }
+
+    async fn list_all_listeners(
+        &self,
+        version: ElbVersion,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
+        self.list_paged(version, None, lane, max_pages, page_gap)
+            .await
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
@@ -739,6 +753,7 @@ impl CloudApi for HttpCloud {
             query: Vec::new(),
             body: ces_body(query),
             project: Some(&project),
+            lane: Lane::Priority,
         };
         let result = self
             .call(&call, |body| {

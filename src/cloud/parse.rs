@@ -124,6 +124,16 @@ pub struct ListenerPage {
 /// Parses a v2 or v3 listener page, keeping listeners of the asked load balancers. A listener that does
 /// not name its load balancer is attributed to the one asked for, when only one was.
 pub fn listener_page(body: &[u8], loadbalancer_ids: &[&str]) -> Result<ListenerPage, String> {
+    page_of(body, Some(loadbalancer_ids))
+}
+
+/// Parses a page of a project-wide listing: each listener goes to the first load balancer it names; one
+/// naming none cannot be attributed and is skipped.
+pub fn listener_page_all(body: &[u8]) -> Result<ListenerPage, String> {
+    page_of(body, None)
+}
+
+fn page_of(body: &[u8], loadbalancer_ids: Option<&[&str]>) -> Result<ListenerPage, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
     let items = v
         .get("listeners")
@@ -154,7 +164,7 @@ pub fn listener_page(body: &[u8], loadbalancer_ids: &[&str]) -> Result<ListenerP
     Ok(page)
 }
 
-fn listener(item: &Value, id: Option<&str>, asked: &[&str]) -> Option<(String, Listener)> {
+fn listener(item: &Value, id: Option<&str>, asked: Option<&[&str]>) -> Option<(String, Listener)> {
     let id = id?;
     let protocol = item.get("protocol")?.as_str()?.to_string();
     let port = match item.get("protocol_port")? {
@@ -172,13 +182,11 @@ fn listener(item: &Value, id: Option<&str>, asked: &[&str]) -> Option<(String, L
                 .collect()
         })
         .unwrap_or_default();
-    let lb = if named.is_empty() {
-        match asked {
-            [only] => *only,
-            _ => return None,
-        }
-    } else {
-        *named.iter().find(|n| asked.contains(n))?
+    let lb = match (asked, named.as_slice()) {
+        (Some([only]), []) => *only,
+        (_, []) => return None,
+        (Some(asked), named) => *named.iter().find(|n| asked.contains(n))?,
+        (None, [first, ..]) => *first,
     };
     let name = item
         .get("name")
@@ -453,5 +461,27 @@ mod tests {
         let p = listener_page(body, &["lb", "other"]).unwrap();
         assert_eq!(p.listeners.len(), 2);
         assert_eq!(p.listeners[1].0, "other");
+    }
+
+    #[test]
+    fn project_wide_page_attributes_each_listener_to_its_own_load_balancer() {
+        let body = br#"{"listeners":[
+            {"id":"a","protocol":"TCP","protocol_port":80,"loadbalancers":[{"id":"lb1"}]},
+            {"id":"b","protocol":"TCP","protocol_port":81,"loadbalancers":[{"id":"lb2"},{"id":"lb1"}]},
+            {"id":"c","protocol":"TCP","protocol_port":82}
+        ]}"#;
+        let p = listener_page_all(body).unwrap();
+        assert_eq!(p.raw_count, 3);
+        let got: Vec<(&str, &str)> = p
+            .listeners
+            .iter()
+            .map(|(lb, l)| (lb.as_str(), l.id.as_str()))
+            .collect();
+        assert_eq!(got, [("lb1", "a"), ("lb2", "b")]);
+        assert_eq!(
+            p.skipped, 1,
+            "a listener naming no load balancer cannot be attributed"
+        );
+        assert_eq!(p.last_id.as_deref(), Some("c"));
     }
 }
