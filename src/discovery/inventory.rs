@@ -902,7 +902,6 @@ impl<C: CloudApi> Inventory<C> {
 
         let synced = self.scopes_synced.len() >= self.settings.scopes
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
-        self.generation += 1;
         self.telemetry.services.set(reports.len() as i64);
         self.telemetry.listeners.set(targets.len() as i64);
         for reason in [
@@ -927,7 +926,7 @@ impl<C: CloudApi> Inventory<C> {
         self.update_calls_gauge(now);
         self.schedule_port_retries(port_retries);
         let t = Targets {
-            generation: self.generation,
+            generation: self.generation + 1,
             synced,
             services: reports.len(),
             targets,
@@ -935,7 +934,25 @@ impl<C: CloudApi> Inventory<C> {
             reports,
             elbs: self.elbs.len(),
         };
+        // A refresh that finds nothing new publishes nothing: every publication re-renders the whole body
+        // (tens of MiB at 10,000 listeners) and wakes the collector.
+        if self.tx.borrow().same_content(&t) {
+            return;
+        }
+        self.generation += 1;
         self.tx.send_replace(Arc::new(t));
+    }
+}
+
+impl Targets {
+    /// Equal apart from the generation.
+    fn same_content(&self, other: &Targets) -> bool {
+        self.synced == other.synced
+            && self.services == other.services
+            && self.elbs == other.elbs
+            && self.targets == other.targets
+            && self.problems == other.problems
+            && self.reports == other.reports
     }
 }
 
@@ -1039,5 +1056,117 @@ mod tests {
         assert_eq!(st.api(), ElbVersion::V2);
         st.class = ElbClass::Dedicated;
         assert_eq!(st.api(), ElbVersion::V3, "the class wins");
+    }
+
+    /// Answers every listing with one listener per asked (or, project-wide, known) ELB, and counts calls.
+    struct FakeCloud {
+        elbs: Vec<&'static str>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl FakeCloud {
+        fn listing(&self, ids: &[&str]) -> Listing {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let by_lb = ids
+                .iter()
+                .map(|id| {
+                    let l = Listener {
+                        id: format!("{id}-80"),
+                        name: "k8s_TCP_80".into(),
+                        protocol: "TCP".into(),
+                        port: 80,
+                    };
+                    (id.to_string(), vec![l])
+                })
+                .collect();
+            Listing {
+                by_lb,
+                seen: ids.len(),
+                calls: 1,
+                complete: true,
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl CloudApi for FakeCloud {
+        async fn project_id(&self) -> Result<String, CloudError> {
+            Ok("p".into())
+        }
+        async fn list_listeners_of(
+            &self,
+            _: ElbVersion,
+            ids: &[&str],
+            _: Lane,
+        ) -> Result<Listing, CloudError> {
+            Ok(self.listing(ids))
+        }
+        async fn list_all_listeners(
+            &self,
+            _: ElbVersion,
+            _: Lane,
+            _: u32,
+            _: Duration,
+        ) -> Result<Listing, CloudError> {
+            Ok(self.listing(&self.elbs))
+        }
+        async fn batch_query(
+            &self,
+            _: &crate::cloud::BatchQuery,
+        ) -> Result<crate::cloud::BatchResult, CloudError> {
+            Err(CloudError::Project("not used".into()))
+        }
+    }
+
+    fn target(name: &str, elb: &str) -> Observed {
+        Observed::Target(ServiceTarget {
+            namespace: "ns".into(),
+            name: name.into(),
+            elb_id: elb.into(),
+            class: ElbClass::Dedicated,
+            ports: vec![80],
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_that_finds_nothing_new_publishes_nothing() {
+        let cloud = Arc::new(FakeCloud {
+            elbs: vec!["a", "b"],
+            calls: Default::default(),
+        });
+        let refresh = Duration::from_secs(60);
+        let (inv, mut rx) = Inventory::new(
+            cloud.clone(),
+            InventorySettings {
+                listener_refresh: refresh,
+                scopes: 1,
+            },
+            Telemetry::new(),
+        );
+        let (tx, events) = mpsc::channel(8);
+        let task = tokio::spawn(inv.run(events));
+        tx.send(DiscoveryEvent::Resync {
+            scope: None,
+            observed: vec![target("s1", "a"), target("s2", "b")],
+        })
+        .await
+        .unwrap();
+        while !rx.borrow_and_update().synced {
+            rx.changed().await.unwrap();
+        }
+        assert_eq!(rx.borrow().targets.len(), 2);
+        let generation = rx.borrow().generation;
+        let calls = cloud.calls.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(refresh * 3).await;
+        assert!(
+            cloud.calls.load(std::sync::atomic::Ordering::SeqCst) > calls,
+            "refreshes ran"
+        );
+        assert_eq!(
+            rx.borrow().generation,
+            generation,
+            "nothing changed, nothing published"
+        );
+        task.abort();
     }
 }
