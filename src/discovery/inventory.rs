@@ -371,38 +371,49 @@ impl<C: CloudApi> Inventory<C> {
                     self.start_filtered(version, Lane::Priority, urgent, lookups, lanes);
                 }
             }
-            if background.is_empty() {
-                continue;
+            if !background.is_empty() {
+                self.schedule_refresh(version, whole, background, now, lookups, lanes);
             }
-            let api = &mut self.apis[api_index(version)];
-            match whole {
-                Plan::ProjectWide { calls, budget } if !api.listing => {
-                    // Pages spread up to a second apart: the listing is a handful of calls by construction
-                    // (it is only chosen when cheaper than the filtered listings).
-                    let gap = (self.settings.listener_refresh / (4 * calls.max(1) as u32))
-                        .min(MAX_PAGE_GAP);
-                    self.start_project_wide(version, Lane::Background, budget, gap, lookups, lanes);
-                }
-                Plan::ProjectWide { .. } | Plan::Idle => {}
-                Plan::Filtered { calls } => {
-                    // Paced at a little more than calls per period, so one refresh takes about a period and a
-                    // backlog (after an outage, or the switch from a project-wide plan) never bursts.
-                    let gap = self.settings.listener_refresh / (calls + calls / 4 + 1) as u32;
-                    background.sort();
-                    let per_call = version.ids_per_listing();
-                    let mut due = background.into_iter().map(|(_, id)| id);
-                    while self.apis[api_index(version)].background_next <= now {
-                        let mut chunk: Vec<Arc<str>> = due.by_ref().take(per_call).collect();
-                        if chunk.is_empty() {
-                            break;
-                        }
-                        if chunk.len() < per_call {
-                            self.fill_chunk(version, &mut chunk, per_call);
-                        }
-                        self.start_filtered_chunk(version, Lane::Background, chunk, lookups, lanes);
-                        let next = &mut self.apis[api_index(version)].background_next;
-                        *next = (*next).max(now) + gap;
+        }
+    }
+
+    /// Starts the periodic re-listing of `version` that is due, on the background lane, spread out.
+    fn schedule_refresh(
+        &mut self,
+        version: ElbVersion,
+        whole: Plan,
+        mut background: Vec<(Instant, Arc<str>)>,
+        now: Instant,
+        lookups: &mut JoinSet<Done>,
+        lanes: &Lanes,
+    ) {
+        match whole {
+            Plan::ProjectWide { calls, budget } if !self.apis[api_index(version)].listing => {
+                // Pages spread up to a second apart: the listing is a handful of calls by construction
+                // (it is only chosen when cheaper than the filtered listings).
+                let gap =
+                    (self.settings.listener_refresh / (4 * calls.max(1) as u32)).min(MAX_PAGE_GAP);
+                self.start_project_wide(version, Lane::Background, budget, gap, lookups, lanes);
+            }
+            Plan::ProjectWide { .. } | Plan::Idle => {}
+            Plan::Filtered { calls } => {
+                // Paced at a little more than calls per period, so one refresh takes about a period and a
+                // backlog (after an outage, or the switch from a project-wide plan) never bursts.
+                let gap = self.settings.listener_refresh / (calls + calls / 4 + 1) as u32;
+                background.sort();
+                let per_call = version.ids_per_listing();
+                let mut due = background.into_iter().map(|(_, id)| id);
+                while self.apis[api_index(version)].background_next <= now {
+                    let mut chunk: Vec<Arc<str>> = due.by_ref().take(per_call).collect();
+                    if chunk.is_empty() {
+                        break;
                     }
+                    if chunk.len() < per_call {
+                        self.fill_chunk(version, &mut chunk, per_call);
+                    }
+                    self.start_filtered_chunk(version, Lane::Background, chunk, lookups, lanes);
+                    let next = &mut self.apis[api_index(version)].background_next;
+                    *next = (*next).max(now) + gap;
                 }
             }
         }
