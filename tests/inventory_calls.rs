@@ -5,8 +5,12 @@
 mod common;
 
 use common::*;
-use elb_exporter::demo::service;
+use elb_exporter::cloud::client::HttpCloud;
+use elb_exporter::cloud::{CloudApi, ElbVersion, Lane};
+use elb_exporter::config::Config;
+use elb_exporter::demo::{config_for, service};
 use elb_exporter::sim::cloud::{LbKind, SimApi, SimConfig, SimListener, SimRequest};
+use elb_exporter::telemetry::Telemetry;
 use std::time::Duration;
 
 const ID: &str = "kubernetes.io/elb.id";
@@ -220,5 +224,82 @@ async fn a_new_services_missing_port_is_retried_within_seconds() {
         })
         .await,
         "the late listener is found by a quick retry"
+    );
+}
+
+/// The client's project-wide listing against the simulator: every page on v2 (500) and v3 (2000), each
+/// listener attributed to the load balancer it names, and a page budget that stops the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn project_wide_listing_pages_through_every_listener_on_v2_and_v3() {
+    const PER_API: usize = 2100;
+    let w = World::start(SimConfig::default()).await;
+    let lbs: Vec<(LbKind, String)> = (0..6)
+        .map(|i| {
+            let kind = if i % 2 == 0 {
+                LbKind::Shared
+            } else {
+                LbKind::Dedicated
+            };
+            let id = elb("f", i);
+            w.sim.add_loadbalancer(&id, kind);
+            (kind, id)
+        })
+        .collect();
+    for i in 0..PER_API * 2 {
+        let (_, lb) = &lbs[i % lbs.len()];
+        w.sim
+            .add_listener(lb, SimListener::new(format!("l-{i:05}"), "n", "TCP", 80));
+    }
+    let auth = format!("auth:\n  project_id: \"{}\"\n", w.sim.config().project_id);
+    let text = config_for(&w.sim, &w.cloud_url, "").replacen("auth:\n", &auth, 1);
+    let cfg = Config::from_yaml(&text, &|_| None).expect("config");
+    let cloud = HttpCloud::new(&cfg, Telemetry::new()).expect("client");
+    for (version, api, kind, pages) in [
+        (ElbVersion::V2, SimApi::ElbV2, LbKind::Shared, 5),
+        (ElbVersion::V3, SimApi::ElbV3, LbKind::Dedicated, 2),
+    ] {
+        w.sim.clear_requests();
+        let got = cloud
+            .list_all_listeners(version, Lane::Background, 100, Duration::ZERO)
+            .await
+            .expect("listing");
+        assert!(got.complete, "{version:?}");
+        assert_eq!(
+            (got.seen, got.calls as usize),
+            (PER_API, pages),
+            "{version:?}"
+        );
+        let mine: Vec<&String> = lbs
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, id)| id)
+            .collect();
+        assert_eq!(got.by_lb.len(), mine.len(), "{version:?}");
+        for id in mine {
+            assert_eq!(
+                got.by_lb[id.as_str()].len(),
+                PER_API / 3,
+                "{version:?} {id}"
+            );
+        }
+        let reqs: Vec<SimRequest> = w
+            .sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.api == api)
+            .collect();
+        assert_eq!(reqs.len(), pages, "{version:?}");
+        assert!(
+            reqs.iter()
+                .all(|r| r.status == 200 && !r.query.contains("loadbalancer_id"))
+        );
+    }
+    let stopped = cloud
+        .list_all_listeners(ElbVersion::V2, Lane::Background, 2, Duration::ZERO)
+        .await
+        .expect("listing");
+    assert_eq!(
+        (stopped.complete, stopped.calls, stopped.seen),
+        (false, 2, 1000)
     );
 }
