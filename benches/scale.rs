@@ -1559,7 +1559,11 @@ fn refresh_phase(
     let tag = format!("[{}]", row.listeners);
     let refresh_elb = elb_id(900_001);
     let skip = [idle_new_elb, refresh_elb.as_str()];
-    let base = elb_calls(&sim.requests(), &skip);
+    let is_refresh_call = |r: &SimRequest| {
+        matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && !skip.iter().any(|s| r.query.contains(s))
+    };
+    // The log only grows (it is capped far above what a run sends): the refresh is what follows `base`.
+    let base = sim.requests().len();
     let wait = (DEFAULT_REFRESH + Duration::from_secs(60)).saturating_sub(started.elapsed());
     eprintln!(
         "{tag} waiting up to {:.0}s for the first listener refresh",
@@ -1567,8 +1571,8 @@ fn refresh_phase(
     );
     let deadline = Instant::now() + wait;
     let refresh_started = loop {
-        if elb_calls(&sim.requests(), &skip) != base {
-            break now_ms();
+        if let Some(r) = sim.requests()[base..].iter().find(|r| is_refresh_call(r)) {
+            break r.time_ms;
         }
         if Instant::now() >= deadline {
             eprintln!("{tag} warning: no refresh observed");
@@ -1621,11 +1625,7 @@ fn refresh_phase(
         }
     }
     let reqs = sim.requests();
-    let refresh: Vec<&SimRequest> = reqs
-        .iter()
-        .filter(|r| matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3))
-        .filter(|r| r.time_ms >= refresh_started && !skip.iter().any(|s| r.query.contains(s)))
-        .collect();
+    let refresh: Vec<&SimRequest> = reqs[base..].iter().filter(|r| is_refresh_call(r)).collect();
     let lookup_ms = reqs
         .iter()
         .filter(|r| r.query.contains(refresh_elb.as_str()))
