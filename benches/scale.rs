@@ -682,11 +682,18 @@ fn seed(
     (elbs, shared)
 }
 
-/// ELB listing calls in the log: (v2, v3), leaving out those naming any of `skip` (new Services' ELBs).
+/// A lookup of new Services' ELBs only: every `loadbalancer_id` it names is one of `skip`. (A refresh
+/// listing may also name them, batched with others: it counts as refresh.)
+fn only_names(r: &SimRequest, skip: &[&str]) -> bool {
+    let named = r.query.matches("loadbalancer_id=").count();
+    named > 0 && named == skip.iter().filter(|s| r.query.contains(*s)).count()
+}
+
+/// ELB listing calls in the log: (v2, v3), leaving out lookups of only the `skip` ELBs (new Services').
 fn elb_calls(reqs: &[SimRequest], skip: &[&str]) -> (usize, usize) {
     let mut n = (0, 0);
     for r in reqs {
-        if skip.iter().any(|s| r.query.contains(s)) {
+        if only_names(r, skip) {
             continue;
         }
         match r.api {
@@ -1560,7 +1567,7 @@ fn refresh_phase(
     let refresh_elb = elb_id(900_001);
     let skip = [idle_new_elb, refresh_elb.as_str()];
     let is_refresh_call = |r: &SimRequest| {
-        matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && !skip.iter().any(|s| r.query.contains(s))
+        matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && !only_names(r, &skip)
     };
     // The log only grows (it is capped far above what a run sends): the refresh is what follows `base`.
     let base = sim.requests().len();
