@@ -1566,9 +1566,8 @@ fn refresh_phase(
     let tag = format!("[{}]", row.listeners);
     let refresh_elb = elb_id(900_001);
     let skip = [idle_new_elb, refresh_elb.as_str()];
-    let is_refresh_call = |r: &SimRequest| {
-        matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && !only_names(r, &skip)
-    };
+    let is_refresh_call =
+        |r: &SimRequest| matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && !only_names(r, &skip);
     // The log only grows (it is capped far above what a run sends): the refresh is what follows `base`.
     let base = sim.requests().len();
     let wait = (DEFAULT_REFRESH + Duration::from_secs(60)).saturating_sub(started.elapsed());
