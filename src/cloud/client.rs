@@ -713,7 +713,7 @@ impl CloudApi for HttpCloud {
             body: ces_body(query),
             project: Some(&project),
             max_body: ces_max_body(query),
-            lane: Lane::Priority,
+            lane: query.lane,
         };
         let result = self
             .call(&call, |body| {

@@ -56,8 +56,8 @@ pub struct Listener {
     pub port: u16,
 }
 
-/// Which queue an ELB call waits in at the rate limit: lookups of new or changed Services go ahead of
-/// every periodic re-listing.
+/// Which queue a call waits in at the rate limit: lookups and prompt CES collection of new or changed
+/// Services go ahead of periodic re-listings and full collection cycles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
     Priority,
@@ -94,6 +94,9 @@ pub struct BatchQuery {
     /// `"1"` = raw (1-minute) data.
     pub period: &'static str,
     pub filter: crate::config::Filter,
+    /// Full cycles ask in the background lane, so the CES rate limit lets a new Service's prompt
+    /// collection (priority) go first.
+    pub lane: Lane,
 }
 
 /// A datapoint: Unix milliseconds and value.

@@ -29,6 +29,7 @@ pub struct FakeCall {
     pub at: tokio::time::Instant,
     /// The end of the asked window (Unix ms): when the caller asked, by its clock.
     pub to_ms: i64,
+    pub lane: Lane,
 }
 
 #[derive(Default)]
@@ -186,6 +187,7 @@ impl CloudApi for FakeCloud {
                     .collect(),
                 at: tokio::time::Instant::now(),
                 to_ms: query.to_ms,
+                lane: query.lane,
             });
             (st.scripts.pop_front(), st.latency)
         };
