@@ -5,6 +5,7 @@
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
+use crate::leader::Leadership;
 use crate::telemetry::{Api, Telemetry};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -230,6 +231,31 @@ fn wall_ms() -> i64 {
     .unwrap_or(i64::MAX)
 }
 
+/// Runs `work` while leading (always without leader election); `None` when leadership ended first,
+/// which cancels the work and its CES calls in flight.
+async fn while_leading<T>(
+    lead: &mut Option<watch::Receiver<Leadership>>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let Some(l) = lead.as_mut() else {
+        return Some(work.await);
+    };
+    tokio::select! {
+        out = work => Some(out),
+        _ = async { l.wait_for(|l| !l.leading).await.is_ok() } => None,
+    }
+}
+
+/// Resolves when leadership ends (never without leader election).
+async fn lost(lead: &mut Option<watch::Receiver<Leadership>>) {
+    match lead.as_mut() {
+        Some(l) => {
+            let _ = l.wait_for(|l| !l.leading).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// (listener index, metric index) of each series in batch `batch`, when `listeners` × `per_listener`
 /// metrics are cut into batches of `size`.
 fn batch_series(
@@ -269,6 +295,8 @@ pub struct Collector<C: CloudApi> {
     /// The last plan was over the CES budget (logged when this changes).
     over_budget: bool,
     zeros: Mutex<ZeroGuard>,
+    /// Under leader election: collect only while leading; report each cycle start for the Lease.
+    lead: Option<(watch::Receiver<Leadership>, watch::Sender<Option<i64>>)>,
 }
 
 /// Which full cycle ended, and how.
@@ -307,9 +335,31 @@ impl<C: CloudApi> Collector<C> {
                 tx,
                 attempted: HashSet::new(),
                 over_budget: false,
+                lead: None,
             },
             rx,
         )
+    }
+
+    /// Collects only while `lead` says so, reporting each full cycle's start (unix ms) to `cycles`.
+    pub fn with_leadership(
+        mut self,
+        lead: watch::Receiver<Leadership>,
+        cycles: watch::Sender<Option<i64>>,
+    ) -> Self {
+        self.lead = Some((lead, cycles));
+        self
+    }
+
+    /// Not leading any more: drop the cloud values at once (the successor exports its own).
+    fn step_down(&mut self) {
+        let prev = self.tx.borrow().clone();
+        self.attempted.clear();
+        self.tx.send_replace(Arc::new(Snapshot {
+            cycle: prev.cycle,
+            finished: prev.finished,
+            ..Snapshot::default()
+        }));
     }
 
     /// Runs until the targets channel closes.
@@ -324,12 +374,26 @@ impl<C: CloudApi> Collector<C> {
             }
         }
         let mut next = Instant::now();
+        let (mut lead, cycles) = self.lead.take().unzip();
         loop {
+            // A follower makes no CES call; a new term starts after the last leader's interval.
+            if let Some(l) = lead.as_mut() {
+                match l.wait_for(|l| l.leading).await {
+                    Ok(l) => next = next.max(l.not_before.unwrap_or(next)),
+                    Err(_) => return,
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {
                     let started = Instant::now();
                     let t = targets.borrow_and_update().clone();
-                    let period = self.full_cycle(&t).await;
+                    if let Some(c) = &cycles {
+                        c.send_replace(Some(wall_ms()));
+                    }
+                    let Some(period) = while_leading(&mut lead, self.full_cycle(&t)).await else {
+                        self.step_down();
+                        continue;
+                    };
                     // Never start a cycle in the past: a long cycle delays the next, it does not double it.
                     next = (started + period).max(Instant::now());
                 }
@@ -337,10 +401,16 @@ impl<C: CloudApi> Collector<C> {
                     if changed.is_err() {
                         return;
                     }
-                    tokio::time::sleep(NEW_LISTENER_DELAY).await;
-                    let t = targets.borrow_and_update().clone();
-                    self.prompt_cycle(&t).await;
+                    let prompt = async {
+                        tokio::time::sleep(NEW_LISTENER_DELAY).await;
+                        let t = targets.borrow_and_update().clone();
+                        self.prompt_cycle(&t).await;
+                    };
+                    if while_leading(&mut lead, prompt).await.is_none() {
+                        self.step_down();
+                    }
                 }
+                () = lost(&mut lead) => self.step_down(),
             }
         }
     }

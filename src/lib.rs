@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod exposition;
+pub mod leader;
 pub mod server;
 pub mod signer;
 pub mod sim;
