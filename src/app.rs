@@ -8,7 +8,7 @@ use crate::config::{Config, Credentials};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::{self, DiscoveryEvent};
 use crate::exposition::Renderer;
-use crate::leader::{Election, Leadership};
+use crate::leader::{Election, Lead, Leadership};
 use crate::server::{self, AppState};
 use crate::telemetry::Telemetry;
 use std::collections::HashMap;
@@ -53,9 +53,6 @@ pub struct Pipeline {
     /// Under leader election: cloud series are served only while leading.
     pub leadership: Option<watch::Receiver<Leadership>>,
 }
-
-/// The collector's side of leader election: whether to collect, and where to report cycle starts.
-pub type Lead = (watch::Receiver<Leadership>, watch::Sender<Option<i64>>);
 
 /// A long-running task of the exporter; none of them ends while the process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,9 +145,9 @@ pub fn start_pipeline<C: CloudApi>(
         CollectorSettings::from_config(cfg),
         telemetry.clone(),
     );
-    let leadership = lead.as_ref().map(|(l, _)| l.clone());
+    let leadership = lead.as_ref().map(|l| l.leadership.clone());
     let collector = match lead {
-        Some((l, cycles)) => collector.with_leadership(l, cycles),
+        Some(l) => collector.with_leadership(l),
         None => collector,
     };
     tasks.spawn(Task::Collector, collector.run(targets.clone()));
@@ -389,7 +386,8 @@ fn start_election(
         return (None, None);
     };
     let (leadership, lead_rx) = watch::channel(Leadership::default());
-    let (cycles_tx, cycles) = watch::channel(None);
+    let (started, cycles) = watch::channel(None);
+    let (recorded_tx, recorded) = watch::channel(None);
     let (released, released_rx) = oneshot::channel();
     let election = Election {
         api: kube::Api::namespaced(kube.clone(), &le.lease_namespace),
@@ -398,11 +396,17 @@ fn start_election(
         telemetry: telemetry.clone(),
         leadership,
         cycles,
+        recorded: recorded_tx,
         stop,
         released,
     };
     tasks.spawn(Task::Leader, election.run());
-    (Some((lead_rx, cycles_tx)), Some(released_rx))
+    let lead = Lead {
+        leadership: lead_rx,
+        started,
+        recorded,
+    };
+    (Some(lead), Some(released_rx))
 }
 
 /// Aborts the task when dropped, so a returning caller takes its background work with it.

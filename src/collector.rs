@@ -5,7 +5,7 @@
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
-use crate::leader::Leadership;
+use crate::leader::{Lead, Leadership};
 use crate::telemetry::{Api, Telemetry};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -295,8 +295,8 @@ pub struct Collector<C: CloudApi> {
     /// The last plan was over the CES budget (logged when this changes).
     over_budget: bool,
     zeros: Mutex<ZeroGuard>,
-    /// Under leader election: collect only while leading; report each cycle start for the Lease.
-    lead: Option<(watch::Receiver<Leadership>, watch::Sender<Option<i64>>)>,
+    /// Under leader election: collect only while leading; each cycle's start is recorded first.
+    lead: Option<Lead>,
 }
 
 /// Which full cycle ended, and how.
@@ -341,13 +341,9 @@ impl<C: CloudApi> Collector<C> {
         )
     }
 
-    /// Collects only while `lead` says so, reporting each full cycle's start (unix ms) to `cycles`.
-    pub fn with_leadership(
-        mut self,
-        lead: watch::Receiver<Leadership>,
-        cycles: watch::Sender<Option<i64>>,
-    ) -> Self {
-        self.lead = Some((lead, cycles));
+    /// Collects only while `lead` says so; a full cycle calls CES once its start is on the Lease.
+    pub fn with_leadership(mut self, lead: Lead) -> Self {
+        self.lead = Some(lead);
         self
     }
 
@@ -374,7 +370,11 @@ impl<C: CloudApi> Collector<C> {
             }
         }
         let mut next = Instant::now();
-        let (mut lead, cycles) = self.lead.take().unzip();
+        let (mut lead, mut log) = self
+            .lead
+            .take()
+            .map(|l| (l.leadership, (l.started, l.recorded)))
+            .unzip();
         loop {
             // A follower makes no CES call; a new term starts after the last leader's interval.
             if let Some(l) = lead.as_mut() {
@@ -382,15 +382,27 @@ impl<C: CloudApi> Collector<C> {
                     Ok(l) => next = next.max(l.not_before.unwrap_or(next)),
                     Err(_) => return,
                 }
+                if self.attempted.is_empty() {
+                    // The term's first full cycle collects every listener known now; collecting them
+                    // promptly before it would collect the previous leader's interval again.
+                    let t = targets.borrow_and_update().clone();
+                    self.attempted
+                        .extend(distinct_listeners(&t).into_iter().map(|(_, l)| l));
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {
                     let started = Instant::now();
                     let t = targets.borrow_and_update().clone();
-                    if let Some(c) = &cycles {
-                        c.send_replace(Some(wall_ms()));
-                    }
-                    let Some(period) = while_leading(&mut lead, self.full_cycle(&t)).await else {
+                    let cycle = async {
+                        if let Some((started, recorded)) = log.as_mut() {
+                            let ms = wall_ms();
+                            started.send_replace(Some(ms));
+                            let _ = recorded.wait_for(|r| *r >= Some(ms)).await;
+                        }
+                        self.full_cycle(&t).await
+                    };
+                    let Some(period) = while_leading(&mut lead, cycle).await else {
                         self.step_down();
                         continue;
                     };

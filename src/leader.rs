@@ -40,6 +40,16 @@ pub struct Leadership {
     pub not_before: Option<Instant>,
 }
 
+/// The collector's side of the election.
+pub struct Lead {
+    pub leadership: watch::Receiver<Leadership>,
+    /// Start (unix ms) of the cycle the collector is about to run.
+    pub started: watch::Sender<Option<i64>>,
+    /// The newest cycle start stored on the Lease. A cycle calls CES only once its start is recorded,
+    /// so a successor never misses a cycle a cut-off leader ran and collects its interval again.
+    pub recorded: watch::Receiver<Option<i64>>,
+}
+
 /// Why a Lease call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -327,6 +337,8 @@ pub struct Election {
     pub leadership: watch::Sender<Leadership>,
     /// Cycle starts (unix ms) reported by the collector.
     pub cycles: watch::Receiver<Option<i64>>,
+    /// The newest cycle start written to the Lease while leading.
+    pub recorded: watch::Sender<Option<i64>>,
     /// Turns true on shutdown: the Lease is released, then `released` fires.
     pub stop: watch::Receiver<bool>,
     pub released: oneshot::Sender<()>,
@@ -423,13 +435,21 @@ impl Election {
                 self.api.replace(name, &pp, &lease_of(base, &r)).await?
             }
         };
-        if elector.written(started, record_of(&stored)) {
-            let rec = record_of(&stored);
+        let rec = record_of(&stored);
+        let (transitions, last_cycle_ms) = (rec.transitions, rec.last_cycle_ms);
+        if elector.written(started, rec) {
             info!(
                 identity = %elector.identity(),
-                transitions = rec.transitions,
+                transitions,
                 "acquired the lease; collecting"
             );
+        }
+        if elector.leading(started) {
+            self.recorded.send_if_modified(|r| {
+                let newer = last_cycle_ms > *r;
+                *r = (*r).max(last_cycle_ms);
+                newer
+            });
         }
         *cached = Some(stored);
         Ok(())
