@@ -30,6 +30,8 @@ use tracing::{debug, info, warn};
 pub const LAST_CYCLE_ANNOTATION: &str = "elb-exporter.huaweicloud.com/last-cycle-start-ms";
 /// How long a release on shutdown may take before the process exits anyway (the Lease then expires).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Failed lease requests in a row are logged at warn once, then every this many.
+const LOG_EVERY: u32 = 30;
 
 /// What the collector and the renderer need to know: collect (and export cloud series) or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -319,7 +321,7 @@ fn wall_ms() -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
-/// Who holds the Lease now, for `check`: (holder, seconds since its last renewal, transitions).
+/// The Lease as stored now (`None`: not created yet), for `check`.
 pub async fn describe(api: &Api<Lease>, name: &str) -> Result<Option<Record>, LeaseError> {
     let got = tokio::time::timeout(RELEASE_TIMEOUT * 5, api.get_opt(name))
         .await
@@ -352,6 +354,7 @@ impl Election {
         let mut elector = Elector::new(self.config.identity.clone(), timing);
         // Our own last write: while leading, renewals replace it without reading first.
         let mut cached: Option<Lease> = None;
+        let mut failures: u32 = 0;
         info!(
             lease = %self.config.lease_name,
             namespace = %self.config.lease_namespace,
@@ -372,12 +375,26 @@ impl Election {
                 Ok(r) => r,
                 Err(_) => Err(LeaseError::Timeout(limit)),
             };
-            if let Err(e) = result {
-                if matches!(e, LeaseError::Conflict) {
-                    elector.conflict();
+            match result {
+                Ok(()) if failures > 0 => {
+                    info!(failures, "lease requests succeed again");
+                    failures = 0;
                 }
-                cached = None;
-                debug!(error = %e, "lease attempt failed");
+                Ok(()) => {}
+                Err(e) => {
+                    if matches!(e, LeaseError::Conflict) {
+                        elector.conflict();
+                    }
+                    cached = None;
+                    failures += 1;
+                    // A conflict is the protocol at work; anything else (RBAC, an unreachable apiserver)
+                    // keeps this replica from ever leading, so it is logged, without flooding the log.
+                    if matches!(e, LeaseError::Conflict) || failures % LOG_EVERY != 1 {
+                        debug!(error = %e, failures, "lease attempt failed");
+                    } else {
+                        warn!(error = %e, failures, lease = %self.config.lease_name, namespace = %self.config.lease_namespace, "lease request failed; retrying every retry_period");
+                    }
+                }
             }
             self.publish(&mut elector);
             let next = started + timing.retry_period;
