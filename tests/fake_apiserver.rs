@@ -513,3 +513,80 @@ async fn leases_follow_the_apiserver_with_optimistic_concurrency() {
     server.set_refused("replica-a", false);
     api_a.get("elb-exporter").await.expect("served again");
 }
+
+/// `kubectl` reads the Leases the exporter writes (discovery, get, list) from the fake as from a real
+/// apiserver. Uses `$KUBECTL`, else the pinned kubectl that scripts/validate-deploy.sh installs in .venv, else
+/// PATH; skips when there is none, unless `REQUIRE_KUBECTL=1` (CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_reads_leases() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/kubectl");
+    let kubectl = std::env::var("KUBECTL")
+        .ok()
+        .or_else(|| {
+            std::path::Path::new(venv)
+                .is_file()
+                .then(|| venv.to_string())
+        })
+        .or_else(|| {
+            std::process::Command::new("kubectl")
+                .arg("version")
+                .arg("--client")
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| "kubectl".to_string())
+        });
+    let Some(kubectl) = kubectl else {
+        let why =
+            "no kubectl ($KUBECTL, .venv/bin/kubectl from scripts/validate-deploy.sh, or PATH)";
+        assert!(
+            std::env::var("REQUIRE_KUBECTL").as_deref() != Ok("1"),
+            "REQUIRE_KUBECTL=1 but {why}"
+        );
+        eprintln!("skipping the kubectl Lease test: {why}");
+        return;
+    };
+    let (server, client) = start().await;
+    let api: Api<Lease> = Api::namespaced(client, "monitoring");
+    let mut lease = Lease::default();
+    lease.metadata.name = Some("elb-exporter".into());
+    lease.spec = Some(LeaseSpec {
+        holder_identity: Some("exp-a".into()),
+        lease_duration_seconds: Some(15),
+        ..LeaseSpec::default()
+    });
+    api.create(&Default::default(), &lease)
+        .await
+        .expect("create");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&kubectl)
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", dir.path())
+            .output()
+            .expect("run kubectl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "kubectl {args:?}: {text}\n{err}");
+        text
+    };
+    // kubectl blocks; the fake serves on the other worker meanwhile.
+    let out = tokio::task::block_in_place(|| {
+        run(&[
+            "-n",
+            "monitoring",
+            "get",
+            "lease",
+            "elb-exporter",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    });
+    assert_eq!(out, "exp-a");
+    let list = tokio::task::block_in_place(|| run(&["-n", "monitoring", "get", "leases"]));
+    assert!(list.contains("elb-exporter"), "{list}");
+}
