@@ -878,6 +878,48 @@ mod tests {
         assert_eq!(second.stale_after, Some(Duration::from_secs(3 * 180)));
     }
 
+    /// Under leader election: a follower makes no call; a new term waits for `not_before`, then for the
+    /// cycle's start to be on the Lease; losing leadership drops the values at once and stops the calls.
+    #[tokio::test(start_paused = true)]
+    async fn only_the_leader_collects_from_its_recorded_start() {
+        let (cloud, targets) = world(4, 1.0);
+        let (collector, mut rx) = Collector::new(cloud.clone(), settings(100, 1), Telemetry::new());
+        let (lead, leadership) = watch::channel(Leadership::default());
+        let (started, mut starts) = watch::channel(None);
+        let (record, recorded) = watch::channel(None);
+        let collector = collector.with_leadership(Lead {
+            leadership,
+            started,
+            recorded,
+        });
+        let (_targets, trx) = watch::channel(targets);
+        tokio::spawn(collector.run(trx));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(cloud.calls().is_empty(), "a follower calls CES");
+
+        let t0 = Instant::now();
+        lead.send_replace(Leadership {
+            leading: true,
+            not_before: Some(t0 + Duration::from_secs(30)),
+        });
+        starts.changed().await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            cloud.calls().is_empty(),
+            "called before the start was recorded"
+        );
+        record.send_replace(*starts.borrow());
+        let snap = next_full(&mut rx, 0).await;
+        assert_eq!((snap.len(), cloud.calls().len()), (12, 1));
+
+        lead.send_replace(Leadership::default());
+        let dropped = rx.wait_for(|s| s.is_empty()).await.unwrap().clone();
+        assert!(!dropped.up);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(cloud.calls().len(), 1, "called CES after losing the lead");
+    }
+
     #[test]
     fn plans_stretch_only_when_the_budget_needs_it() {
         let minute = Duration::from_secs(60);
