@@ -10,10 +10,13 @@
 # Two stages:
 #   1. builder  - the Rust toolchain on Debian bookworm compiles a release binary with the committed Cargo.lock
 #                 (--locked: a stale lock file fails the build instead of silently resolving new versions).
-#   2. runtime  - distroless cc-debian12 (glibc, libgcc_s, CA certificates, tzdata; no shell, no package manager),
+#   2. runtime  - distroless cc-debian12 (glibc, libgcc_s, tzdata; no shell, no package manager),
 #                 running as the unprivileged "nonroot" user (uid/gid 65532).
-# The binary links only glibc and libgcc_s (TLS is rustls; CA certificates come from the image's /etc/ssl/certs),
-# so no OpenSSL is needed at build or run time. Building on bookworm keeps the glibc the binary is linked
+# The binary links only glibc and libgcc_s (TLS is rustls), so no OpenSSL is needed at build or run time.
+# Trust roots do not come from the image: the cloud endpoints are verified against the Mozilla roots compiled
+# into the binary (reqwest's rustls-tls feature = webpki-roots) plus `cloud.ca_file` when set, and the
+# Kubernetes API against the service account's ca.crt (only a kubeconfig without a CA would fall back to the
+# system store). The image's /etc/ssl/certs is not read for the cloud, so a private CA goes in `cloud.ca_file`. Building on bookworm keeps the glibc the binary is linked
 # against (2.36) the same as the runtime image's.
 
 # Base images, pinned by digest so a rebuild uses exactly the reviewed images (a tag can move). Both are build

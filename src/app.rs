@@ -158,25 +158,6 @@ pub fn start_pipeline<C: CloudApi>(
     }
 }
 
-/// Caps glibc's per-thread malloc arenas: each arena keeps its own high-water mark, and the collector's
-/// bursts of short-lived allocations on several worker threads otherwise multiply peak RSS.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-/// Hands memory freed by a render or a cycle back to the OS, so RSS follows the live set.
-pub fn release_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Re-renders the body whenever the targets, the data or the leadership change, and tracks readiness.
 /// A follower serves no cloud series; it is ready, and `up`, once its watch and inventory are current.
 pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) {
@@ -210,7 +191,7 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
             Ok(body) => {
                 expires = body.expires;
                 state.body.store(Arc::new(body));
-                tokio::task::spawn_blocking(release_memory);
+                tokio::task::spawn_blocking(crate::memory::release_memory);
             }
             Err(e) => {
                 error!(error = %e, "rendering the exposition body failed; keeping the previous one")
@@ -352,7 +333,9 @@ async fn serve_supervised<C: CloudApi>(
         run_renderer(Renderer::from_config(&cfg), pipeline, state.clone()),
     );
     // Dropped (and the tasks aborted) when serving ends.
-    let _supervisor = AbortOnDrop(tokio::spawn(tasks.watch(state.healthy.clone(), telemetry)));
+    let _supervisor = AbortOnDrop(tokio::spawn(
+        tasks.watch(state.healthy.clone(), telemetry.clone()),
+    ));
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -364,7 +347,7 @@ async fn serve_supervised<C: CloudApi>(
         shutdown.await;
         let _ = stop.send(true);
     };
-    server::serve(listener, app, &cfg.web, shutdown).await?;
+    server::serve(listener, app, &cfg.web, &telemetry, shutdown).await?;
     if let Some(released) = released {
         let _ = tokio::time::timeout(Duration::from_secs(3), released).await;
     }

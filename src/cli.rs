@@ -4,7 +4,7 @@
 use crate::app;
 use crate::cloud::client::HttpCloud;
 use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
-use crate::collector::{NAMESPACE, calls_per_cycle, distinct_listeners};
+use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners};
 use crate::config::{Config, ConfigError, LogFormat, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::{self, DiscoveryEvent, Observed, observe};
@@ -37,6 +37,7 @@ pub enum Command {
     /// planned CES calls per interval; exit non-zero on any problem.
     Check,
     /// Run against a built-in simulated cloud and cluster, serving /metrics on 127.0.0.1:8087.
+    #[cfg(feature = "sim")]
     Demo {
         /// Listen address for the demo exporter.
         #[arg(long, default_value = "127.0.0.1:8087", value_name = "ADDR")]
@@ -58,6 +59,9 @@ pub enum CliError {
     Kube(String),
     #[error("{0}")]
     Check(String),
+    #[cfg(feature = "sim")]
+    #[error(transparent)]
+    Demo(#[from] crate::demo::DemoError),
 }
 
 impl CliError {
@@ -65,6 +69,8 @@ impl CliError {
         match self {
             CliError::Config(_) => ExitCode::from(EXIT_CONFIG),
             CliError::App(app::AppError::Client(_)) => ExitCode::from(EXIT_CONFIG),
+            #[cfg(feature = "sim")]
+            CliError::Demo(crate::demo::DemoError::Config(_)) => ExitCode::from(EXIT_CONFIG),
             _ => ExitCode::from(1),
         }
     }
@@ -105,6 +111,9 @@ pub fn init_logging(level: &str, format: LogFormat) {
 
 /// Runs the exporter from a loaded config (`path`: where it came from, watched for rotated credentials).
 pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
+    for w in cfg.transport_warnings() {
+        tracing::warn!(warning = %w, "insecure transport to the cloud");
+    }
     let kube = kube_client().await?;
     let listener = app::bind(&cfg.listen).await?;
     announce(&listener, &cfg.metric_path);
@@ -137,12 +146,37 @@ fn announce(listener: &tokio::net::TcpListener, path: &str) {
     }
 }
 
+/// Text from the cloud (listener names, error messages) with control characters and bidirectional
+/// overrides escaped (`\u{1b}`, `\n`), so it cannot move the cursor, clear or reorder the terminal.
+fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// `check`: one pass of discovery, listener resolution and a CES probe; prints what would be collected.
 pub async fn check(cfg: Config) -> Result<(), CliError> {
     let mut problems: Vec<String> = Vec::new();
     println!("config: ok");
     for k in &cfg.ignored_keys {
         println!("  note: {k} is a cloudeye-exporter key with no effect here");
+    }
+    for w in cfg.transport_warnings() {
+        println!("  warning: {w}");
     }
     let telemetry = Telemetry::new();
     let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone()).map_err(app::AppError::from)?);
@@ -189,10 +223,10 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
                 t.service,
                 t.elb_id,
                 api,
-                t.listener_id,
+                escape_controls(&t.listener_id),
                 t.port,
-                t.protocol,
-                t.listener_name
+                escape_controls(&t.protocol),
+                escape_controls(&t.listener_name)
             );
         }
         for p in &r.problems {
@@ -230,10 +264,17 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         targets.elbs,
         format_duration(cfg.discovery.listener_refresh),
     );
-    if per_min > f64::from(cfg.cloud.rate_limit.ces_per_minute) {
+    let plan = CyclePlan::new(
+        calls,
+        cfg.collection.interval,
+        cfg.cloud.rate_limit.ces_per_minute,
+    );
+    if plan.over_budget {
         problems.push(format!(
-            "{per_min:.0} CES calls/minute exceed cloud.rate_limit.ces_per_minute ({}): raise collection.interval",
-            cfg.cloud.rate_limit.ces_per_minute
+            "{per_min:.0} CES calls/minute exceed cloud.rate_limit.ces_per_minute ({}): cycles will be paced to one every {} instead of {}; collect fewer metrics or raise collection.interval",
+            cfg.cloud.rate_limit.ces_per_minute,
+            format_duration(plan.period),
+            format_duration(cfg.collection.interval),
         ));
     }
     // One small CES call proves the AK may read metrics (ces:metricData:list).
@@ -276,7 +317,8 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     } else {
         println!("\nproblems:");
         for p in &problems {
-            println!("  - {p}");
+            // Problems quote cloud answers (error messages).
+            println!("  - {}", escape_controls(p));
         }
         Err(CliError::Check(format!(
             "{} problem(s) found",
@@ -394,7 +436,7 @@ async fn resolve_once<C: CloudApi>(
 /// Entry point used by the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    app::tune_allocator();
+    crate::memory::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -406,9 +448,12 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        #[cfg(feature = "sim")]
         Some(Command::Demo { listen }) => {
             init_logging("info", LogFormat::Text);
-            runtime.block_on(crate::demo::run(&listen))
+            runtime
+                .block_on(crate::demo::run(&listen))
+                .map_err(CliError::from)
         }
         command => {
             let cfg = match load_config(&cli.config, cli.listen.as_deref()) {

@@ -341,6 +341,7 @@ struct RawWeb {
     basic_auth_users: Option<std::collections::BTreeMap<String, Secret>>,
     bearer_token_file: Option<String>,
     read_header_timeout: Option<String>,
+    idle_timeout: Option<String>,
     max_connections: Option<i64>,
 }
 
@@ -510,7 +511,7 @@ pub struct RateLimits {
 }
 
 /// Protection and limits of the HTTP server (like Prometheus' exporter web config). Off by default.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WebSettings {
     /// PEM certificate chain and key: serve HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -518,8 +519,33 @@ pub struct WebSettings {
     pub basic_auth_users: Vec<(String, Secret)>,
     /// Accepted `Authorization: Bearer` token, read from `web.bearer_token_file`.
     pub bearer_token: Option<Secret>,
+    /// A connection must deliver a complete request within this from accept (TLS handshake included).
     pub read_header_timeout: Duration,
+    /// A connection on which no request started for this long is closed (HTTP/1 keep-alive and HTTP/2).
+    pub idle_timeout: Duration,
     pub max_connections: usize,
+}
+
+/// Highest bcrypt cost accepted in `web.basic_auth_users`: cost 12 is ~0.25 s of CPU per check already,
+/// and every wrong password an unauthenticated client sends costs one check.
+pub const MAX_BCRYPT_COST: u32 = 12;
+
+const DEFAULT_READ_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than any usual scrape interval, so Prometheus keeps reusing its connection.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+const DEFAULT_MAX_CONNECTIONS: i64 = 256;
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        WebSettings {
+            tls: None,
+            basic_auth_users: Vec::new(),
+            bearer_token: None,
+            read_header_timeout: DEFAULT_READ_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+        }
+    }
 }
 
 impl WebSettings {
@@ -797,9 +823,11 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         ));
     }
     if access_key.contains(|c: char| c.is_whitespace() || c == ',') {
+        // A credential's value is never printed, even a wrong one: it may be a secret pasted into
+        // the wrong field.
         return Err(ConfigError::invalid(
             "auth.access_key",
-            &access_key,
+            "[redacted]",
             "must not contain spaces or commas",
         ));
     }
@@ -822,12 +850,26 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         HOUR,
     )?;
 
-    // endpoints: explicit, else the auth_url host with `iam` replaced by the service name.
+    // endpoints: explicit, else derived from the auth_url host (rule in PRODUCT.md).
+    let derives = non_empty(raw.endpoints.elb.clone()).is_none()
+        || non_empty(raw.endpoints.ces.clone()).is_none();
+    if derives
+        && let Some(other) = iam_region(&auth_host)
+        && other != region
+    {
+        return Err(ConfigError::invalid(
+            "auth.region",
+            &region,
+            format!(
+                "differs from the region {other} of the auth.auth_url host {auth_host}: ELB and CES calls would go to {other}; make them agree (or set endpoints.elb and endpoints.ces)"
+            ),
+        ));
+    }
     let service_default = |svc: &str| -> Endpoint {
         let host = derive_host(&auth_host, svc, &region);
         Endpoint {
             scheme: auth_scheme.clone(),
-            authority: authority(&auth_scheme, &host, auth_port),
+            authority: authority(&host, auth_port),
         }
     };
     let endpoint = |field: &str, v: Option<String>, svc: &str| -> Result<Endpoint, ConfigError> {
@@ -836,7 +878,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             Some(u) => {
                 let (scheme, host, port) = parse_url(field, &u, false)?;
                 Ok(Endpoint {
-                    authority: authority(&scheme, &host, port),
+                    authority: authority(&host, port),
                     scheme,
                 })
             }
@@ -846,7 +888,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         Some(_) => endpoint("endpoints.iam", raw.endpoints.iam, "iam")?,
         None => Endpoint {
             scheme: auth_scheme.clone(),
-            authority: authority(&auth_scheme, &auth_host, auth_port),
+            authority: authority(&auth_host, auth_port),
         },
     };
     let endpoints = Endpoints {
@@ -976,9 +1018,10 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         }
     }
     let max_concurrency = match (cl.max_concurrency, g.max_routines) {
-        (Some(n), _) => positive("cloud.max_concurrency", Some(n), 8, 64)?,
-        (None, Some(n)) => positive("global.max_routines", Some(n), 8, 1000)?.min(64),
-        (None, None) => 8,
+        (Some(n), _) => positive("cloud.max_concurrency", Some(n), 4, 64)?,
+        (None, Some(n)) => positive("global.max_routines", Some(n), 4, 1000)?.min(64),
+        // The auth gate holds one credential's requests to 4 in flight anyway (5 bad signatures lock an AK).
+        (None, None) => 4,
     } as usize;
     let ca_file = non_empty(cl.ca_file).map(PathBuf::from);
     if let Some(p) = &ca_file
@@ -1079,14 +1122,9 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         if let Some(v) = v
             && v.bytes().any(|b| !(0x20..0x7f).contains(&b))
         {
-            let shown = if field == "auth.access_key" {
-                v
-            } else {
-                "[redacted]"
-            };
             return Err(ConfigError::invalid(
                 field,
-                shown,
+                "[redacted]",
                 "must be printable ASCII",
             ));
         }
@@ -1182,16 +1220,7 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
                 "a user name must be non-empty and without ':'",
             ));
         }
-        let h = hash.expose();
-        if !(h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$"))
-            || h.len() != 60
-        {
-            return Err(ConfigError::invalid(
-                &field,
-                "[redacted]",
-                "must be a bcrypt hash (e.g. htpasswd -nBC 10 \"\" | tr -d ':\\n')",
-            ));
-        }
+        bcrypt_cost(&field, hash.expose())?;
         users.push((user, hash));
     }
     let bearer_token = match file("web.bearer_token_file", w.bearer_token_file)? {
@@ -1211,8 +1240,8 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
             Some(Secret::new(t))
         }
     };
-    let read_header_timeout =
-        dur("web.read_header_timeout", w.read_header_timeout)?.unwrap_or(Duration::from_secs(10));
+    let read_header_timeout = dur("web.read_header_timeout", w.read_header_timeout)?
+        .unwrap_or(DEFAULT_READ_HEADER_TIMEOUT);
     if read_header_timeout < Duration::from_millis(100)
         || read_header_timeout > Duration::from_secs(300)
     {
@@ -1222,13 +1251,26 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
             "must be between 100ms and 5m",
         ));
     }
-    let max_connections =
-        positive("web.max_connections", w.max_connections, 256, 100_000)? as usize;
+    let idle_timeout = dur("web.idle_timeout", w.idle_timeout)?.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    if idle_timeout < read_header_timeout || idle_timeout > Duration::from_secs(3600) {
+        return Err(ConfigError::invalid(
+            "web.idle_timeout",
+            format_duration(idle_timeout),
+            "must be between web.read_header_timeout and 1h (and longer than the scrape interval)",
+        ));
+    }
+    let max_connections = positive(
+        "web.max_connections",
+        w.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+        100_000,
+    )? as usize;
     Ok(WebSettings {
         tls,
         basic_auth_users: users,
         bearer_token,
         read_header_timeout,
+        idle_timeout,
         max_connections,
     })
 }
@@ -1359,6 +1401,63 @@ fn hostname() -> Option<String> {
     non_empty(Some(String::from_utf8_lossy(&buf[..end]).into_owned()))
 }
 
+impl Config {
+    /// Settings that weaken the transport to the cloud: logged as warnings at start and printed by
+    /// `check`, because they are legal (private clouds, tests) but must never pass unnoticed.
+    pub fn transport_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.cloud.insecure_skip_verify {
+            warnings.push(
+                "cloud.insecure_skip_verify (global.ignore_ssl_verify) is on: cloud TLS certificates are \
+                 not verified, so anyone on the path can read the requests and forge the answers"
+                    .to_string(),
+            );
+        }
+        if self.auth.credentials.security_token.is_some() {
+            let e = &self.endpoints;
+            for (field, endpoint) in [
+                ("endpoints.iam", &e.iam),
+                ("endpoints.elb", &e.elb),
+                ("endpoints.ces", &e.ces),
+            ] {
+                if endpoint.scheme != "https" {
+                    warnings.push(format!(
+                        "{field} is {} while auth.security_token is set: the token is sent in clear text",
+                        endpoint.base_url()
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+}
+
+/// The cost of a bcrypt hash (`$2b$10$` + 53 characters), refused above `MAX_BCRYPT_COST`.
+fn bcrypt_cost(field: &str, h: &str) -> Result<u32, ConfigError> {
+    let prefix_ok = h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$");
+    let cost = h
+        .get(4..6)
+        .filter(|_| prefix_ok && h.len() == 60 && h.as_bytes()[6] == b'$')
+        .and_then(|c| c.parse::<u32>().ok())
+        .filter(|c| (4..=31).contains(c));
+    match cost {
+        None => Err(ConfigError::invalid(
+            field,
+            "[redacted]",
+            "must be a bcrypt hash (e.g. htpasswd -nBC 10 \"\" | tr -d ':\\n')",
+        )),
+        Some(c) if c > MAX_BCRYPT_COST => Err(ConfigError::invalid(
+            field,
+            "[redacted]",
+            format!(
+                "bcrypt cost {c} is above {MAX_BCRYPT_COST}: every wrong password would cost that much CPU; \
+                 hash again with htpasswd -nBC 10"
+            ),
+        )),
+        Some(c) => Ok(c),
+    }
+}
+
 /// `":8087"` (cloudeye style: all interfaces), `"8087"`, `"127.0.0.1:8087"` or `"[::1]:8087"`.
 pub fn parse_listen(s: &str) -> Result<String, ConfigError> {
     let t = s.trim();
@@ -1387,7 +1486,11 @@ fn parse_url(
     s: &str,
     path_allowed: bool,
 ) -> Result<(String, String, Option<u16>), ConfigError> {
-    let url = reqwest::Url::parse(s)
+    // Every message shows the URL without its userinfo, even when it does not parse.
+    let shown = without_userinfo(s);
+    let s_in = s;
+    let s = shown.as_str();
+    let url = reqwest::Url::parse(s_in)
         .map_err(|e| ConfigError::invalid(field, s, format!("not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(ConfigError::invalid(
@@ -1405,8 +1508,8 @@ fn parse_url(
     if !url.username().is_empty() || url.password().is_some() {
         return Err(ConfigError::invalid(
             field,
-            "[redacted]",
-            "must not carry credentials",
+            s,
+            "must not carry credentials (user:password@)",
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
@@ -1426,7 +1529,20 @@ fn parse_url(
     Ok((url.scheme().to_string(), host, url.port()))
 }
 
-fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
+/// `s` with everything between `scheme://` and the last `@` removed (userinfo may hold any
+/// character, so the last `@` is the only safe end), for error messages. Works on any string.
+fn without_userinfo(s: &str) -> String {
+    let (scheme, rest) = match s.find("://") {
+        Some(i) => s.split_at(i + 3),
+        None => ("", s),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}{}", &rest[at + 1..]),
+        None => s.to_string(),
+    }
+}
+
+fn authority(host: &str, port: Option<u16>) -> String {
     // `Url::port()` is already `None` for the scheme's default port, so the Host header matches what
     // an HTTP client sends for the same URL.
     match port {
@@ -1435,16 +1551,34 @@ fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
     }
 }
 
-/// `iam.cn-east-3.myhuaweicloud.com` → `elb.cn-east-3.myhuaweicloud.com`; the global
-/// `iam.myhuaweicloud.com` → `elb.{region}.myhuaweicloud.com`; any other host (a simulator, a private
-/// cloud gateway) is kept as it is.
+/// The region label of a regional IAM host (`iam.<region>.<domain>`): a second label shaped like a
+/// region id (`cn-east-3`, `eu-west-101`, `eu-de`). `None` for a global IAM host or any other host.
+fn iam_region(host: &str) -> Option<&str> {
+    let rest = host.strip_prefix("iam.")?;
+    let (label, domain) = rest.split_once('.')?;
+    let (geo, tail) = label.split_once('-')?;
+    let region_like = geo.len() == 2
+        && geo.bytes().all(|b| b.is_ascii_lowercase())
+        && !tail.is_empty()
+        && tail.split('-').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        });
+    (region_like && !domain.is_empty()).then_some(label)
+}
+
+/// The PRODUCT.md rule: the leading `iam` label replaced by the service (`iam.cn-east-3.myhuaweicloud.com`
+/// → `elb.cn-east-3.myhuaweicloud.com`); a global IAM host without a region label gets the region
+/// inserted (`iam.myhuaweicloud.eu` → `elb.<region>.myhuaweicloud.eu`); a host without a leading `iam`
+/// label (an IP, a simulator, a private gateway) is kept as it is.
 fn derive_host(auth_host: &str, service: &str, region: &str) -> String {
     if service == "iam" {
         return auth_host.to_string();
     }
     match auth_host.split_once('.') {
-        Some(("iam", "myhuaweicloud.com")) => format!("{service}.{region}.myhuaweicloud.com"),
-        Some(("iam", rest)) => format!("{service}.{rest}"),
+        Some(("iam", rest)) if iam_region(auth_host).is_some() => format!("{service}.{rest}"),
+        Some(("iam", domain)) => format!("{service}.{region}.{domain}"),
         _ => auth_host.to_string(),
     }
 }
@@ -1511,6 +1645,44 @@ mod tests {
     }
 
     #[test]
+    fn credential_values_and_url_userinfo_never_reach_error_text() {
+        let base = "auth:\n  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n  region: \"cn-east-3\"\n  access_key: \"AKVALUE\"\n  secret_key: \"SKVALUE\"\n";
+        let cases = [
+            ("AKVALUE", "AK WITH SPACE-LEAK1", "auth.access_key"),
+            ("AKVALUE", "AK,COMMA-LEAK2", "auth.access_key"),
+            ("AKVALUE", "AK\\tTAB-LEAK3", "auth.access_key"),
+            ("AKVALUE", "AK\\u00e9-LEAK4", "auth.access_key"),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "https://user:PW-LEAK5@iam.cn-east-3.myhuaweicloud.com/v3",
+                "auth.auth_url",
+            ),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "https://user:PW-LEAK6@iam.example.com:99999/v3",
+                "auth.auth_url",
+            ),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "ftp://user:PW/LEAK7@iam.example.com/v3",
+                "auth.auth_url",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = base.replace(from, to);
+            let err = Config::from_yaml(&text, &|_| None).expect_err(to);
+            let msg = err.to_string();
+            assert_eq!(err.field(), Some(field), "{msg}");
+            assert!(!msg.contains("LEAK"), "{to}: {msg}");
+        }
+        let text =
+            base.to_string() + "endpoints:\n  ces: \"https://ak:PW-LEAK8@ces.example.com/x\"\n";
+        let msg = Config::from_yaml(&text, &|_| None).unwrap_err().to_string();
+        assert!(!msg.contains("LEAK"), "{msg}");
+        assert!(msg.contains("https://ces.example.com/x"), "{msg}");
+    }
+
+    #[test]
     fn derived_hosts() {
         assert_eq!(
             derive_host("iam.cn-east-3.myhuaweicloud.com", "ces", "cn-east-3"),
@@ -1525,6 +1697,96 @@ mod tests {
             "elb.eu-west-101.myhuaweicloud.eu"
         );
         assert_eq!(derive_host("127.0.0.1", "ces", "r"), "127.0.0.1");
+    }
+
+    /// Real IAM hosts from reference/HUAWEI_CLOUD_API.md (Huawei CN/intl, Huawei Europe, Open Telekom
+    /// Cloud) and hosts without an `iam` label, through the whole config path.
+    #[test]
+    fn endpoints_derive_from_real_iam_hosts() {
+        let table: &[(&str, &str, &str, &str)] = &[
+            // (auth_url, region, elb endpoint, ces endpoint)
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "cn-east-3",
+                "https://elb.cn-east-3.myhuaweicloud.com",
+                "https://ces.cn-east-3.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.ap-southeast-1.myhuaweicloud.com/v3",
+                "ap-southeast-1",
+                "https://elb.ap-southeast-1.myhuaweicloud.com",
+                "https://ces.ap-southeast-1.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.myhuaweicloud.com/v3",
+                "cn-north-4",
+                "https://elb.cn-north-4.myhuaweicloud.com",
+                "https://ces.cn-north-4.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.eu-west-101.myhuaweicloud.eu/v3",
+                "eu-west-101",
+                "https://elb.eu-west-101.myhuaweicloud.eu",
+                "https://ces.eu-west-101.myhuaweicloud.eu",
+            ),
+            (
+                "https://iam.myhuaweicloud.eu/v3",
+                "eu-west-101",
+                "https://elb.eu-west-101.myhuaweicloud.eu",
+                "https://ces.eu-west-101.myhuaweicloud.eu",
+            ),
+            (
+                "https://iam.eu-de.otc.t-systems.com/v3",
+                "eu-de",
+                "https://elb.eu-de.otc.t-systems.com",
+                "https://ces.eu-de.otc.t-systems.com",
+            ),
+            (
+                "https://iam.eu-nl.otc.t-systems.com:443/v3",
+                "eu-nl",
+                "https://elb.eu-nl.otc.t-systems.com",
+                "https://ces.eu-nl.otc.t-systems.com",
+            ),
+            (
+                "http://127.0.0.1:8080/v3",
+                "cn-east-3",
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:8080",
+            ),
+            (
+                "http://sim.local:9000/v3",
+                "cn-east-3",
+                "http://sim.local:9000",
+                "http://sim.local:9000",
+            ),
+        ];
+        for (auth_url, region, elb, ces) in table {
+            let text = format!(
+                "auth:\n  auth_url: \"{auth_url}\"\n  region: \"{region}\"\n  access_key: \"AK\"\n  secret_key: \"SK\"\n"
+            );
+            let cfg =
+                Config::from_yaml(&text, &|_| None).unwrap_or_else(|e| panic!("{auth_url}: {e}"));
+            assert_eq!(cfg.endpoints.elb.base_url(), *elb, "{auth_url}");
+            assert_eq!(cfg.endpoints.ces.base_url(), *ces, "{auth_url}");
+        }
+        // A regional IAM host of another region: an error naming both fields, unless both endpoints
+        // are explicit.
+        let text = "auth:\n  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n  region: \"cn-north-4\"\n  access_key: \"AK\"\n  secret_key: \"SK\"\n";
+        let err = Config::from_yaml(text, &|_| None).unwrap_err();
+        assert_eq!(err.field(), Some("auth.region"));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("auth.auth_url") && msg.contains("cn-east-3"),
+            "{msg}"
+        );
+        let explicit = format!(
+            "{text}endpoints:\n  elb: \"https://elb.cn-north-4.myhuaweicloud.com\"\n  ces: \"https://ces.cn-north-4.myhuaweicloud.com\"\n"
+        );
+        let cfg = Config::from_yaml(&explicit, &|_| None).unwrap();
+        assert_eq!(
+            cfg.endpoints.ces.base_url(),
+            "https://ces.cn-north-4.myhuaweicloud.com"
+        );
     }
 
     #[test]

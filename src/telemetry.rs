@@ -59,6 +59,7 @@ pub struct Telemetry {
     pub task_failures: IntCounterVec,
     pub effective_interval: Gauge,
     pub leader: IntGauge,
+    pub http_dropped: IntCounterVec,
     pub info: GaugeVec,
 }
 
@@ -270,6 +271,17 @@ impl Telemetry {
                 IntGauge::new(
                     "elb_exporter_leader",
                     "1 while this replica collects from Cloud Eye and exports cloud series (leader of the Lease, or leader_election off), else 0.",
+                )
+                .expect("valid metric"),
+            ),
+            http_dropped: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elb_exporter_http_connections_dropped_total",
+                        "Connections to /metrics closed by the exporter, by reason (timeouts, limit, TLS).",
+                    ),
+                    &["reason"],
                 )
                 .expect("valid metric"),
             ),

@@ -596,3 +596,17 @@ async fn a_forbidden_namespace_is_reported_and_does_not_block_the_others() {
     .await;
     assert!(healed, "{}\n{}", e.metrics().await, e.logs());
 }
+
+/// A plan over the CES budget is reported by `check` with the period cycles will be paced to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_plan_over_the_ces_budget() {
+    let w = fixture().await;
+    let over = "collection:\n  interval: \"10s\"\n  metrics: [m1_cps, m7_in_Bps, mb_l7_qps]\ncloud:\n  rate_limit:\n    ces_per_minute: 3\n";
+    let (code, out, _) = w.run(over, &["check"]);
+    assert_eq!(code, 1, "{out}");
+    // 1 call per 10 s = 6 calls/minute against 3: one cycle every 20 s.
+    assert!(
+        out.contains("cycles will be paced to one every 20s instead of 10s"),
+        "{out}"
+    );
+}

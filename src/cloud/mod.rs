@@ -2,6 +2,7 @@
 //! batch metric query, behind the [`CloudApi`] trait so the collector and its tests can use any
 //! implementation. [`client::HttpCloud`] is the real one (AK/SK-signed HTTP with retries and rate limits).
 
+pub mod auth;
 pub mod client;
 pub mod parse;
 pub mod retry;
@@ -144,7 +145,7 @@ pub enum CloudError {
     #[error("{0}: request rejected: {1}")]
     BadRequest(Api, ErrorBody),
     #[error("{0}: server error: {1}")]
-    Server(Api, ErrorBody),
+    Server(Api, ErrorBody, Option<Duration>),
     #[error("{0}: unexpected answer: {1}")]
     Http(Api, ErrorBody),
     #[error("{0}: timed out after {1:?}")]
@@ -156,7 +157,7 @@ pub enum CloudError {
     #[error("project lookup: {0}")]
     Project(String),
     #[error(
-        "{0}: not sent: the credentials were rejected (401) and calls pause for {1:?} more so the AK is not locked"
+        "{0}: not sent: the credentials were rejected (401); cloud calls pause until a probe succeeds (next probe in {1:?} at the earliest) so the AK is not locked"
     )]
     AuthBackoff(Api, Duration),
 }
@@ -177,7 +178,7 @@ impl CloudError {
     /// `Retry-After` the server asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            CloudError::Throttled(_, _, d) => *d,
+            CloudError::Throttled(_, _, d) | CloudError::Server(_, _, d) => *d,
             _ => None,
         }
     }
@@ -190,7 +191,7 @@ impl CloudError {
             CloudError::NotFound(..) => "404",
             CloudError::Throttled(..) => "429",
             CloudError::BadRequest(..) => "400",
-            CloudError::Server(_, b) => match b.status {
+            CloudError::Server(_, b, _) => match b.status {
                 500 => "500",
                 502 => "502",
                 503 => "503",
@@ -215,7 +216,7 @@ impl CloudError {
             | CloudError::NotFound(_, b)
             | CloudError::Throttled(_, b, _)
             | CloudError::BadRequest(_, b)
-            | CloudError::Server(_, b)
+            | CloudError::Server(_, b, _)
             | CloudError::Http(_, b) => b.code.as_deref(),
             _ => None,
         }
@@ -238,7 +239,8 @@ impl CloudError {
                 400 | 409 | 413 | 422 => CloudError::BadRequest(api, body),
                 _ => CloudError::Http(api, body),
             },
-            500..=599 => CloudError::Server(api, body),
+            // A 503 may say when to come back, as a 429 does.
+            500..=599 => CloudError::Server(api, body, retry_after),
             _ => CloudError::Http(api, body),
         }
     }

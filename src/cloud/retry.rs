@@ -8,7 +8,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 /// The delay before attempt `attempt + 1` (attempt counts from 0 for the first retry): a uniformly random
-/// duration in [0, min(max, initial·2^attempt)], or the server's `Retry-After` if that is longer.
+/// duration in [floor, min(max, initial·2^attempt)] with a floor of half the initial backoff, so a
+/// throttled call is never retried at once, or the server's `Retry-After` if that is longer.
 pub fn backoff(
     settings: &RetrySettings,
     attempt: u32,
@@ -19,7 +20,8 @@ pub fn backoff(
         .initial_backoff
         .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
     let cap = exp.min(settings.max_backoff);
-    let jittered = cap.mul_f64(unit_random.clamp(0.0, 1.0));
+    let floor = settings.initial_backoff.min(cap) / 2;
+    let jittered = floor + (cap - floor).mul_f64(unit_random.clamp(0.0, 1.0));
     match retry_after {
         Some(ra) => ra
             .min(settings.max_backoff.max(Duration::from_secs(60)))
@@ -48,10 +50,6 @@ impl RateLimiter {
             window,
             sent: Mutex::new(VecDeque::new()),
         }
-    }
-
-    pub fn per_minute(&self) -> usize {
-        self.per_minute
     }
 
     /// Waits until a call may be sent, and books it.
@@ -102,12 +100,24 @@ mod tests {
         assert_eq!(backoff(&s, 2, None, 1.0), Duration::from_secs(4));
         assert_eq!(backoff(&s, 10, None, 1.0), Duration::from_secs(30));
         assert_eq!(backoff(&s, 40, None, 1.0), Duration::from_secs(30));
+        assert_eq!(backoff(&s, 3, None, 0.5), Duration::from_millis(4250));
+    }
+
+    #[test]
+    fn jitter_has_a_floor_so_no_retry_is_immediate() {
+        let s = settings();
+        for attempt in [0, 1, 3, 10, 40] {
+            assert_eq!(
+                backoff(&s, attempt, None, 0.0),
+                Duration::from_millis(500),
+                "attempt {attempt}: half the initial backoff at least"
+            );
+        }
+        // A Retry-After of 0 (or a past date) does not make it immediate either.
         assert_eq!(
-            backoff(&s, 3, None, 0.0),
-            Duration::ZERO,
-            "full jitter reaches 0"
+            backoff(&s, 0, Some(Duration::ZERO), 0.0),
+            Duration::from_millis(500)
         );
-        assert_eq!(backoff(&s, 3, None, 0.5), Duration::from_secs(4));
     }
 
     #[test]

@@ -326,7 +326,7 @@ fn watch_error_kind(e: &watcher::Error) -> &'static str {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sim"))]
 mod tests {
     use super::*;
 

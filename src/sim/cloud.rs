@@ -151,6 +151,12 @@ pub enum Fault {
         retry_after_secs: Option<u64>,
         count: u32,
     },
+    /// 503 (a service briefly unavailable: `ces.0007` on CES, the gateway's shape elsewhere), with
+    /// `Retry-After` when given.
+    Unavailable {
+        retry_after_secs: Option<u64>,
+        count: u32,
+    },
 }
 
 impl Fault {
@@ -159,7 +165,8 @@ impl Fault {
             Fault::Status { count, .. }
             | Fault::Delay { count, .. }
             | Fault::Malformed { count }
-            | Fault::Throttle { count, .. } => count,
+            | Fault::Throttle { count, .. }
+            | Fault::Unavailable { count, .. } => count,
         }
     }
 }
@@ -646,11 +653,15 @@ impl Inner {
         let mut malformed = false;
         match self.take_fault(ep.api()) {
             Some(Fault::Status { status, body, .. }) => {
-                let code = serde_json::from_str::<Value>(&body).ok().and_then(|v| {
-                    v.get("error_code")
-                        .and_then(Value::as_str)
-                        .map(String::from)
-                });
+                // Only the code is read (other fields are skipped unparsed): bodies may be huge.
+                #[derive(serde::Deserialize)]
+                struct Code {
+                    error_code: Option<String>,
+                }
+                let code = (status >= 400)
+                    .then(|| serde_json::from_str::<Code>(&body).ok())
+                    .flatten()
+                    .and_then(|c| c.error_code);
                 return Reply {
                     status: StatusCode::from_u16(status)
                         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -663,6 +674,13 @@ impl Inner {
                 retry_after_secs, ..
             }) => {
                 let mut reply = throttled(ep.api(), rid);
+                reply.retry_after = retry_after_secs;
+                return reply;
+            }
+            Some(Fault::Unavailable {
+                retry_after_secs, ..
+            }) => {
+                let mut reply = unavailable(ep.api(), rid);
                 reply.retry_after = retry_after_secs;
                 return reply;
             }
@@ -1304,6 +1322,23 @@ fn throttled(api: SimApi, rid: &str) -> Reply {
             StatusCode::TOO_MANY_REQUESTS,
             "APIGW.0308",
             "The throttling threshold has been reached: policy user over ratelimit,limit:20,time:1 second",
+            rid,
+        )
+    }
+}
+
+fn unavailable(api: SimApi, rid: &str) -> Reply {
+    if api == SimApi::Ces {
+        ces_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ces.0007",
+            "Internal service error.",
+        )
+    } else {
+        apigw_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "APIGW.0202",
+            "The API is unavailable",
             rid,
         )
     }
@@ -2228,7 +2263,7 @@ mod tests {
         http(addr, call.method, &target, &signed.headers, &call.body).await
     }
 
-    /// A minimal HTTP/1.1 client: the crate has no HTTP client dependency and tower is not a direct one.
+    /// A minimal HTTP/1.1 client: it sends exactly the signed headers and nothing an HTTP library would add.
     async fn http(
         addr: SocketAddr,
         method: &str,

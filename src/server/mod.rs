@@ -1,7 +1,6 @@
 //! HTTP endpoints. `/metrics` is served from memory: the pre-rendered cloud body plus the exporter's own
 //! small registry, never waiting on a cloud call.
 
-use crate::config::WebSettings;
 use crate::exposition::{self, Body};
 use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
@@ -11,13 +10,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use sha2::Digest as _;
-use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod auth;
+mod listen;
+
+pub use auth::{MAX_CONCURRENT_VERIFICATIONS, Verdict, WebAuth};
+pub use listen::{DropLog, DropReason, ServeError, TlsFiles, serve, tls_acceptor};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -119,239 +121,16 @@ pub fn router(state: AppState, auth: Option<Arc<WebAuth>>) -> Router {
         .route("/", get(landing))
         .with_state(state.clone());
     if let Some(auth) = auth {
-        protected = protected.route_layer(axum::middleware::from_fn_with_state(auth, require_auth));
+        protected = protected.route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            auth::require_auth,
+        ));
     }
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
         .merge(protected)
-}
-
-/// Basic-auth users (bcrypt hashes) and/or a bearer token, checked on protected routes.
-pub struct WebAuth {
-    users: HashMap<String, String>,
-    bearer: Option<String>,
-    /// SHA-256 of recently verified `user:password` pairs: bcrypt is deliberately slow, scrapes are not.
-    verified: Mutex<HashSet<[u8; 32]>>,
-}
-
-impl WebAuth {
-    pub fn from_settings(w: &WebSettings) -> Option<Arc<WebAuth>> {
-        if !w.auth_enabled() {
-            return None;
-        }
-        Some(Arc::new(WebAuth {
-            users: w
-                .basic_auth_users
-                .iter()
-                .map(|(u, h)| (u.clone(), h.expose().to_string()))
-                .collect(),
-            bearer: w.bearer_token.as_ref().map(|t| t.expose().to_string()),
-            verified: Mutex::new(HashSet::new()),
-        }))
-    }
-
-    async fn allows(self: &Arc<Self>, headers: &HeaderMap) -> bool {
-        let Some(value) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-        else {
-            return false;
-        };
-        if let Some(token) = value.strip_prefix("Bearer ") {
-            return self
-                .bearer
-                .as_deref()
-                .is_some_and(|b| constant_time_eq(b.as_bytes(), token.trim().as_bytes()));
-        }
-        let Some(encoded) = value.strip_prefix("Basic ") else {
-            return false;
-        };
-        use base64::Engine as _;
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-            return false;
-        };
-        let Ok(pair) = String::from_utf8(decoded) else {
-            return false;
-        };
-        let Some((user, password)) = pair.split_once(':') else {
-            return false;
-        };
-        let Some(hash) = self.users.get(user).cloned() else {
-            return false;
-        };
-        let key: [u8; 32] = sha2::Sha256::digest(pair.as_bytes()).into();
-        if self
-            .verified
-            .lock()
-            .map(|v| v.contains(&key))
-            .unwrap_or(false)
-        {
-            return true;
-        }
-        let password = password.to_string();
-        let ok =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-                .await
-                .unwrap_or(false);
-        if ok && let Ok(mut v) = self.verified.lock() {
-            if v.len() >= 64 {
-                v.clear();
-            }
-            v.insert(key);
-        }
-        ok
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn require_auth(
-    State(auth): State<Arc<WebAuth>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if auth.allows(req.headers()).await {
-        next.run(req).await
-    } else {
-        let mut r = (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"elb-exporter\""),
-        );
-        r
-    }
-}
-
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("web.tls_cert_file / web.tls_key_file: {0}")]
-    Tls(String),
-    #[error("HTTP server: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Builds the TLS acceptor from PEM files.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(ServeError::Tls(format!(
-            "{}: no certificate",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-/// Serves `app` until `shutdown`, with a header-read timeout (slow clients cannot hold connections), a
-/// connection cap, optional TLS, and a bounded graceful drain.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    web: &WebSettings,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-
-    let tls = match &web.tls {
-        Some((c, k)) => Some(tls_acceptor(c, k)?),
-        None => None,
-    };
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(web.read_header_timeout)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .max_header_list_size(64 * 1024);
-    let handshake_timeout = web.read_header_timeout;
-    let slots = Arc::new(tokio::sync::Semaphore::new(web.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max = web.max_connections,
-                "connection limit reached; closing a new connection"
-            );
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        match &tls {
-            None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(slot);
-                });
-            }
-            Some(acceptor) => {
-                let (acceptor, builder, watcher) =
-                    (acceptor.clone(), builder.clone(), graceful.watcher());
-                tokio::spawn(async move {
-                    let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                    else {
-                        return;
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls_stream), service)
-                        .into_owned();
-                    let _ = watcher.watch(conn).await;
-                    drop(slot);
-                });
-            }
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 10s; closing them");
-    }
-    Ok(())
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
