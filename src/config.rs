@@ -1275,17 +1275,16 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
     })
 }
 
-/// `leader_election`. Defaults follow client-go (15s/10s/2s) and the pod's downward API: the namespace
-/// from `POD_NAMESPACE`, else the service account's namespace file (`sa_namespace`); the identity from
-/// `POD_NAME`, else the hostname. Disabled, nothing is resolved or checked beyond the types.
-fn build_leader_election(
-    l: RawLeaderElection,
-    env: &dyn Fn(&str) -> Option<String>,
-    sa_namespace: &dyn Fn() -> Option<String>,
-) -> Result<Option<LeaderElection>, ConfigError> {
+/// `leader_election`'s three durations, in the order client-go requires: the lease in whole seconds (the
+/// Lease stores seconds), a shorter renew deadline, a shorter retry period.
+fn leader_timing(
+    lease_duration: Option<String>,
+    renew_deadline: Option<String>,
+    retry_period: Option<String>,
+) -> Result<(Duration, Duration, Duration), ConfigError> {
     let lease_duration = bounded(
         "leader_election.lease_duration",
-        dur("leader_election.lease_duration", l.lease_duration)?,
+        dur("leader_election.lease_duration", lease_duration)?,
         Duration::from_secs(15),
         Duration::from_secs(1),
         HOUR,
@@ -1299,7 +1298,7 @@ fn build_leader_election(
     }
     let renew_deadline = bounded(
         "leader_election.renew_deadline",
-        dur("leader_election.renew_deadline", l.renew_deadline)?,
+        dur("leader_election.renew_deadline", renew_deadline)?,
         Duration::from_secs(10),
         Duration::from_millis(200),
         HOUR,
@@ -1316,7 +1315,7 @@ fn build_leader_election(
     }
     let retry_period = bounded(
         "leader_election.retry_period",
-        dur("leader_election.retry_period", l.retry_period)?,
+        dur("leader_election.retry_period", retry_period)?,
         Duration::from_secs(2),
         Duration::from_millis(50),
         HOUR,
@@ -1331,6 +1330,19 @@ fn build_leader_election(
             ),
         ));
     }
+    Ok((lease_duration, renew_deadline, retry_period))
+}
+
+/// `leader_election`. Defaults follow client-go (15s/10s/2s) and the pod's downward API: the namespace
+/// from `POD_NAMESPACE`, else the service account's namespace file (`sa_namespace`); the identity from
+/// `POD_NAME`, else the hostname. Disabled, nothing is resolved or checked beyond the types.
+fn build_leader_election(
+    l: RawLeaderElection,
+    env: &dyn Fn(&str) -> Option<String>,
+    sa_namespace: &dyn Fn() -> Option<String>,
+) -> Result<Option<LeaderElection>, ConfigError> {
+    let (lease_duration, renew_deadline, retry_period) =
+        leader_timing(l.lease_duration, l.renew_deadline, l.retry_period)?;
     let lease_name = non_empty(l.lease_name).unwrap_or_else(|| "elb-exporter".into());
     if lease_name.len() > 253 || !lease_name.split('.').all(is_dns_label) {
         return Err(ConfigError::invalid(
