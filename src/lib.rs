@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod exposition;
 pub mod leader;
 pub mod memory;
+pub mod schedule;
 pub mod server;
 pub mod signer;
 /// Test doubles (simulated cloud, fake apiserver, in-memory cloud): the `sim` feature, on by default for
