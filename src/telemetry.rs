@@ -61,6 +61,7 @@ pub struct Telemetry {
     pub watch_restarts: IntCounterVec,
     pub task_failures: IntCounterVec,
     pub effective_interval: Gauge,
+    pub leader: IntGauge,
     pub http_dropped: IntCounterVec,
     pub info: GaugeVec,
 }
@@ -295,6 +296,14 @@ impl Telemetry {
                 Gauge::new(
                     "elb_exporter_collection_effective_interval_seconds",
                     "Start-to-start period of full collection cycles: collection.interval, stretched when the planned CES calls exceed the rate limit.",
+                )
+                .expect("valid metric"),
+            ),
+            leader: reg(
+                &registry,
+                IntGauge::new(
+                    "elb_exporter_leader",
+                    "1 while this replica collects from Cloud Eye and exports cloud series (leader of the Lease, or leader_election off), else 0.",
                 )
                 .expect("valid metric"),
             ),
