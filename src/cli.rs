@@ -3,7 +3,7 @@
 
 use crate::app;
 use crate::cloud::client::HttpCloud;
-use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
+use crate::cloud::{BatchQuery, CloudApi, Lane, MetricQuery};
 use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners, distinct_pools};
 use crate::config::{Config, ConfigError, LogFormat, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
@@ -38,6 +38,7 @@ pub enum Command {
     /// planned CES calls per interval; exit non-zero on any problem.
     Check,
     /// Run against a built-in simulated cloud and cluster, serving /metrics on 127.0.0.1:8087.
+    #[cfg(feature = "sim")]
     Demo {
         /// Listen address for the demo exporter.
         #[arg(long, default_value = "127.0.0.1:8087", value_name = "ADDR")]
@@ -59,6 +60,9 @@ pub enum CliError {
     Kube(String),
     #[error("{0}")]
     Check(String),
+    #[cfg(feature = "sim")]
+    #[error(transparent)]
+    Demo(#[from] crate::demo::DemoError),
 }
 
 impl CliError {
@@ -66,6 +70,8 @@ impl CliError {
         match self {
             CliError::Config(_) => ExitCode::from(EXIT_CONFIG),
             CliError::App(app::AppError::Client(_)) => ExitCode::from(EXIT_CONFIG),
+            #[cfg(feature = "sim")]
+            CliError::Demo(crate::demo::DemoError::Config(_)) => ExitCode::from(EXIT_CONFIG),
             _ => ExitCode::from(1),
         }
     }
@@ -141,6 +147,28 @@ fn announce(listener: &tokio::net::TcpListener, path: &str) {
     }
 }
 
+/// Text from the cloud (listener names, error messages) with control characters and bidirectional
+/// overrides escaped (`\u{1b}`, `\n`), so it cannot move the cursor, clear or reorder the terminal.
+fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// `check`: one pass of discovery, listener resolution and a CES probe; prints what would be collected.
 pub async fn check(cfg: Config) -> Result<(), CliError> {
     let mut problems: Vec<String> = Vec::new();
@@ -166,6 +194,9 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         }
     }
     let kube = kube_client().await?;
+    if let Err(p) = print_leader(&cfg, &kube).await {
+        problems.push(p);
+    }
     let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
 
     println!(
@@ -197,10 +228,10 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
                 t.service,
                 t.elb_id,
                 api,
-                t.listener_id,
+                escape_controls(&t.listener_id),
                 t.port,
-                t.protocol,
-                t.listener_name
+                escape_controls(&t.protocol),
+                escape_controls(&t.listener_name)
             );
         }
         for p in &r.problems {
@@ -281,6 +312,7 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             to_ms: now,
             period: "1",
             filter: cfg.collection.filter,
+            lane: Lane::Priority,
         };
         match cloud.batch_query(&q).await {
             Ok(r) => println!(
@@ -302,7 +334,8 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     } else {
         println!("\nproblems:");
         for p in &problems {
-            println!("  - {p}");
+            // Problems quote cloud answers (error messages).
+            println!("  - {}", escape_controls(p));
         }
         Err(CliError::Check(format!(
             "{} problem(s) found",
@@ -311,7 +344,49 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     }
 }
 
-/// Lists the Services once and resolves their ELBs through the same inventory the exporter runs.
+/// `check`: who holds the Lease, read from the apiserver, or that election is off.
+async fn print_leader(cfg: &Config, kube: &kube::Client) -> Result<(), String> {
+    let Some(le) = &cfg.leader_election else {
+        println!("leader election: off (this process collects on its own)");
+        return Ok(());
+    };
+    let api = kube::Api::namespaced(kube.clone(), &le.lease_namespace);
+    let lease = format!("lease {}/{}", le.lease_namespace, le.lease_name);
+    match crate::leader::describe(&api, &le.lease_name).await {
+        Ok(Some(r)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as i64;
+            let age = r.renew_ms.map_or_else(
+                || "never".into(),
+                |ms| format!("{:.1}s ago", (now - ms) as f64 / 1000.0),
+            );
+            match r.holder {
+                Some(h) => println!(
+                    "leader: {h} ({lease}, renewed {age}, lease {}s, {} transition(s)); this process would be {}",
+                    r.lease_duration_s, r.transitions, le.identity
+                ),
+                None => println!(
+                    "leader: none ({lease} released {age}); the next replica to try takes it"
+                ),
+            }
+            Ok(())
+        }
+        Ok(None) => {
+            println!("leader: none yet ({lease} does not exist; the first replica creates it)");
+            Ok(())
+        }
+        Err(e) => {
+            println!("leader: UNKNOWN ({lease}: {e})");
+            Err(format!(
+                "{lease}: {e}; grant get/create/update on leases in {} (deploy/role.yaml)",
+                le.lease_namespace
+            ))
+        }
+    }
+}
+
 /// The Ingress → listener table of `check`; a shared listener is a note, anything else a problem.
 fn print_ingresses(targets: &Targets, problems: &mut Vec<String>) {
     if targets.ingresses == 0 && targets.ingress_problems.is_empty() {
@@ -389,6 +464,7 @@ async fn list_ingresses_once<C: CloudApi>(
     Ok(())
 }
 
+/// Lists the Services once and resolves their ELBs through the same inventory the exporter runs.
 async fn resolve_once<C: CloudApi>(
     cfg: &Config,
     cloud: Arc<C>,
@@ -470,7 +546,7 @@ async fn resolve_once<C: CloudApi>(
 /// Entry point used by the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    app::tune_allocator();
+    crate::memory::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -482,9 +558,12 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        #[cfg(feature = "sim")]
         Some(Command::Demo { listen }) => {
             init_logging("info", LogFormat::Text);
-            runtime.block_on(crate::demo::run(&listen))
+            runtime
+                .block_on(crate::demo::run(&listen))
+                .map_err(CliError::from)
         }
         command => {
             let cfg = match load_config(&cli.config, cli.listen.as_deref()) {

@@ -145,6 +145,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     web: RawWeb,
+    #[serde(default)]
+    leader_election: RawLeaderElection,
 }
 
 /// cloudeye-exporter keys that load unchanged but have no effect here (the exporter is ELB-only and
@@ -300,6 +302,7 @@ struct RawCollection {
     stale_intervals: Option<i64>,
     absent_as_zero: Option<bool>,
     pool_metrics: Option<Vec<String>>,
+    align: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -347,6 +350,18 @@ struct RawWeb {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawLeaderElection {
+    enabled: Option<bool>,
+    lease_name: Option<String>,
+    lease_namespace: Option<String>,
+    identity: Option<String>,
+    lease_duration: Option<String>,
+    renew_deadline: Option<String>,
+    retry_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
     format: Option<String>,
@@ -370,6 +385,8 @@ pub struct Config {
     pub cloud: CloudSettings,
     pub log: LogSettings,
     pub web: WebSettings,
+    /// `leader_election`: `None` when disabled (one process collects on its own).
+    pub leader_election: Option<LeaderElection>,
     /// cloudeye-exporter keys present in the file that have no effect here.
     pub ignored_keys: Vec<String>,
 }
@@ -469,6 +486,8 @@ pub struct Collection {
     pub stale_intervals: u32,
     /// Export 0 for a series CES had no datapoint for, under the collector's guard (opt-in).
     pub absent_as_zero: bool,
+    /// Start cycles just after Cloud Eye is expected to publish the next minute (whole-minute intervals).
+    pub align: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -549,6 +568,26 @@ pub enum LogFormat {
     Text,
     Json,
 }
+
+/// `leader_election` when enabled: who competes for which Lease, and its timing (client-go's names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderElection {
+    pub lease_name: String,
+    pub lease_namespace: String,
+    pub identity: String,
+    /// How long followers wait after the last observed renewal before taking over.
+    pub lease_duration: Duration,
+    /// A leader that has not renewed for this long stops collecting, before the Lease can expire.
+    pub renew_deadline: Duration,
+    /// How often every replica tries to acquire or renew.
+    pub retry_period: Duration,
+}
+
+/// Where a pod's namespace is mounted (the service account token volume).
+pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+pub const ENV_POD_NAME: &str = "POD_NAME";
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 
 #[derive(Debug, Clone)]
 pub struct LogSettings {
@@ -824,9 +863,11 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         ));
     }
     if access_key.contains(|c: char| c.is_whitespace() || c == ',') {
+        // A credential's value is never printed, even a wrong one: it may be a secret pasted into
+        // the wrong field.
         return Err(ConfigError::invalid(
             "auth.access_key",
-            &access_key,
+            "[redacted]",
             "must not contain spaces or commas",
         ));
     }
@@ -849,12 +890,26 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         HOUR,
     )?;
 
-    // endpoints: explicit, else the auth_url host with `iam` replaced by the service name.
+    // endpoints: explicit, else derived from the auth_url host (rule in PRODUCT.md).
+    let derives = non_empty(raw.endpoints.elb.clone()).is_none()
+        || non_empty(raw.endpoints.ces.clone()).is_none();
+    if derives
+        && let Some(other) = iam_region(&auth_host)
+        && other != region
+    {
+        return Err(ConfigError::invalid(
+            "auth.region",
+            &region,
+            format!(
+                "differs from the region {other} of the auth.auth_url host {auth_host}: ELB and CES calls would go to {other}; make them agree (or set endpoints.elb and endpoints.ces)"
+            ),
+        ));
+    }
     let service_default = |svc: &str| -> Endpoint {
         let host = derive_host(&auth_host, svc, &region);
         Endpoint {
             scheme: auth_scheme.clone(),
-            authority: authority(&auth_scheme, &host, auth_port),
+            authority: authority(&host, auth_port),
         }
     };
     let endpoint = |field: &str, v: Option<String>, svc: &str| -> Result<Endpoint, ConfigError> {
@@ -863,7 +918,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             Some(u) => {
                 let (scheme, host, port) = parse_url(field, &u, false)?;
                 Ok(Endpoint {
-                    authority: authority(&scheme, &host, port),
+                    authority: authority(&host, port),
                     scheme,
                 })
             }
@@ -873,7 +928,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         Some(_) => endpoint("endpoints.iam", raw.endpoints.iam, "iam")?,
         None => Endpoint {
             scheme: auth_scheme.clone(),
-            authority: authority(&auth_scheme, &auth_host, auth_port),
+            authority: authority(&auth_host, auth_port),
         },
     };
     let endpoints = Endpoints {
@@ -992,9 +1047,10 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         }
     }
     let max_concurrency = match (cl.max_concurrency, g.max_routines) {
-        (Some(n), _) => positive("cloud.max_concurrency", Some(n), 8, 64)?,
-        (None, Some(n)) => positive("global.max_routines", Some(n), 8, 1000)?.min(64),
-        (None, None) => 8,
+        (Some(n), _) => positive("cloud.max_concurrency", Some(n), 4, 64)?,
+        (None, Some(n)) => positive("global.max_routines", Some(n), 4, 1000)?.min(64),
+        // The auth gate holds one credential's requests to 4 in flight anyway (5 bad signatures lock an AK).
+        (None, None) => 4,
     } as usize;
     let ca_file = non_empty(cl.ca_file).map(PathBuf::from);
     if let Some(p) = &ca_file
@@ -1095,18 +1151,17 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         if let Some(v) = v
             && v.bytes().any(|b| !(0x20..0x7f).contains(&b))
         {
-            let shown = if field == "auth.access_key" {
-                v
-            } else {
-                "[redacted]"
-            };
             return Err(ConfigError::invalid(
                 field,
-                shown,
+                "[redacted]",
                 "must be printable ASCII",
             ));
         }
     }
+
+    let leader_election = build_leader_election(raw.leader_election, env, &|| {
+        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE).ok()
+    })?;
 
     Ok(Config {
         listen,
@@ -1141,6 +1196,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             stale_intervals,
             absent_as_zero: c.absent_as_zero.unwrap_or(false),
             pool_metrics,
+            align: c.align.unwrap_or(true),
         },
         cloud: CloudSettings {
             connect_timeout,
@@ -1153,6 +1209,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         },
         log: LogSettings { level, format },
         web,
+        leader_election,
         ignored_keys: ignored,
     })
 }
@@ -1250,6 +1307,144 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
     })
 }
 
+/// `leader_election`'s three durations, in the order client-go requires: the lease in whole seconds (the
+/// Lease stores seconds), a shorter renew deadline, a shorter retry period.
+fn leader_timing(
+    lease_duration: Option<String>,
+    renew_deadline: Option<String>,
+    retry_period: Option<String>,
+) -> Result<(Duration, Duration, Duration), ConfigError> {
+    let lease_duration = bounded(
+        "leader_election.lease_duration",
+        dur("leader_election.lease_duration", lease_duration)?,
+        Duration::from_secs(15),
+        Duration::from_secs(1),
+        HOUR,
+    )?;
+    if lease_duration.subsec_nanos() != 0 {
+        return Err(ConfigError::invalid(
+            "leader_election.lease_duration",
+            format_duration(lease_duration),
+            "must be whole seconds (the Lease stores leaseDurationSeconds)",
+        ));
+    }
+    let renew_deadline = bounded(
+        "leader_election.renew_deadline",
+        dur("leader_election.renew_deadline", renew_deadline)?,
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        HOUR,
+    )?;
+    if renew_deadline >= lease_duration {
+        return Err(ConfigError::invalid(
+            "leader_election.renew_deadline",
+            format_duration(renew_deadline),
+            format!(
+                "must be shorter than leader_election.lease_duration ({}), so a leader stops before others may take over",
+                format_duration(lease_duration)
+            ),
+        ));
+    }
+    let retry_period = bounded(
+        "leader_election.retry_period",
+        dur("leader_election.retry_period", retry_period)?,
+        Duration::from_secs(2),
+        Duration::from_millis(50),
+        HOUR,
+    )?;
+    if retry_period >= renew_deadline {
+        return Err(ConfigError::invalid(
+            "leader_election.retry_period",
+            format_duration(retry_period),
+            format!(
+                "must be shorter than leader_election.renew_deadline ({}), so a leader gets more than one try to renew",
+                format_duration(renew_deadline)
+            ),
+        ));
+    }
+    Ok((lease_duration, renew_deadline, retry_period))
+}
+
+/// `leader_election`. Defaults follow client-go (15s/10s/2s) and the pod's downward API: the namespace
+/// from `POD_NAMESPACE`, else the service account's namespace file (`sa_namespace`); the identity from
+/// `POD_NAME`, else the hostname. Disabled, nothing is resolved or checked beyond the types.
+fn build_leader_election(
+    l: RawLeaderElection,
+    env: &dyn Fn(&str) -> Option<String>,
+    sa_namespace: &dyn Fn() -> Option<String>,
+) -> Result<Option<LeaderElection>, ConfigError> {
+    let (lease_duration, renew_deadline, retry_period) =
+        leader_timing(l.lease_duration, l.renew_deadline, l.retry_period)?;
+    let lease_name = non_empty(l.lease_name).unwrap_or_else(|| "elb-exporter".into());
+    if lease_name.len() > 253 || !lease_name.split('.').all(is_dns_label) {
+        return Err(ConfigError::invalid(
+            "leader_election.lease_name",
+            &lease_name,
+            "must be a DNS subdomain name (lowercase letters, digits, '-' and '.')",
+        ));
+    }
+    let given_namespace = non_empty(l.lease_namespace);
+    let given_identity = non_empty(l.identity);
+    if !l.enabled.unwrap_or(false) {
+        return Ok(None);
+    }
+    let lease_namespace = given_namespace
+        .or_else(|| non_empty(env(ENV_POD_NAMESPACE)))
+        .or_else(|| non_empty(sa_namespace()))
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "leader_election.lease_namespace",
+                "",
+                format!(
+                    "required: neither {ENV_POD_NAMESPACE} nor {SERVICE_ACCOUNT_NAMESPACE_FILE} gives the pod's namespace"
+                ),
+            )
+        })?;
+    if !is_dns_label(&lease_namespace) {
+        return Err(ConfigError::invalid(
+            "leader_election.lease_namespace",
+            &lease_namespace,
+            "must be a namespace name (DNS label)",
+        ));
+    }
+    let identity = given_identity
+        .or_else(|| non_empty(env(ENV_POD_NAME)))
+        .or_else(hostname)
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "leader_election.identity",
+                "",
+                format!("required: neither {ENV_POD_NAME} nor the hostname is set"),
+            )
+        })?;
+    if identity.len() > 253 || identity.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(ConfigError::invalid(
+            "leader_election.identity",
+            &identity,
+            "must be 1 to 253 printable ASCII characters without spaces",
+        ));
+    }
+    Ok(Some(LeaderElection {
+        lease_name,
+        lease_namespace,
+        identity,
+        lease_duration,
+        renew_deadline,
+        retry_period,
+    }))
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    non_empty(Some(String::from_utf8_lossy(&buf[..end]).into_owned()))
+}
+
 impl Config {
     /// Settings that weaken the transport to the cloud: logged as warnings at start and printed by
     /// `check`, because they are legal (private clouds, tests) but must never pass unnoticed.
@@ -1335,7 +1530,11 @@ fn parse_url(
     s: &str,
     path_allowed: bool,
 ) -> Result<(String, String, Option<u16>), ConfigError> {
-    let url = reqwest::Url::parse(s)
+    // Every message shows the URL without its userinfo, even when it does not parse.
+    let shown = without_userinfo(s);
+    let s_in = s;
+    let s = shown.as_str();
+    let url = reqwest::Url::parse(s_in)
         .map_err(|e| ConfigError::invalid(field, s, format!("not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(ConfigError::invalid(
@@ -1353,8 +1552,8 @@ fn parse_url(
     if !url.username().is_empty() || url.password().is_some() {
         return Err(ConfigError::invalid(
             field,
-            "[redacted]",
-            "must not carry credentials",
+            s,
+            "must not carry credentials (user:password@)",
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
@@ -1374,7 +1573,20 @@ fn parse_url(
     Ok((url.scheme().to_string(), host, url.port()))
 }
 
-fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
+/// `s` with everything between `scheme://` and the last `@` removed (userinfo may hold any
+/// character, so the last `@` is the only safe end), for error messages. Works on any string.
+fn without_userinfo(s: &str) -> String {
+    let (scheme, rest) = match s.find("://") {
+        Some(i) => s.split_at(i + 3),
+        None => ("", s),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}{}", &rest[at + 1..]),
+        None => s.to_string(),
+    }
+}
+
+fn authority(host: &str, port: Option<u16>) -> String {
     // `Url::port()` is already `None` for the scheme's default port, so the Host header matches what
     // an HTTP client sends for the same URL.
     match port {
@@ -1383,16 +1595,34 @@ fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
     }
 }
 
-/// `iam.cn-east-3.myhuaweicloud.com` → `elb.cn-east-3.myhuaweicloud.com`; the global
-/// `iam.myhuaweicloud.com` → `elb.{region}.myhuaweicloud.com`; any other host (a simulator, a private
-/// cloud gateway) is kept as it is.
+/// The region label of a regional IAM host (`iam.<region>.<domain>`): a second label shaped like a
+/// region id (`cn-east-3`, `eu-west-101`, `eu-de`). `None` for a global IAM host or any other host.
+fn iam_region(host: &str) -> Option<&str> {
+    let rest = host.strip_prefix("iam.")?;
+    let (label, domain) = rest.split_once('.')?;
+    let (geo, tail) = label.split_once('-')?;
+    let region_like = geo.len() == 2
+        && geo.bytes().all(|b| b.is_ascii_lowercase())
+        && !tail.is_empty()
+        && tail.split('-').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        });
+    (region_like && !domain.is_empty()).then_some(label)
+}
+
+/// The PRODUCT.md rule: the leading `iam` label replaced by the service (`iam.cn-east-3.myhuaweicloud.com`
+/// → `elb.cn-east-3.myhuaweicloud.com`); a global IAM host without a region label gets the region
+/// inserted (`iam.myhuaweicloud.eu` → `elb.<region>.myhuaweicloud.eu`); a host without a leading `iam`
+/// label (an IP, a simulator, a private gateway) is kept as it is.
 fn derive_host(auth_host: &str, service: &str, region: &str) -> String {
     if service == "iam" {
         return auth_host.to_string();
     }
     match auth_host.split_once('.') {
-        Some(("iam", "myhuaweicloud.com")) => format!("{service}.{region}.myhuaweicloud.com"),
-        Some(("iam", rest)) => format!("{service}.{rest}"),
+        Some(("iam", rest)) if iam_region(auth_host).is_some() => format!("{service}.{rest}"),
+        Some(("iam", domain)) => format!("{service}.{region}.{domain}"),
         _ => auth_host.to_string(),
     }
 }
@@ -1459,6 +1689,44 @@ mod tests {
     }
 
     #[test]
+    fn credential_values_and_url_userinfo_never_reach_error_text() {
+        let base = "auth:\n  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n  region: \"cn-east-3\"\n  access_key: \"AKVALUE\"\n  secret_key: \"SKVALUE\"\n";
+        let cases = [
+            ("AKVALUE", "AK WITH SPACE-LEAK1", "auth.access_key"),
+            ("AKVALUE", "AK,COMMA-LEAK2", "auth.access_key"),
+            ("AKVALUE", "AK\\tTAB-LEAK3", "auth.access_key"),
+            ("AKVALUE", "AK\\u00e9-LEAK4", "auth.access_key"),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "https://user:PW-LEAK5@iam.cn-east-3.myhuaweicloud.com/v3",
+                "auth.auth_url",
+            ),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "https://user:PW-LEAK6@iam.example.com:99999/v3",
+                "auth.auth_url",
+            ),
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "ftp://user:PW/LEAK7@iam.example.com/v3",
+                "auth.auth_url",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = base.replace(from, to);
+            let err = Config::from_yaml(&text, &|_| None).expect_err(to);
+            let msg = err.to_string();
+            assert_eq!(err.field(), Some(field), "{msg}");
+            assert!(!msg.contains("LEAK"), "{to}: {msg}");
+        }
+        let text =
+            base.to_string() + "endpoints:\n  ces: \"https://ak:PW-LEAK8@ces.example.com/x\"\n";
+        let msg = Config::from_yaml(&text, &|_| None).unwrap_err().to_string();
+        assert!(!msg.contains("LEAK"), "{msg}");
+        assert!(msg.contains("https://ces.example.com/x"), "{msg}");
+    }
+
+    #[test]
     fn derived_hosts() {
         assert_eq!(
             derive_host("iam.cn-east-3.myhuaweicloud.com", "ces", "cn-east-3"),
@@ -1473,6 +1741,96 @@ mod tests {
             "elb.eu-west-101.myhuaweicloud.eu"
         );
         assert_eq!(derive_host("127.0.0.1", "ces", "r"), "127.0.0.1");
+    }
+
+    /// Real IAM hosts from reference/HUAWEI_CLOUD_API.md (Huawei CN/intl, Huawei Europe, Open Telekom
+    /// Cloud) and hosts without an `iam` label, through the whole config path.
+    #[test]
+    fn endpoints_derive_from_real_iam_hosts() {
+        let table: &[(&str, &str, &str, &str)] = &[
+            // (auth_url, region, elb endpoint, ces endpoint)
+            (
+                "https://iam.cn-east-3.myhuaweicloud.com/v3",
+                "cn-east-3",
+                "https://elb.cn-east-3.myhuaweicloud.com",
+                "https://ces.cn-east-3.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.ap-southeast-1.myhuaweicloud.com/v3",
+                "ap-southeast-1",
+                "https://elb.ap-southeast-1.myhuaweicloud.com",
+                "https://ces.ap-southeast-1.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.myhuaweicloud.com/v3",
+                "cn-north-4",
+                "https://elb.cn-north-4.myhuaweicloud.com",
+                "https://ces.cn-north-4.myhuaweicloud.com",
+            ),
+            (
+                "https://iam.eu-west-101.myhuaweicloud.eu/v3",
+                "eu-west-101",
+                "https://elb.eu-west-101.myhuaweicloud.eu",
+                "https://ces.eu-west-101.myhuaweicloud.eu",
+            ),
+            (
+                "https://iam.myhuaweicloud.eu/v3",
+                "eu-west-101",
+                "https://elb.eu-west-101.myhuaweicloud.eu",
+                "https://ces.eu-west-101.myhuaweicloud.eu",
+            ),
+            (
+                "https://iam.eu-de.otc.t-systems.com/v3",
+                "eu-de",
+                "https://elb.eu-de.otc.t-systems.com",
+                "https://ces.eu-de.otc.t-systems.com",
+            ),
+            (
+                "https://iam.eu-nl.otc.t-systems.com:443/v3",
+                "eu-nl",
+                "https://elb.eu-nl.otc.t-systems.com",
+                "https://ces.eu-nl.otc.t-systems.com",
+            ),
+            (
+                "http://127.0.0.1:8080/v3",
+                "cn-east-3",
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:8080",
+            ),
+            (
+                "http://sim.local:9000/v3",
+                "cn-east-3",
+                "http://sim.local:9000",
+                "http://sim.local:9000",
+            ),
+        ];
+        for (auth_url, region, elb, ces) in table {
+            let text = format!(
+                "auth:\n  auth_url: \"{auth_url}\"\n  region: \"{region}\"\n  access_key: \"AK\"\n  secret_key: \"SK\"\n"
+            );
+            let cfg =
+                Config::from_yaml(&text, &|_| None).unwrap_or_else(|e| panic!("{auth_url}: {e}"));
+            assert_eq!(cfg.endpoints.elb.base_url(), *elb, "{auth_url}");
+            assert_eq!(cfg.endpoints.ces.base_url(), *ces, "{auth_url}");
+        }
+        // A regional IAM host of another region: an error naming both fields, unless both endpoints
+        // are explicit.
+        let text = "auth:\n  auth_url: \"https://iam.cn-east-3.myhuaweicloud.com/v3\"\n  region: \"cn-north-4\"\n  access_key: \"AK\"\n  secret_key: \"SK\"\n";
+        let err = Config::from_yaml(text, &|_| None).unwrap_err();
+        assert_eq!(err.field(), Some("auth.region"));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("auth.auth_url") && msg.contains("cn-east-3"),
+            "{msg}"
+        );
+        let explicit = format!(
+            "{text}endpoints:\n  elb: \"https://elb.cn-north-4.myhuaweicloud.com\"\n  ces: \"https://ces.cn-north-4.myhuaweicloud.com\"\n"
+        );
+        let cfg = Config::from_yaml(&explicit, &|_| None).unwrap();
+        assert_eq!(
+            cfg.endpoints.ces.base_url(),
+            "https://ces.cn-north-4.myhuaweicloud.com"
+        );
     }
 
     #[test]
@@ -1510,5 +1868,158 @@ mod tests {
             .expect_err("not a boolean")
             .to_string();
         assert!(err.contains("absent_as_zero"), "{err}");
+    }
+
+    fn leader_election(
+        yaml: &str,
+        env: &[(&str, &str)],
+        sa: Option<&str>,
+    ) -> Result<Option<LeaderElection>, ConfigError> {
+        let raw: RawLeaderElection =
+            serde_yaml::from_str(yaml).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let sa = sa.map(str::to_string);
+        build_leader_election(
+            raw,
+            &|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()),
+            &|| sa.clone(),
+        )
+    }
+
+    #[test]
+    fn leader_election_is_off_by_default_with_client_go_timing() {
+        assert_eq!(leader_election("{}", &[], None).expect("loads"), None);
+        let pod = [("POD_NAME", "exp-0"), ("POD_NAMESPACE", "monitoring")];
+        let l = leader_election("enabled: true", &pod, Some("other"))
+            .expect("loads")
+            .expect("enabled");
+        assert_eq!(
+            l,
+            LeaderElection {
+                lease_name: "elb-exporter".into(),
+                lease_namespace: "monitoring".into(),
+                identity: "exp-0".into(),
+                lease_duration: Duration::from_secs(15),
+                renew_deadline: Duration::from_secs(10),
+                retry_period: Duration::from_secs(2),
+            }
+        );
+        // Without POD_NAMESPACE the service account's namespace file; without POD_NAME the hostname.
+        let l = leader_election("enabled: true", &[], Some("kube-system\n"))
+            .expect("loads")
+            .expect("enabled");
+        assert_eq!(l.lease_namespace, "kube-system");
+        assert_eq!(Some(l.identity), hostname());
+        let l = leader_election(
+            "{enabled: true, lease_namespace: ns1, identity: me, lease_name: x.y}",
+            &pod,
+            None,
+        )
+        .expect("loads")
+        .expect("enabled");
+        assert_eq!(
+            (
+                l.lease_namespace.as_str(),
+                l.identity.as_str(),
+                l.lease_name.as_str()
+            ),
+            ("ns1", "me", "x.y")
+        );
+    }
+
+    #[test]
+    fn leader_election_errors_name_the_field() {
+        let pod = [("POD_NAME", "p"), ("POD_NAMESPACE", "n")];
+        for (yaml, field) in [
+            (
+                "{enabled: true, renew_deadline: 15s}",
+                "leader_election.renew_deadline",
+            ),
+            (
+                "{enabled: true, retry_period: 10s}",
+                "leader_election.retry_period",
+            ),
+            (
+                "{enabled: true, lease_duration: 1500ms}",
+                "leader_election.lease_duration",
+            ),
+            (
+                "{enabled: true, lease_duration: 2h}",
+                "leader_election.lease_duration",
+            ),
+            (
+                "{enabled: true, retry_period: 1ms}",
+                "leader_election.retry_period",
+            ),
+            (
+                "{enabled: true, lease_duration: soon}",
+                "leader_election.lease_duration",
+            ),
+            (
+                "{enabled: true, lease_name: Not_A_Name}",
+                "leader_election.lease_name",
+            ),
+            (
+                "{enabled: true, lease_namespace: 'a/b'}",
+                "leader_election.lease_namespace",
+            ),
+            (
+                "{enabled: true, identity: 'a b'}",
+                "leader_election.identity",
+            ),
+        ] {
+            let err = leader_election(yaml, &pod, None).expect_err(yaml);
+            assert_eq!(err.field(), Some(field), "{yaml}: {err}");
+        }
+        let err =
+            leader_election("enabled: true", &[("POD_NAME", "p")], None).expect_err("no namespace");
+        assert_eq!(
+            err.field(),
+            Some("leader_election.lease_namespace"),
+            "{err}"
+        );
+        let err = leader_election("{enabled: true, lease_time: 3s}", &pod, None)
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("lease_time"), "{err}");
+        // The section is part of the file's schema.
+        let none = |_: &str| None;
+        let base = "auth: {auth_url: 'https://iam.cn-east-3.myhuaweicloud.com/v3', region: cn-east-3, \
+                    project_id: p, access_key: a, secret_key: s}\n";
+        let err = Config::from_yaml(
+            &format!("{base}leader_election: {{enabled: true, retry_period: 20s}}\n"),
+            &none,
+        )
+        .expect_err("retry_period too long");
+        assert_eq!(err.field(), Some("leader_election.retry_period"), "{err}");
+        let c = Config::from_yaml(base, &none).expect("loads");
+        assert!(c.leader_election.is_none());
+    }
+
+    #[test]
+    fn align_defaults_on_and_is_typed() {
+        let base = "auth: {auth_url: 'https://iam.cn-east-3.myhuaweicloud.com/v3', region: cn-east-3, \
+                    project_id: p, access_key: a, secret_key: s}\n";
+        let none = |_: &str| None;
+        assert!(
+            Config::from_yaml(base, &none)
+                .expect("loads")
+                .collection
+                .align
+        );
+        let off = format!("{base}collection: {{align: false}}\n");
+        assert!(
+            !Config::from_yaml(&off, &none)
+                .expect("loads")
+                .collection
+                .align
+        );
+        let bad = format!("{base}collection: {{align: 1m}}\n");
+        let err = Config::from_yaml(&bad, &none)
+            .expect_err("not a boolean")
+            .to_string();
+        assert!(err.contains("align"), "{err}");
     }
 }

@@ -240,15 +240,34 @@ pub fn config_for(sim: &CloudSim, cloud_url: &str, extra: &str) -> String {
     )
 }
 
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("simulated {what}: {source}")]
+    Serve {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("kubernetes client for the simulated cluster: {0}")]
+    Kube(String),
+    #[error(transparent)]
+    App(#[from] app::AppError),
+}
+
 /// Runs the demo until Ctrl-C.
-pub async fn run(listen: &str) -> Result<(), crate::cli::CliError> {
+pub async fn run(listen: &str) -> Result<(), DemoError> {
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     let sim = CloudSim::new(SimConfig::default());
     seed_cloud(&sim);
     let cloud_addr = sim
         .serve(loopback)
         .await
-        .map_err(|e| crate::cli::CliError::Check(format!("simulated cloud: {e}")))?;
+        .map_err(|source| DemoError::Serve {
+            what: "cloud",
+            source,
+        })?;
     let cluster = FakeApiServer::new();
     for s in services() {
         cluster.apply(s);
@@ -257,7 +276,10 @@ pub async fn run(listen: &str) -> Result<(), crate::cli::CliError> {
     let cluster_addr = cluster
         .serve(loopback)
         .await
-        .map_err(|e| crate::cli::CliError::Check(format!("simulated cluster: {e}")))?;
+        .map_err(|source| DemoError::Serve {
+            what: "cluster",
+            source,
+        })?;
     // The default listener metrics plus the L7 requests per second the Ingress HPA example scales on.
     let metrics = crate::config::DEFAULT_METRICS
         .iter()
@@ -274,7 +296,7 @@ pub async fn run(listen: &str) -> Result<(), crate::cli::CliError> {
     );
     let cfg = Config::from_yaml(&text, &|_| None)?;
     let kube = kube::Client::try_from(cluster.client_config())
-        .map_err(|e| crate::cli::CliError::Kube(e.to_string()))?;
+        .map_err(|e| DemoError::Kube(e.to_string()))?;
     let listener = app::bind(listen).await?;
     let addr = listener
         .local_addr()

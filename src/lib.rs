@@ -9,10 +9,17 @@ pub mod cli;
 pub mod cloud;
 pub mod collector;
 pub mod config;
+#[cfg(feature = "sim")]
 pub mod demo;
 pub mod discovery;
 pub mod exposition;
+pub mod leader;
+pub mod memory;
+pub mod schedule;
 pub mod server;
 pub mod signer;
+/// Test doubles (simulated cloud, fake apiserver, in-memory cloud): the `sim` feature, on by default for
+/// `demo`; `--no-default-features` builds the exporter without them.
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod telemetry;

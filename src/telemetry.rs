@@ -2,8 +2,8 @@
 //! They are few and small; the per-listener cloud series are pre-rendered by `exposition` instead.
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Which cloud API a request went to; the `api` label value.
@@ -63,13 +63,17 @@ pub struct Telemetry {
     pub collection_duration: Gauge,
     pub last_success: Gauge,
     pub newest_datapoint_age: Gauge,
+    pub ces_publication_lag: Gauge,
+    pub exposure_delay: Histogram,
     pub planned_calls: IntGaugeVec,
+    pub inventory_calls: IntGaugeVec,
     pub discovery_problems: IntGaugeVec,
     pub skipped: IntCounterVec,
     pub collections: IntCounterVec,
     pub watch_restarts: IntCounterVec,
     pub task_failures: IntCounterVec,
     pub effective_interval: Gauge,
+    pub leader: IntGauge,
     pub http_dropped: IntCounterVec,
     pub info: GaugeVec,
 }
@@ -203,6 +207,25 @@ impl Telemetry {
                 )
                 .expect("valid metric"),
             ),
+            ces_publication_lag: reg(
+                &registry,
+                Gauge::new(
+                    "elb_exporter_ces_publication_lag_seconds",
+                    "Estimated time from a minute's start to Cloud Eye publishing its datapoint (0.8 quantile of the last 20 minutes, learnt from the collected answers).",
+                )
+                .expect("valid metric"),
+            ),
+            exposure_delay: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "elb_exporter_exposure_delay_seconds",
+                        "Delay the exporter added to each newly collected minute: from its expected publication (minute + estimated lag) to its exposure on /metrics.",
+                    )
+                    .buckets(vec![0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0]),
+                )
+                .expect("valid metric"),
+            ),
             planned_calls: reg(
                 &registry,
                 IntGaugeVec::new(
@@ -211,6 +234,17 @@ impl Telemetry {
                         "Cloud calls per minute the current targets need at the configured intervals.",
                     ),
                     &["api"],
+                )
+                .expect("valid metric"),
+            ),
+            inventory_calls: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "elb_exporter_inventory_calls",
+                        "Listing calls (pages) the inventory made in the last listener_refresh period, by cloud call and ELB API version.",
+                    ),
+                    &["api", "version"],
                 )
                 .expect("valid metric"),
             ),
@@ -274,6 +308,14 @@ impl Telemetry {
                 Gauge::new(
                     "elb_exporter_collection_effective_interval_seconds",
                     "Start-to-start period of full collection cycles: collection.interval, stretched when the planned CES calls exceed the rate limit.",
+                )
+                .expect("valid metric"),
+            ),
+            leader: reg(
+                &registry,
+                IntGauge::new(
+                    "elb_exporter_leader",
+                    "1 while this replica collects from Cloud Eye and exports cloud series (leader of the Lease, or leader_election off), else 0.",
                 )
                 .expect("valid metric"),
             ),

@@ -106,6 +106,7 @@ fn batch(metrics: Vec<MetricQuery>) -> BatchQuery {
         to_ms: to,
         period: "1",
         filter: Filter::Average,
+        lane: elb_exporter::cloud::Lane::Priority,
     }
 }
 
@@ -148,10 +149,17 @@ async fn a_cancelled_probe_does_not_wedge_later_calls() {
 }
 
 /// Rejected credentials are not hammered: of many concurrent calls only one probe is sent; later calls
-/// are refused locally until the cooldown or new credentials; new credentials work at once.
+/// are refused locally until the cooldown or new credentials; new credentials work at once. Then the
+/// key is revoked while three accepted calls are in flight: each is rejected once, and the three late
+/// rejections count as one strike (the pause is the first cooldown, not one doubled per late answer).
 #[tokio::test]
 async fn rejected_credentials_send_one_probe_then_pause() {
-    let (sim, url) = start(SimConfig::default()).await;
+    let (sim, url) = start(SimConfig {
+        // Keeps concurrent calls in flight together.
+        ces_latency: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
     let q = small_setup(&sim);
     let good = sim.config().sk.clone();
     let text = config_for(&sim, &url, &cloud_yaml("5s"))
@@ -164,11 +172,14 @@ async fn rejected_credentials_send_one_probe_then_pause() {
     let cfg = Config::from_yaml(&text, &|_| None).unwrap();
     let (cloud, telemetry) = client_with(&cfg);
     let cloud = std::sync::Arc::new(cloud);
-    let calls = (0..10).map(|_| {
-        let (cloud, q) = (cloud.clone(), q.clone());
-        tokio::spawn(async move { cloud.batch_query(&q).await })
-    });
-    let results = bounded(futures::future::join_all(calls)).await;
+    let concurrent = |n: usize| {
+        let calls = (0..n).map(|_| {
+            let (cloud, q) = (cloud.clone(), q.clone());
+            tokio::spawn(async move { cloud.batch_query(&q).await })
+        });
+        bounded(futures::future::join_all(calls))
+    };
+    let results = concurrent(10).await;
     let (mut unauthorized, mut paused) = (0, 0);
     for r in results {
         match r.unwrap() {
@@ -196,6 +207,52 @@ async fn rejected_credentials_send_one_probe_then_pause() {
     cloud.set_credentials(fixed);
     assert!(bounded(cloud.batch_query(&q)).await.is_ok());
     assert_eq!(count(&sim, SimApi::Ces), 2);
+
+    // Revoked under load: three accepted calls in flight together, all answered 401.
+    sim.inject(
+        SimApi::Ces,
+        status_fault(
+            401,
+            r#"{"error_msg":"Incorrect IAM authentication information: verify aksk signature fail","error_code":"APIGW.0301"}"#,
+            3,
+        ),
+    );
+    let results = concurrent(3).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Ok(Err(CloudError::Unauthorized(..))))),
+        "{results:?}"
+    );
+    assert_eq!(count(&sim, SimApi::Ces), 5);
+    match bounded(cloud.batch_query(&q)).await {
+        Err(CloudError::AuthBackoff(_, left)) => assert!(
+            left <= Duration::from_secs(60) && left > Duration::from_secs(50),
+            "one strike pauses for the first cooldown (60 s), not {left:?}"
+        ),
+        other => panic!("paused, not {other:?}"),
+    }
+    assert_eq!(count(&sim, SimApi::Ces), 5);
+}
+
+/// A credential rotation forgets the project id resolved for the old key (it may be another account):
+/// the next call asks IAM again.
+#[tokio::test]
+async fn project_cache_is_cleared_on_rotation() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let cfg = config(&sim, &url, "", "5s");
+    let (cloud, _) = client_with(&cfg);
+    let want = sim.config().project_id.clone();
+    assert_eq!(bounded(cloud.project_id()).await.unwrap(), want);
+    assert_eq!(bounded(cloud.project_id()).await.unwrap(), want);
+    assert_eq!(count(&sim, SimApi::Iam), 1);
+    cloud.set_credentials(cfg.auth.credentials.clone());
+    assert_eq!(bounded(cloud.project_id()).await.unwrap(), want);
+    assert_eq!(
+        count(&sim, SimApi::Iam),
+        2,
+        "asked again after the rotation"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -407,6 +464,72 @@ async fn thousands_of_listeners_are_paged_on_v2_and_v3() {
 
 // ---------------------------------------------------------------------------------------------------------
 // 3. CES batch of 500
+
+/// A full v2 page of 500 listeners whose last id is `last` (the next marker).
+fn full_v2_page(lb: &str, tag: u32, last: &str) -> String {
+    let mut items: Vec<serde_json::Value> = (0..499)
+        .map(|i| {
+            serde_json::json!({"id": listener_id(tag, i), "name": "n", "protocol": "TCP",
+                "protocol_port": 1000 + i, "loadbalancers": [{"id": lb}]})
+        })
+        .collect();
+    items.push(
+        serde_json::json!({"id": last, "name": "n", "protocol": "TCP",
+        "protocol_port": 80, "loadbalancers": [{"id": lb}]}),
+    );
+    serde_json::json!({ "listeners": items }).to_string()
+}
+
+/// Paging that comes back to an earlier marker (A, B, A) stops with an error instead of going round.
+#[tokio::test]
+async fn paging_stops_on_any_marker_seen_before() {
+    let (sim, url) = start(SimConfig::default()).await;
+    sim.add_loadbalancer(SHARED_LB, LbKind::Shared);
+    let (cloud, _) = client_with_project(&sim, &url);
+    let (a, b) = (listener_id(0xa, 999), listener_id(0xb, 999));
+    for (tag, last) in [(1, &a), (2, &b), (3, &a)] {
+        sim.inject(
+            SimApi::ElbV2,
+            status_fault(200, &full_v2_page(SHARED_LB, tag, last), 1),
+        );
+    }
+    let err = bounded(cloud.list_listeners(ElbVersion::V2, SHARED_LB))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CloudError::Malformed(_, m) if m.contains("came back")),
+        "{err:?}"
+    );
+    assert_eq!(count(&sim, SimApi::ElbV2), 3, "no page after the repeat");
+}
+
+/// A full-port listener (port 0, protocol IP, on a dedicated ELB) is valid: it is attributed to no port
+/// and counted as `unattributable_listener`, not as `invalid_listener`.
+#[tokio::test]
+async fn a_port_0_listener_is_unattributable_not_invalid() {
+    let (sim, url) = start(SimConfig::default()).await;
+    sim.add_loadbalancer(DEDICATED_LB, LbKind::Dedicated);
+    sim.add_listener(
+        DEDICATED_LB,
+        SimListener::new(listener_id(7, 0), "all", "IP", 0),
+    );
+    sim.add_listener(
+        DEDICATED_LB,
+        SimListener::new(listener_id(7, 1), "k8s_TCP_80", "TCP", 80),
+    );
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    let got = bounded(cloud.list_listeners(ElbVersion::V3, DEDICATED_LB))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|l| l.port).collect::<Vec<_>>(),
+        vec![80],
+        "{got:?}"
+    );
+    let skipped = |r: &str| telemetry.skipped.with_label_values(&[r]).get();
+    assert_eq!(skipped("unattributable_listener"), 1);
+    assert_eq!(skipped("invalid_listener"), 0);
+}
 
 #[tokio::test]
 async fn a_500_metric_batch_is_matched_to_the_request() {
@@ -771,6 +894,68 @@ async fn retry_after_is_honoured() {
         vec![429, 200]
     );
     assert!(ces[1].time_ms - ces[0].time_ms >= 1000, "{ces:?}");
+}
+
+/// A 503 with `Retry-After` is waited out like a throttled answer (max_backoff is 50 ms).
+#[tokio::test]
+async fn retry_after_on_503_is_honoured() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let q = small_setup(&sim);
+    let (cloud, _) = client_with_project(&sim, &url);
+    sim.inject(
+        SimApi::Ces,
+        Fault::Unavailable {
+            retry_after_secs: Some(1),
+            count: 1,
+        },
+    );
+    let got = bounded(cloud.batch_query(&q)).await.unwrap();
+    assert!(got.newest[0].is_some());
+    let ces = of(&sim, SimApi::Ces);
+    assert_eq!(
+        ces.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![503, 200]
+    );
+    assert!(
+        ces[1].time_ms - ces[0].time_ms >= 1000,
+        "the retry waited {} ms, less than Retry-After",
+        ces[1].time_ms - ces[0].time_ms
+    );
+}
+
+/// A retry the rate limit would hold past `max_elapsed` is not sent: the call fails when its time is up,
+/// not a minute later (1 CES call per minute, max_elapsed 1 s).
+#[tokio::test]
+async fn no_retry_starts_after_max_elapsed() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let q = small_setup(&sim);
+    let text = config_for(
+        &sim,
+        &url,
+        "cloud:\n  retry:\n    initial_backoff: \"10ms\"\n    max_backoff: \"50ms\"\n    max_elapsed: \"1s\"\n  rate_limit:\n    ces_per_minute: 1\n",
+    );
+    let text = text.replacen(
+        "auth:\n",
+        &format!("auth:\n  project_id: \"{}\"\n", sim.config().project_id),
+        1,
+    );
+    let (cloud, _) = client_with(&Config::from_yaml(&text, &|_| None).unwrap());
+    sim.inject(
+        SimApi::Ces,
+        Fault::Unavailable {
+            retry_after_secs: None,
+            count: 1,
+        },
+    );
+    let started = Instant::now();
+    let err = bounded(cloud.batch_query(&q)).await.unwrap_err();
+    assert_eq!(err.metric_code(), "503");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "gave up after {took:?}"
+    );
+    assert_eq!(count(&sim, SimApi::Ces), 1, "the held retry was never sent");
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -709,7 +709,7 @@ async fn ingresses_bind_by_vip_address_and_by_cce_auto_created_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_and_policy_listings_page_and_filter() {
     use elb_exporter::cloud::client::HttpCloud;
-    use elb_exporter::cloud::{CloudApi, ElbVersion};
+    use elb_exporter::cloud::{CloudApi, ElbVersion, Lane};
     use elb_exporter::sim::cloud::SimPool;
     let w = fixture().await;
     let pool = |lb: &str, i: usize| SimPool {
@@ -737,18 +737,18 @@ async fn pool_and_policy_listings_page_and_filter() {
     let cfg = elb_exporter::config::Config::from_yaml(&text, &|_| None).expect("config");
     let cloud = HttpCloud::new(&cfg, elb_exporter::telemetry::Telemetry::new()).expect("client");
     let v2 = cloud
-        .list_pools(ElbVersion::V2, SHARED)
+        .list_pools(ElbVersion::V2, SHARED, Lane::Priority)
         .await
         .expect("v2 pools");
     assert_eq!(v2.len(), 501);
     let v3 = cloud
-        .list_pools(ElbVersion::V3, DEDICATED)
+        .list_pools(ElbVersion::V3, DEDICATED, Lane::Background)
         .await
         .expect("v3 pools");
     assert_eq!(v3.len(), 2002, "every page, this ELB's pools only");
     assert!(v3.iter().any(|p| p.id == routed && p.listeners.is_empty()));
     let policies = cloud
-        .list_l7policies(ElbVersion::V3, &[L_DED_80])
+        .list_l7policies(ElbVersion::V3, &[L_DED_80], Lane::Priority)
         .await
         .expect("policies");
     assert_eq!(policies.len(), 1);

@@ -1,30 +1,39 @@
 //! The real cloud client: AK/SK-signed HTTPS (rustls) with explicit timeouts, per-API rate limits, a
 //! concurrency cap, classified retries, and request metrics.
 
+use super::auth::{AuthGate, Ticket, Verdict};
 use super::retry::{RateLimiter, backoff};
 use super::{
-    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, L7Policy, Listener,
+    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, L7Policy, Lane, Listing,
     LoadBalancer, Pool, parse,
 };
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
 use crate::telemetry::{Api, Telemetry};
-use arc_swap::ArcSwap;
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-/// Cap on a response body: a listener page of 2000 items is ~2 MB, a 500-metric CES answer ~1 MB.
-const MAX_BODY: usize = 32 * 1024 * 1024;
-/// Page sizes: v3 allows up to 2000; v2 documents none, so stay moderate.
-const V2_PAGE: usize = 500;
-const V3_PAGE: usize = 2000;
-/// Load balancer ids per v3 listing: keeps the query string short (~2 KB).
-const V3_IDS_PER_CALL: usize = 50;
+/// Answer size caps, sized from the request so that a huge but valid answer cannot exhaust memory:
+/// a real listener is ~1 KB (8 KiB leaves room for tags and certificate lists), a CES entry ~0.5 KB
+/// plus ~60 B per datapoint (CES returns at most 3000 datapoints per answer), an IAM project ~0.3 KB
+/// (the name filter leaves one or two). Error answers are a few hundred bytes: only their start is read.
+const LISTENER_BYTES: usize = 8 * 1024;
+/// Listener ids per forwarding-policy listing (the filter is multi-valued; this keeps the URL short).
+const POLICY_IDS_PER_CALL: usize = 50;
+const CES_ENTRY_BYTES: usize = 2 * 1024;
+const CES_POINT_BYTES: usize = 256;
+const CES_MAX_POINTS: usize = 3000;
+const IAM_MAX_BODY: usize = 1024 * 1024;
+const ERROR_MAX_BODY: usize = 64 * 1024;
+const BODY_SLACK: usize = 64 * 1024;
+/// Answer bytes all requests in flight may hold at once (each reserves its Content-Length, or its cap
+/// when the length is not announced): bounds memory whatever `max_concurrency` is.
+const BODY_BUDGET: usize = 48 * 1024 * 1024;
 /// A load balancer with more pages than this is treated as a paging bug rather than followed forever.
 const MAX_PAGES: usize = 1000;
 
@@ -39,8 +48,6 @@ pub enum ClientBuildError {
 
 pub struct HttpCloud {
     http: reqwest::Client,
-    credentials: ArcSwap<Credentials>,
-    region: String,
     project_name: String,
     configured_project: String,
     domain_id: String,
@@ -51,171 +58,17 @@ pub struct HttpCloud {
     request_timeout: Duration,
     limiters: [RateLimiter; 3],
     in_flight: Semaphore,
+    body_budget: Semaphore,
     telemetry: Telemetry,
-    project: OnceCell<String>,
+    project: std::sync::Mutex<Arc<ProjectCache>>,
     auth: AuthGate,
 }
 
-/// Keeps the exporter from hammering the cloud with credentials it rejected: five bad signatures in a
-/// row lock an AK for five minutes. Until a request has been accepted, only one is in flight (the probe);
-/// after a 401 nothing is sent until a growing cooldown has passed (or new credentials arrive), and then
-/// again a single probe goes first.
-#[derive(Debug)]
-struct AuthGate {
-    state: std::sync::Mutex<AuthState>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum AuthState {
-    Unverified { probing: bool, strikes: u32 },
-    Verified,
-    Blocked { until: Instant, strikes: u32 },
-}
-
-/// Reopens the gate if a probing request is cancelled before it records its answer.
-struct ProbeGuard<'a> {
-    gate: &'a AuthGate,
-    armed: bool,
-}
-
-impl ProbeGuard<'_> {
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.gate.abandon();
-        }
-    }
-}
-
-/// First cooldown after a 401; doubles per consecutive rejection up to `AUTH_COOLDOWN_MAX`.
-const AUTH_COOLDOWN: Duration = Duration::from_secs(60);
-const AUTH_COOLDOWN_MAX: Duration = Duration::from_secs(15 * 60);
-
-impl AuthGate {
-    fn new() -> Self {
-        AuthGate {
-            state: std::sync::Mutex::new(AuthState::Unverified {
-                probing: false,
-                strikes: 0,
-            }),
-        }
-    }
-
-    fn reset(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            *s = AuthState::Unverified {
-                probing: false,
-                strikes: 0,
-            };
-        }
-    }
-
-    /// Waits for permission to send; `Ok(true)` when this request is the probe.
-    async fn admit(&self, api: Api) -> Result<bool, CloudError> {
-        loop {
-            {
-                let Ok(mut s) = self.state.lock() else {
-                    return Ok(false);
-                };
-                match *s {
-                    AuthState::Verified => return Ok(false),
-                    AuthState::Unverified {
-                        probing: false,
-                        strikes,
-                    } => {
-                        *s = AuthState::Unverified {
-                            probing: true,
-                            strikes,
-                        };
-                        return Ok(true);
-                    }
-                    AuthState::Unverified { probing: true, .. } => {}
-                    AuthState::Blocked { until, strikes } => {
-                        let now = Instant::now();
-                        if now < until {
-                            return Err(CloudError::AuthBackoff(api, until - now));
-                        }
-                        *s = AuthState::Unverified {
-                            probing: true,
-                            strikes,
-                        };
-                        return Ok(true);
-                    }
-                }
-            }
-            // Another request is probing the credentials: its answer decides for this one.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// A probe ended without a verdict (its future was dropped): let the next request probe.
-    fn abandon(&self) {
-        if let Ok(mut s) = self.state.lock()
-            && let AuthState::Unverified {
-                probing: true,
-                strikes,
-            } = *s
-        {
-            *s = AuthState::Unverified {
-                probing: false,
-                strikes,
-            };
-        }
-    }
-
-    fn record(&self, probe: bool, result: &Result<Vec<u8>, CloudError>) {
-        let Ok(mut s) = self.state.lock() else {
-            return;
-        };
-        let strikes = match *s {
-            AuthState::Unverified { strikes, .. } | AuthState::Blocked { strikes, .. } => strikes,
-            AuthState::Verified => 0,
-        };
-        *s = match result {
-            // Requests already in flight when the gate closed: one rejection is one strike.
-            Err(CloudError::Unauthorized(..))
-                if !probe && matches!(*s, AuthState::Blocked { .. }) =>
-            {
-                *s
-            }
-            Err(CloudError::Unauthorized(..)) => {
-                let strikes = strikes.saturating_add(1);
-                let cooldown = AUTH_COOLDOWN
-                    .saturating_mul(1 << (strikes - 1).min(8))
-                    .min(AUTH_COOLDOWN_MAX);
-                warn!(
-                    cooldown_s = cooldown.as_secs(),
-                    strikes,
-                    "credentials rejected (401); pausing cloud calls so the AK is not locked"
-                );
-                AuthState::Blocked {
-                    until: Instant::now() + cooldown,
-                    strikes,
-                }
-            }
-            // Any other HTTP answer passed authentication.
-            Ok(_)
-            | Err(
-                CloudError::Forbidden(..)
-                | CloudError::NotFound(..)
-                | CloudError::BadRequest(..)
-                | CloudError::Throttled(..)
-                | CloudError::Http(..)
-                | CloudError::Malformed(..),
-            ) => AuthState::Verified,
-            // No verdict (timeout, connect error, 5xx): let the next request probe.
-            Err(_) if probe => AuthState::Unverified {
-                probing: false,
-                strikes,
-            },
-            Err(_) => *s,
-        };
-    }
+/// The project id resolved through IAM, for one access key (the region is the client's): rotated
+/// credentials may belong to another account, so the cache goes with them.
+struct ProjectCache {
+    access_key: String,
+    id: OnceCell<String>,
 }
 
 impl HttpCloud {
@@ -247,8 +100,6 @@ impl HttpCloud {
         let rl = &cfg.cloud.rate_limit;
         Ok(HttpCloud {
             http,
-            credentials: ArcSwap::from_pointee(cfg.auth.credentials.clone()),
-            region: cfg.auth.region.clone(),
             project_name: cfg.auth.project_name.clone(),
             configured_project: cfg.auth.project_id.clone(),
             domain_id: cfg.auth.domain_id.clone(),
@@ -263,20 +114,28 @@ impl HttpCloud {
                 RateLimiter::new(rl.ces_per_minute),
             ],
             in_flight: Semaphore::new(cfg.cloud.max_concurrency),
+            body_budget: Semaphore::new(BODY_BUDGET),
             telemetry,
-            project: OnceCell::new(),
-            auth: AuthGate::new(),
+            project: std::sync::Mutex::new(Arc::new(ProjectCache {
+                access_key: cfg.auth.credentials.access_key.clone(),
+                id: OnceCell::new(),
+            })),
+            auth: AuthGate::new(cfg.auth.credentials.clone()),
         })
     }
 
-    /// Swaps in rotated credentials; calls already signed finish with the old ones.
+    /// Swaps in rotated credentials; calls already signed finish with the old ones, and their answers
+    /// do not judge the new ones. The resolved project id is forgotten (it belongs to the old key).
     pub fn set_credentials(&self, c: Credentials) {
-        self.credentials.store(Arc::new(c));
-        self.auth.reset();
+        *self.project_cache() = Arc::new(ProjectCache {
+            access_key: c.access_key.clone(),
+            id: OnceCell::new(),
+        });
+        self.auth.set_credentials(c);
     }
 
-    pub fn region(&self) -> &str {
-        &self.region
+    fn project_cache(&self) -> std::sync::MutexGuard<'_, Arc<ProjectCache>> {
+        self.project.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn limiter(&self, api: Api) -> &RateLimiter {
@@ -301,33 +160,38 @@ impl HttpCloud {
     ) -> Result<T, CloudError> {
         let start = Instant::now();
         let mut attempt = 0u32;
+        let mut last: Option<CloudError> = None;
         loop {
-            let probe = match self.auth.admit(call.api).await {
-                Ok(p) => p,
-                Err(e) => {
-                    self.telemetry
-                        .paused_calls
-                        .with_label_values(&[call.api.as_str()])
-                        .inc();
-                    return Err(e);
+            let ticket = match last.take() {
+                None => self.admit(call.api, call.lane).await?,
+                // A retry that would start after max_elapsed (the gate or the rate limit held it) is not
+                // sent: the last failure stands.
+                Some(err) => {
+                    let left = self.retry.max_elapsed.saturating_sub(start.elapsed());
+                    match tokio::time::timeout(left, self.admit(call.api, call.lane)).await {
+                        Ok(ticket) => ticket?,
+                        Err(_) => return Err(err),
+                    }
                 }
             };
-            // If this future is dropped mid-probe (a caller's timeout), the guard reopens the gate so
-            // the next call probes instead of every call waiting for a verdict that never comes.
-            let guard = ProbeGuard {
-                gate: &self.auth,
-                armed: probe,
-            };
-            self.limiter(call.api).acquire().await;
             let sent = {
                 // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
                 let _permit = self.in_flight.acquire().await.ok();
-                self.attempt(call).await
+                self.attempt(call, &ticket.credentials).await
             };
-            guard.disarm();
-            self.auth.record(probe, &sent);
-            let result =
-                sent.and_then(|body| parse(&body).map_err(|e| CloudError::Malformed(call.api, e)));
+            let probe = ticket.probe;
+            if let Some(cooldown) = ticket.finish(Verdict::of(&sent)) {
+                warn!(
+                    api = call.api.as_str(),
+                    cooldown_s = cooldown.as_secs(),
+                    probe,
+                    "credentials rejected (401); pausing cloud calls so the AK is not locked"
+                );
+            }
+            // The body's share of the budget is held until it is parsed.
+            let result = sent.and_then(|(body, _held)| {
+                parse(&body).map_err(|e| CloudError::Malformed(call.api, e))
+            });
             let err = match result {
                 Ok(parsed) => return Ok(parsed),
                 Err(e) => e,
@@ -359,13 +223,39 @@ impl HttpCloud {
                 "cloud call failed, retrying"
             );
             tokio::time::sleep(delay).await;
+            last = Some(err);
         }
     }
 
+    /// Permission from the auth gate to send one request. Refused calls are refused before they take
+    /// a place in the rate limit; a call waiting for the limiter is not yet at risk, so it takes its
+    /// ticket only afterwards. If the caller drops the future while the ticket is out (its timeout),
+    /// the ticket frees its place, so the next call probes instead of waiting for a verdict that never
+    /// comes.
+    async fn admit(&self, api: Api, lane: Lane) -> Result<Ticket<'_>, CloudError> {
+        let admitted = match self.auth.refusal(api) {
+            Some(e) => Err(e),
+            None => {
+                self.limiter(api).acquire_in(lane).await;
+                self.auth.admit(api).await
+            }
+        };
+        if admitted.is_err() {
+            self.telemetry
+                .paused_calls
+                .with_label_values(&[api.as_str()])
+                .inc();
+        }
+        admitted
+    }
+
     /// One signed HTTP request.
-    async fn attempt(&self, call: &Call<'_>) -> Result<Vec<u8>, CloudError> {
+    async fn attempt(
+        &self,
+        call: &Call<'_>,
+        creds: &Credentials,
+    ) -> Result<(Vec<u8>, SemaphorePermit<'_>), CloudError> {
         let api = call.api;
-        let creds = self.credentials.load();
         let mut headers: Vec<(String, String)> = vec![
             ("Content-Type".into(), "application/json".into()),
             ("X-Sdk-Date".into(), signer::sdk_date(SystemTime::now())),
@@ -421,7 +311,7 @@ impl HttpCloud {
             .with_label_values(&[api.as_str()])
             .inc();
         let started = Instant::now();
-        let result = self.exchange(api, req).await;
+        let result = self.exchange(api, req, call.max_body).await;
         self.telemetry
             .cloud_duration
             .with_label_values(&[api.as_str()])
@@ -440,7 +330,8 @@ impl HttpCloud {
         &self,
         api: Api,
         req: reqwest::RequestBuilder,
-    ) -> Result<Vec<u8>, CloudError> {
+        max_body: usize,
+    ) -> Result<(Vec<u8>, SemaphorePermit<'_>), CloudError> {
         let transport = |e: reqwest::Error| -> CloudError {
             if e.is_timeout() {
                 CloudError::Timeout(api, self.request_timeout)
@@ -449,7 +340,7 @@ impl HttpCloud {
                 CloudError::Connect(api, error_chain(&e.without_url()))
             }
         };
-        let mut resp = req.send().await.map_err(transport)?;
+        let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let request_id = resp
             .headers()
@@ -461,15 +352,62 @@ impl HttpCloud {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let mut body = Vec::new();
+        let success = (200..300).contains(&status);
+        let cap = if success {
+            max_body.min(BODY_BUDGET)
+        } else {
+            ERROR_MAX_BODY
+        };
+        let (body, held) = self.read_body(api, resp, cap, success).await?;
+        if success {
+            return Ok((body, held));
+        }
+        drop(held);
+        let (code, message) = parse::error_fields(&body);
+        Err(CloudError::from_status(
+            api,
+            ErrorBody {
+                status,
+                code,
+                message,
+                request_id,
+            },
+            retry_after,
+        ))
+    }
+
+    /// Reads at most `cap` bytes of an answer, holding that many bytes of the shared budget. A success
+    /// over the cap is `Malformed`; an error answer is only cut (its start carries code and message).
+    async fn read_body(
+        &self,
+        api: Api,
+        mut resp: reqwest::Response,
+        cap: usize,
+        strict: bool,
+    ) -> Result<(Vec<u8>, SemaphorePermit<'_>), CloudError> {
+        let over = || CloudError::Malformed(api, format!("response body over {cap} bytes"));
+        let announced = resp.content_length().map(|n| n as usize);
+        if strict && announced.is_some_and(|n| n > cap) {
+            return Err(over());
+        }
+        let reserve = announced.unwrap_or(cap).min(cap);
+        // The budget is never closed and `cap` never exceeds it, so this only waits.
+        let held = self
+            .body_budget
+            .acquire_many(u32::try_from(reserve.max(1)).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| over())?;
+        let mut body = Vec::with_capacity(reserve);
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_BODY {
-                        return Err(CloudError::Malformed(
-                            api,
-                            format!("response body over {MAX_BODY} bytes"),
-                        ));
+                    let room = reserve - body.len();
+                    if chunk.len() > room {
+                        if strict {
+                            return Err(over());
+                        }
+                        body.extend_from_slice(&chunk[..room]);
+                        break;
                     }
                     body.extend_from_slice(&chunk);
                 }
@@ -485,40 +423,33 @@ impl HttpCloud {
                 }
             }
         }
-        if (200..300).contains(&status) {
-            return Ok(body);
-        }
-        let (code, message) = parse::error_fields(&body);
-        Err(CloudError::from_status(
-            api,
-            ErrorBody {
-                status,
-                code,
-                message,
-                request_id,
-            },
-            retry_after,
-        ))
+        Ok((body, held))
     }
 
-    /// Lists the listeners of `ids` (one id on v2), following every page until a short one.
+    /// Lists the listeners of `ids` (one id on v2), or of the whole project when `ids` is `None`,
+    /// following every page until a short one, at most `max_pages`.
     async fn list_paged(
         &self,
         version: ElbVersion,
-        ids: &[&str],
-    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
+        ids: Option<&[&str]>,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
         let api = Api::ElbListListeners;
         let project = self.project_id().await?;
-        let limit = match version {
-            ElbVersion::V2 => V2_PAGE,
-            ElbVersion::V3 => V3_PAGE,
-        };
+        let limit = version.page_size();
         let path = format!("/{}/{project}/elb/listeners", version.as_str());
-        let mut out: HashMap<String, Vec<Listener>> = HashMap::new();
+        let mut out = Listing::default();
         let mut seen: HashSet<String> = HashSet::new();
+        let mut markers: HashSet<String> = HashSet::new();
         let mut marker: Option<String> = None;
-        for _ in 0..MAX_PAGES {
+        for page_no in 0..max_pages.min(MAX_PAGES as u32) {
+            if page_no > 0 && !page_gap.is_zero() {
+                tokio::time::sleep(page_gap).await;
+            }
             let mut query: Vec<(String, String)> = ids
+                .unwrap_or_default()
                 .iter()
                 .map(|id| ("loadbalancer_id".to_string(), id.to_string()))
                 .collect();
@@ -534,34 +465,52 @@ impl HttpCloud {
                 query,
                 body: Vec::new(),
                 project: Some(&project),
+                max_body: limit * LISTENER_BYTES + BODY_SLACK,
+                lane,
             };
             let page = self
-                .call(&call, |body| parse::listener_page(body, ids))
+                .call(&call, |body| match ids {
+                    Some(ids) => parse::listener_page_limited(body, ids, limit),
+                    None => parse::listener_page_all_limited(body, limit),
+                })
                 .await?;
-            if page.skipped > 0 {
-                self.telemetry
-                    .skipped
-                    .with_label_values(&["invalid_listener"])
-                    .inc_by(page.skipped as u64);
+            out.calls += 1;
+            out.seen += page.raw_count;
+            for (reason, n) in [
+                ("invalid_listener", page.skipped - page.unattributable),
+                ("unattributable_listener", page.unattributable),
+            ] {
+                if n > 0 {
+                    self.telemetry
+                        .skipped
+                        .with_label_values(&[reason])
+                        .inc_by(n as u64);
+                }
             }
             for (lb, l) in page.listeners {
                 if seen.insert(l.id.clone()) {
-                    out.entry(lb).or_default().push(l);
+                    out.by_lb.entry(lb).or_default().push(l);
                 }
             }
             if page.raw_count < limit {
+                out.complete = true;
                 return Ok(out);
             }
             let next = page.next_marker.or(page.last_id).ok_or_else(|| {
                 CloudError::Malformed(api, "a full page without listener ids".into())
             })?;
-            if marker.as_deref() == Some(next.as_str()) {
+            // A marker seen before (A→B→A) would page in a circle.
+            if !markers.insert(next.clone()) {
                 return Err(CloudError::Malformed(
                     api,
-                    format!("paging marker {next:?} did not advance"),
+                    format!("paging marker {next:?} came back"),
                 ));
             }
             marker = Some(next);
+        }
+        if ids.is_none() && max_pages < MAX_PAGES as u32 {
+            // The caller's budget, not a paging bug: it falls back to filtered listings.
+            return Ok(out);
         }
         Err(CloudError::Malformed(
             api,
@@ -569,23 +518,27 @@ impl HttpCloud {
         ))
     }
 
-    /// Lists every item of an ELB collection (`pools`, `l7policies`) matching `filters`, following
-    /// pages as [`Self::list_paged`] does; items `parse` rejects are counted as skipped.
+    /// Lists every item of an ELB collection matching `filters`, following pages as
+    /// [`Self::list_paged`] does, each answer capped at the collection's bytes per item asked for; items
+    /// its parser rejects are counted as skipped.
     async fn list_collection<T>(
         &self,
-        api: Api,
+        c: &Collection<T>,
         version: ElbVersion,
-        collection: &str,
         filters: &[(&str, &str)],
-        parse: fn(&serde_json::Value) -> Option<T>,
+        lane: Lane,
     ) -> Result<Vec<T>, CloudError> {
+        let Collection {
+            api,
+            name: collection,
+            item_bytes,
+            parse,
+        } = *c;
         let project = self.project_id().await?;
-        let limit = match version {
-            ElbVersion::V2 => V2_PAGE,
-            ElbVersion::V3 => V3_PAGE,
-        };
+        let limit = version.page_size();
         let path = format!("/{}/{project}/elb/{collection}", version.as_str());
         let mut out = Vec::new();
+        let mut markers: HashSet<String> = HashSet::new();
         let mut marker: Option<String> = None;
         for _ in 0..MAX_PAGES {
             let mut query: Vec<(String, String)> = filters
@@ -604,9 +557,13 @@ impl HttpCloud {
                 query,
                 body: Vec::new(),
                 project: Some(&project),
+                max_body: limit * item_bytes + BODY_SLACK,
+                lane,
             };
             let page = self
-                .call(&call, |body| parse::item_page(body, collection, parse))
+                .call(&call, |body| {
+                    parse::item_page(body, collection, limit, parse)
+                })
                 .await?;
             if page.skipped > 0 {
                 self.telemetry
@@ -621,10 +578,11 @@ impl HttpCloud {
             let next = page.next_marker.or(page.last_id).ok_or_else(|| {
                 CloudError::Malformed(api, format!("a full page of {collection} without ids"))
             })?;
-            if marker.as_deref() == Some(next.as_str()) {
+            // A marker seen before (A→B→A) would page in a circle.
+            if !markers.insert(next.clone()) {
                 return Err(CloudError::Malformed(
                     api,
-                    format!("paging marker {next:?} did not advance"),
+                    format!("paging marker {next:?} came back"),
                 ));
             }
             marker = Some(next);
@@ -644,6 +602,8 @@ impl HttpCloud {
             query: vec![("name".into(), self.project_name.clone())],
             body: Vec::new(),
             project: None,
+            max_body: IAM_MAX_BODY,
+            lane: Lane::Priority,
         };
         let ids = self
             .call(&call, |body| parse::projects(body, &self.project_name))
@@ -672,6 +632,42 @@ impl HttpCloud {
     }
 }
 
+/// An ELB collection other than listeners: its API, name, answer cap per item and item parser.
+struct Collection<T> {
+    api: Api,
+    name: &'static str,
+    item_bytes: usize,
+    parse: fn(&serde_json::Value) -> Option<T>,
+}
+
+impl<T> Clone for Collection<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Collection<T> {}
+
+// A pool lists its members' and listeners' ids (a large pool has hundreds), a load balancer its
+// listeners', pools' ids and tags, a forwarding policy its rules' ids.
+const POOLS: Collection<Pool> = Collection {
+    api: Api::ElbListPools,
+    name: "pools",
+    item_bytes: 16 * 1024,
+    parse: parse::pool,
+};
+const LOADBALANCERS: Collection<LoadBalancer> = Collection {
+    api: Api::ElbListLoadbalancers,
+    name: "loadbalancers",
+    item_bytes: 16 * 1024,
+    parse: parse::loadbalancer,
+};
+const L7POLICIES: Collection<L7Policy> = Collection {
+    api: Api::ElbListL7policies,
+    name: "l7policies",
+    item_bytes: 4 * 1024,
+    parse: parse::l7policy,
+};
+
 struct Call<'a> {
     api: Api,
     endpoint: &'a Endpoint,
@@ -680,6 +676,16 @@ struct Call<'a> {
     query: Vec<(String, String)>,
     body: Vec<u8>,
     project: Option<&'a str>,
+    /// The largest answer this request can legitimately get.
+    max_body: usize,
+    lane: Lane,
+}
+
+/// The largest valid CES answer to `q`: one entry per metric and at most `CES_MAX_POINTS` datapoints
+/// in all (plus the extra point a period boundary can add per metric).
+fn ces_max_body(q: &BatchQuery) -> usize {
+    let n = q.metrics.len();
+    BODY_SLACK + n * CES_ENTRY_BYTES + (CES_MAX_POINTS + 2 * n) * CES_POINT_BYTES
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -759,85 +765,88 @@ impl CloudApi for HttpCloud {
         if !self.configured_project.is_empty() {
             return Ok(self.configured_project.clone());
         }
-        // Failures are not cached: the next call asks IAM again.
-        self.project
+        // Cached per access key (the region is fixed); failures are not cached: the next call asks
+        // IAM again.
+        let cache = {
+            let mut c = self.project_cache();
+            let ak = self.auth.access_key();
+            if c.access_key != ak {
+                *c = Arc::new(ProjectCache {
+                    access_key: ak,
+                    id: OnceCell::new(),
+                });
+            }
+            c.clone()
+        };
+        cache
+            .id
             .get_or_try_init(|| self.resolve_project())
             .await
             .cloned()
     }
 
-    async fn list_listeners(
-        &self,
-        version: ElbVersion,
-        loadbalancer_id: &str,
-    ) -> Result<Vec<Listener>, CloudError> {
-        let mut all = self.list_paged(version, &[loadbalancer_id]).await?;
-        Ok(all.remove(loadbalancer_id).unwrap_or_default())
-    }
-
-    async fn list_listeners_many(
+    async fn list_listeners_of(
         &self,
         version: ElbVersion,
         loadbalancer_ids: &[&str],
-    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
-        match version {
-            // v3 filters are multi-valued (`loadbalancer_id=A&loadbalancer_id=B`).
-            ElbVersion::V3 => {
-                let mut out = HashMap::new();
-                for chunk in loadbalancer_ids.chunks(V3_IDS_PER_CALL) {
-                    out.extend(self.list_paged(version, chunk).await?);
-                }
-                Ok(out)
-            }
-            ElbVersion::V2 => {
-                let mut out = HashMap::new();
-                for id in loadbalancer_ids {
-                    out.extend(self.list_paged(version, &[id]).await?);
-                }
-                Ok(out)
-            }
+        lane: Lane,
+    ) -> Result<Listing, CloudError> {
+        // v3 filters are multi-valued (`loadbalancer_id=A&loadbalancer_id=B`); v2 takes one id.
+        let per_call = version.ids_per_listing();
+        let mut out = Listing {
+            complete: true,
+            ..Listing::default()
+        };
+        for chunk in loadbalancer_ids.chunks(per_call) {
+            let part = self
+                .list_paged(version, Some(chunk), lane, MAX_PAGES as u32, Duration::ZERO)
+                .await?;
+            out.by_lb.extend(part.by_lb);
+            out.seen += part.seen;
+            out.calls += part.calls;
         }
+        Ok(out)
+    }
+
+    async fn list_all_listeners(
+        &self,
+        version: ElbVersion,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
+        self.list_paged(version, None, lane, max_pages, page_gap)
+            .await
     }
 
     async fn list_pools(
         &self,
         version: ElbVersion,
         loadbalancer_id: &str,
+        lane: Lane,
     ) -> Result<Vec<Pool>, CloudError> {
         let filters = [("loadbalancer_id", loadbalancer_id)];
-        self.list_collection(Api::ElbListPools, version, "pools", &filters, parse::pool)
-            .await
+        self.list_collection(&POOLS, version, &filters, lane).await
     }
 
-    async fn list_loadbalancers(&self) -> Result<Vec<LoadBalancer>, CloudError> {
-        self.list_collection(
-            Api::ElbListLoadbalancers,
-            ElbVersion::V3,
-            "loadbalancers",
-            &[],
-            parse::loadbalancer,
-        )
-        .await
+    async fn list_loadbalancers(&self, lane: Lane) -> Result<Vec<LoadBalancer>, CloudError> {
+        self.list_collection(&LOADBALANCERS, ElbVersion::V3, &[], lane)
+            .await
     }
 
     async fn list_l7policies(
         &self,
         version: ElbVersion,
         listener_ids: &[&str],
+        lane: Lane,
     ) -> Result<Vec<L7Policy>, CloudError> {
         let mut out = Vec::new();
         // Filters are multi-valued (repeated keys); a chunk keeps the URL short.
-        for chunk in listener_ids.chunks(V3_IDS_PER_CALL) {
+        for chunk in listener_ids.chunks(POLICY_IDS_PER_CALL) {
             let filters: Vec<(&str, &str)> = chunk.iter().map(|id| ("listener_id", *id)).collect();
             out.extend(
-                self.list_collection(
-                    Api::ElbListL7policies,
-                    version,
-                    "l7policies",
-                    &filters,
-                    parse::l7policy,
-                )
-                .await?,
+                self.list_collection(&L7POLICIES, version, &filters, lane)
+                    .await?,
             );
         }
         Ok(out)
@@ -854,6 +863,8 @@ impl CloudApi for HttpCloud {
             query: Vec::new(),
             body: ces_body(query),
             project: Some(&project),
+            max_body: ces_max_body(query),
+            lane: query.lane,
         };
         let result = self
             .call(&call, |body| {

@@ -2,6 +2,7 @@
 //! batch metric query, behind the [`CloudApi`] trait so the collector and its tests can use any
 //! implementation. [`client::HttpCloud`] is the real one (AK/SK-signed HTTP with retries and rate limits).
 
+pub mod auth;
 pub mod client;
 pub mod parse;
 pub mod retry;
@@ -24,6 +25,24 @@ impl ElbVersion {
         match self {
             ElbVersion::V2 => "v2",
             ElbVersion::V3 => "v3",
+        }
+    }
+
+    /// Listeners per page the client asks for: v3 allows up to 2000; v2 documents no maximum, so a
+    /// moderate 500 keeps answers small.
+    pub fn page_size(self) -> usize {
+        match self {
+            ElbVersion::V2 => 500,
+            ElbVersion::V3 => 2000,
+        }
+    }
+
+    /// Load balancer ids one filtered listing takes: v3 filters are multi-valued (50 ids keep the query
+    /// string near 2 KB); v2 takes one.
+    pub fn ids_per_listing(self) -> usize {
+        match self {
+            ElbVersion::V2 => 1,
+            ElbVersion::V3 => 50,
         }
     }
 }
@@ -66,6 +85,27 @@ pub struct L7Policy {
     pub redirect_pool_id: Option<String>,
 }
 
+/// Which queue a call waits in at the rate limit: lookups and prompt CES collection of new or changed
+/// Services go ahead of periodic re-listings and full collection cycles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Priority,
+    Background,
+}
+
+/// The answer to a listener listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Listeners by the load balancer they name.
+    pub by_lb: std::collections::HashMap<String, Vec<Listener>>,
+    /// Listener items seen on all pages, usable or not (a project-wide listing counts the project).
+    pub seen: usize,
+    /// Listing requests that returned a page (retries not counted).
+    pub calls: u32,
+    /// False when a project-wide listing stopped at its page budget.
+    pub complete: bool,
+}
+
 /// One metric of a batch query: namespace, metric name and dimensions (order as sent).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MetricQuery {
@@ -83,6 +123,9 @@ pub struct BatchQuery {
     /// `"1"` = raw (1-minute) data.
     pub period: &'static str,
     pub filter: crate::config::Filter,
+    /// Full cycles ask in the background lane, so the CES rate limit lets a new Service's prompt
+    /// collection (priority) go first.
+    pub lane: Lane,
 }
 
 /// A datapoint: Unix milliseconds and value.
@@ -106,38 +149,46 @@ pub struct BatchResult {
 pub trait CloudApi: Send + Sync + 'static {
     /// The project id (configured, or resolved once through IAM and cached).
     async fn project_id(&self) -> Result<String, CloudError>;
-    /// Every listener of a load balancer, following all pages.
+    /// Every listener of the given load balancers, following all pages (v3 takes up to 50 ids per
+    /// listing, v2 one per listing). Ids with no listener are absent from `by_lb`.
+    async fn list_listeners_of(
+        &self,
+        version: ElbVersion,
+        loadbalancer_ids: &[&str],
+        lane: Lane,
+    ) -> Result<Listing, CloudError>;
+    /// Every listener of the project on one API (no `loadbalancer_id` filter), grouped by the load
+    /// balancer each names. Stops after `max_pages` pages with `complete: false`; waits `page_gap`
+    /// between pages so a long background listing does not burst.
+    async fn list_all_listeners(
+        &self,
+        version: ElbVersion,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError>;
+    /// Every listener of one load balancer.
     async fn list_listeners(
         &self,
         version: ElbVersion,
         loadbalancer_id: &str,
-    ) -> Result<Vec<Listener>, CloudError>;
-    /// Every listener of several load balancers, grouped by load balancer id (ids with no listener are
-    /// absent). The v3 API takes them in one paged listing; the default asks one at a time.
-    async fn list_listeners_many(
-        &self,
-        version: ElbVersion,
-        loadbalancer_ids: &[&str],
-    ) -> Result<std::collections::HashMap<String, Vec<Listener>>, CloudError> {
-        let mut out = std::collections::HashMap::new();
-        for id in loadbalancer_ids {
-            let l = self.list_listeners(version, id).await?;
-            if !l.is_empty() {
-                out.insert(id.to_string(), l);
-            }
-        }
-        Ok(out)
+    ) -> Result<Vec<Listener>, CloudError> {
+        let mut l = self
+            .list_listeners_of(version, &[loadbalancer_id], Lane::Priority)
+            .await?;
+        Ok(l.by_lb.remove(loadbalancer_id).unwrap_or_default())
     }
     /// Every pool of a load balancer. The default (for fakes without pools) has none.
     async fn list_pools(
         &self,
         _version: ElbVersion,
         _loadbalancer_id: &str,
+        _lane: Lane,
     ) -> Result<Vec<Pool>, CloudError> {
         Ok(Vec::new())
     }
     /// Every load balancer the v3 API lists. The default (for fakes without them) has none.
-    async fn list_loadbalancers(&self) -> Result<Vec<LoadBalancer>, CloudError> {
+    async fn list_loadbalancers(&self, _lane: Lane) -> Result<Vec<LoadBalancer>, CloudError> {
         Ok(Vec::new())
     }
     /// Every forwarding policy of the listeners. The default (for fakes without pools) has none.
@@ -145,6 +196,7 @@ pub trait CloudApi: Send + Sync + 'static {
         &self,
         _version: ElbVersion,
         _listener_ids: &[&str],
+        _lane: Lane,
     ) -> Result<Vec<L7Policy>, CloudError> {
         Ok(Vec::new())
     }
@@ -193,7 +245,7 @@ pub enum CloudError {
     #[error("{0}: request rejected: {1}")]
     BadRequest(Api, ErrorBody),
     #[error("{0}: server error: {1}")]
-    Server(Api, ErrorBody),
+    Server(Api, ErrorBody, Option<Duration>),
     #[error("{0}: unexpected answer: {1}")]
     Http(Api, ErrorBody),
     #[error("{0}: timed out after {1:?}")]
@@ -205,7 +257,7 @@ pub enum CloudError {
     #[error("project lookup: {0}")]
     Project(String),
     #[error(
-        "{0}: not sent: the credentials were rejected (401) and calls pause for {1:?} more so the AK is not locked"
+        "{0}: not sent: the credentials were rejected (401); cloud calls pause until a probe succeeds (next probe in {1:?} at the earliest) so the AK is not locked"
     )]
     AuthBackoff(Api, Duration),
 }
@@ -226,7 +278,7 @@ impl CloudError {
     /// `Retry-After` the server asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            CloudError::Throttled(_, _, d) => *d,
+            CloudError::Throttled(_, _, d) | CloudError::Server(_, _, d) => *d,
             _ => None,
         }
     }
@@ -239,7 +291,7 @@ impl CloudError {
             CloudError::NotFound(..) => "404",
             CloudError::Throttled(..) => "429",
             CloudError::BadRequest(..) => "400",
-            CloudError::Server(_, b) => match b.status {
+            CloudError::Server(_, b, _) => match b.status {
                 500 => "500",
                 502 => "502",
                 503 => "503",
@@ -264,7 +316,7 @@ impl CloudError {
             | CloudError::NotFound(_, b)
             | CloudError::Throttled(_, b, _)
             | CloudError::BadRequest(_, b)
-            | CloudError::Server(_, b)
+            | CloudError::Server(_, b, _)
             | CloudError::Http(_, b) => b.code.as_deref(),
             _ => None,
         }
@@ -287,7 +339,8 @@ impl CloudError {
                 400 | 409 | 413 | 422 => CloudError::BadRequest(api, body),
                 _ => CloudError::Http(api, body),
             },
-            500..=599 => CloudError::Server(api, body),
+            // A 503 may say when to come back, as a 429 does.
+            500..=599 => CloudError::Server(api, body, retry_after),
             _ => CloudError::Http(api, body),
         }
     }

@@ -4,6 +4,7 @@
 use super::{Datapoint, Listener, MetricQuery};
 use crate::config::Filter;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Pulls `(code, message)` out of any of the error shapes the reference lists: `error_code`/`error_msg`,
@@ -90,20 +91,94 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-/// The IAM project list: ids of projects whose name equals `name` exactly.
+/// The IAM project list: ids of projects whose name equals `name` exactly. Projects are read one at a
+/// time from the body, so memory stays proportional to the matches, not to the answer.
 pub fn projects(body: &[u8], name: &str) -> Result<Vec<String>, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-    let list = v
-        .get("projects")
-        .and_then(|p| p.as_array())
-        .ok_or("no `projects` array")?;
-    Ok(list
-        .iter()
-        .filter(|p| p.get("name").and_then(|n| n.as_str()) == Some(name))
-        .filter_map(|p| p.get("id").and_then(|i| i.as_str()))
-        .filter(|id| !id.is_empty())
-        .map(str::to_string)
-        .collect())
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow, default)]
+        projects: Option<Raw<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Project<'a> {
+        #[serde(borrow, default)]
+        id: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        name: Option<Cow<'a, str>>,
+    }
+    let answer: Answer<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let list = answer.projects.ok_or("no `projects` array")?;
+    let mut ids = Vec::new();
+    for_each_item(list, |item| {
+        if let Some(Project {
+            id: Some(id),
+            name: Some(n),
+        }) = object::<Project<'_>>(item)
+            && n == name
+            && !id.is_empty()
+            // More than a few is ambiguous anyway; keep what the error message needs.
+            && ids.len() < MAX_MATCHING_PROJECTS
+        {
+            ids.push(id.into_owned());
+        }
+    })
+    .map_err(|_| "no `projects` array".to_string())?;
+    Ok(ids)
+}
+
+/// Projects kept from one IAM answer: enough to tell "one" from "ambiguous".
+const MAX_MATCHING_PROJECTS: usize = 16;
+
+/// A JSON object as `T`; `None` for anything else (derived structs would also take an array).
+fn object<'a, T: serde::Deserialize<'a>>(raw: Raw<'a>) -> Option<T> {
+    if !raw.get().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// Calls `f` on each element of a JSON array, one at a time, without collecting them: a huge array of
+/// tiny items costs no memory beyond the body. Errors when `array` is not an array.
+fn for_each_item<'a>(array: Raw<'a>, f: impl FnMut(Raw<'a>)) -> Result<(), String> {
+    for_each_item_until(array, usize::MAX, f).map(|_| ())
+}
+
+/// Like [`for_each_item`], stopping with an error after `max` items; returns the number of items.
+fn for_each_item_until<'a>(
+    array: Raw<'a>,
+    max: usize,
+    f: impl FnMut(Raw<'a>),
+) -> Result<usize, String> {
+    struct Each<F> {
+        f: F,
+        max: usize,
+    }
+    impl<'de, F: FnMut(Raw<'de>)> serde::de::Visitor<'de> for Each<F> {
+        type Value = usize;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            mut self,
+            mut seq: A,
+        ) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while let Some(item) = seq.next_element::<Raw<'de>>()? {
+                n += 1;
+                if n > self.max {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {} items",
+                        self.max
+                    )));
+                }
+                (self.f)(item);
+            }
+            Ok(n)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(array.get());
+    serde::Deserializer::deserialize_seq(&mut de, Each { f, max }).map_err(|e| e.to_string())
 }
 
 /// One page of listeners.
@@ -119,74 +194,165 @@ pub struct ListenerPage {
     pub next_marker: Option<String>,
     /// Items skipped because a required field was missing or wrong, or they belong to another LB.
     pub skipped: usize,
+    /// Of `skipped`, valid listeners on port 0 (full-port / IP listeners of dedicated ELBs): they match
+    /// no Service port, so they are attributed to none.
+    pub unattributable: usize,
 }
 
 /// Parses a v2 or v3 listener page, keeping listeners of the asked load balancers. A listener that does
 /// not name its load balancer is attributed to the one asked for, when only one was.
 pub fn listener_page(body: &[u8], loadbalancer_ids: &[&str]) -> Result<ListenerPage, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-    let items = v
-        .get("listeners")
-        .and_then(|l| l.as_array())
-        .ok_or("no `listeners` array")?;
+    listener_page_limited(body, loadbalancer_ids, usize::MAX)
+}
+
+/// [`listener_page`] for a request with `limit`: a page with more items than asked for is malformed
+/// (and is not read further), so what a page keeps is bounded by the request.
+pub fn listener_page_limited(
+    body: &[u8],
+    loadbalancer_ids: &[&str],
+    limit: usize,
+) -> Result<ListenerPage, String> {
+    page_of(body, Some(loadbalancer_ids), limit)
+}
+
+/// Parses a page of a project-wide listing: each listener goes to the first load balancer it names; one
+/// naming none cannot be attributed and is skipped.
+pub fn listener_page_all(body: &[u8]) -> Result<ListenerPage, String> {
+    page_of(body, None, usize::MAX)
+}
+
+/// [`listener_page_all`] bounded by the request's `limit`, like [`listener_page_limited`].
+pub fn listener_page_all_limited(body: &[u8], limit: usize) -> Result<ListenerPage, String> {
+    page_of(body, None, limit)
+}
+
+fn page_of(
+    body: &[u8],
+    loadbalancer_ids: Option<&[&str]>,
+    limit: usize,
+) -> Result<ListenerPage, String> {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow, default)]
+        listeners: Option<Raw<'a>>,
+        #[serde(borrow, default)]
+        page_info: Option<Raw<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PageInfo<'a> {
+        #[serde(borrow, default)]
+        next_marker: Option<Cow<'a, str>>,
+    }
+    let answer: Answer<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let items = answer.listeners.ok_or("no `listeners` array")?;
     let mut page = ListenerPage {
-        raw_count: items.len(),
-        next_marker: v
-            .pointer("/page_info/next_marker")
-            .and_then(|m| m.as_str())
+        next_marker: answer
+            .page_info
+            .and_then(object::<PageInfo<'_>>)
+            .and_then(|p| p.next_marker)
             .filter(|m| !m.is_empty())
-            .map(str::to_string),
+            .map(Cow::into_owned),
         ..Default::default()
     };
-    for item in items {
-        let id = item
-            .get("id")
-            .and_then(|i| i.as_str())
+    let counted = for_each_item_until(items, limit, |item| {
+        let raw: Option<ListenerItem<'_>> = object(item);
+        let id = raw
+            .as_ref()
+            .and_then(|r| r.id.as_deref())
             .filter(|s| !s.is_empty());
         if let Some(id) = id {
             page.last_id = Some(id.to_string());
         }
-        match listener(item, id, loadbalancer_ids) {
+        match raw
+            .as_ref()
+            .and_then(|r| listener(r, id?, loadbalancer_ids))
+        {
+            Some((_, l)) if l.port == 0 => {
+                page.skipped += 1;
+                page.unattributable += 1;
+            }
             Some(pair) => page.listeners.push(pair),
             None => page.skipped += 1,
         }
-    }
+    });
+    page.raw_count = match counted {
+        Ok(n) => n,
+        Err(e) if e.starts_with("more than") => {
+            return Err(format!("a page of listeners with {e} (limit {limit})"));
+        }
+        Err(_) => return Err("no `listeners` array".into()),
+    };
     Ok(page)
 }
 
-fn listener(item: &Value, id: Option<&str>, asked: &[&str]) -> Option<(String, Listener)> {
-    let id = id?;
-    let protocol = item.get("protocol")?.as_str()?.to_string();
-    let port = match item.get("protocol_port")? {
-        Value::Number(n) => n.as_u64()?,
-        Value::String(s) => s.trim().parse().ok()?,
-        _ => return None,
+/// The fields of a listener the exporter reads; the others are skipped without being stored.
+#[derive(serde::Deserialize)]
+struct ListenerItem<'a> {
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    protocol: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    protocol_port: Option<Raw<'a>>,
+    #[serde(borrow, default)]
+    loadbalancers: Option<Raw<'a>>,
+}
+
+/// A string field, or `None` when it holds anything else (the item is then judged by what is missing).
+fn lenient_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    let raw: Raw<'de> = serde::Deserialize::deserialize(d)?;
+    Ok(serde_json::from_str::<Cow<'de, str>>(raw.get()).ok())
+}
+
+fn listener(
+    item: &ListenerItem<'_>,
+    id: &str,
+    asked: Option<&[&str]>,
+) -> Option<(String, Listener)> {
+    let protocol = item.protocol.as_deref()?.to_string();
+    let port: u64 = {
+        let raw = item.protocol_port?.get();
+        match serde_json::from_str::<Cow<'_, str>>(raw) {
+            Ok(s) => s.trim().parse().ok()?,
+            Err(_) => raw.parse().ok()?,
+        }
     };
-    let port = u16::try_from(port).ok().filter(|p| *p > 0)?;
-    let named: Vec<&str> = item
-        .get("loadbalancers")
-        .and_then(|l| l.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.get("id").and_then(|i| i.as_str()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let lb = if named.is_empty() {
+    let port = u16::try_from(port).ok()?;
+    // The first named load balancer that was asked for (any, for a project-wide listing); none named
+    // means the only one asked.
+    let mut named = false;
+    let mut hit: Option<String> = None;
+    if let Some(list) = item.loadbalancers {
+        #[derive(serde::Deserialize)]
+        struct LbRef<'a> {
+            #[serde(borrow, default, deserialize_with = "lenient_str")]
+            id: Option<Cow<'a, str>>,
+        }
+        // Not an array: treated as naming none, as before.
+        let _ = for_each_item(list, |lb| {
+            if let Some(LbRef { id: Some(lb) }) = object::<LbRef<'_>>(lb) {
+                named = true;
+                let wanted = asked.is_none_or(|a| a.contains(&&*lb));
+                if hit.is_none() && wanted {
+                    hit = Some(lb.into_owned());
+                }
+            }
+        });
+    }
+    let lb = if named {
+        hit?
+    } else {
         match asked {
-            [only] => *only,
+            Some([only]) => only.to_string(),
             _ => return None,
         }
-    } else {
-        *named.iter().find(|n| asked.contains(n))?
     };
-    let name = item
-        .get("name")
-        .and_then(|n| n.as_str())
-        .unwrap_or_default()
-        .to_string();
+    let name = item.name.as_deref().unwrap_or_default().to_string();
     Some((
-        lb.to_string(),
+        lb,
         Listener {
             id: id.to_string(),
             name,
@@ -206,29 +372,38 @@ pub struct ItemPage<T> {
     pub skipped: usize,
 }
 
-/// Parses a v2 or v3 page of `collection`, keeping the items `parse` accepts.
+/// Parses a v2 or v3 page of `collection`, keeping the items `parse` accepts. Items are read one at
+/// a time (only one is ever held as a JSON tree); a page with more than `limit` items is malformed.
 pub fn item_page<T>(
     body: &[u8],
     collection: &str,
+    limit: usize,
     parse: fn(&Value) -> Option<T>,
 ) -> Result<ItemPage<T>, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-    let items = v
+    #[derive(serde::Deserialize)]
+    struct PageInfo<'a> {
+        #[serde(borrow, default)]
+        next_marker: Option<Cow<'a, str>>,
+    }
+    let answer: HashMap<Cow<'_, str>, Raw<'_>> =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let items = *answer
         .get(collection)
-        .and_then(|l| l.as_array())
         .ok_or_else(|| format!("no `{collection}` array"))?;
     let mut page = ItemPage {
-        items: Vec::with_capacity(items.len()),
-        raw_count: items.len(),
+        items: Vec::new(),
+        raw_count: 0,
         last_id: None,
-        next_marker: v
-            .pointer("/page_info/next_marker")
-            .and_then(|m| m.as_str())
+        next_marker: answer
+            .get("page_info")
+            .and_then(|p| object::<PageInfo<'_>>(p))
+            .and_then(|p| p.next_marker)
             .filter(|m| !m.is_empty())
-            .map(str::to_string),
+            .map(Cow::into_owned),
         skipped: 0,
     };
-    for item in items {
+    let counted = for_each_item_until(items, limit, |raw| {
+        let item: Value = object(raw).unwrap_or(Value::Null);
         if let Some(id) = item
             .get("id")
             .and_then(|i| i.as_str())
@@ -236,11 +411,18 @@ pub fn item_page<T>(
         {
             page.last_id = Some(id.to_string());
         }
-        match parse(item) {
+        match parse(&item) {
             Some(t) => page.items.push(t),
             None => page.skipped += 1,
         }
-    }
+    });
+    page.raw_count = match counted {
+        Ok(n) => n,
+        Err(e) if e.starts_with("more than") => {
+            return Err(format!("a page of {collection} with {e} (limit {limit})"));
+        }
+        Err(_) => return Err(format!("no `{collection}` array")),
+    };
     Ok(page)
 }
 
@@ -364,10 +546,7 @@ pub fn batch_result(
 ) -> Result<super::BatchResult, String> {
     let answer: CesAnswer<'_> =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-    let items: Vec<Raw<'_>> = answer
-        .metrics
-        .and_then(|m| serde_json::from_str(m.get()).ok())
-        .ok_or("no `metrics` array")?;
+    let items = answer.metrics.ok_or("no `metrics` array")?;
     let mut index: HashMap<String, usize> = HashMap::with_capacity(request.len());
     for (i, q) in request.iter().enumerate() {
         let dims = q.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str()));
@@ -376,7 +555,7 @@ pub fn batch_result(
     let mut newest: Vec<Option<Datapoint>> = vec![None; request.len()];
     let mut seen = vec![false; request.len()];
     let (mut unmatched, mut duplicate, mut bad_point, mut bad_entry) = (0, 0, 0, 0);
-    for item in items {
+    for_each_item(items, |item| {
         // A dimension that is not a {name, value} pair of strings makes the entry unusable, rather than
         // silently matching a request with fewer dimensions.
         let entry: Option<CesEntry<'_>> = serde_json::from_str(item.get()).ok();
@@ -384,22 +563,22 @@ pub fn batch_result(
             entry.and_then(|e| Some((e.namespace?, e.metric_name?, e.dimensions?, e.datapoints)))
         else {
             bad_entry += 1;
-            continue;
+            return;
         };
         let key = match_key(&ns, &name, dims.iter().map(|d| (&*d.name, &*d.value)));
         let Some(&i) = index.get(&key) else {
             unmatched += 1;
-            continue;
+            return;
         };
         if seen[i] {
             duplicate += 1;
         }
         seen[i] = true;
-        let Some(points) = points.and_then(|p| serde_json::from_str::<Vec<Raw<'_>>>(p.get()).ok())
-        else {
-            continue;
+        let Some(points) = points else {
+            return;
         };
-        for p in points {
+        // Not an array: no usable point, as an absent list.
+        let _ = for_each_item(points, |p| {
             let point: Option<CesPoint> = serde_json::from_str(p.get()).ok();
             let (ts, val) = match &point {
                 Some(p) => (p.timestamp, p.value(filter)),
@@ -416,8 +595,9 @@ pub fn batch_result(
                 }
                 _ => bad_point += 1,
             }
-        }
-    }
+        });
+    })
+    .map_err(|_| "no `metrics` array".to_string())?;
     let skipped = [
         ("unmatched_result", unmatched),
         ("duplicate_result", duplicate),
@@ -521,6 +701,19 @@ mod tests {
     }
 
     #[test]
+    fn a_port_0_listener_is_unattributable_not_invalid() {
+        let body = br#"{"listeners":[
+            {"id":"a","protocol":"IP","protocol_port":0,"loadbalancers":[{"id":"lb"}]},
+            {"id":"b","protocol":"TCP","protocol_port":"0"},
+            {"id":"c","protocol":"TCP","protocol_port":80},
+            {"id":"d","protocol":"TCP","protocol_port":-1}
+        ]}"#;
+        let p = listener_page(body, &["lb"]).unwrap();
+        assert_eq!(p.listeners.len(), 1);
+        assert_eq!((p.skipped, p.unattributable), (3, 2));
+    }
+
+    #[test]
     fn listener_page_skips_bad_items_and_tracks_marker() {
         let body = br#"{"listeners":[
             {"id":"a","name":"n1","protocol":"TCP","protocol_port":80,"loadbalancers":[{"id":"lb"}],"extra":{"x":1}},
@@ -538,9 +731,32 @@ mod tests {
         assert_eq!(p.listeners[1].1.port, 8080);
         assert_eq!(p.listeners[1].1.name, "");
         assert_eq!(p.listeners[1].0, "lb");
+        assert_eq!(p.unattributable, 0);
         // Several load balancers asked: a listener must name its own.
         let p = listener_page(body, &["lb", "other"]).unwrap();
         assert_eq!(p.listeners.len(), 2);
         assert_eq!(p.listeners[1].0, "other");
+    }
+
+    #[test]
+    fn project_wide_page_attributes_each_listener_to_its_own_load_balancer() {
+        let body = br#"{"listeners":[
+            {"id":"a","protocol":"TCP","protocol_port":80,"loadbalancers":[{"id":"lb1"}]},
+            {"id":"b","protocol":"TCP","protocol_port":81,"loadbalancers":[{"id":"lb2"},{"id":"lb1"}]},
+            {"id":"c","protocol":"TCP","protocol_port":82}
+        ]}"#;
+        let p = listener_page_all(body).unwrap();
+        assert_eq!(p.raw_count, 3);
+        let got: Vec<(&str, &str)> = p
+            .listeners
+            .iter()
+            .map(|(lb, l)| (lb.as_str(), l.id.as_str()))
+            .collect();
+        assert_eq!(got, [("lb1", "a"), ("lb2", "b")]);
+        assert_eq!(
+            p.skipped, 1,
+            "a listener naming no load balancer cannot be attributed"
+        );
+        assert_eq!(p.last_id.as_deref(), Some("c"));
     }
 }

@@ -7,7 +7,7 @@
 //! Ingress none of these binds is reported `ingress_unbound` and retried.
 
 use super::{DiscoveryEvent, ELB_CLASS_ANNOTATION, ElbClass, Problem, Scope, forbidden_message};
-use crate::cloud::{CloudApi, Listener, LoadBalancer};
+use crate::cloud::{CloudApi, Lane, Listener, LoadBalancer};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
@@ -523,7 +523,7 @@ impl<C: CloudApi> Binder<C> {
 
     async fn relist(&mut self) {
         self.listed = Some(Instant::now());
-        match self.cloud.list_loadbalancers().await {
+        match self.cloud.list_loadbalancers(Lane::Priority).await {
             Ok(lbs) => self.lbs = lbs,
             Err(e) => {
                 warn!(error = %e, "load balancer listing failed; unbound ingresses are retried")

@@ -391,7 +391,7 @@ fn watch_error_kind(e: &watcher::Error) -> &'static str {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sim"))]
 mod tests {
     use super::*;
 

@@ -14,7 +14,7 @@
 
 use super::Problem;
 use super::inventory::Targets;
-use crate::cloud::{CloudApi, CloudError, ElbVersion, L7Policy, Pool};
+use crate::cloud::{CloudApi, CloudError, ElbVersion, L7Policy, Lane, Pool};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -176,6 +176,14 @@ struct Cached {
     in_flight: bool,
 }
 
+/// A listing to make now: an ELB's pools and the forwarding policies of its Ingress listeners.
+struct Due {
+    elb: Arc<str>,
+    version: ElbVersion,
+    listeners: Vec<Arc<str>>,
+    lane: Lane,
+}
+
 /// The pool stage: see the module documentation.
 pub struct PoolStage<C: CloudApi> {
     cloud: Arc<C>,
@@ -218,19 +226,26 @@ impl<C: CloudApi> PoolStage<C> {
     pub async fn update(&mut self, targets: &Arc<Targets>) {
         let due = self.due(targets);
         let fetched: Vec<(Arc<str>, Result<ElbPools, CloudError>)> = futures::stream::iter(due)
-            .map(|(elb, version, listeners)| {
-                let cloud = self.cloud.clone();
-                async move {
-                    let ids: Vec<&str> = listeners.iter().map(|l| &**l).collect();
-                    let r = async {
-                        let pools = cloud.list_pools(version, &elb).await?;
-                        let policies = cloud.list_l7policies(version, &ids).await?;
-                        Ok(ElbPools { pools, policies })
+            .map(
+                |Due {
+                     elb,
+                     version,
+                     listeners,
+                     lane,
+                 }| {
+                    let cloud = self.cloud.clone();
+                    async move {
+                        let ids: Vec<&str> = listeners.iter().map(|l| &**l).collect();
+                        let r = async {
+                            let pools = cloud.list_pools(version, &elb, lane).await?;
+                            let policies = cloud.list_l7policies(version, &ids, lane).await?;
+                            Ok(ElbPools { pools, policies })
+                        }
+                        .await;
+                        (elb, r)
                     }
-                    .await;
-                    (elb, r)
-                }
-            })
+                },
+            )
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
@@ -245,7 +260,9 @@ impl<C: CloudApi> PoolStage<C> {
     }
 
     /// ELBs to list now, with their API and Ingress listener ids; forgets ELBs without routes.
-    fn due(&mut self, targets: &Targets) -> Vec<(Arc<str>, ElbVersion, Vec<Arc<str>>)> {
+    /// A first listing or one for changed routes goes on the priority lane, a periodic one in the
+    /// background.
+    fn due(&mut self, targets: &Targets) -> Vec<Due> {
         let mut by_elb: BTreeMap<&Arc<str>, Vec<&IngressRoute>> = BTreeMap::new();
         for r in &targets.routes {
             by_elb.entry(&r.elb_id).or_default().push(r);
@@ -266,17 +283,22 @@ impl<C: CloudApi> PoolStage<C> {
                 error: None,
                 in_flight: false,
             });
+            let mut lane = Lane::Background;
+            if c.routes != owned || c.listing.is_none() {
+                lane = Lane::Priority;
+            }
             if c.routes != owned {
                 c.routes = owned;
                 c.next = now;
             }
             if c.next <= now && !c.in_flight {
                 c.in_flight = true;
-                due.push((
-                    elb.clone(),
+                due.push(Due {
+                    elb: elb.clone(),
                     version,
-                    routes.iter().map(|r| r.listener_id.clone()).collect(),
-                ));
+                    listeners: routes.iter().map(|r| r.listener_id.clone()).collect(),
+                    lane,
+                });
             }
         }
         due

@@ -6,6 +6,7 @@
 //! the ELB APIs do, applies the CES result budget silently, returns CES results out of request order, and
 //! serves deterministic, realistic data that tests can recompute with [`datapoint_value`].
 
+pub use crate::sim::publication::Publication;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,8 +47,8 @@ pub struct SimConfig {
     pub region: String,
     /// 32 hex characters; the project named after `region` has this id.
     pub project_id: String,
-    /// The newest minute with data lags the current time by this much.
-    pub data_lag: Duration,
+    /// When each minute's datapoint becomes visible (default: one minute after it starts, every minute).
+    pub publication: Publication,
     /// Added to every CES answer (benchmarks model network and service time with it).
     pub ces_latency: Duration,
     /// Sliding-minute CES call limit; beyond it 429 `ces.0429`. 0 disables the limit.
@@ -68,7 +69,7 @@ impl Default for SimConfig {
             security_token: None,
             region: "cn-east-3".to_string(),
             project_id: "0e5b7a1c2d3f4a5b8c9d0e1f2a3b4c5d".to_string(),
-            data_lag: Duration::from_secs(60),
+            publication: Publication::default(),
             ces_latency: Duration::ZERO,
             ces_calls_per_minute: 500,
             max_clock_skew: Duration::from_secs(15 * 60),
@@ -86,7 +87,7 @@ impl std::fmt::Debug for SimConfig {
             .field("ak", &self.ak)
             .field("region", &self.region)
             .field("project_id", &self.project_id)
-            .field("data_lag", &self.data_lag)
+            .field("publication", &self.publication)
             .field("ces_latency", &self.ces_latency)
             .field("ces_calls_per_minute", &self.ces_calls_per_minute)
             .field("v3_lists_shared", &self.v3_lists_shared)
@@ -154,6 +155,12 @@ pub enum Fault {
         retry_after_secs: Option<u64>,
         count: u32,
     },
+    /// 503 (a service briefly unavailable: `ces.0007` on CES, the gateway's shape elsewhere), with
+    /// `Retry-After` when given.
+    Unavailable {
+        retry_after_secs: Option<u64>,
+        count: u32,
+    },
 }
 
 impl Fault {
@@ -162,7 +169,8 @@ impl Fault {
             Fault::Status { count, .. }
             | Fault::Delay { count, .. }
             | Fault::Malformed { count }
-            | Fault::Throttle { count, .. } => count,
+            | Fault::Throttle { count, .. }
+            | Fault::Unavailable { count, .. } => count,
         }
     }
 }
@@ -648,8 +656,7 @@ impl Inner {
     }
 
     fn newest_minute(&self, now_ms: i64) -> i64 {
-        let lag = i64::try_from(self.cfg.data_lag.as_millis()).unwrap_or(i64::MAX);
-        now_ms.saturating_sub(lag).div_euclid(MINUTE_MS) * MINUTE_MS
+        self.cfg.publication.newest(now_ms)
     }
 
     async fn process(
@@ -683,11 +690,15 @@ impl Inner {
         let mut malformed = false;
         match self.take_fault(ep.api()) {
             Some(Fault::Status { status, body, .. }) => {
-                let code = serde_json::from_str::<Value>(&body).ok().and_then(|v| {
-                    v.get("error_code")
-                        .and_then(Value::as_str)
-                        .map(String::from)
-                });
+                // Only the code is read (other fields are skipped unparsed): bodies may be huge.
+                #[derive(serde::Deserialize)]
+                struct Code {
+                    error_code: Option<String>,
+                }
+                let code = (status >= 400)
+                    .then(|| serde_json::from_str::<Code>(&body).ok())
+                    .flatten()
+                    .and_then(|c| c.error_code);
                 return Reply {
                     status: StatusCode::from_u16(status)
                         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -700,6 +711,13 @@ impl Inner {
                 retry_after_secs, ..
             }) => {
                 let mut reply = throttled(ep.api(), rid);
+                reply.retry_after = retry_after_secs;
+                return reply;
+            }
+            Some(Fault::Unavailable {
+                retry_after_secs, ..
+            }) => {
+                let mut reply = unavailable(ep.api(), rid);
                 reply.retry_after = retry_after_secs;
                 return reply;
             }
@@ -1073,7 +1091,7 @@ impl Inner {
                     }
                 },
             };
-            let candidates: Vec<(u64, Value)> = st
+            let candidates: Vec<(u64, &ListenerRecord)> = st
                 .listeners
                 .values()
                 .filter(|_| in_project)
@@ -1083,10 +1101,13 @@ impl Inner {
                         LbKind::Shared => !v3 || self.cfg.v3_lists_shared,
                         LbKind::Dedicated => v3,
                     };
-                    (visible && filter.matches(l)).then(|| (l.seq, listener_json(l, pid, v3)))
+                    (visible && filter.matches(l)).then_some((l.seq, l))
                 })
                 .collect();
-            paging.apply(candidates, marker_seq)
+            // Only the page is rendered: a project-wide listing pages through every listener.
+            let (page, more) = paging.apply(candidates, marker_seq);
+            let page: Vec<Value> = page.iter().map(|l| listener_json(l, pid, v3)).collect();
+            (page, more)
         };
         if v3 {
             Reply::ok(&json!({
@@ -1252,7 +1273,9 @@ impl Inner {
             rec.budget_from = Some(from);
         }
         let from = from.div_euclid(q.period_ms) * q.period_ms;
-        let newest = self.newest_minute(now_ms());
+        let now = now_ms();
+        let newest = self.newest_minute(now);
+        let published = |t: i64| self.cfg.publication.is_published(t, now);
 
         // Resolve listeners under the lock, generate data outside it.
         let targets: Vec<Option<String>> = {
@@ -1288,7 +1311,14 @@ impl Inner {
             .iter()
             .zip(&q.metrics)
             .map(|(target, m)| match target {
-                Some(listener) => points(listener, m, from, q.to, newest, q.period_ms, &q.filter),
+                Some(listener) => {
+                    let mut p = points(listener, m, from, q.to, newest, q.period_ms, &q.filter);
+                    // A late minute is missing below newer ones until it is published.
+                    if q.period_ms == MINUTE_MS {
+                        p.retain(|(t, _)| published(*t));
+                    }
+                    p
+                }
                 None => Vec::new(),
             })
             .collect();
@@ -1358,6 +1388,23 @@ fn throttled(api: SimApi, rid: &str) -> Reply {
             StatusCode::TOO_MANY_REQUESTS,
             "APIGW.0308",
             "The throttling threshold has been reached: policy user over ratelimit,limit:20,time:1 second",
+            rid,
+        )
+    }
+}
+
+fn unavailable(api: SimApi, rid: &str) -> Reply {
+    if api == SimApi::Ces {
+        ces_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ces.0007",
+            "Internal service error.",
+        )
+    } else {
+        apigw_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "APIGW.0202",
+            "The API is unavailable",
             rid,
         )
     }
@@ -1519,12 +1566,12 @@ impl Paging {
 
     /// Sorts by creation order (reversed with `page_reverse`), starts after the marker, and returns the
     /// page plus whether more items follow it.
-    fn apply(&self, mut items: Vec<(u64, Value)>, marker_seq: Option<u64>) -> (Vec<Value>, bool) {
+    fn apply<T>(&self, mut items: Vec<(u64, T)>, marker_seq: Option<u64>) -> (Vec<T>, bool) {
         items.sort_by_key(|(seq, _)| *seq);
         if self.reverse {
             items.reverse();
         }
-        let after: Vec<Value> = items
+        let after: Vec<T> = items
             .into_iter()
             .filter(|(seq, _)| match marker_seq {
                 None => true,
@@ -2305,7 +2352,7 @@ mod tests {
         http(addr, call.method, &target, &signed.headers, &call.body).await
     }
 
-    /// A minimal HTTP/1.1 client: the crate has no HTTP client dependency and tower is not a direct one.
+    /// A minimal HTTP/1.1 client: it sends exactly the signed headers and nothing an HTTP library would add.
     async fn http(
         addr: SocketAddr,
         method: &str,
