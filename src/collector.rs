@@ -1316,6 +1316,61 @@ mod tests {
         );
     }
 
+    /// A pool that appears behind an Ingress listener is collected at once in the priority lane (its
+    /// series key after the listener metrics), then by full cycles in the background lane.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_pool_is_collected_promptly_then_in_the_background() {
+        let (cloud, targets) = world(1, 1.0);
+        cloud.set_value("p1", "mb_l7_qps", 7.0);
+        let s = CollectorSettings {
+            pool_metrics: Arc::new(vec!["mb_l7_qps".to_string()]),
+            ..settings(100, 1)
+        };
+        let (collector, mut rx) = Collector::new(cloud.clone(), s, Telemetry::new());
+        let (ttx, trx) = watch::channel(targets.clone());
+        tokio::spawn(collector.run(trx));
+        next_full(&mut rx, 0).await;
+        let pool = crate::discovery::pools::PoolTarget {
+            namespace: "default".into(),
+            service: "backend".into(),
+            ingress: "web".into(),
+            uid: "uid-1".into(),
+            elb_id: "elb0".into(),
+            pool_id: "p1".into(),
+            pool_name: "k8s_default_backend-80_HTTP-80".into(),
+            port: 80,
+        };
+        ttx.send_replace(Arc::new(Targets {
+            pools: vec![pool],
+            ..(*targets).clone()
+        }));
+        let key: SeriesKey = ("p1".into(), METRICS.len() as u16);
+        let prompt = rx
+            .wait_for(|s| s.get(&key).is_some())
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(prompt.cycle, 1, "collected before the next full cycle");
+        assert_eq!(prompt.get(&key).map(|s| s.value), Some(7.0));
+        let calls = cloud.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].lane, Lane::Priority);
+        assert_eq!(
+            calls[1].series,
+            [("p1".to_string(), "mb_l7_qps".to_string())]
+        );
+        let full = next_full(&mut rx, 1).await;
+        assert_eq!(full.get(&key).map(|s| s.value), Some(7.0));
+        let calls = cloud.calls();
+        assert_eq!(
+            calls.len(),
+            3,
+            "one call for 3 listener series and the pool's"
+        );
+        assert_eq!(calls[2].lane, Lane::Background);
+        assert_eq!(calls[2].series.len(), METRICS.len() + 1);
+    }
+
     /// Runs an aligned collector over `minutes` of virtual time against a lag that changes at the given
     /// minutes; returns (minute, delay from its publication to its exposure in a snapshot, ms) and the calls.
     async fn aligned_run(

@@ -104,10 +104,11 @@ impl FakeCloud {
     }
 }
 
+/// The listener (or pool: values are kept by the series' own id) a metric asks about.
 fn listener_of(m: &MetricQuery) -> &str {
     m.dimensions
         .iter()
-        .find(|(k, _)| k == "lbaas_listener_id")
+        .find(|(k, _)| k == "lbaas_listener_id" || k == "lbaas_pool_id")
         .map_or("", |(_, v)| v.as_str())
 }
 
