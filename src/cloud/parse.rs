@@ -759,4 +759,27 @@ mod tests {
         );
         assert_eq!(p.last_id.as_deref(), Some("c"));
     }
+
+    #[test]
+    fn pool_page_is_bounded_by_its_limit_and_skips_bad_items() {
+        let body = br#"{"pools":[
+            {"id":"p1","name":"k8s_default_web-80_HTTP-80","protocol":"HTTP","listeners":[{"id":"l1"}]},
+            {"name":"no id"},
+            "not an object",
+            {"id":"p4","listeners":[]}
+        ],"page_info":{"next_marker":"p4"}}"#;
+        let p = item_page(body, "pools", 4, pool).unwrap();
+        assert_eq!(p.raw_count, 4);
+        let ids: Vec<&str> = p.items.iter().map(|x| x.id.as_str()).collect();
+        assert_eq!(ids, ["p1", "p4"]);
+        assert_eq!(p.items[0].listeners, ["l1"]);
+        assert_eq!(p.skipped, 2);
+        assert_eq!(p.last_id.as_deref(), Some("p4"));
+        assert_eq!(p.next_marker.as_deref(), Some("p4"));
+        // More items than the request asked for: malformed, not read further.
+        let err = item_page(body, "pools", 3, pool).unwrap_err();
+        assert!(err.contains("more than 3"), "{err}");
+        assert!(item_page(br#"{"l7policies":[]}"#, "pools", 3, pool).is_err());
+        assert!(item_page(br#"{"pools":{}}"#, "pools", 3, pool).is_err());
+    }
 }
