@@ -827,3 +827,35 @@ async fn a_pool_cce_creates_after_the_ingress_is_picked_up_before_the_refresh() 
     .await;
     assert!(ok, "{body}\n{}", e.logs());
 }
+
+/// A pool listing's answer is capped by what the request can legitimately get (16 KiB per pool asked
+/// for): a 200 larger than that is refused as malformed from its Content-Length, never read and parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_pool_answer_is_refused() {
+    use elb_exporter::cloud::client::HttpCloud;
+    use elb_exporter::cloud::{CloudApi, CloudError, ElbVersion, Lane};
+    use elb_exporter::sim::cloud::{Fault, SimApi};
+    let w = fixture().await;
+    // Valid JSON over the v2 cap (500 pools x 16 KiB + 64 KiB), under the client's whole body budget.
+    let body = format!(r#"{{"pools":[],"pad":"{}"}}"#, "x".repeat(9 * 1024 * 1024));
+    w.sim.inject(
+        SimApi::ElbV2,
+        Fault::Status {
+            status: 200,
+            body,
+            count: 100,
+        },
+    );
+    let text = elb_exporter::demo::config_for(&w.sim, &w.cloud_url, "");
+    let cfg = elb_exporter::config::Config::from_yaml(&text, &|_| None).expect("config");
+    let cloud = HttpCloud::new(&cfg, elb_exporter::telemetry::Telemetry::new()).expect("client");
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        cloud.list_pools(ElbVersion::V2, SHARED, Lane::Background),
+    )
+    .await
+    .expect("bounded")
+    .expect_err("an answer over the cap");
+    assert!(matches!(err, CloudError::Malformed(..)), "{err}");
+    assert!(err.to_string().contains("over"), "{err}");
+}
