@@ -283,10 +283,11 @@ impl<C: CloudApi> PoolStage<C> {
                 error: None,
                 in_flight: false,
             });
-            let mut lane = Lane::Background;
-            if c.routes != owned || c.listing.is_none() {
-                lane = Lane::Priority;
-            }
+            let lane = if c.routes != owned || c.listing.is_none() {
+                Lane::Priority
+            } else {
+                Lane::Background
+            };
             if c.routes != owned {
                 c.routes = owned;
                 c.next = now;
@@ -405,6 +406,48 @@ impl<C: CloudApi> PoolStage<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A first listing and one for changed routes go on the priority lane; the periodic re-listing in
+    /// the background.
+    #[cfg(feature = "sim")]
+    #[tokio::test(start_paused = true)]
+    async fn first_and_changed_listings_are_priority_refreshes_background() {
+        use crate::sim::fake::FakeCloud;
+        let cloud = Arc::new(FakeCloud::default());
+        let refresh = Duration::from_secs(300);
+        let (mut stage, _rx) = PoolStage::new(cloud.clone(), refresh);
+        let route = |backends: &[(&str, u16)]| IngressRoute {
+            elb_id: "elb1".into(),
+            version: Some(ElbVersion::V3),
+            listener_id: "l1".into(),
+            port: 80,
+            ingresses: vec![RouteIngress {
+                namespace: "default".into(),
+                name: "web".into(),
+                uid: "uid-1".into(),
+                backends: backends.iter().map(|(s, p)| ((*s).into(), *p)).collect(),
+            }],
+        };
+        let targets = |r: IngressRoute| {
+            Arc::new(Targets {
+                synced: true,
+                routes: vec![r],
+                ..Targets::default()
+            })
+        };
+        let lanes = || -> Vec<Lane> { cloud.pool_listings().into_iter().map(|(_, l)| l).collect() };
+        stage.update(&targets(route(&[]))).await;
+        assert_eq!(lanes(), [Lane::Priority]);
+        tokio::time::advance(refresh).await;
+        stage.update(&targets(route(&[]))).await;
+        assert_eq!(lanes(), [Lane::Priority, Lane::Background]);
+        stage.update(&targets(route(&[("api", 8080)]))).await;
+        assert_eq!(
+            lanes(),
+            [Lane::Priority, Lane::Background, Lane::Priority],
+            "a changed route lists at once, ahead of refreshes"
+        );
+    }
 
     #[test]
     fn pool_names_parse_strictly() {

@@ -4,7 +4,7 @@
 
 use crate::cloud::{
     BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Lane,
-    Listener, Listing, MetricQuery,
+    Listener, Listing, MetricQuery, Pool,
 };
 use crate::sim::publication::Publication;
 use crate::telemetry::Api;
@@ -40,6 +40,8 @@ struct State {
     scripts: VecDeque<Script>,
     calls: Vec<FakeCall>,
     listings: usize,
+    /// (load balancer, lane) of each pool listing; every load balancer has no pool.
+    pool_listings: Vec<(String, Lane)>,
     /// When set, the newest datapoint is the newest minute published at the asked time.
     publication: Option<Publication>,
     /// Added to every CES answer.
@@ -97,6 +99,10 @@ impl FakeCloud {
 
     pub fn calls(&self) -> Vec<FakeCall> {
         self.state().calls.clone()
+    }
+
+    pub fn pool_listings(&self) -> Vec<(String, Lane)> {
+        self.state().pool_listings.clone()
     }
 
     pub fn listings(&self) -> usize {
@@ -175,6 +181,18 @@ impl CloudApi for FakeCloud {
             }
         }
         Ok(out)
+    }
+
+    async fn list_pools(
+        &self,
+        _version: ElbVersion,
+        loadbalancer_id: &str,
+        lane: Lane,
+    ) -> Result<Vec<Pool>, CloudError> {
+        self.state()
+            .pool_listings
+            .push((loadbalancer_id.to_string(), lane));
+        Ok(Vec::new())
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
