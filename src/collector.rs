@@ -406,6 +406,7 @@ impl<C: CloudApi> Collector<C> {
 
     /// Plans a cycle for `listeners`, exports the plan and says when it does not fit the CES budget.
     fn plan(&mut self, listeners: usize) -> CyclePlan {
+        self.learn_batch_size();
         let s = &self.settings;
         let calls = calls_per_cycle(listeners, s.metrics.len(), s.batch_size);
         let plan = CyclePlan::new(calls, s.interval, s.ces_per_minute);
@@ -432,6 +433,13 @@ impl<C: CloudApi> Collector<C> {
             }
         }
         plan
+    }
+
+    /// The batch size CES turned out to accept (e.g. 10 on Open Telekom Cloud), read per cycle.
+    fn learn_batch_size(&mut self) {
+        if let Some(limit) = self.cloud.ces_batch_limit() {
+            self.settings.batch_size = self.settings.batch_size.min(limit);
+        }
     }
 
     /// One full cycle; returns how long after its start the next one may begin.
@@ -608,6 +616,7 @@ impl<C: CloudApi> Collector<C> {
             return;
         }
         debug!(listeners = fresh.len(), "collecting new listeners now");
+        self.learn_batch_size();
         let prev = self.tx.borrow().clone();
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
         self.query(&fresh, |_, keys, result| match result {

@@ -11,7 +11,7 @@ use elb_exporter::cloud::{BatchQuery, CloudApi, CloudError, ElbVersion, MetricQu
 use elb_exporter::config::{Config, Filter};
 use elb_exporter::demo::config_for;
 use elb_exporter::sim::cloud::{
-    CloudSim, Fault, LbKind, SimApi, SimConfig, SimListener, SimRequest, datapoint_value,
+    CloudSim, Fault, LbKind, SimApi, SimConfig, SimListener, SimRequest, SimUser, datapoint_value,
 };
 use elb_exporter::telemetry::Telemetry;
 
@@ -312,9 +312,11 @@ async fn unknown_project_name_is_a_project_error_naming_it_and_is_not_cached() {
         "a definite answer is not retried"
     );
 
-    // A failure is not cached: once the project exists, the next call finds it.
+    // A failure is kept only for the retry backoff (10 ms here): once the project exists, the next
+    // call after it finds it.
     let id = "1234567890abcdef1234567890abcdef";
     sim.add_project("xx-nowhere-9", id);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(bounded(cloud.project_id()).await.unwrap(), id);
     assert_eq!(count(&sim, SimApi::Iam), 2);
 }
@@ -1098,4 +1100,127 @@ async fn slow_answers_time_out_after_retries() {
 
     // The faults are used up: the next call is answered in time.
     assert!(bounded(cloud.batch_query(&q)).await.unwrap().newest[0].is_some());
+}
+
+fn iam_failures(t: &Telemetry, api: &str, code: &str) -> u64 {
+    t.cloud_failures.with_label_values(&[api, code]).get()
+}
+
+/// An IAM user with only "ELB ReadOnlyAccess" + "CES ReadOnlyAccess" may not list projects by name
+/// (403 IAM.0002); the project is then found among the projects it may access (`/v3/auth/projects`).
+#[tokio::test]
+async fn least_privilege_user_resolves_the_project_through_auth_projects() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, telemetry) = client(&sim, &url);
+    let want = sim.config().project_id.clone();
+    assert_eq!(bounded(cloud.project_id()).await.unwrap(), want);
+    let iam = of(&sim, SimApi::Iam);
+    let seen: Vec<(&str, u16, Option<&str>)> = iam
+        .iter()
+        .map(|r| (r.path.as_str(), r.status, r.error_code.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/v3/projects", 403, Some("IAM.0002")),
+            ("/v3/auth/projects", 200, None)
+        ]
+    );
+    assert_eq!(
+        iam_failures(&telemetry, "iam_list_projects", "403"),
+        1,
+        "the refusal is counted"
+    );
+    assert_eq!(
+        telemetry
+            .cloud_requests
+            .with_label_values(&["iam_list_auth_projects"])
+            .get(),
+        1
+    );
+    // ELB and CES work with the resolved project.
+    let q = small_setup(&sim);
+    bounded(cloud.batch_query(&q)).await.expect("CES answers");
+}
+
+/// When both lookups are refused the error says what to do; the failure is kept for the retry backoff
+/// (no IAM storm), and a later grant of `iam:projects:list` heals it without a new client.
+#[tokio::test]
+async fn refused_project_lookups_say_what_to_do_and_heal_after_a_grant() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        auth_projects_with_aksk: false,
+        ..SimConfig::default()
+    })
+    .await;
+    let text = config_for(&sim, &url, &cloud_yaml("5s"))
+        .replace("initial_backoff: \"10ms\"", "initial_backoff: \"500ms\"")
+        .replace("max_backoff: \"50ms\"", "max_backoff: \"1s\"");
+    let cfg = Config::from_yaml(&text, &|_| None).expect("config");
+    let (cloud, telemetry) = client_with(&cfg);
+    let err = bounded(cloud.project_id()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, CloudError::Project(_)), "{err:?}");
+    for fix in [
+        "set auth.project_id",
+        "grant the IAM user iam:projects:list",
+    ] {
+        assert!(msg.contains(fix), "{msg}");
+    }
+    assert_eq!(iam_failures(&telemetry, "iam_list_projects", "403"), 1);
+    assert_eq!(iam_failures(&telemetry, "iam_list_auth_projects", "403"), 1);
+    // Within the backoff: the same answer, no new request.
+    let again = bounded(cloud.project_id()).await.unwrap_err();
+    assert_eq!(again.to_string(), msg);
+    assert_eq!(count(&sim, SimApi::Iam), 2);
+
+    sim.grant("iam:projects:list");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        bounded(cloud.project_id()).await.unwrap(),
+        sim.config().project_id
+    );
+    let last = of(&sim, SimApi::Iam).pop().unwrap();
+    assert_eq!((last.path.as_str(), last.status), ("/v3/projects", 200));
+}
+
+/// A 403 names the permission of the API that refused, not every permission the exporter uses.
+#[tokio::test]
+async fn a_403_names_the_permission_of_its_api() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, _) = client_with_project(&sim, &url);
+    let q = small_setup(&sim);
+    sim.inject(
+        SimApi::Ces,
+        status_fault(403, r#"{"error_code":"ces.0017","error_msg":"Policy doesn't allow ces:metricData:list to be performed."}"#, 1),
+    );
+    let ces = bounded(cloud.batch_query(&q))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(ces.contains("lacks ces:metricData:list"), "{ces}");
+    assert!(ces.contains("granted in this region's project"), "{ces}");
+    assert!(!ces.contains("elb:") && !ces.contains("iam:"), "{ces}");
+    sim.inject(
+        SimApi::ElbV3,
+        status_fault(
+            403,
+            r#"{"http_code":"403","message":{"details":"denied","code":"403"}}"#,
+            1,
+        ),
+    );
+    let elb = bounded(cloud.list_listeners(ElbVersion::V3, DEDICATED_LB))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(elb.contains("lacks elb:listeners:list"), "{elb}");
+    assert!(!elb.contains("ces:") && !elb.contains("iam:"), "{elb}");
 }

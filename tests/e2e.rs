@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use elb_exporter::demo::service;
-use elb_exporter::sim::cloud::{LbKind, SimApi, SimConfig, SimListener, datapoint_value};
+use elb_exporter::sim::cloud::{LbKind, SimApi, SimConfig, SimListener, SimUser, datapoint_value};
 use std::time::Duration;
 
 const ID: &str = "kubernetes.io/elb.id";
@@ -608,5 +608,62 @@ async fn check_reports_a_plan_over_the_ces_budget() {
     assert!(
         out.contains("cycles will be paced to one every 20s instead of 10s"),
         "{out}"
+    );
+}
+
+/// An IAM user without `iam:projects:list` and no `/v3/auth/projects` fallback: `check` and the running
+/// exporter say exactly what to do (log, `check`, the 403 failure counter), and a later grant heals the
+/// running exporter without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_may_not_list_projects_is_told_the_fix_and_heals_after_a_grant() {
+    let w = World::start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        auth_projects_with_aksk: false,
+        ..SimConfig::default()
+    })
+    .await;
+    w.sim.add_loadbalancer(DEDICATED, LbKind::Dedicated);
+    let l = LISTENERS[0];
+    w.sim
+        .add_listener(DEDICATED, SimListener::new(l.1, l.2, l.3, l.4));
+    w.cluster.apply(service(
+        "default",
+        "nginx",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[80],
+    ));
+    let fix = [
+        "set auth.project_id",
+        "grant the IAM user iam:projects:list",
+    ];
+    let (code, out, _) = w.run(METRICS, &["check"]);
+    assert_eq!(code, 1, "{out}");
+    for f in fix {
+        assert!(out.contains(f), "check prints the fix {f:?}:\n{out}");
+    }
+
+    let e = w.exporter(METRICS);
+    e.wait_ready().await;
+    let refused =
+        "elb_exporter_cloud_request_failures_total{api=\"iam_list_projects\",code=\"403\"}";
+    let body = e.metrics().await;
+    assert!(sample(&body, refused).unwrap_or(0.0) >= 1.0, "{body}");
+    assert_eq!(sample(&body, "elb_exporter_up "), Some(0.0));
+    for f in fix {
+        assert!(e.logs().contains(f), "the log says {f:?}:\n{}", e.logs());
+    }
+
+    w.sim.grant("iam:projects:list");
+    let nginx = "huaweicloud_sys_elb_listener_m1_cps{namespace=\"default\",service=\"nginx\"";
+    let healed = wait_for(Duration::from_secs(40), || async {
+        sample(&e.metrics().await, nginx).is_some()
+    })
+    .await;
+    assert!(healed, "{}\n{}", e.metrics().await, e.logs());
+    assert!(
+        e.logs().contains("via=\"iam_list_projects\"")
+            || e.logs().contains("via=iam_list_projects"),
+        "{}",
+        e.logs()
     );
 }
