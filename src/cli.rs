@@ -114,6 +114,9 @@ pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
     for w in cfg.transport_warnings() {
         tracing::warn!(warning = %w, "insecure transport to the cloud");
     }
+    if let Some(w) = cfg.batch_size_warning() {
+        tracing::warn!(warning = %w, "small CES batches");
+    }
     let kube = kube_client().await?;
     let listener = app::bind(&cfg.listen).await?;
     announce(&listener, &cfg.metric_path);
@@ -175,7 +178,11 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     for k in &cfg.ignored_keys {
         println!("  note: {k} is a cloudeye-exporter key with no effect here");
     }
-    for w in cfg.transport_warnings() {
+    for w in cfg
+        .transport_warnings()
+        .into_iter()
+        .chain(cfg.batch_size_warning())
+    {
         println!("  warning: {w}");
     }
     let telemetry = Telemetry::new();
@@ -243,8 +250,35 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         );
     }
 
+    // The first batch of a cycle proves the AK may read metrics (ces:metricData:list) and finds out
+    // whether this cloud takes batches of that size.
     let listeners = distinct_listeners(&targets);
-    let batch = cfg.effective_batch_size();
+    if let Some(q) = first_batch(&cfg, &listeners) {
+        let (_, listener) = &listeners[0];
+        match cloud.batch_query(&q).await {
+            Ok(r) => println!(
+                "ces: ok ({} metrics in one call; {} for listener {listener}: {})",
+                q.metrics.len(),
+                cfg.collection.metrics[0],
+                r.newest
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(|d| d.value.to_string())
+                    .unwrap_or_else(|| "no datapoint in the window".into())
+            ),
+            Err(e) => problems.push(format!("CES probe failed: {e}")),
+        }
+    }
+    let batch = match cloud.ces_batch_limit() {
+        Some(limit) if limit < cfg.effective_batch_size() => {
+            println!(
+                "ces: batch size {limit}: CES refused a larger batch and accepted {limit} metrics per call (the limit of Open Telekom Cloud and some Huawei regions)"
+            );
+            limit
+        }
+        _ => cfg.effective_batch_size(),
+    };
     let metrics = cfg.collection.metrics.len();
     let calls = calls_per_cycle(listeners.len(), metrics, batch);
     let per_min = calls as f64 * 60.0 / cfg.collection.interval.as_secs_f64();
@@ -274,40 +308,6 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             format_duration(cfg.collection.interval),
         ));
     }
-    // One small CES call proves the AK may read metrics (ces:metricData:list).
-    if let Some((elb, listener)) = listeners.first() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as i64;
-        let q = BatchQuery {
-            metrics: vec![MetricQuery {
-                namespace: NAMESPACE.into(),
-                metric_name: cfg.collection.metrics[0].clone(),
-                dimensions: vec![
-                    ("lbaas_instance_id".into(), elb.to_string()),
-                    ("lbaas_listener_id".into(), listener.to_string()),
-                ],
-            }],
-            from_ms: now - cfg.collection.lookback.as_millis() as i64,
-            to_ms: now,
-            period: "1",
-            filter: cfg.collection.filter,
-        };
-        match cloud.batch_query(&q).await {
-            Ok(r) => println!(
-                "ces: ok ({} for listener {listener}: {})",
-                cfg.collection.metrics[0],
-                r.newest
-                    .first()
-                    .copied()
-                    .flatten()
-                    .map(|d| d.value.to_string())
-                    .unwrap_or_else(|| "no datapoint in the window".into())
-            ),
-            Err(e) => problems.push(format!("CES probe failed: {e}")),
-        }
-    }
     if problems.is_empty() {
         println!("\ncheck: ok");
         Ok(())
@@ -322,6 +322,35 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             problems.len()
         )))
     }
+}
+
+/// The first CES batch a cycle would send for `listeners` (None without listeners).
+fn first_batch(cfg: &Config, listeners: &[(Arc<str>, Arc<str>)]) -> Option<BatchQuery> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64;
+    let metrics: Vec<MetricQuery> = listeners
+        .iter()
+        .flat_map(|(elb, listener)| {
+            cfg.collection.metrics.iter().map(move |m| MetricQuery {
+                namespace: NAMESPACE.into(),
+                metric_name: m.clone(),
+                dimensions: vec![
+                    ("lbaas_instance_id".into(), elb.to_string()),
+                    ("lbaas_listener_id".into(), listener.to_string()),
+                ],
+            })
+        })
+        .take(cfg.effective_batch_size())
+        .collect();
+    (!metrics.is_empty()).then(|| BatchQuery {
+        metrics,
+        from_ms: now - cfg.collection.lookback.as_millis() as i64,
+        to_ms: now,
+        period: "1",
+        filter: cfg.collection.filter,
+    })
 }
 
 /// Lists the Services once and resolves their ELBs through the same inventory the exporter runs.

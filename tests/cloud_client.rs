@@ -1224,3 +1224,84 @@ async fn a_403_names_the_permission_of_its_api() {
     assert!(elb.contains("lacks elb:listeners:list"), "{elb}");
     assert!(!elb.contains("ces:") && !elb.contains("iam:"), "{elb}");
 }
+
+/// `n` metrics over TCP listeners of one dedicated load balancer, every one with data.
+fn many_metrics(sim: &CloudSim, n: usize) -> BatchQuery {
+    sim.add_loadbalancer(DEDICATED_LB, LbKind::Dedicated);
+    let mut metrics = Vec::new();
+    for i in 0..n.div_ceil(METRICS.len()) {
+        let id = listener_id(0x10, i);
+        sim.add_listener(
+            DEDICATED_LB,
+            SimListener::new(&id, format!("l{i}"), "TCP", 8000 + i as u16),
+        );
+        for m in METRICS {
+            metrics.push(query(DEDICATED_LB, &id, m));
+        }
+    }
+    metrics.truncate(n);
+    batch(metrics)
+}
+
+/// A cloud whose CES takes 10 metrics per call (Open Telekom Cloud): the refused batch is retried as its
+/// first 10 metrics; accepted, 10 is the limit from then on (exported), and the batch is still answered
+/// whole, in request order.
+#[tokio::test]
+async fn a_10_metric_ces_limit_is_learned_by_experiment() {
+    let (sim, url) = start(SimConfig {
+        ces_max_metrics: 10,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    assert_eq!(telemetry.ces_batch_size.get(), 500);
+    let q = many_metrics(&sim, 25);
+    let result = bounded(cloud.batch_query(&q))
+        .await
+        .expect("answered in parts");
+    assert_eq!(result.newest.len(), 25);
+    assert!(result.newest.iter().all(Option::is_some), "{result:?}");
+    let sizes: Vec<(usize, u16)> = of(&sim, SimApi::Ces)
+        .iter()
+        .map(|r| (r.ces_metrics, r.status))
+        .collect();
+    assert_eq!(sizes, [(25, 400), (10, 200), (10, 200), (5, 200)]);
+    assert_eq!(cloud.ces_batch_limit(), Some(10));
+    assert_eq!(telemetry.ces_batch_size.get(), 10);
+
+    // Learned: no more refused calls.
+    sim.clear_requests();
+    bounded(cloud.batch_query(&q)).await.unwrap();
+    let sizes: Vec<usize> = of(&sim, SimApi::Ces)
+        .iter()
+        .map(|r| r.ces_metrics)
+        .collect();
+    assert_eq!(sizes, [10, 10, 5]);
+}
+
+/// A 400 that is not about the size (the 10-metric batch is refused too) keeps the size and reports
+/// the 400.
+#[tokio::test]
+async fn a_400_for_another_reason_keeps_the_batch_size() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    let q = many_metrics(&sim, 25);
+    let body =
+        r#"{"error_code":"ces.0014","error_msg":"Some content in message body is not correct"}"#;
+    sim.inject(SimApi::Ces, status_fault(400, body, 2));
+    let err = bounded(cloud.batch_query(&q)).await.unwrap_err();
+    assert!(matches!(err, CloudError::BadRequest(..)), "{err:?}");
+    let sizes: Vec<usize> = of(&sim, SimApi::Ces)
+        .iter()
+        .map(|r| r.ces_metrics)
+        .collect();
+    assert_eq!(sizes, [25, 10]);
+    assert_eq!(cloud.ces_batch_limit(), None);
+    assert_eq!(telemetry.ces_batch_size.get(), 500);
+    // A batch of 10 or fewer is never split.
+    sim.inject(SimApi::Ces, status_fault(400, body, 1));
+    sim.clear_requests();
+    let small = batch(q.metrics[..10].to_vec());
+    assert!(bounded(cloud.batch_query(&small)).await.is_err());
+    assert_eq!(count(&sim, SimApi::Ces), 1);
+}

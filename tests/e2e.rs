@@ -58,7 +58,11 @@ const LISTENERS: &[Fl] = &[
 ];
 
 async fn fixture() -> World {
-    let w = World::start(SimConfig::default()).await;
+    fixture_with(SimConfig::default()).await
+}
+
+async fn fixture_with(cfg: SimConfig) -> World {
+    let w = World::start(cfg).await;
     w.sim.add_loadbalancer(DEDICATED, LbKind::Dedicated);
     w.sim.add_loadbalancer(SHARED, LbKind::Shared);
     w.sim.add_loadbalancer(SHOP, LbKind::Dedicated);
@@ -665,5 +669,93 @@ async fn a_user_that_may_not_list_projects_is_told_the_fix_and_heals_after_a_gra
             || e.logs().contains("via=iam_list_projects"),
         "{}",
         e.logs()
+    );
+}
+
+/// A cloud whose CES takes 10 metrics per call: `check` and the exporter find out from one refused
+/// batch, and the collector plans every later cycle with 10 (12 series: 10 + 2, never refused again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10_metric_ces_limit_is_learned_once_and_planned_with() {
+    let w = fixture_with(SimConfig {
+        ces_max_metrics: 10,
+        ..SimConfig::default()
+    })
+    .await;
+    let scoped = "collection:\n  interval: \"1s\"\n  metrics: [m1_cps, m7_in_Bps, mb_l7_qps]\ndiscovery:\n  namespaces: [default, shop]\n";
+    let (_, out, _) = w.run(scoped, &["check"]);
+    assert!(
+        out.contains("ces: batch size 10: CES refused a larger batch"),
+        "{out}"
+    );
+    assert!(out.contains("= 12 series -> 2 CES batch call(s)"), "{out}");
+
+    w.sim.clear_requests();
+    let e = w.exporter(scoped);
+    e.wait_ready().await;
+    let ces = || -> Vec<(usize, u16)> {
+        w.sim
+            .requests()
+            .iter()
+            .filter(|r| r.api == SimApi::Ces)
+            .map(|r| (r.ces_metrics, r.status))
+            .collect()
+    };
+    assert!(wait_for(Duration::from_secs(15), || async { ces().len() >= 9 }).await);
+    let calls = ces();
+    assert_eq!(calls[..3], [(12, 400), (10, 200), (2, 200)], "{calls:?}");
+    assert!(
+        calls[3..]
+            .iter()
+            .all(|(n, s)| *s == 200 && [10, 2].contains(n)),
+        "{calls:?}"
+    );
+    let body = e.metrics().await;
+    assert_eq!(sample(&body, "elb_exporter_ces_batch_size "), Some(10.0));
+    assert_eq!(sample(&body, "elb_exporter_up "), Some(1.0));
+    // The collector plans with 10: 2 calls per 1 s cycle.
+    let planned = "elb_exporter_planned_cloud_calls_per_minute{api=\"ces_batch_query\"}";
+    assert_eq!(sample(&body, planned), Some(120.0), "{body}");
+    assert_eq!(
+        e.logs()
+            .matches("this cloud's limit is 10 metrics per call")
+            .count(),
+        1,
+        "{}",
+        e.logs()
+    );
+}
+
+/// The practice guide's `scrape_batch_size: 10` is honoured, with one warning saying what it costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_scrape_batch_size_is_honoured_with_a_warning() {
+    let w = fixture().await;
+    let small = |t: String| t.replacen("global:\n", "global:\n  scrape_batch_size: 10\n", 1);
+    let scoped = "collection:\n  interval: \"1s\"\n  metrics: [m1_cps, m7_in_Bps, mb_l7_qps]\ndiscovery:\n  namespaces: [default, shop]\n";
+    let e = w.exporter_edited(scoped, small);
+    e.wait_ready().await;
+    let warning = "10 instead of 500: 50x more CES calls per cycle";
+    assert_eq!(e.logs().matches(warning).count(), 1, "{}", e.logs());
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            w.sim
+                .requests()
+                .iter()
+                .filter(|r| r.api == SimApi::Ces)
+                .count()
+                >= 4
+        })
+        .await
+    );
+    let sizes: Vec<usize> = w
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.api == SimApi::Ces)
+        .map(|r| r.ces_metrics)
+        .collect();
+    assert!(sizes.iter().all(|n| *n <= 10), "{sizes:?}");
+    assert_eq!(
+        sample(&e.metrics().await, "elb_exporter_ces_batch_size "),
+        Some(10.0)
     );
 }
