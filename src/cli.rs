@@ -42,6 +42,9 @@ pub enum Command {
         /// Listen address for the demo exporter.
         #[arg(long, default_value = "127.0.0.1:8087", value_name = "ADDR")]
         listen: String,
+        /// The public cloud to simulate: huawei-cn, huawei-eu or otc (10-metric CES batches).
+        #[arg(long, default_value = "huawei-cn", value_name = "NAME", value_parser = crate::demo::parse_profile)]
+        profile: crate::sim::cloud::SimProfile,
     },
 }
 
@@ -432,10 +435,10 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         #[cfg(feature = "sim")]
-        Some(Command::Demo { listen }) => {
+        Some(Command::Demo { listen, profile }) => {
             init_logging("info", LogFormat::Text);
             runtime
-                .block_on(crate::demo::run(&listen))
+                .block_on(crate::demo::run(&listen, profile))
                 .map_err(CliError::from)
         }
         command => {

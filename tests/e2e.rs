@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use elb_exporter::demo::service;
-use elb_exporter::sim::cloud::{LbKind, SimApi, SimConfig, SimListener, SimUser, datapoint_value};
+use elb_exporter::sim::cloud::{
+    LbKind, SimApi, SimConfig, SimListener, SimProfile, SimUser, datapoint_value,
+};
 use std::time::Duration;
 
 const ID: &str = "kubernetes.io/elb.id";
@@ -758,4 +760,168 @@ async fn a_small_scrape_batch_size_is_honoured_with_a_warning() {
         sample(&e.metrics().await, "elb_exporter_ces_batch_size "),
         Some(10.0)
     );
+}
+
+/// Runs the exporter binary against `cfg`'s cloud as an operator would configure it for that cloud:
+/// credentials, its real `auth_url` and region (plus `project_id` when given), nothing else. Every
+/// request goes to the cloud's real host names; an HTTP proxy on loopback (the simulator) answers them,
+/// and the simulator refuses a host that is not the service's own in that cloud.
+async fn profile_run(cfg: SimConfig, project_id: bool) {
+    let profile = cfg.profile;
+    let w = World::start(cfg).await;
+    elb_exporter::demo::seed_cloud(&w.sim);
+    for s in elb_exporter::demo::services() {
+        w.cluster.apply(s);
+    }
+    let c = w.sim.config();
+    let mut text = format!(
+        "auth:\n  auth_url: \"http://{}/v3\"\n  region: \"{}\"\n  access_key: \"{}\"\n  secret_key: \"{}\"\n",
+        profile.iam_host(),
+        profile.region(),
+        c.ak,
+        c.sk
+    );
+    if project_id {
+        text.push_str(&format!("  project_id: \"{}\"\n", c.project_id));
+    }
+    let (cfg_path, kubeconfig) = w.write_config("");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let e = Exporter::spawn_env(
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--listen")
+            .arg("127.0.0.1:0"),
+        &kubeconfig,
+        &[
+            ("HTTP_PROXY", w.cloud_url.as_str()),
+            ("NO_PROXY", "127.0.0.1,localhost"),
+        ],
+    );
+    e.wait_ready().await;
+    let ctx = format!("{} {:?} project_id={project_id}", profile.as_str(), c.user);
+    let body = e.metrics().await;
+    assert_eq!(
+        sample(&body, "elb_exporter_up "),
+        Some(1.0),
+        "{ctx}\n{body}\n{}",
+        e.logs()
+    );
+    assert_eq!(
+        family_lines(&body, "elb_exporter_listener_info").len(),
+        5,
+        "{ctx}\n{body}"
+    );
+    for svc in ["nginx", "api", "cart", "checkout"] {
+        let prefix = "huaweicloud_sys_elb_listener_m7_in_Bps{namespace=";
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(prefix) && l.contains(&format!("service=\"{svc}\""))),
+            "{ctx}: series for {svc}\n{body}"
+        );
+    }
+    // Every call went to the service's own host in that cloud.
+    let hosts: Vec<(SimApi, String, u16)> = w
+        .sim
+        .requests()
+        .iter()
+        .map(|r| (r.api, r.host.clone(), r.status))
+        .filter(|(_, _, status)| *status != 403 && *status != 400)
+        .collect();
+    let own = |svc: &str| format!("{svc}.{}.{}", profile.region(), profile.domain());
+    for (api, host, status) in &hosts {
+        let svc = match api {
+            SimApi::Iam => "iam",
+            SimApi::ElbV2 | SimApi::ElbV3 => "elb",
+            SimApi::Ces => "ces",
+        };
+        assert_eq!((host, *status), (&own(svc), 200), "{ctx}: {hosts:?}");
+    }
+    assert!(
+        hosts.iter().any(|(a, ..)| *a == SimApi::Ces),
+        "{ctx}: {hosts:?}"
+    );
+    let batch = if c.ces_max_metrics == 10 { 10.0 } else { 500.0 };
+    assert_eq!(
+        sample(&body, "elb_exporter_ces_batch_size "),
+        Some(batch),
+        "{ctx}"
+    );
+    if !project_id {
+        let via = match c.user {
+            SimUser::Admin => "iam_list_projects",
+            SimUser::LeastPrivilege => "iam_list_auth_projects",
+        };
+        assert!(
+            e.logs().contains(via),
+            "{ctx}: resolved via {via}\n{}",
+            e.logs()
+        );
+    }
+}
+
+/// Each cloud profile, with an administrator, a least-privilege user, and a least-privilege user that
+/// may not list projects at all (then `project_id` is configured).
+async fn profile_runs(profile: SimProfile) {
+    profile_run(profile.config(), false).await;
+    profile_run(profile.least_privilege(), false).await;
+    let no_listing = SimConfig {
+        auth_projects_with_aksk: false,
+        ..profile.least_privilege()
+    };
+    profile_run(no_listing, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_huawei_cn_collects_everything_unconfigured() {
+    profile_runs(SimProfile::HuaweiCn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_huawei_eu_collects_everything_unconfigured() {
+    profile_runs(SimProfile::HuaweiEu).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_otc_collects_everything_unconfigured() {
+    profile_runs(SimProfile::Otc).await;
+}
+
+/// `demo --profile otc`: the demo on Open Telekom Cloud's limits (10-metric CES batches) still serves
+/// every Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_each_profile() {
+    for profile in SimProfile::ALL {
+        let e = Exporter::spawn(
+            std::process::Command::new(BIN).args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--profile",
+                profile.as_str(),
+            ]),
+            std::path::Path::new("/nonexistent-kubeconfig"),
+        );
+        e.wait_ready().await;
+        let body = e.metrics().await;
+        assert_eq!(
+            sample(&body, "elb_exporter_up "),
+            Some(1.0),
+            "{}",
+            profile.as_str()
+        );
+        assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 5);
+        let batch = if profile == SimProfile::Otc {
+            10.0
+        } else {
+            500.0
+        };
+        assert_eq!(sample(&body, "elb_exporter_ces_batch_size "), Some(batch));
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["demo", "--profile", "aws"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("huawei-cn, huawei-eu, otc"));
 }

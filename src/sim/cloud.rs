@@ -127,6 +127,14 @@ impl SimProfile {
             || (global && host.eq_ignore_ascii_case(&format!("iam.{}", self.domain())))
     }
 
+    /// This cloud with an IAM user holding only "ELB ReadOnlyAccess" and "CES ReadOnlyAccess".
+    pub fn least_privilege(self) -> SimConfig {
+        SimConfig {
+            user: SimUser::LeastPrivilege,
+            ..self.config()
+        }
+    }
+
     /// This cloud with an account holding every permission.
     pub fn config(self) -> SimConfig {
         SimConfig {
@@ -301,6 +309,8 @@ impl Fault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimRequest {
     pub api: SimApi,
+    /// The `Host` header, without port.
+    pub host: String,
     pub method: String,
     pub path: String,
     /// The raw query string as received (no leading `?`).
@@ -734,8 +744,11 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         )
         .into_response(&rid);
     };
+    let host = header_str(&parts.headers, "host").unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h).to_string();
     let mut rec = SimRequest {
         api: ep.api(),
+        host: host.clone(),
         method: parts.method.as_str().to_string(),
         path,
         query: parts.uri.query().unwrap_or_default().to_string(),
@@ -748,9 +761,7 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         request_id: rid.clone(),
         time_ms: arrived,
     };
-    let host = header_str(&parts.headers, "host").unwrap_or_default();
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    let reply = if inner.cfg.profile.serves(host, ep.service()) {
+    let reply = if inner.cfg.profile.serves(&host, ep.service()) {
         inner
             .process(&ep, &parts.method, &parts.headers, body, &rid, &mut rec)
             .await
