@@ -593,7 +593,12 @@ impl HttpCloud {
                     Ok(_) => {
                         return Err(self.no_project(&refused, "lists no project of that name"));
                     }
-                    Err(e) => return Err(self.no_project(&refused, &e.to_string())),
+                    Err(CloudError::Forbidden(_, body)) => {
+                        return Err(self.no_project(&refused, &format!("was refused too ({body})")));
+                    }
+                    Err(e) => {
+                        return Err(self.no_project(&refused, &format!("failed too ({e})")));
+                    }
                 }
             }
             Err(e) => return Err(e),
@@ -610,8 +615,12 @@ impl HttpCloud {
 
     /// Both lookups failed: the error says what to do.
     fn no_project(&self, refused: &CloudError, fallback: &str) -> CloudError {
+        let answer = match refused {
+            CloudError::Forbidden(_, body) => body.to_string(),
+            other => other.to_string(),
+        };
         CloudError::Project(format!(
-            "IAM refused to list projects ({refused}); the fallback GET /v3/auth/projects {fallback}. Fix: set auth.project_id to the id of project {:?}, or grant the IAM user iam:projects:list (e.g. the system policy IAM ReadOnlyAccess)",
+            "IAM refused to list projects by name ({answer}: the IAM user lacks iam:projects:list) and GET /v3/auth/projects {fallback}. Fix: set auth.project_id to the id of project {:?}, or grant the IAM user iam:projects:list (e.g. the system policy IAM ReadOnlyAccess)",
             self.project_name
         ))
     }
