@@ -2418,6 +2418,8 @@ mod tests {
         date: Option<SystemTime>,
         extra: Vec<(String, String)>,
         tamper_query: Option<String>,
+        /// The `Host` to sign and send (default: the address).
+        host: Option<String>,
     }
 
     impl Call {
@@ -2432,6 +2434,7 @@ mod tests {
                 date: None,
                 extra: Vec::new(),
                 tamper_query: None,
+                host: None,
             }
         }
         fn post(path: impl Into<String>, body: Vec<u8>) -> Self {
@@ -2458,7 +2461,7 @@ mod tests {
 
     async fn send(sim: &CloudSim, addr: SocketAddr, call: Call) -> Resp {
         let cfg = sim.config();
-        let host = addr.to_string();
+        let host = call.host.clone().unwrap_or_else(|| addr.to_string());
         let mut headers = vec![
             ("Content-Type".to_string(), "application/json".to_string()),
             (
@@ -2489,7 +2492,11 @@ mod tests {
         } else {
             format!("{}?{qs}", call.path)
         };
-        http(addr, call.method, &target, &signed.headers, &call.body).await
+        let mut headers = signed.headers;
+        if call.host.is_some() {
+            headers.push(("Host".to_string(), host));
+        }
+        http(addr, call.method, &target, &headers, &call.body).await
     }
 
     /// A minimal HTTP/1.1 client: the crate has no HTTP client dependency and tower is not a direct one.
@@ -3446,5 +3453,63 @@ mod tests {
             datapoint_value("l-1", "m1_cps", day),
             datapoint_value("l-2", "m1_cps", day)
         );
+    }
+
+    #[tokio::test]
+    async fn a_profile_answers_on_its_own_hosts_with_its_limits_and_policies() {
+        let (sim, addr) = start(SimProfile::Otc.least_privilege()).await;
+        let on = |host: &str, c: Call| Call {
+            host: Some(host.to_string()),
+            ..c
+        };
+        // The service's own host; a wrong service, a global IAM host (none on OTC), another cloud.
+        let r = send(
+            &sim,
+            addr,
+            on(
+                "iam.eu-de.otc.t-systems.com",
+                Call::get("/v3/auth/projects"),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        for host in [
+            "elb.eu-de.otc.t-systems.com",
+            "iam.otc.t-systems.com",
+            "iam.eu-de.myhuaweicloud.com",
+        ] {
+            let r = send(&sim, addr, on(host, Call::get("/v3/auth/projects"))).await;
+            assert_eq!((r.status, r.code().as_str()), (404, "APIGW.0101"), "{host}");
+        }
+        // The least-privilege user may not list projects by name, until granted.
+        let r = send(&sim, addr, Call::get("/v3/projects").q("name", "eu-de")).await;
+        assert_eq!((r.status, r.code().as_str()), (403, "IAM.0002"));
+        sim.grant("iam:projects:list");
+        let r = send(&sim, addr, Call::get("/v3/projects").q("name", "eu-de")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["projects"][0]["id"].as_str(), Some(pid().as_str()));
+        // 10 metrics per CES call; 11 is a 400 with the body-error shape.
+        with_listeners(&sim);
+        let to = now_ms();
+        let metrics = |n: usize| {
+            (0..n)
+                .map(|_| metric("lb-ded-c", "dc-0", "m1_cps"))
+                .collect()
+        };
+        let r = send(
+            &sim,
+            addr,
+            Call::post(ces_path(), ces_body(metrics(11), to - 300_000, to)),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (400, "ces.0014"));
+        assert!(r.msg().contains("1 to 10 items, got 11"), "{}", r.msg());
+        let r = send(
+            &sim,
+            addr,
+            Call::post(ces_path(), ces_body(metrics(10), to - 300_000, to)),
+        )
+        .await;
+        assert_eq!(r.status, 200);
     }
 }
