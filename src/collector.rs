@@ -108,8 +108,8 @@ impl CollectorSettings {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CyclePlan {
     pub calls: usize,
-    /// A cycle still running after this is cut: the larger of the interval and the whole minutes the
-    /// rate limit needs to let `calls` through, so pacing by the budget alone never cuts a cycle.
+    /// A cycle still running after this is cut: the larger of the interval and the time the rate limit
+    /// needs to let `calls` through at its steady rate, so pacing by the budget alone never cuts a cycle.
     pub deadline: Duration,
     /// Start to start: the interval, stretched when the calls do not fit the budget in one interval.
     pub period: Duration,
@@ -120,13 +120,13 @@ pub struct CyclePlan {
 impl CyclePlan {
     pub fn new(calls: usize, interval: Duration, per_minute: u32) -> Self {
         let per_minute = f64::from(per_minute.max(1));
-        let minutes = (calls as f64 / per_minute).ceil();
-        let deadline = interval.max(Duration::from_secs_f64(minutes * 60.0));
+        // The steady rate the limit allows: a cycle that needs longer is paced, not cut.
         let needed = Duration::from_secs_f64((calls as f64 * 60.0 / per_minute).ceil());
+        let period = interval.max(needed);
         CyclePlan {
             calls,
-            deadline,
-            period: interval.max(needed),
+            deadline: period,
+            period,
             over_budget: needed > interval,
         }
     }
@@ -619,7 +619,18 @@ impl<C: CloudApi> Collector<C> {
         self.learn_batch_size();
         let prev = self.tx.borrow().clone();
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
-        self.query(&fresh, |_, keys, result| match result {
+        // Bounded like a full cycle, so new listeners never hold back the next full cycle for long;
+        // what it did not finish, the next full cycle collects.
+        let plan = CyclePlan::new(
+            calls_per_cycle(
+                fresh.len(),
+                self.settings.metrics.len(),
+                self.settings.batch_size,
+            ),
+            self.settings.interval,
+            self.settings.ces_per_minute,
+        );
+        let run = self.query(&fresh, |_, keys, result| match result {
             Ok(points) => merge(
                 &mut extra,
                 keys,
@@ -632,8 +643,13 @@ impl<C: CloudApi> Collector<C> {
             Err(e) => {
                 warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout(plan.deadline, run).await.is_err() {
+            warn!(
+                listeners = fresh.len(),
+                "prompt collection of new listeners cut at its deadline; the next cycle collects them"
+            );
+        }
         for (_, l) in &fresh {
             self.attempted.insert(l.clone());
         }
@@ -803,6 +819,36 @@ mod tests {
         assert_eq!(telemetry.effective_interval.get(), 180.0);
         // Values outlive a paced period: the staleness bound counts periods, not the configured interval.
         assert_eq!(second.stale_after, Some(Duration::from_secs(3 * 180)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_prompt_collection_does_not_hold_back_the_next_cycle() {
+        let (cloud, targets) = world(2, 1.0);
+        let telemetry = Telemetry::new();
+        let (collector, mut rx) = Collector::new(cloud.clone(), settings(3, 1), telemetry);
+        let one = Targets {
+            synced: true,
+            targets: targets.targets[..1].to_vec(),
+            ..Targets::default()
+        };
+        let (ttx, trx) = watch::channel(Arc::new(one));
+        tokio::spawn(collector.run(trx));
+        let start = Instant::now();
+        next_full(&mut rx, 0).await;
+        // A new listener appears; its prompt call hangs for an hour.
+        cloud.script([Script::Delay(Duration::from_secs(3600))]);
+        ttx.send_replace(targets);
+        let second = next_full(&mut rx, 1).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(62),
+            "the next cycle waited {:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            second.len(),
+            6,
+            "the full cycle collected the new listener too"
+        );
     }
 
     #[test]

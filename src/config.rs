@@ -833,7 +833,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         let host = derive_host(&auth_host, svc, &region);
         Endpoint {
             scheme: auth_scheme.clone(),
-            authority: authority(&auth_scheme, &host, auth_port),
+            authority: authority(&host, auth_port),
         }
     };
     let endpoint = |field: &str, v: Option<String>, svc: &str| -> Result<Endpoint, ConfigError> {
@@ -842,7 +842,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             Some(u) => {
                 let (scheme, host, port) = parse_url(field, &u, false)?;
                 Ok(Endpoint {
-                    authority: authority(&scheme, &host, port),
+                    authority: authority(&host, port),
                     scheme,
                 })
             }
@@ -852,7 +852,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         Some(_) => endpoint("endpoints.iam", raw.endpoints.iam, "iam")?,
         None => Endpoint {
             scheme: auth_scheme.clone(),
-            authority: authority(&auth_scheme, &auth_host, auth_port),
+            authority: authority(&auth_host, auth_port),
         },
     };
     let endpoints = Endpoints {
@@ -1392,7 +1392,7 @@ fn without_userinfo(s: &str) -> String {
     }
 }
 
-fn authority(_scheme: &str, host: &str, port: Option<u16>) -> String {
+fn authority(host: &str, port: Option<u16>) -> String {
     // `Url::port()` is already `None` for the scheme's default port, so the Host header matches what
     // an HTTP client sends for the same URL.
     match port {

@@ -417,7 +417,11 @@ async fn soak() {
         sample(&e.metrics().await, "elb_exporter_up ") == Some(0.0)
     })
     .await;
-    assert!(down, "the final outage shows as up 0");
+    assert!(
+        down,
+        "the final outage shows as up 0; logs:\n{}",
+        tail(&e.logs())
+    );
     let stop = Instant::now();
     let recovered = wait_for(Duration::from_secs(15), || async {
         sample(&e.metrics().await, "elb_exporter_up ") == Some(1.0)

@@ -52,7 +52,6 @@ pub enum ClientBuildError {
 
 pub struct HttpCloud {
     http: reqwest::Client,
-    region: String,
     project_name: String,
     configured_project: String,
     domain_id: String,
@@ -134,7 +133,6 @@ impl HttpCloud {
             .set(i64::try_from(cfg.effective_batch_size()).unwrap_or(i64::MAX));
         Ok(HttpCloud {
             http,
-            region: cfg.auth.region.clone(),
             project_name: cfg.auth.project_name.clone(),
             configured_project: cfg.auth.project_id.clone(),
             domain_id: cfg.auth.domain_id.clone(),
@@ -168,10 +166,6 @@ impl HttpCloud {
 
     fn project_cache(&self) -> std::sync::MutexGuard<'_, Arc<ProjectCache>> {
         self.project.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn region(&self) -> &str {
-        &self.region
     }
 
     fn limiter(&self, api: Api) -> &RateLimiter {

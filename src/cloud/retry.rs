@@ -52,10 +52,6 @@ impl RateLimiter {
         }
     }
 
-    pub fn per_minute(&self) -> usize {
-        self.per_minute
-    }
-
     /// Waits until a call may be sent, and books it.
     pub async fn acquire(&self) {
         loop {

@@ -2499,7 +2499,7 @@ mod tests {
         http(addr, call.method, &target, &headers, &call.body).await
     }
 
-    /// A minimal HTTP/1.1 client: the crate has no HTTP client dependency and tower is not a direct one.
+    /// A minimal HTTP/1.1 client: it sends exactly the signed headers and nothing an HTTP library would add.
     async fn http(
         addr: SocketAddr,
         method: &str,

@@ -168,23 +168,6 @@ impl FakeApiServer {
         self
     }
 
-    /// Number of events kept for watch resumption and snapshot reads; older RVs become 410 Gone,
-    /// like the bounded watch-cache window.
-    pub fn with_history_limit(self, limit: usize) -> Self {
-        let mut st = lock(&self.inner.store);
-        st.history_limit = limit.max(1);
-        st.trim_history();
-        drop(st);
-        self
-    }
-
-    /// `false` behaves like an apiserver without the WatchList feature: `sendInitialEvents` is
-    /// rejected with 422 and legacy watches are not defaulted to streaming semantics.
-    pub fn with_streaming_lists(self, enabled: bool) -> Self {
-        lock(&self.inner.store).streaming_lists = enabled;
-        self
-    }
-
     /// Binds `addr`, serves on the current tokio runtime and returns the bound address.
     pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
