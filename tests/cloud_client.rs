@@ -1305,3 +1305,37 @@ async fn a_400_for_another_reason_keeps_the_batch_size() {
     assert!(bounded(cloud.batch_query(&small)).await.is_err());
     assert_eq!(count(&sim, SimApi::Ces), 1);
 }
+
+/// Should the fallback answer 401 (it is documented for token callers only), that says nothing about the
+/// key IAM just accepted: the auth gate stays open, and a later grant heals the lookup.
+#[tokio::test]
+async fn a_401_from_the_auth_projects_fallback_does_not_pause_the_credential() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, telemetry) = client(&sim, &url);
+    let forbidden = r#"{"error_msg":"You are not authorized to perform the requested action.","error_code":"IAM.0002"}"#;
+    let token_only = r#"{"error_msg":"Incorrect IAM authentication information: AK/SK is not supported","error_code":"APIGW.0301"}"#;
+    sim.inject(SimApi::Iam, status_fault(403, forbidden, 1));
+    sim.inject(SimApi::Iam, status_fault(401, token_only, 1));
+    let err = bounded(cloud.project_id()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("was refused too") && err.contains("set auth.project_id"),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No fault left: /v3/projects is refused by policy, /v3/auth/projects answers.
+    assert_eq!(
+        bounded(cloud.project_id()).await.unwrap(),
+        sim.config().project_id
+    );
+    assert_eq!(
+        telemetry
+            .paused_calls
+            .with_label_values(&["iam_list_projects"])
+            .get(),
+        0
+    );
+}

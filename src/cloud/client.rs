@@ -206,7 +206,14 @@ impl HttpCloud {
                 self.attempt(call, &ticket.credentials).await
             };
             let probe = ticket.probe;
-            if let Some(cooldown) = ticket.finish(Verdict::of(&sent)) {
+            let verdict = match (call.api, &sent) {
+                // The fallback is sent only after IAM accepted the key (a 403): its 401 means this
+                // API takes no AK/SK here (documented for tokens only), not a bad key, so it must not
+                // close the gate for every API.
+                (Api::IamListAuthProjects, Err(CloudError::Unauthorized(..))) => Verdict::Unknown,
+                _ => Verdict::of(&sent),
+            };
+            if let Some(cooldown) = ticket.finish(verdict) {
                 warn!(
                     api = call.api.as_str(),
                     cooldown_s = cooldown.as_secs(),
@@ -587,7 +594,7 @@ impl HttpCloud {
                     Ok(_) => {
                         return Err(self.no_project(&refused, "lists no project of that name"));
                     }
-                    Err(CloudError::Forbidden(_, body)) => {
+                    Err(CloudError::Forbidden(_, body) | CloudError::Unauthorized(_, body)) => {
                         return Err(self.no_project(&refused, &format!("was refused too ({body})")));
                     }
                     Err(e) => {
