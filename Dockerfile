@@ -45,6 +45,7 @@ RUN mkdir -p src \
  && : > src/lib.rs \
  && mkdir -p benches \
  && echo 'fn main() {}' > benches/scale.rs \
+ && echo 'fn main() {}' > benches/align.rs \
  && cargo build --release --locked \
  && rm -rf src
 

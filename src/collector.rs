@@ -5,6 +5,7 @@
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
+use crate::schedule::{Aligner, MINUTE_MS, RateWindow};
 use crate::telemetry::{Api, Telemetry};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -81,6 +82,43 @@ pub struct CollectorSettings {
     pub ces_per_minute: u32,
     /// `collection.absent_as_zero`: see [`ZeroGuard`].
     pub absent_as_zero: bool,
+    /// `collection.align`: start cycles when Cloud Eye is expected to publish the next minute.
+    pub align: bool,
+    pub clock: WallClock,
+}
+
+/// Wall time, for CES windows and the schedule. `System` in production; tests and benchmarks on tokio's
+/// paused clock use `Virtual`, a wall clock that advances with tokio time from a fixed reading.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WallClock {
+    System,
+    Virtual { start_ms: i64, at: Instant },
+}
+
+impl WallClock {
+    /// A virtual clock reading `start_ms` now.
+    pub fn virtual_from(start_ms: i64) -> Self {
+        WallClock::Virtual {
+            start_ms,
+            at: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        match self {
+            WallClock::System => wall_ms(),
+            WallClock::Virtual { start_ms, at } => {
+                let since = i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX / 4);
+                start_ms.saturating_add(since)
+            }
+        }
+    }
+
+    /// The instant at which the clock reads `ms` (now, when that is past).
+    pub fn instant_at(&self, ms: i64) -> Instant {
+        let ahead = ms.saturating_sub(self.now_ms()).max(0).unsigned_abs();
+        Instant::now() + Duration::from_millis(ahead)
+    }
 }
 
 impl CollectorSettings {
@@ -95,7 +133,20 @@ impl CollectorSettings {
             concurrency: c.cloud.max_concurrency,
             ces_per_minute: c.cloud.rate_limit.ces_per_minute,
             absent_as_zero: c.collection.absent_as_zero,
+            align: c.collection.align,
+            clock: WallClock::System,
         }
+    }
+
+    /// Whether cycles follow Cloud Eye's publication: asked for, the interval a whole number of minutes,
+    /// and the plan within the CES budget (a paced plan keeps its fixed period).
+    pub fn aligned(&self, plan: &CyclePlan) -> bool {
+        let secs = self.interval.as_secs();
+        self.align
+            && secs >= 60
+            && secs.is_multiple_of(60)
+            && self.interval.subsec_nanos() == 0
+            && !plan.over_budget
     }
 
     /// How long a value keeps being served after CES last returned it, when cycles run every `period`.
@@ -269,6 +320,20 @@ pub struct Collector<C: CloudApi> {
     /// The last plan was over the CES budget (logged when this changes).
     over_budget: bool,
     zeros: Mutex<ZeroGuard>,
+    align: Mutex<Alignment>,
+    /// CES calls sent in the last minute: aligned cycles and re-asks start only when they fit the limit.
+    sent: Mutex<RateWindow>,
+}
+
+/// The aligned schedule's state.
+#[derive(Default)]
+struct Alignment {
+    aligner: Aligner,
+    /// The minute (Unix ms) the next full cycle is for; `None` until a cycle has seen data.
+    next_minute: Option<i64>,
+    last_refill_ms: Option<i64>,
+    /// The newest minute exposed so far (for the exposure delay).
+    exposed_ms: Option<i64>,
 }
 
 /// Which full cycle ended, and how.
@@ -290,6 +355,39 @@ struct CycleOutcome {
     first_error: Option<CloudError>,
 }
 
+/// A full cycle in progress.
+struct CycleState {
+    prev: Arc<Snapshot>,
+    started: Instant,
+    stale_after: Duration,
+    cycle: u64,
+    values: HashMap<SeriesKey, Sample>,
+    out: CycleOutcome,
+    /// Newest datapoint of the answers since the last reset (one probe attempt, or the rest).
+    newest: Option<i64>,
+    /// Newest datapoint of the whole cycle.
+    cycle_newest: Option<i64>,
+    /// Aligned: the minute this cycle is for, when it was first asked, and first seen.
+    target: Option<i64>,
+    first_ms: Option<i64>,
+    seen_ms: Option<i64>,
+}
+
+impl CycleState {
+    /// Keeps serving a series' last value when it is within the staleness bound.
+    fn keep(&mut self, key: SeriesKey) -> bool {
+        match self.prev.get(&key) {
+            Some(old)
+                if self.started.saturating_duration_since(old.fetched) <= self.stale_after =>
+            {
+                self.values.insert(key, *old);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl<C: CloudApi> Collector<C> {
     pub fn new(
         cloud: Arc<C>,
@@ -307,9 +405,19 @@ impl<C: CloudApi> Collector<C> {
                 tx,
                 attempted: HashSet::new(),
                 over_budget: false,
+                align: Mutex::default(),
+                sent: Mutex::default(),
             },
             rx,
         )
+    }
+
+    fn alignment(&self) -> std::sync::MutexGuard<'_, Alignment> {
+        self.align.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn rate(&self) -> std::sync::MutexGuard<'_, RateWindow> {
+        self.sent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs until the targets channel closes.
@@ -329,9 +437,8 @@ impl<C: CloudApi> Collector<C> {
                 _ = tokio::time::sleep_until(next) => {
                     let started = Instant::now();
                     let t = targets.borrow_and_update().clone();
-                    let period = self.full_cycle(&t).await;
-                    // Never start a cycle in the past: a long cycle delays the next, it does not double it.
-                    next = (started + period).max(Instant::now());
+                    let (plan, aligned) = self.full_cycle(&t).await;
+                    next = self.next_start(started, &plan, aligned);
                 }
                 changed = targets.changed() => {
                     if changed.is_err() {
@@ -345,23 +452,49 @@ impl<C: CloudApi> Collector<C> {
         }
     }
 
+    /// When the next full cycle starts: just after the next minute's expected publication when aligned
+    /// (and its calls fit the rate limit), else a period after this one began. Never in the past: a long
+    /// cycle delays the next, it does not double it.
+    fn next_start(&self, started: Instant, plan: &CyclePlan, aligned: bool) -> Instant {
+        let now = Instant::now();
+        let clock = self.settings.clock;
+        // An aligned start moves with the lag, but cycles never crowd: at least half a period apart.
+        let earliest = (started + plan.period / 2).max(now);
+        let interval = i64::try_from(self.settings.interval.as_millis()).unwrap_or(MINUTE_MS);
+        let at = {
+            let mut a = self.alignment();
+            let mut at = None;
+            while let Some(m) = a.next_minute.filter(|_| aligned) {
+                let Some(ms) = a.aligner.first_attempt(m) else {
+                    break;
+                };
+                if clock.instant_at(ms) >= earliest || ms > clock.now_ms() + 2 * interval {
+                    at = Some(clock.instant_at(ms));
+                    break;
+                }
+                // Behind (a long cycle): skip to a minute still ahead rather than catch up in a burst.
+                a.next_minute = Some(m + interval);
+            }
+            at.unwrap_or(started + plan.period)
+        };
+        let limit = self.settings.ces_per_minute as usize;
+        self.rate().fits_at(at.max(now), plan.calls, limit)
+    }
+
     fn window(&self) -> (i64, i64) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as i64;
+        let now = self.settings.clock.now_ms();
         (now - self.settings.lookback.as_millis() as i64, now)
     }
 
-    /// Queries `listeners` × metrics and hands each batch's outcome to `sink` as it arrives, with the
-    /// batch's index. Batches are built only when a call slot is free, so a 10k-listener cycle never
-    /// holds its 260 requests at once.
+    /// Queries `batches` of `listeners` × metrics and hands each batch's outcome to `sink` as it arrives,
+    /// with the batch's index and when it was sent (Unix ms). Batches are built only when a call slot is
+    /// free, so a 10k-listener cycle never holds its 260 requests at once.
     async fn query(
         &self,
         listeners: &[(Arc<str>, Arc<str>)],
-        mut sink: impl FnMut(usize, Vec<SeriesKey>, Result<Vec<Option<Datapoint>>, CloudError>),
+        batches: Vec<usize>,
+        mut sink: impl FnMut(usize, Vec<SeriesKey>, i64, Result<Vec<Option<Datapoint>>, CloudError>),
     ) {
-        let (from_ms, to_ms) = self.window();
         let metrics = &self.settings.metrics;
         let per_listener = metrics.len();
         let size = self.settings.batch_size.max(1);
@@ -382,6 +515,9 @@ impl<C: CloudApi> Collector<C> {
                     ],
                 });
             }
+            // The window ends when the call is sent, so its answer says what was published by then.
+            let (from_ms, to_ms) = self.window();
+            self.rate().record(Instant::now());
             let query = BatchQuery {
                 metrics: queries,
                 from_ms,
@@ -392,15 +528,14 @@ impl<C: CloudApi> Collector<C> {
             let cloud = cloud.clone();
             async move {
                 let r = cloud.batch_query(&query).await.map(|r| r.newest);
-                (batch, keys, r)
+                (batch, keys, to_ms, r)
             }
         };
-        let total = listeners.len() * per_listener;
-        let mut outcomes = futures::stream::iter(0..total.div_ceil(size))
+        let mut outcomes = futures::stream::iter(batches)
             .map(build)
             .buffer_unordered(self.settings.concurrency.max(1));
-        while let Some((batch, keys, result)) = outcomes.next().await {
-            sink(batch, keys, result);
+        while let Some((batch, keys, asked_ms, result)) = outcomes.next().await {
+            sink(batch, keys, asked_ms, result);
         }
     }
 
@@ -442,86 +577,210 @@ impl<C: CloudApi> Collector<C> {
         }
     }
 
-    /// One full cycle; returns how long after its start the next one may begin.
-    async fn full_cycle(&mut self, targets: &Targets) -> Duration {
+    /// One full cycle; returns its plan and whether it was aligned.
+    async fn full_cycle(&mut self, targets: &Targets) -> (CyclePlan, bool) {
         let started = Instant::now();
         let listeners = distinct_listeners(targets);
         let plan = self.plan(listeners.len());
         let prev = self.tx.borrow().clone();
-        let cycle = prev.cycle + 1;
-        let mut values: HashMap<SeriesKey, Sample> =
-            HashMap::with_capacity(listeners.len() * self.settings.metrics.len());
-        let mut out = CycleOutcome {
-            answered: vec![false; plan.calls],
-            ..CycleOutcome::default()
+        let mut st = CycleState {
+            cycle: prev.cycle + 1,
+            prev,
+            started,
+            stale_after: self.settings.stale_after(plan.period),
+            values: HashMap::with_capacity(listeners.len() * self.settings.metrics.len()),
+            out: CycleOutcome {
+                answered: vec![false; plan.calls],
+                ..CycleOutcome::default()
+            },
+            newest: None,
+            cycle_newest: None,
+            target: None,
+            first_ms: None,
+            seen_ms: None,
         };
-        let stale_after = self.settings.stale_after(plan.period);
-        let keep = |values: &mut HashMap<SeriesKey, Sample>, key: SeriesKey| -> bool {
-            match prev.get(&key) {
-                Some(old) if started.saturating_duration_since(old.fetched) <= stale_after => {
-                    values.insert(key, *old);
-                    true
+        let aligned = self.settings.aligned(&plan);
+        st.target = self.prepare_alignment(&plan, aligned);
+        let run = async {
+            let all = || (0..plan.calls).collect::<Vec<usize>>();
+            let rest = match st.target {
+                // The probe's re-asks never keep the rest of the cycle from its deadline.
+                Some(m) if plan.calls > 0 => {
+                    let probe = self.probe(&listeners, &mut st, m, plan.calls);
+                    tokio::time::timeout(plan.deadline / 2, probe)
+                        .await
+                        .unwrap_or_else(|_| all())
                 }
-                _ => false,
-            }
+                _ => all(),
+            };
+            self.query(&listeners, rest, |b, k, a, r| {
+                self.absorb(&mut st, b, k, a, r)
+            })
+            .await;
         };
-        let run = self.query(&listeners, |batch, keys, result| {
-            if let Some(a) = out.answered.get_mut(batch) {
-                *a = true;
-            }
-            match result {
-                Ok(points) => {
-                    out.ok_calls += 1;
-                    let now = Instant::now();
-                    merge(
-                        &mut values,
-                        keys,
-                        points,
-                        now,
-                        cycle,
-                        &self.zeros,
-                        wall_ms(),
-                    );
-                }
-                Err(e) => {
-                    out.failed_calls += 1;
-                    // Keep serving the last good values of this batch, within the staleness bound.
-                    for key in keys {
-                        out.kept_stale += usize::from(keep(&mut values, key));
-                    }
-                    out.first_error.get_or_insert(e);
-                }
-            }
-        });
         let cut = tokio::time::timeout(plan.deadline, run).await.is_err();
         if cut {
-            self.keep_unanswered(&listeners, &mut out, &mut values, keep);
+            self.keep_unanswered(&listeners, &mut st);
         }
+        self.settle_alignment(&st);
         let done = CycleDone {
-            cycle,
+            cycle: st.cycle,
             started,
             cut,
-            stale_after,
+            stale_after: st.stale_after,
         };
-        self.finish_cycle(targets, &listeners, done, values, out);
-        plan.period
+        let cycle_newest = st.cycle_newest;
+        self.finish_cycle(targets, &listeners, done, st.values, st.out);
+        self.note_exposure(cycle_newest);
+        (plan, aligned)
+    }
+
+    /// Records one batch's outcome in the cycle.
+    fn absorb(
+        &self,
+        st: &mut CycleState,
+        batch: usize,
+        keys: Vec<SeriesKey>,
+        asked_ms: i64,
+        result: Result<Vec<Option<Datapoint>>, CloudError>,
+    ) {
+        if let Some(a) = st.out.answered.get_mut(batch) {
+            *a = true;
+        }
+        match result {
+            Ok(points) => {
+                st.out.ok_calls += 1;
+                let newest = points.iter().flatten().map(|p| p.timestamp_ms).max();
+                if let Some(n) = newest {
+                    self.alignment().aligner.observe(asked_ms, n);
+                    st.newest = st.newest.max(Some(n));
+                    st.cycle_newest = st.cycle_newest.max(Some(n));
+                    if st.target.is_some_and(|m| n >= m) {
+                        st.seen_ms = Some(st.seen_ms.map_or(asked_ms, |s| s.min(asked_ms)));
+                    }
+                }
+                let now_ms = self.settings.clock.now_ms();
+                merge(
+                    &mut st.values,
+                    keys,
+                    points,
+                    Instant::now(),
+                    st.cycle,
+                    &self.zeros,
+                    now_ms,
+                );
+            }
+            Err(e) => {
+                st.out.failed_calls += 1;
+                // Keep serving the last good values of this batch, within the staleness bound.
+                for key in keys {
+                    st.out.kept_stale += usize::from(st.keep(key));
+                }
+                st.out.first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Refills the re-ask budget and says which minute an aligned cycle is for (`None`: not aligned).
+    fn prepare_alignment(&self, plan: &CyclePlan, aligned: bool) -> Option<i64> {
+        let now_ms = self.settings.clock.now_ms();
+        let mut a = self.alignment();
+        let per_minute = plan.calls as f64 * 60.0 / self.settings.interval.as_secs_f64().max(1.0);
+        a.aligner
+            .set_budget(per_minute, f64::from(self.settings.ces_per_minute));
+        let since = a.last_refill_ms.map_or(0, |t| now_ms - t);
+        a.aligner.refill(since as f64 / MINUTE_MS as f64);
+        a.last_refill_ms = Some(now_ms);
+        a.next_minute.filter(|_| aligned)
+    }
+
+    /// An aligned cycle's start: asks one batch (a different one each cycle) until it shows `minute`,
+    /// re-asking within the budget of extra calls; a miss that cannot be re-asked waits for the minute's
+    /// expected publication. Returns the batches still to send.
+    async fn probe(
+        &self,
+        listeners: &[(Arc<str>, Arc<str>)],
+        st: &mut CycleState,
+        minute: i64,
+        batches: usize,
+    ) -> Vec<usize> {
+        let probe = (st.cycle as usize) % batches;
+        let limit = self.settings.ces_per_minute as usize;
+        loop {
+            st.newest = None;
+            let asked = self.settings.clock.now_ms();
+            st.first_ms.get_or_insert(asked);
+            self.query(listeners, vec![probe], |b, k, a, r| {
+                self.absorb(st, b, k, a, r)
+            })
+            .await;
+            let next = match st.newest {
+                // No datapoint (or no answer): nothing to wait for.
+                None => break,
+                Some(n) if n >= minute => break,
+                Some(_) => self.alignment().aligner.retry(minute, asked),
+            };
+            let Some(at) = next else {
+                // The probe's series wait for the next cycle: re-asking them is over the budget.
+                let at = self.alignment().aligner.fallback(minute, asked);
+                tokio::time::sleep_until(self.settings.clock.instant_at(at)).await;
+                break;
+            };
+            let at = self.settings.clock.instant_at(at);
+            let at = self.rate().fits_at(at, 1, limit);
+            tokio::time::sleep_until(at).await;
+        }
+        (0..batches).filter(|b| *b != probe).collect()
+    }
+
+    /// Moves the aligned schedule on after a cycle: where the next first attempt goes, and which
+    /// minute the next cycle is for.
+    fn settle_alignment(&self, st: &CycleState) {
+        let mut a = self.alignment();
+        if let (Some(m), Some(first)) = (st.target, st.first_ms) {
+            a.aligner.settle(m, first, st.seen_ms);
+        }
+        if let Some(n) = st.cycle_newest {
+            let interval = i64::try_from(self.settings.interval.as_millis()).unwrap_or(MINUTE_MS);
+            let base = a.next_minute.map_or(n, |m| m.max(n));
+            a.next_minute = Some(base.div_euclid(MINUTE_MS) * MINUTE_MS + interval);
+        }
+        if let Some(lag) = a.aligner.estimator().estimate() {
+            self.telemetry.ces_publication_lag.set(lag.as_secs_f64());
+        }
     }
 
     /// After a cut, the batches that never answered keep their last values within the staleness bound.
-    fn keep_unanswered(
-        &self,
-        listeners: &[(Arc<str>, Arc<str>)],
-        out: &mut CycleOutcome,
-        values: &mut HashMap<SeriesKey, Sample>,
-        mut keep: impl FnMut(&mut HashMap<SeriesKey, Sample>, SeriesKey) -> bool,
-    ) {
+    fn keep_unanswered(&self, listeners: &[(Arc<str>, Arc<str>)], st: &mut CycleState) {
         let per_listener = self.settings.metrics.len();
         let size = self.settings.batch_size.max(1);
-        for (batch, _) in out.answered.iter().enumerate().filter(|(_, a)| !**a) {
+        let unanswered: Vec<usize> = (0..st.out.answered.len())
+            .filter(|b| !st.out.answered[*b])
+            .collect();
+        for batch in unanswered {
             for (l, m) in batch_series(listeners.len(), per_listener, size, batch) {
                 let key = (listeners[l].1.clone(), m as u16);
-                out.kept_stale += usize::from(keep(values, key));
+                st.out.kept_stale += usize::from(st.keep(key));
             }
+        }
+    }
+
+    /// Observes the delay the exporter added to a newly exposed minute: from its expected publication
+    /// (minute + estimated lag) to now, when the body carrying it is rendered.
+    fn note_exposure(&self, newest: Option<i64>) {
+        let mut a = self.alignment();
+        let (Some(n), Some(lag)) = (newest, a.aligner.estimator().estimate_ms()) else {
+            return;
+        };
+        if a.exposed_ms.is_some_and(|e| e >= n) {
+            return;
+        }
+        let first = a.exposed_ms.is_none();
+        a.exposed_ms = Some(n);
+        // The first exposure after a start measures the start, not the schedule.
+        if !first {
+            let delay = (self.settings.clock.now_ms() - n - lag).max(0);
+            self.telemetry.exposure_delay.observe(delay as f64 / 1000.0);
         }
     }
 
@@ -621,16 +880,18 @@ impl<C: CloudApi> Collector<C> {
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
         // Bounded like a full cycle, so new listeners never hold back the next full cycle for long;
         // what it did not finish, the next full cycle collects.
+        let batches = calls_per_cycle(
+            fresh.len(),
+            self.settings.metrics.len(),
+            self.settings.batch_size,
+        );
         let plan = CyclePlan::new(
-            calls_per_cycle(
-                fresh.len(),
-                self.settings.metrics.len(),
-                self.settings.batch_size,
-            ),
+            batches,
             self.settings.interval,
             self.settings.ces_per_minute,
         );
-        let run = self.query(&fresh, |_, keys, result| match result {
+        let clock = self.settings.clock;
+        let run = self.query(&fresh, (0..batches).collect(), |_, keys, _, result| match result {
             Ok(points) => merge(
                 &mut extra,
                 keys,
@@ -638,7 +899,7 @@ impl<C: CloudApi> Collector<C> {
                 Instant::now(),
                 prev.cycle,
                 &self.zeros,
-                wall_ms(),
+                clock.now_ms(),
             ),
             Err(e) => {
                 warn!(error = %e, "prompt collection of new listeners failed; the next cycle retries")
@@ -684,6 +945,8 @@ mod tests {
             concurrency,
             ces_per_minute: 300,
             absent_as_zero: false,
+            align: false,
+            clock: WallClock::System,
         }
     }
 
@@ -849,6 +1112,104 @@ mod tests {
             6,
             "the full cycle collected the new listener too"
         );
+    }
+
+    /// Runs an aligned collector over `minutes` of virtual time against a lag that changes at the given
+    /// minutes; returns (minute, delay from its publication to its exposure in a snapshot, ms) and the calls.
+    async fn aligned_run(
+        ces_per_minute: u32,
+        lags: &[(i64, u64)],
+        minutes: i64,
+    ) -> (Vec<(i64, i64)>, Vec<crate::sim::fake::FakeCall>) {
+        use crate::sim::publication::Publication;
+        // 40 listeners x 3 metrics in batches of 12: 10 calls a cycle.
+        let (cloud, targets) = world(40, 1.0);
+        let start_ms = T0 + 35_000;
+        let clock = WallClock::virtual_from(start_ms);
+        let s = CollectorSettings {
+            align: true,
+            clock,
+            ces_per_minute,
+            ..settings(12, 4)
+        };
+        let (mut rx, _) = spawn(cloud.clone(), s, targets);
+        let mut exposed: Vec<(i64, i64)> = Vec::new();
+        let mut model = Publication::constant(Duration::ZERO);
+        let mut changes = lags.iter().peekable();
+        while clock.now_ms() < start_ms + minutes * MIN {
+            let minute = (clock.now_ms() - start_ms) / MIN;
+            if let Some((_, lag)) = changes.next_if(|(at, _)| *at <= minute) {
+                model = Publication::constant(Duration::from_secs(*lag));
+                cloud.set_publication(model);
+            }
+            let next_minute = start_ms + (minute + 1) * MIN;
+            let snap = tokio::select! {
+                r = rx.changed() => { r.expect("collector runs"); rx.borrow_and_update().clone() }
+                _ = tokio::time::sleep_until(clock.instant_at(next_minute)) => continue,
+            };
+            let Some(oldest) = snap.values.values().map(|v| v.timestamp_ms).min() else {
+                continue;
+            };
+            if exposed.last().is_none_or(|(m, _)| *m < oldest) {
+                exposed.push((oldest, clock.now_ms() - model.published_at(oldest)));
+            }
+        }
+        (exposed, cloud.calls())
+    }
+
+    /// The most calls any sliding minute saw.
+    fn busiest_minute(calls: &[crate::sim::fake::FakeCall]) -> usize {
+        calls
+            .iter()
+            .map(|c| {
+                calls
+                    .iter()
+                    .filter(|d| d.at >= c.at && d.at < c.at + Duration::from_secs(60))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aligned_cycles_follow_a_changing_lag() {
+        let (exposed, calls) = aligned_run(300, &[(0, 83), (12, 95), (24, 70)], 36).await;
+        let at = |from: i64, to: i64| -> Vec<i64> {
+            exposed
+                .iter()
+                .filter(|(m, _)| (T0 + from * MIN..T0 + to * MIN).contains(m))
+                .map(|(_, d)| *d)
+                .collect()
+        };
+        // Each lag is followed within a few minutes: every minute then shows within 3 s of publication.
+        for (from, to) in [(7, 11), (17, 23), (30, 35)] {
+            let d = at(from, to);
+            assert!(
+                !d.is_empty() && d.iter().all(|d| (0..=3_000).contains(d)),
+                "minutes {from}..{to}: {d:?} of {exposed:?}"
+            );
+        }
+        // The first cycle ran at once; the re-asks stayed within 10 % of the 10 calls a minute (plus the
+        // bucket of 10 the start may spend).
+        assert_eq!(calls.first().map(|c| c.to_ms), Some(T0 + 35_000));
+        assert!(
+            calls.len() <= 36 * 11 + 10,
+            "{} calls in 36 minutes",
+            calls.len()
+        );
+        assert!(busiest_minute(&calls) <= 300);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aligned_cycles_never_exceed_the_ces_rate_limit() {
+        // 10 calls a cycle under a limit of 11: moving a cycle earlier must wait for the sliding minute.
+        let (exposed, calls) = aligned_run(11, &[(0, 83), (8, 70), (16, 90)], 24).await;
+        assert!(
+            busiest_minute(&calls) <= 11,
+            "{} calls in a minute",
+            busiest_minute(&calls)
+        );
+        assert!(exposed.len() >= 20, "{exposed:?}");
     }
 
     #[test]

@@ -298,6 +298,7 @@ struct RawCollection {
     metrics: Option<Vec<String>>,
     stale_intervals: Option<i64>,
     absent_as_zero: Option<bool>,
+    align: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -463,6 +464,8 @@ pub struct Collection {
     pub stale_intervals: u32,
     /// Export 0 for a series CES had no datapoint for, under the collector's guard (opt-in).
     pub absent_as_zero: bool,
+    /// Start cycles just after Cloud Eye is expected to publish the next minute (whole-minute intervals).
+    pub align: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1125,6 +1128,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             metrics,
             stale_intervals,
             absent_as_zero: c.absent_as_zero.unwrap_or(false),
+            align: c.align.unwrap_or(true),
         },
         cloud: CloudSettings {
             connect_timeout,
@@ -1674,5 +1678,30 @@ mod tests {
             .expect_err("not a boolean")
             .to_string();
         assert!(err.contains("absent_as_zero"), "{err}");
+    }
+
+    #[test]
+    fn align_defaults_on_and_is_typed() {
+        let base = "auth: {auth_url: 'https://iam.cn-east-3.myhuaweicloud.com/v3', region: cn-east-3, \
+                    project_id: p, access_key: a, secret_key: s}\n";
+        let none = |_: &str| None;
+        assert!(
+            Config::from_yaml(base, &none)
+                .expect("loads")
+                .collection
+                .align
+        );
+        let off = format!("{base}collection: {{align: false}}\n");
+        assert!(
+            !Config::from_yaml(&off, &none)
+                .expect("loads")
+                .collection
+                .align
+        );
+        let bad = format!("{base}collection: {{align: 1m}}\n");
+        let err = Config::from_yaml(&bad, &none)
+            .expect_err("not a boolean")
+            .to_string();
+        assert!(err.contains("align"), "{err}");
     }
 }

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod discovery;
 pub mod exposition;
 pub mod memory;
+pub mod schedule;
 pub mod server;
 pub mod signer;
 /// Test doubles (simulated cloud, fake apiserver, in-memory cloud): the `sim` feature, on by default for

@@ -2,8 +2,8 @@
 //! They are few and small; the per-listener cloud series are pre-rendered by `exposition` instead.
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Which cloud API a request went to; the `api` label value.
@@ -55,6 +55,8 @@ pub struct Telemetry {
     pub collection_duration: Gauge,
     pub last_success: Gauge,
     pub newest_datapoint_age: Gauge,
+    pub ces_publication_lag: Gauge,
+    pub exposure_delay: Histogram,
     pub planned_calls: IntGaugeVec,
     pub discovery_problems: IntGaugeVec,
     pub skipped: IntCounterVec,
@@ -193,6 +195,25 @@ impl Telemetry {
                 Gauge::new(
                     "elb_exporter_newest_datapoint_age_seconds",
                     "Age, at scrape time, of the newest Cloud Eye datapoint exported: the CES lag plus collection delay.",
+                )
+                .expect("valid metric"),
+            ),
+            ces_publication_lag: reg(
+                &registry,
+                Gauge::new(
+                    "elb_exporter_ces_publication_lag_seconds",
+                    "Estimated time from a minute's start to Cloud Eye publishing its datapoint (0.8 quantile of the last 20 minutes, learnt from the collected answers).",
+                )
+                .expect("valid metric"),
+            ),
+            exposure_delay: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "elb_exporter_exposure_delay_seconds",
+                        "Delay the exporter added to each newly collected minute: from its expected publication (minute + estimated lag) to its exposure on /metrics.",
+                    )
+                    .buckets(vec![0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0]),
                 )
                 .expect("valid metric"),
             ),

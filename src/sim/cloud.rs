@@ -6,6 +6,7 @@
 //! the ELB APIs do, applies the CES result budget silently, returns CES results out of request order, and
 //! serves deterministic, realistic data that tests can recompute with [`datapoint_value`].
 
+pub use crate::sim::publication::Publication;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,8 +44,8 @@ pub struct SimConfig {
     pub region: String,
     /// 32 hex characters; the project named after `region` has this id.
     pub project_id: String,
-    /// The newest minute with data lags the current time by this much.
-    pub data_lag: Duration,
+    /// When each minute's datapoint becomes visible (default: one minute after it starts, every minute).
+    pub publication: Publication,
     /// Added to every CES answer (benchmarks model network and service time with it).
     pub ces_latency: Duration,
     /// Sliding-minute CES call limit; beyond it 429 `ces.0429`. 0 disables the limit.
@@ -192,7 +193,7 @@ impl Default for SimConfig {
             security_token: None,
             region: "cn-east-3".to_string(),
             project_id: "0e5b7a1c2d3f4a5b8c9d0e1f2a3b4c5d".to_string(),
-            data_lag: Duration::from_secs(60),
+            publication: Publication::default(),
             ces_latency: Duration::ZERO,
             ces_calls_per_minute: 500,
             max_clock_skew: Duration::from_secs(15 * 60),
@@ -214,7 +215,7 @@ impl std::fmt::Debug for SimConfig {
             .field("ak", &self.ak)
             .field("region", &self.region)
             .field("project_id", &self.project_id)
-            .field("data_lag", &self.data_lag)
+            .field("publication", &self.publication)
             .field("ces_latency", &self.ces_latency)
             .field("ces_calls_per_minute", &self.ces_calls_per_minute)
             .field("v3_lists_shared", &self.v3_lists_shared)
@@ -803,8 +804,7 @@ impl Inner {
     }
 
     fn newest_minute(&self, now_ms: i64) -> i64 {
-        let lag = i64::try_from(self.cfg.data_lag.as_millis()).unwrap_or(i64::MAX);
-        now_ms.saturating_sub(lag).div_euclid(MINUTE_MS) * MINUTE_MS
+        self.cfg.publication.newest(now_ms)
     }
 
     async fn process(
@@ -1456,7 +1456,9 @@ impl Inner {
             rec.budget_from = Some(from);
         }
         let from = from.div_euclid(q.period_ms) * q.period_ms;
-        let newest = self.newest_minute(now_ms());
+        let now = now_ms();
+        let newest = self.newest_minute(now);
+        let published = |t: i64| self.cfg.publication.is_published(t, now);
 
         // Resolve listeners under the lock, generate data outside it.
         let targets: Vec<Option<String>> = {
@@ -1481,7 +1483,14 @@ impl Inner {
             .iter()
             .zip(&q.metrics)
             .map(|(target, m)| match target {
-                Some(listener) => points(listener, m, from, q.to, newest, q.period_ms, &q.filter),
+                Some(listener) => {
+                    let mut p = points(listener, m, from, q.to, newest, q.period_ms, &q.filter);
+                    // A late minute is missing below newer ones until it is published.
+                    if q.period_ms == MINUTE_MS {
+                        p.retain(|(t, _)| published(*t));
+                    }
+                    p
+                }
                 None => Vec::new(),
             })
             .collect();

@@ -6,6 +6,7 @@ use crate::cloud::{
     BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Listener,
     MetricQuery,
 };
+use crate::sim::publication::Publication;
 use crate::telemetry::Api;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -26,6 +27,8 @@ pub struct FakeCall {
     /// (listener id, metric name) of each metric asked, in order.
     pub series: Vec<(String, String)>,
     pub at: tokio::time::Instant,
+    /// The end of the asked window (Unix ms): when the caller asked, by its clock.
+    pub to_ms: i64,
 }
 
 #[derive(Default)]
@@ -36,6 +39,12 @@ struct State {
     scripts: VecDeque<Script>,
     calls: Vec<FakeCall>,
     listings: usize,
+    /// When set, the newest datapoint is the newest minute published at the asked time.
+    publication: Option<Publication>,
+    /// Added to every CES answer.
+    latency: Duration,
+    /// Answer each datapoint's minute number (Unix minutes) instead of the set value.
+    stamp: bool,
 }
 
 /// The fake cloud. `Default` knows no load balancer and answers every metric with no datapoint.
@@ -67,6 +76,22 @@ impl FakeCloud {
     /// The next CES calls follow `scripts` in order; later calls answer at once.
     pub fn script(&self, scripts: impl IntoIterator<Item = Script>) {
         self.state().scripts.extend(scripts);
+    }
+
+    /// Datapoints follow Cloud Eye's publication lag from now on (by default the asked minute is there).
+    pub fn set_publication(&self, p: Publication) {
+        self.state().publication = Some(p);
+    }
+
+    /// Every CES call answers after `d` (network and service time).
+    pub fn set_latency(&self, d: Duration) {
+        self.state().latency = d;
+    }
+
+    /// A datapoint's value is its minute (Unix ms / 60,000), so a reader of `/metrics` sees which
+    /// minute each series shows; series still need a value set to have data.
+    pub fn stamp_values(&self) {
+        self.state().stamp = true;
     }
 
     pub fn calls(&self) -> Vec<FakeCall> {
@@ -128,15 +153,24 @@ impl CloudApi for FakeCloud {
                     .map(|m| (listener_of(m).to_string(), m.metric_name.clone()))
                     .collect(),
                 at: tokio::time::Instant::now(),
+                to_ms: query.to_ms,
             });
-            st.scripts.pop_front()
+            (st.scripts.pop_front(), st.latency)
         };
+        let (script, latency) = script;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         match script {
             Some(Script::Delay(d)) => tokio::time::sleep(d).await,
             Some(Script::Fail(status)) => return Err(failure(status)),
             None => {}
         }
         let st = self.state();
+        let minute = match &st.publication {
+            Some(p) => p.newest(query.to_ms),
+            None => query.to_ms - query.to_ms % 60_000,
+        };
         let newest = query
             .metrics
             .iter()
@@ -144,8 +178,12 @@ impl CloudApi for FakeCloud {
                 st.values
                     .get(&(listener_of(m).to_string(), m.metric_name.clone()))
                     .map(|v| Datapoint {
-                        timestamp_ms: query.to_ms - query.to_ms % 60_000,
-                        value: *v,
+                        timestamp_ms: minute,
+                        value: if st.stamp {
+                            (minute / 60_000) as f64
+                        } else {
+                            *v
+                        },
                     })
             })
             .collect();

@@ -4,3 +4,4 @@
 pub mod cloud;
 pub mod fake;
 pub mod kube;
+pub mod publication;
