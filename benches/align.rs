@@ -176,7 +176,7 @@ async fn run(o: &Opts, n: usize, case: Case, align: bool) -> Run {
         let snap: Arc<Snapshot> = rx.borrow_and_update().clone();
         let body = renderer.render(&targets, &snap);
         let now = clock.now_ms();
-        for (line, minute) in shown(&body.plain, &family) {
+        for (line, minute) in shown(&body.plain(), &family) {
             first.entry((line.to_vec(), minute)).or_insert(now);
         }
     }

@@ -7,15 +7,20 @@
 //! ```text
 //! cargo bench --bench scale -- [--sizes 100,1000,10000] [--exporter PATH] [--wrk PATH] [--nginx PATH]
 //!                              [--wrk-secs 10] [--concurrency 8] [--interval SECS] [--requests 200]
-//!                              [--out FILE]
+//!                              [--out FILE] [--fixture realistic|legacy]
 //! scripts/bench.sh [sizes]     # installs wrk + nginx-light, builds, runs, writes target/bench/scale.md
 //! ```
 //! Environment equivalents: `BENCH_SIZES`, `ELB_EXPORTER_BIN`, `WRK`, `NGINX`, `BENCH_WRK_SECS`,
-//! `BENCH_CONCURRENCY`, `BENCH_INTERVAL_SECS`, `BENCH_REQUESTS`, `BENCH_OUT`.
+//! `BENCH_CONCURRENCY`, `BENCH_INTERVAL_SECS`, `BENCH_REQUESTS`, `BENCH_OUT`, `BENCH_FIXTURE`.
 //!
-//! Fixture: dedicated ELBs with 5 listeners each (ports 80, 443, 8080, 8443, 9000) and one Service per ELB
-//! with those 5 ports, spread over 20 namespaces. Every loop is bounded in time and count; every child
-//! process (exporter, nginx, wrk) is owned by a guard that kills it on drop, panics included.
+//! Fixture (`--fixture`): `realistic` (the default) is what users run: the exporter's default configuration
+//! (rate limits, `listener_refresh`, `max_concurrency`), `collection.interval` 60 s, ELBs with 4 listeners
+//! each (ports 80, 443, 8080, 8443), half shared (`kubernetes.io/elb.class: union`, ELB v2) and half
+//! dedicated (`performance`, v3), one Service per ELB with those ports, spread over 20 namespaces. It also
+//! measures start → all series, ELB calls per refresh and a new Service while a refresh runs. `legacy` is
+//! the issue-6 fixture (dedicated ELBs with 5 listeners, `listener_refresh: 1h`, raised rate limits); its
+//! rows are labelled. Every loop is bounded in time and count; every child process (exporter, nginx, wrk)
+//! is owned by a guard that kills it on drop, panics included.
 
 use anyhow::{Context, Result, anyhow, bail};
 use elb_exporter::demo::{config_for, service};
@@ -35,8 +40,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const METRICS: usize = 13;
 /// CES batch limit (`global.scrape_batch_size` default).
 const BATCH: usize = 500;
-const LISTENERS_PER_ELB: usize = 5;
-const PORTS: [u16; LISTENERS_PER_ELB] = [80, 443, 8080, 8443, 9000];
+/// Sizes are multiples of this: 4 (realistic) and 5 (legacy) listeners per ELB.
+const SIZE_STEP: usize = 20;
+/// The exporter's default `discovery.listener_refresh` (the realistic fixture waits for one).
+const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+const NEW_NS_REFRESH: &str = "zz-bench-refresh";
 const NAMESPACES: usize = 20;
 const PREFIX: &str = "huaweicloud_sys_elb_listener_";
 const LABELS: [&str; 7] = [
@@ -60,16 +68,45 @@ const POLL: Duration = Duration::from_millis(20);
 // ---------------------------------------------------------------------------------------------------------
 // Options
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fixture {
+    Realistic,
+    Legacy,
+}
+
+impl Fixture {
+    fn ports(self) -> &'static [u16] {
+        match self {
+            Fixture::Realistic => &[80, 443, 8080, 8443],
+            Fixture::Legacy => &[80, 443, 8080, 8443, 9000],
+        }
+    }
+
+    /// ELB `i` is shared (v2) in the realistic fixture when `i` is even.
+    fn shared(self, i: usize) -> bool {
+        self == Fixture::Realistic && i.is_multiple_of(2)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Fixture::Realistic => "realistic",
+            Fixture::Legacy => "legacy",
+        }
+    }
+}
+
 struct BenchOpts {
     sizes: Vec<usize>,
     exporter: PathBuf,
     wrk: Option<PathBuf>,
     nginx: Option<PathBuf>,
     wrk_secs: u64,
-    concurrency: usize,
+    /// `cloud.max_concurrency`; `None`: the exporter's default (not written to the config).
+    concurrency: Option<usize>,
     interval: Option<u64>,
     requests: usize,
     out: Option<PathBuf>,
+    fixture: Fixture,
 }
 
 fn env_or(key: &str) -> Option<String> {
@@ -86,8 +123,10 @@ fn parse_sizes(s: &str) -> Result<Vec<usize>> {
                 None => p.parse(),
             }
             .with_context(|| format!("bad size {p:?}"))?;
-            if n == 0 || !n.is_multiple_of(LISTENERS_PER_ELB) {
-                bail!("size {n} must be a positive multiple of {LISTENERS_PER_ELB} (listeners per ELB)");
+            if n == 0 || !n.is_multiple_of(SIZE_STEP) {
+                bail!(
+                    "size {n} must be a positive multiple of {SIZE_STEP} (4 or 5 listeners per ELB)"
+                );
             }
             Ok(n)
         })
@@ -128,6 +167,7 @@ impl BenchOpts {
         let mut interval = env_or("BENCH_INTERVAL_SECS");
         let mut requests = env_or("BENCH_REQUESTS");
         let mut out = env_or("BENCH_OUT");
+        let mut fixture = env_or("BENCH_FIXTURE");
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             let (key, inline) = match a.split_once('=') {
@@ -144,12 +184,14 @@ impl BenchOpts {
                 "--interval" => &mut interval,
                 "--requests" => &mut requests,
                 "--out" => &mut out,
+                "--fixture" => &mut fixture,
                 // Passed by `cargo bench`.
                 "--bench" => continue,
                 "-h" | "--help" => {
                     println!(
                         "usage: scale [--sizes 100,1000,10000] [--exporter PATH] [--wrk PATH] [--nginx PATH] \
-                         [--wrk-secs 10] [--concurrency 8] [--interval SECS] [--requests 200] [--out FILE]"
+                         [--wrk-secs 10] [--concurrency N] [--interval SECS] [--requests 200] [--out FILE] \
+                         [--fixture realistic|legacy]"
                     );
                     std::process::exit(0);
                 }
@@ -179,7 +221,13 @@ impl BenchOpts {
             wrk: find_program(wrk, "wrk"),
             nginx: find_program(nginx, "nginx"),
             wrk_secs: num(wrk_secs, "wrk seconds", 10)?.max(1),
-            concurrency: num(concurrency, "concurrency", 8)?.clamp(1, 64) as usize,
+            concurrency: concurrency
+                .map(|c| {
+                    c.parse::<usize>()
+                        .map(|c| c.clamp(1, 64))
+                        .with_context(|| format!("bad concurrency {c:?}"))
+                })
+                .transpose()?,
             interval: interval
                 .map(|s| {
                     s.parse::<u64>()
@@ -188,14 +236,44 @@ impl BenchOpts {
                 .transpose()?,
             requests: num(requests, "requests", 200)?.max(10) as usize,
             out: out.map(PathBuf::from),
+            fixture: match fixture.as_deref() {
+                None | Some("realistic") => Fixture::Realistic,
+                Some("legacy") => Fixture::Legacy,
+                Some(other) => bail!("unknown fixture {other:?} (realistic or legacy)"),
+            },
         })
     }
 
     /// Collection interval for a size: long enough that no cycle starts while scrapes are measured.
     fn interval_for(&self, listeners: usize) -> u64 {
-        self.interval
-            .unwrap_or(if listeners > 2000 { 120 } else { 60 })
-            .max(10)
+        let default = match self.fixture {
+            Fixture::Realistic => 60,
+            Fixture::Legacy if listeners > 2000 => 120,
+            Fixture::Legacy => 60,
+        };
+        self.interval.unwrap_or(default).max(10)
+    }
+
+    /// The exporter config on top of the simulator's endpoints and credentials.
+    fn extra_config(&self, interval: u64) -> String {
+        let mut extra = String::new();
+        if self.fixture == Fixture::Legacy {
+            extra.push_str("discovery:\n  listener_refresh: \"1h\"\n");
+        }
+        let _ = write!(extra, "collection:\n  interval: \"{interval}s\"\n");
+        let legacy = self.fixture == Fixture::Legacy;
+        if self.concurrency.is_some() || legacy {
+            extra.push_str("cloud:\n");
+            if let Some(c) = self.concurrency {
+                let _ = writeln!(extra, "  max_concurrency: {c}");
+            }
+            if legacy {
+                extra.push_str(
+                    "  rate_limit:\n    elb_per_minute: 10000\n    ces_per_minute: 10000\n",
+                );
+            }
+        }
+        extra
     }
 }
 
@@ -565,29 +643,66 @@ fn listener_id(i: usize, j: usize) -> String {
     )
 }
 
-fn seed(sim: &CloudSim, cluster: &FakeApiServer, listeners: usize) -> usize {
-    let elbs = listeners / LISTENERS_PER_ELB;
+/// Seeds the simulator and the cluster; returns the number of ELBs (= Services) and of shared ones.
+fn seed(
+    sim: &CloudSim,
+    cluster: &FakeApiServer,
+    listeners: usize,
+    fixture: Fixture,
+) -> (usize, usize) {
+    let ports = fixture.ports();
+    let elbs = listeners / ports.len();
+    let mut shared = 0;
     for i in 0..elbs {
         let id = elb_id(i);
-        sim.add_loadbalancer(&id, LbKind::Dedicated);
-        for (j, port) in PORTS.iter().enumerate() {
+        let (kind, class) = if fixture.shared(i) {
+            shared += 1;
+            (LbKind::Shared, "union")
+        } else {
+            (LbKind::Dedicated, "performance")
+        };
+        sim.add_loadbalancer(&id, kind);
+        for (j, port) in ports.iter().enumerate() {
             sim.add_listener(
                 &id,
                 SimListener::new(listener_id(i, j), format!("k8s_TCP_{port}"), "TCP", *port),
             );
         }
-        let ports: Vec<i32> = PORTS.iter().map(|p| i32::from(*p)).collect();
+        let ports: Vec<i32> = ports.iter().map(|p| i32::from(*p)).collect();
         cluster.apply(service(
             &format!("team-{:02}", i % NAMESPACES),
             &format!("svc-{i:05}"),
             &[
                 (ELB_ID_ANNOTATION, id.as_str()),
-                (ELB_CLASS_ANNOTATION, "performance"),
+                (ELB_CLASS_ANNOTATION, class),
             ],
             &ports,
         ));
     }
-    elbs
+    (elbs, shared)
+}
+
+/// A lookup of new Services' ELBs only: every `loadbalancer_id` it names is one of `skip`. (A refresh
+/// listing may also name them, batched with others: it counts as refresh.)
+fn only_names(r: &SimRequest, skip: &[&str]) -> bool {
+    let named = r.query.matches("loadbalancer_id=").count();
+    named > 0 && named == skip.iter().filter(|s| r.query.contains(*s)).count()
+}
+
+/// ELB listing calls in the log: (v2, v3), leaving out lookups of only the `skip` ELBs (new Services').
+fn elb_calls(reqs: &[SimRequest], skip: &[&str]) -> (usize, usize) {
+    let mut n = (0, 0);
+    for r in reqs {
+        if only_names(r, skip) {
+            continue;
+        }
+        match r.api {
+            SimApi::ElbV2 => n.0 += 1,
+            SimApi::ElbV3 => n.1 += 1,
+            _ => {}
+        }
+    }
+    n
 }
 
 fn ces_requests(sim: &CloudSim) -> Vec<SimRequest> {
@@ -1065,7 +1180,22 @@ struct Side {
 struct Row {
     listeners: usize,
     elbs: usize,
+    /// Shared (v2) ELBs among them.
+    shared: usize,
+    fixture: Option<Fixture>,
     interval_s: u64,
+    /// Start → every cloud series of the fixture on `/metrics`.
+    all_series_s: Option<f64>,
+    /// ELB listing calls to ready, (v2, v3).
+    elb_ready: (usize, usize),
+    /// The first periodic refresh: calls (v2, v3) and first → last call.
+    elb_refresh: Option<(usize, usize)>,
+    refresh_s: Option<f64>,
+    /// A new Service applied as the refresh started: listener_info / first series, and whether the
+    /// refresh still had calls to make when the Service's lookup was sent.
+    refresh_new_info_s: Option<f64>,
+    refresh_new_series_s: Option<f64>,
+    refresh_running: Option<bool>,
     series: usize,
     elb_calls: usize,
     ces_min: usize,
@@ -1104,7 +1234,10 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
         listeners,
         interval_s: interval,
         ces_min: (listeners * METRICS).div_ceil(BATCH),
-        ces_steady_min: ((listeners + 1) * METRICS).div_ceil(BATCH),
+        ces_steady_min: ((listeners + 1 + usize::from(opts.fixture == Fixture::Realistic))
+            * METRICS)
+            .div_ceil(BATCH),
+        fixture: Some(opts.fixture),
         load: (loadavg(), 0.0),
         ..Row::default()
     };
@@ -1114,20 +1247,22 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
         .build()?;
     let sim = CloudSim::new(SimConfig {
         ces_latency: CES_LATENCY,
-        ces_calls_per_minute: 100_000,
+        // The legacy fixture lifted every limit; the realistic one keeps the simulator's (500 per minute,
+        // above the exporter's default 300).
+        ces_calls_per_minute: match opts.fixture {
+            Fixture::Legacy => 100_000,
+            Fixture::Realistic => SimConfig::default().ces_calls_per_minute,
+        },
         ..SimConfig::default()
     });
     let cluster = FakeApiServer::new();
-    row.elbs = seed(&sim, &cluster, listeners);
+    (row.elbs, row.shared) = seed(&sim, &cluster, listeners, opts.fixture);
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     let sim_addr = rt.block_on(sim.serve(loopback))?;
     rt.block_on(cluster.serve(loopback))?;
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("clouds.yml");
-    let extra = format!(
-        "discovery:\n  listener_refresh: \"1h\"\ncollection:\n  interval: \"{interval}s\"\ncloud:\n  max_concurrency: {}\n  rate_limit:\n    elb_per_minute: 10000\n    ces_per_minute: 10000\n",
-        opts.concurrency
-    );
+    let extra = opts.extra_config(interval);
     std::fs::write(
         &cfg,
         config_for(&sim, &format!("http://{sim_addr}"), &extra),
@@ -1137,8 +1272,11 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
 
     // Start → ready: Service list, every ELB's listeners, the first full collection cycle, the render.
     eprintln!(
-        "{tag} {} Services/ELBs, {listeners} listeners; starting the exporter (interval {interval}s, max_concurrency {})",
-        row.elbs, opts.concurrency
+        "{tag} {} fixture: {} Services/ELBs ({} shared), {listeners} listeners; starting the exporter (interval {interval}s, max_concurrency {})",
+        opts.fixture.name(),
+        row.elbs,
+        row.shared,
+        opts.concurrency.map_or("default".into(), |c| c.to_string())
     );
     let started = Instant::now();
     let mut exp = Exporter::spawn(
@@ -1164,15 +1302,27 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
         std::thread::sleep(POLL);
     }
     row.ready_s = started.elapsed().as_secs_f64();
+    // Start → every series: usually the first cycle, which readiness waits for, has them all.
+    let want = listeners * METRICS;
+    while started.elapsed() < Duration::from_secs(900) {
+        let n = exp
+            .scrape(&mut http)
+            .map(|b| b.lines().filter(|l| l.starts_with(PREFIX)).count())
+            .unwrap_or(0);
+        if n >= want {
+            row.all_series_s = Some(started.elapsed().as_secs_f64());
+            break;
+        }
+        exp.check_alive()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
     rss.mark("scrapes");
     let body = exp.scrape(&mut http)?;
     row.cycle_first_s = sample(&body, "elb_exporter_collection_duration_seconds");
     row.series = body.lines().filter(|l| l.starts_with(PREFIX)).count();
     let reqs = sim.requests();
-    row.elb_calls = reqs
-        .iter()
-        .filter(|r| matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3))
-        .count();
+    row.elb_ready = elb_calls(&reqs, &[]);
+    row.elb_calls = row.elb_ready.0 + row.elb_ready.1;
     let ces: Vec<&SimRequest> = reqs.iter().filter(|r| r.api == SimApi::Ces).collect();
     row.ces_first = ces.len();
     row.mpc_first =
@@ -1284,6 +1434,12 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
         "{tag} new Service: listener_info after {:?}s, first series after {:?}s",
         row.new_info_s, row.new_series_s
     );
+    if opts.fixture == Fixture::Realistic {
+        rss.mark("refresh");
+        refresh_phase(
+            &mut row, &sim, &cluster, &mut exp, &mut http, started, &new_elb,
+        )?;
+    }
 
     // CPU per steady-state cycle: the next full cycle that starts after now, measured with the exporter
     // otherwise idle. Cycle k starts about (k-1) intervals after the first cycle's first CES call.
@@ -1395,6 +1551,113 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     Ok(row)
 }
 
+/// Waits for the first periodic refresh (default `listener_refresh`, counted from start), applies a new
+/// Service (shared ELB) as soon as its first call arrives, and measures that Service's first series and
+/// the refresh's calls.
+fn refresh_phase(
+    row: &mut Row,
+    sim: &CloudSim,
+    cluster: &FakeApiServer,
+    exp: &mut Exporter,
+    http: &mut Http,
+    started: Instant,
+    idle_new_elb: &str,
+) -> Result<()> {
+    let tag = format!("[{}]", row.listeners);
+    let refresh_elb = elb_id(900_001);
+    let skip = [idle_new_elb, refresh_elb.as_str()];
+    let is_refresh_call =
+        |r: &SimRequest| matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && !only_names(r, &skip);
+    // The log only grows (it is capped far above what a run sends): the refresh is what follows `base`.
+    let base = sim.requests().len();
+    let wait = (DEFAULT_REFRESH + Duration::from_secs(60)).saturating_sub(started.elapsed());
+    eprintln!(
+        "{tag} waiting up to {:.0}s for the first listener refresh",
+        wait.as_secs_f64()
+    );
+    let deadline = Instant::now() + wait;
+    let refresh_started = loop {
+        if let Some(r) = sim.requests()[base..].iter().find(|r| is_refresh_call(r)) {
+            break r.time_ms;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("{tag} warning: no refresh observed");
+            return Ok(());
+        }
+        exp.check_alive()?;
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    sim.add_loadbalancer(&refresh_elb, LbKind::Shared);
+    let new_listener = listener_id(900_001, 0);
+    sim.add_listener(
+        &refresh_elb,
+        SimListener::new(new_listener.clone(), "k8s_TCP_80", "TCP", 80),
+    );
+    let info_needle = format!("elb_exporter_listener_info{{namespace=\"{NEW_NS_REFRESH}\",");
+    let t0 = Instant::now();
+    cluster.apply(service(
+        NEW_NS_REFRESH,
+        NEW_SVC,
+        &[
+            (ELB_ID_ANNOTATION, refresh_elb.as_str()),
+            (ELB_CLASS_ANNOTATION, "union"),
+        ],
+        &[80],
+    ));
+    while t0.elapsed() < Duration::from_secs(60) {
+        if let Ok(b) = exp.scrape(http) {
+            if row.refresh_new_info_s.is_none() && b.contains(&info_needle) {
+                row.refresh_new_info_s = Some(t0.elapsed().as_secs_f64());
+            }
+            if has_cloud_series(&b, NEW_NS_REFRESH) {
+                row.refresh_new_series_s = Some(t0.elapsed().as_secs_f64());
+                row.refresh_new_info_s
+                    .get_or_insert(t0.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    // The refresh is over once no refresh call arrived for 5 s.
+    let mut last = elb_calls(&sim.requests(), &skip);
+    let mut quiet_since = Instant::now();
+    let quiet_deadline = Instant::now() + Duration::from_secs(120);
+    while quiet_since.elapsed() < Duration::from_secs(5) && Instant::now() < quiet_deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = elb_calls(&sim.requests(), &skip);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    let reqs = sim.requests();
+    let refresh: Vec<&SimRequest> = reqs[base..].iter().filter(|r| is_refresh_call(r)).collect();
+    let lookup_ms = reqs
+        .iter()
+        .filter(|r| r.query.contains(refresh_elb.as_str()))
+        .map(|r| r.time_ms)
+        .min();
+    let last_ms = refresh.iter().map(|r| r.time_ms).max();
+    row.elb_refresh = Some((
+        refresh.iter().filter(|r| r.api == SimApi::ElbV2).count(),
+        refresh.iter().filter(|r| r.api == SimApi::ElbV3).count(),
+    ));
+    row.refresh_s = last_ms.map(|l| (l - refresh_started) as f64 / 1000.0);
+    row.refresh_running = match (lookup_ms, last_ms) {
+        (Some(a), Some(b)) => Some(a < b),
+        _ => None,
+    };
+    eprintln!(
+        "{tag} refresh: {:?} ELB calls (v2, v3) over {:?}s; new Service during it: listener_info {:?}s, first series {:?}s (lookup before the refresh's last call: {:?})",
+        row.elb_refresh,
+        row.refresh_s,
+        row.refresh_new_info_s,
+        row.refresh_new_series_s,
+        row.refresh_running
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Tables
 
@@ -1458,21 +1721,73 @@ fn pct(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// ceil(listeners in the project / page size) + 1 per API: the bound of a full refresh when every ELB is
+/// annotated (pages of 500 on v2, 2000 on v3).
+fn refresh_bound(r: &Row) -> (usize, usize) {
+    let per_elb = r.listeners / r.elbs.max(1);
+    let v2 = r.shared * per_elb;
+    let v3 = r.listeners - v2;
+    let bound = |n: usize, page: usize| if n == 0 { 0 } else { n.div_ceil(page) + 1 };
+    (bound(v2, 500), bound(v3, 2000))
+}
+
+fn inventory_table(t: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        t,
+        "#### Cold start and inventory (realistic fixture, default configuration)\n"
+    );
+    let _ = writeln!(
+        t,
+        "| listeners (ELBs: shared / dedicated) | start → ready | start → all series | ELB calls to ready: v2 / v3 | ELB calls per refresh: v2 / v3 (bound) | refresh: first → last call | new Service during the refresh → listener_info / first series |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|");
+    for r in rows
+        .iter()
+        .filter(|r| r.fixture == Some(Fixture::Realistic))
+    {
+        let (b2, b3) = refresh_bound(r);
+        let _ = writeln!(
+            t,
+            "| {} ({} / {}) | {:.2} s | {} | {} / {} | {} ({b2} / {b3}) | {} | {} / {}{} |",
+            r.listeners,
+            r.shared,
+            r.elbs - r.shared,
+            r.ready_s,
+            secs(r.all_series_s),
+            r.elb_ready.0,
+            r.elb_ready.1,
+            r.elb_refresh
+                .map_or("n/a".into(), |(a, b)| format!("{a} / {b}")),
+            secs(r.refresh_s),
+            secs(r.refresh_new_info_s),
+            secs(r.refresh_new_series_s),
+            match r.refresh_running {
+                Some(true) => "",
+                Some(false) => " (the refresh had ended)",
+                None => " (n/a)",
+            },
+        );
+    }
+    t.push('\n');
+}
+
 fn tables(rows: &[Row]) -> String {
     let mut t = String::new();
+    inventory_table(&mut t, rows);
     let _ = writeln!(t, "#### Collection\n");
     let _ = writeln!(
         t,
-        "| listeners (Services = ELBs) | series | ELB API calls to ready | CES calls / cycle: first (min) / steady (min) | metrics / call: first / steady | cycle time: first / steady | start → ready | CPU / steady cycle | new Service → listener_info / first series |"
+        "| listeners (Services = ELBs), fixture | series | ELB API calls to ready | CES calls / cycle: first (min) / steady (min) | metrics / call: first / steady | cycle time: first / steady | start → ready | CPU / steady cycle | new Service → listener_info / first series |"
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let steady_calls = r.ces_steady.map_or("n/a".into(), |c| c.to_string());
         let _ = writeln!(
             t,
-            "| {} ({}) | {} | {} | {} ({}) / {} ({}) | {:.1} / {} | {} / {} | {:.2} s | {} | {} / {} |",
+            "| {} ({}), {} | {} | {} | {} ({}) / {} ({}) | {:.1} / {} | {} / {} | {:.2} s | {} | {} / {} |",
             r.listeners,
             r.elbs,
+            r.fixture.map_or("", Fixture::name),
             r.series,
             r.elb_calls,
             r.ces_first,
@@ -1608,13 +1923,15 @@ fn describe_run(opts: &BenchOpts, rows: &[Row], elapsed: Duration) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "Run: {cores} cores ({cpu}); exporter `{}`; {}; {}; sim CES latency {} ms; cloud.max_concurrency {}; \
+        "Run: {cores} cores ({cpu}); exporter `{}`; {}; {}; {} fixture; sim CES latency {} ms; cloud.max_concurrency {}; \
          collection.interval {}; wrk {} s per case; total {:.0} s.\n",
         opts.exporter.display(),
         version(&opts.wrk, "--version"),
         version(&opts.nginx, "-v"),
+        opts.fixture.name(),
         CES_LATENCY.as_millis(),
-        opts.concurrency,
+        opts.concurrency
+            .map_or("default (8)".into(), |c| c.to_string()),
         rows.iter()
             .map(|r| format!("{} s at {}", r.interval_s, r.listeners))
             .collect::<Vec<_>>()

@@ -362,13 +362,11 @@ mod tests {
         use tower::ServiceExt as _;
         let telemetry = Telemetry::new();
         let state = AppState::new(telemetry.clone(), "/metrics");
-        state.body.store(Arc::new(crate::exposition::Body {
-            services: 4,
-            listeners: 6,
-            series: 12,
-            problems: vec![(discovery::Problem::UnknownElb, 1)],
-            ..Default::default()
-        }));
+        let mut body = crate::exposition::Body::new(bytes::Bytes::new(), None, 12);
+        body.services = 4;
+        body.listeners = 6;
+        body.problems = vec![(discovery::Problem::UnknownElb, 1)];
+        state.body.store(Arc::new(body));
         telemetry.services.set(5);
         let app = server::router(state, None);
         let req = axum::http::Request::get("/metrics")

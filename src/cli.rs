@@ -3,7 +3,7 @@
 
 use crate::app;
 use crate::cloud::client::HttpCloud;
-use crate::cloud::{BatchQuery, CloudApi, MetricQuery};
+use crate::cloud::{BatchQuery, CloudApi, Lane, MetricQuery};
 use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners};
 use crate::config::{Config, ConfigError, LogFormat, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
@@ -353,6 +353,7 @@ fn first_batch(cfg: &Config, listeners: &[(Arc<str>, Arc<str>)]) -> Option<Batch
         to_ms: now,
         period: "1",
         filter: cfg.collection.filter,
+        lane: Lane::Priority,
     })
 }
 

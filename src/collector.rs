@@ -2,7 +2,7 @@
 //! fewest batch calls (packed across all load balancers), the newest datapoint per series is kept, and
 //! the whole result is swapped in atomically. Listeners that appear between ticks are collected at once.
 
-use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, MetricQuery};
+use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, Lane, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
 use crate::schedule::{Aligner, MINUTE_MS, RateWindow};
@@ -493,6 +493,7 @@ impl<C: CloudApi> Collector<C> {
         &self,
         listeners: &[(Arc<str>, Arc<str>)],
         batches: Vec<usize>,
+        lane: Lane,
         mut sink: impl FnMut(usize, Vec<SeriesKey>, i64, Result<Vec<Option<Datapoint>>, CloudError>),
     ) {
         let metrics = &self.settings.metrics;
@@ -524,6 +525,7 @@ impl<C: CloudApi> Collector<C> {
                 to_ms,
                 period: "1",
                 filter,
+                lane,
             };
             let cloud = cloud.clone();
             async move {
@@ -613,7 +615,7 @@ impl<C: CloudApi> Collector<C> {
                 }
                 _ => all(),
             };
-            self.query(&listeners, rest, |b, k, a, r| {
+            self.query(&listeners, rest, Lane::Background, |b, k, a, r| {
                 self.absorb(&mut st, b, k, a, r)
             })
             .await;
@@ -710,7 +712,7 @@ impl<C: CloudApi> Collector<C> {
             st.newest = None;
             let asked = self.settings.clock.now_ms();
             st.first_ms.get_or_insert(asked);
-            self.query(listeners, vec![probe], |b, k, a, r| {
+            self.query(listeners, vec![probe], Lane::Background, |b, k, a, r| {
                 self.absorb(st, b, k, a, r)
             })
             .await;
@@ -891,7 +893,7 @@ impl<C: CloudApi> Collector<C> {
             self.settings.ces_per_minute,
         );
         let clock = self.settings.clock;
-        let run = self.query(&fresh, (0..batches).collect(), |_, keys, _, result| match result {
+        let run = self.query(&fresh, (0..batches).collect(), Lane::Priority, |_, keys, _, result| match result {
             Ok(points) => merge(
                 &mut extra,
                 keys,
@@ -1106,6 +1108,14 @@ mod tests {
             start.elapsed() < Duration::from_secs(62),
             "the next cycle waited {:?}",
             start.elapsed()
+        );
+        // Full cycles ask in the background lane; the new listener's prompt call goes first.
+        let lanes: Vec<Lane> = cloud.calls().iter().map(|c| c.lane).collect();
+        assert_eq!(lanes[0], Lane::Background);
+        assert_eq!(lanes[1], Lane::Priority);
+        assert!(
+            lanes[2..].iter().all(|l| *l == Lane::Background),
+            "{lanes:?}"
         );
         assert_eq!(
             second.len(),

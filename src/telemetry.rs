@@ -58,6 +58,7 @@ pub struct Telemetry {
     pub ces_publication_lag: Gauge,
     pub exposure_delay: Histogram,
     pub planned_calls: IntGaugeVec,
+    pub inventory_calls: IntGaugeVec,
     pub discovery_problems: IntGaugeVec,
     pub skipped: IntCounterVec,
     pub collections: IntCounterVec,
@@ -225,6 +226,17 @@ impl Telemetry {
                         "Cloud calls per minute the current targets need at the configured intervals.",
                     ),
                     &["api"],
+                )
+                .expect("valid metric"),
+            ),
+            inventory_calls: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "elb_exporter_inventory_calls",
+                        "Listing calls (pages) the inventory made in the last listener_refresh period, by cloud call and ELB API version.",
+                    ),
+                    &["api", "version"],
                 )
                 .expect("valid metric"),
             ),

@@ -106,6 +106,7 @@ fn batch(metrics: Vec<MetricQuery>) -> BatchQuery {
         to_ms: to,
         period: "1",
         filter: Filter::Average,
+        lane: elb_exporter::cloud::Lane::Priority,
     }
 }
 

@@ -1624,7 +1624,8 @@ proptest! {
         }
 
         // Parse the plain body back.
-        let plain = std::str::from_utf8(&body.plain).expect("UTF-8 body");
+        let plain_bytes = body.plain();
+        let plain = std::str::from_utf8(&plain_bytes).expect("UTF-8 body");
         prop_assert!(plain.is_empty() || plain.ends_with('\n'));
         let mut got: Vec<Series> = Vec::new();
         let mut typed: Vec<String> = Vec::new();
@@ -1664,7 +1665,7 @@ proptest! {
         flate2::read::MultiGzDecoder::new(&body.gzip[..])
             .read_to_end(&mut unzipped)
             .expect("valid gzip");
-        prop_assert_eq!(&unzipped[..], &body.plain[..]);
+        prop_assert_eq!(&unzipped[..], &plain_bytes[..]);
     }
 }
 

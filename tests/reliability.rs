@@ -291,7 +291,11 @@ async fn ces_outage_serves_last_values_for_stale_intervals_then_drops_them_and_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_ces_failures_are_retried_within_the_cycle() {
     let w = fixture().await;
-    let mut e = w.exporter(&fast("", "  request_timeout: \"400ms\"\n", ""));
+    // A cycle is cut after its interval: 2 s leaves room for a retry after `Retry-After: 1`.
+    let mut e = w.exporter(
+        &fast("", "  request_timeout: \"400ms\"\n", "")
+            .replace("interval: \"1s\"", "interval: \"2s\""),
+    );
     steady(&e).await;
 
     let cases: Vec<(&str, Fault, &str)> = vec![
@@ -800,7 +804,11 @@ async fn huge_valid_answers_keep_memory_under_the_pod_limit() {
             count: 1,
         },
     );
-    let mut e = w.exporter_edited(&fast("", "", ""), batch_size(1));
+    // 3 s: room for the retried huge answers inside one cycle, which is cut after its interval.
+    let mut e = w.exporter_edited(
+        &fast("", "", "").replace("interval: \"1s\"", "interval: \"3s\""),
+        batch_size(1),
+    );
     steady(&e).await;
     let huge_error = format!(
         r#"{{"error_code":"ces.0007","error_msg":"{}"}}"#,

@@ -26,13 +26,11 @@ fn settings() -> WebSettings {
 
 async fn start(web: WebSettings) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let state = AppState::new(Telemetry::new(), "/metrics");
-    state.body.store(Arc::new(Body {
-        plain: Bytes::from_static(BODY.as_bytes()),
-        gzip: Bytes::from(gzip(BODY.as_bytes())),
-        newest_ms: None,
-        series: 1,
-        ..Body::default()
-    }));
+    state.body.store(Arc::new(Body::new(
+        Bytes::from(gzip(BODY.as_bytes())),
+        None,
+        1,
+    )));
     let telemetry = state.telemetry.clone();
     let app = server::router(state, WebAuth::from_settings(&web));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -4,14 +4,14 @@
 use super::auth::{AuthGate, Ticket, Verdict};
 use super::retry::{RateLimiter, backoff};
 use super::{
-    BatchQuery, BatchResult, CES_SMALL_BATCH, CloudApi, CloudError, ElbVersion, ErrorBody,
-    Listener, parse,
+    BatchQuery, BatchResult, CES_SMALL_BATCH, CloudApi, CloudError, ElbVersion, ErrorBody, Lane,
+    Listing, parse,
 };
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
 use crate::telemetry::{Api, Telemetry};
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -33,11 +33,6 @@ const BODY_SLACK: usize = 64 * 1024;
 /// Answer bytes all requests in flight may hold at once (each reserves its Content-Length, or its cap
 /// when the length is not announced): bounds memory whatever `max_concurrency` is.
 const BODY_BUDGET: usize = 48 * 1024 * 1024;
-/// Page sizes: v3 allows up to 2000; v2 documents none, so stay moderate.
-const V2_PAGE: usize = 500;
-const V3_PAGE: usize = 2000;
-/// Load balancer ids per v3 listing: keeps the query string short (~2 KB).
-const V3_IDS_PER_CALL: usize = 50;
 /// A load balancer with more pages than this is treated as a paging bug rather than followed forever.
 const MAX_PAGES: usize = 1000;
 
@@ -189,12 +184,12 @@ impl HttpCloud {
         let mut last: Option<CloudError> = None;
         loop {
             let ticket = match last.take() {
-                None => self.admit(call.api).await?,
+                None => self.admit(call.api, call.lane).await?,
                 // A retry that would start after max_elapsed (the gate or the rate limit held it) is not
                 // sent: the last failure stands.
                 Some(err) => {
                     let left = self.retry.max_elapsed.saturating_sub(start.elapsed());
-                    match tokio::time::timeout(left, self.admit(call.api)).await {
+                    match tokio::time::timeout(left, self.admit(call.api, call.lane)).await {
                         Ok(ticket) => ticket?,
                         Err(_) => return Err(err),
                     }
@@ -265,11 +260,11 @@ impl HttpCloud {
     /// ticket only afterwards. If the caller drops the future while the ticket is out (its timeout),
     /// the ticket frees its place, so the next call probes instead of waiting for a verdict that never
     /// comes.
-    async fn admit(&self, api: Api) -> Result<Ticket<'_>, CloudError> {
+    async fn admit(&self, api: Api, lane: Lane) -> Result<Ticket<'_>, CloudError> {
         let admitted = match self.auth.refusal(api) {
             Some(e) => Err(e),
             None => {
-                self.limiter(api).acquire().await;
+                self.limiter(api).acquire_in(lane).await;
                 self.auth.admit(api).await
             }
         };
@@ -472,6 +467,7 @@ impl HttpCloud {
             body: ces_body(query),
             project: Some(&project),
             max_body: ces_max_body(query),
+            lane: query.lane,
         };
         let result = self
             .call(&call, |body| {
@@ -506,25 +502,30 @@ impl HttpCloud {
         Ok(acc)
     }
 
-    /// Lists the listeners of `ids` (one id on v2), following every page until a short one.
+    /// Lists the listeners of `ids` (one id on v2), or of the whole project when `ids` is `None`,
+    /// following every page until a short one, at most `max_pages`.
     async fn list_paged(
         &self,
         version: ElbVersion,
-        ids: &[&str],
-    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
+        ids: Option<&[&str]>,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
         let api = Api::ElbListListeners;
         let project = self.project_id().await?;
-        let limit = match version {
-            ElbVersion::V2 => V2_PAGE,
-            ElbVersion::V3 => V3_PAGE,
-        };
+        let limit = version.page_size();
         let path = format!("/{}/{project}/elb/listeners", version.as_str());
-        let mut out: HashMap<String, Vec<Listener>> = HashMap::new();
+        let mut out = Listing::default();
         let mut seen: HashSet<String> = HashSet::new();
         let mut markers: HashSet<String> = HashSet::new();
         let mut marker: Option<String> = None;
-        for _ in 0..MAX_PAGES {
+        for page_no in 0..max_pages.min(MAX_PAGES as u32) {
+            if page_no > 0 && !page_gap.is_zero() {
+                tokio::time::sleep(page_gap).await;
+            }
             let mut query: Vec<(String, String)> = ids
+                .unwrap_or_default()
                 .iter()
                 .map(|id| ("loadbalancer_id".to_string(), id.to_string()))
                 .collect();
@@ -541,10 +542,16 @@ impl HttpCloud {
                 body: Vec::new(),
                 project: Some(&project),
                 max_body: limit * LISTENER_BYTES + BODY_SLACK,
+                lane,
             };
             let page = self
-                .call(&call, |body| parse::listener_page_limited(body, ids, limit))
+                .call(&call, |body| match ids {
+                    Some(ids) => parse::listener_page_limited(body, ids, limit),
+                    None => parse::listener_page_all_limited(body, limit),
+                })
                 .await?;
+            out.calls += 1;
+            out.seen += page.raw_count;
             for (reason, n) in [
                 ("invalid_listener", page.skipped - page.unattributable),
                 ("unattributable_listener", page.unattributable),
@@ -558,10 +565,11 @@ impl HttpCloud {
             }
             for (lb, l) in page.listeners {
                 if seen.insert(l.id.clone()) {
-                    out.entry(lb).or_default().push(l);
+                    out.by_lb.entry(lb).or_default().push(l);
                 }
             }
             if page.raw_count < limit {
+                out.complete = true;
                 return Ok(out);
             }
             let next = page.next_marker.or(page.last_id).ok_or_else(|| {
@@ -575,6 +583,10 @@ impl HttpCloud {
                 ));
             }
             marker = Some(next);
+        }
+        if ids.is_none() && max_pages < MAX_PAGES as u32 {
+            // The caller's budget, not a paging bug: it falls back to filtered listings.
+            return Ok(out);
         }
         Err(CloudError::Malformed(
             api,
@@ -643,6 +655,7 @@ impl HttpCloud {
             body: Vec::new(),
             project: None,
             max_body: IAM_MAX_BODY,
+            lane: Lane::Priority,
         };
         self.call(&call, |body| parse::projects(body, &self.project_name))
             .await
@@ -683,6 +696,7 @@ struct Call<'a> {
     project: Option<&'a str>,
     /// The largest answer this request can legitimately get.
     max_body: usize,
+    lane: Lane,
 }
 
 /// The largest valid CES answer to `q`: one entry per metric and at most `CES_MAX_POINTS` datapoints
@@ -811,37 +825,38 @@ impl CloudApi for HttpCloud {
         cache.id.get_or_try_init(init).await.cloned()
     }
 
-    async fn list_listeners(
-        &self,
-        version: ElbVersion,
-        loadbalancer_id: &str,
-    ) -> Result<Vec<Listener>, CloudError> {
-        let mut all = self.list_paged(version, &[loadbalancer_id]).await?;
-        Ok(all.remove(loadbalancer_id).unwrap_or_default())
-    }
-
-    async fn list_listeners_many(
+    async fn list_listeners_of(
         &self,
         version: ElbVersion,
         loadbalancer_ids: &[&str],
-    ) -> Result<HashMap<String, Vec<Listener>>, CloudError> {
-        match version {
-            // v3 filters are multi-valued (`loadbalancer_id=A&loadbalancer_id=B`).
-            ElbVersion::V3 => {
-                let mut out = HashMap::new();
-                for chunk in loadbalancer_ids.chunks(V3_IDS_PER_CALL) {
-                    out.extend(self.list_paged(version, chunk).await?);
-                }
-                Ok(out)
-            }
-            ElbVersion::V2 => {
-                let mut out = HashMap::new();
-                for id in loadbalancer_ids {
-                    out.extend(self.list_paged(version, &[id]).await?);
-                }
-                Ok(out)
-            }
+        lane: Lane,
+    ) -> Result<Listing, CloudError> {
+        // v3 filters are multi-valued (`loadbalancer_id=A&loadbalancer_id=B`); v2 takes one id.
+        let per_call = version.ids_per_listing();
+        let mut out = Listing {
+            complete: true,
+            ..Listing::default()
+        };
+        for chunk in loadbalancer_ids.chunks(per_call) {
+            let part = self
+                .list_paged(version, Some(chunk), lane, MAX_PAGES as u32, Duration::ZERO)
+                .await?;
+            out.by_lb.extend(part.by_lb);
+            out.seen += part.seen;
+            out.calls += part.calls;
         }
+        Ok(out)
+    }
+
+    async fn list_all_listeners(
+        &self,
+        version: ElbVersion,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
+        self.list_paged(version, None, lane, max_pages, page_gap)
+            .await
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {

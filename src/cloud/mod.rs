@@ -27,6 +27,24 @@ impl ElbVersion {
             ElbVersion::V3 => "v3",
         }
     }
+
+    /// Listeners per page the client asks for: v3 allows up to 2000; v2 documents no maximum, so a
+    /// moderate 500 keeps answers small.
+    pub fn page_size(self) -> usize {
+        match self {
+            ElbVersion::V2 => 500,
+            ElbVersion::V3 => 2000,
+        }
+    }
+
+    /// Load balancer ids one filtered listing takes: v3 filters are multi-valued (50 ids keep the query
+    /// string near 2 KB); v2 takes one.
+    pub fn ids_per_listing(self) -> usize {
+        match self {
+            ElbVersion::V2 => 1,
+            ElbVersion::V3 => 50,
+        }
+    }
 }
 
 /// An ELB listener, as far as the exporter needs it.
@@ -36,6 +54,27 @@ pub struct Listener {
     pub name: String,
     pub protocol: String,
     pub port: u16,
+}
+
+/// Which queue a call waits in at the rate limit: lookups and prompt CES collection of new or changed
+/// Services go ahead of periodic re-listings and full collection cycles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Priority,
+    Background,
+}
+
+/// The answer to a listener listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Listeners by the load balancer they name.
+    pub by_lb: std::collections::HashMap<String, Vec<Listener>>,
+    /// Listener items seen on all pages, usable or not (a project-wide listing counts the project).
+    pub seen: usize,
+    /// Listing requests that returned a page (retries not counted).
+    pub calls: u32,
+    /// False when a project-wide listing stopped at its page budget.
+    pub complete: bool,
 }
 
 /// One metric of a batch query: namespace, metric name and dimensions (order as sent).
@@ -55,6 +94,9 @@ pub struct BatchQuery {
     /// `"1"` = raw (1-minute) data.
     pub period: &'static str,
     pub filter: crate::config::Filter,
+    /// Full cycles ask in the background lane, so the CES rate limit lets a new Service's prompt
+    /// collection (priority) go first.
+    pub lane: Lane,
 }
 
 /// A datapoint: Unix milliseconds and value.
@@ -78,27 +120,34 @@ pub struct BatchResult {
 pub trait CloudApi: Send + Sync + 'static {
     /// The project id (configured, or resolved once through IAM and cached).
     async fn project_id(&self) -> Result<String, CloudError>;
-    /// Every listener of a load balancer, following all pages.
+    /// Every listener of the given load balancers, following all pages (v3 takes up to 50 ids per
+    /// listing, v2 one per listing). Ids with no listener are absent from `by_lb`.
+    async fn list_listeners_of(
+        &self,
+        version: ElbVersion,
+        loadbalancer_ids: &[&str],
+        lane: Lane,
+    ) -> Result<Listing, CloudError>;
+    /// Every listener of the project on one API (no `loadbalancer_id` filter), grouped by the load
+    /// balancer each names. Stops after `max_pages` pages with `complete: false`; waits `page_gap`
+    /// between pages so a long background listing does not burst.
+    async fn list_all_listeners(
+        &self,
+        version: ElbVersion,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError>;
+    /// Every listener of one load balancer.
     async fn list_listeners(
         &self,
         version: ElbVersion,
         loadbalancer_id: &str,
-    ) -> Result<Vec<Listener>, CloudError>;
-    /// Every listener of several load balancers, grouped by load balancer id (ids with no listener are
-    /// absent). The v3 API takes them in one paged listing; the default asks one at a time.
-    async fn list_listeners_many(
-        &self,
-        version: ElbVersion,
-        loadbalancer_ids: &[&str],
-    ) -> Result<std::collections::HashMap<String, Vec<Listener>>, CloudError> {
-        let mut out = std::collections::HashMap::new();
-        for id in loadbalancer_ids {
-            let l = self.list_listeners(version, id).await?;
-            if !l.is_empty() {
-                out.insert(id.to_string(), l);
-            }
-        }
-        Ok(out)
+    ) -> Result<Vec<Listener>, CloudError> {
+        let mut l = self
+            .list_listeners_of(version, &[loadbalancer_id], Lane::Priority)
+            .await?;
+        Ok(l.by_lb.remove(loadbalancer_id).unwrap_or_default())
     }
     /// One CES batch call (the caller keeps it within 500 metrics and the datapoint budget).
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError>;

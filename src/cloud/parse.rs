@@ -212,6 +212,25 @@ pub fn listener_page_limited(
     loadbalancer_ids: &[&str],
     limit: usize,
 ) -> Result<ListenerPage, String> {
+    page_of(body, Some(loadbalancer_ids), limit)
+}
+
+/// Parses a page of a project-wide listing: each listener goes to the first load balancer it names; one
+/// naming none cannot be attributed and is skipped.
+pub fn listener_page_all(body: &[u8]) -> Result<ListenerPage, String> {
+    page_of(body, None, usize::MAX)
+}
+
+/// [`listener_page_all`] bounded by the request's `limit`, like [`listener_page_limited`].
+pub fn listener_page_all_limited(body: &[u8], limit: usize) -> Result<ListenerPage, String> {
+    page_of(body, None, limit)
+}
+
+fn page_of(
+    body: &[u8],
+    loadbalancer_ids: Option<&[&str]>,
+    limit: usize,
+) -> Result<ListenerPage, String> {
     #[derive(serde::Deserialize)]
     struct Answer<'a> {
         #[serde(borrow, default)]
@@ -288,7 +307,11 @@ fn lenient_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de,
     Ok(serde_json::from_str::<Cow<'de, str>>(raw.get()).ok())
 }
 
-fn listener(item: &ListenerItem<'_>, id: &str, asked: &[&str]) -> Option<(String, Listener)> {
+fn listener(
+    item: &ListenerItem<'_>,
+    id: &str,
+    asked: Option<&[&str]>,
+) -> Option<(String, Listener)> {
     let protocol = item.protocol.as_deref()?.to_string();
     let port: u64 = {
         let raw = item.protocol_port?.get();
@@ -298,9 +321,10 @@ fn listener(item: &ListenerItem<'_>, id: &str, asked: &[&str]) -> Option<(String
         }
     };
     let port = u16::try_from(port).ok()?;
-    // The first named load balancer that was asked for; none named means the only one asked.
+    // The first named load balancer that was asked for (any, for a project-wide listing); none named
+    // means the only one asked.
     let mut named = false;
-    let mut hit: Option<&str> = None;
+    let mut hit: Option<String> = None;
     if let Some(list) = item.loadbalancers {
         #[derive(serde::Deserialize)]
         struct LbRef<'a> {
@@ -311,8 +335,9 @@ fn listener(item: &ListenerItem<'_>, id: &str, asked: &[&str]) -> Option<(String
         let _ = for_each_item(list, |lb| {
             if let Some(LbRef { id: Some(lb) }) = object::<LbRef<'_>>(lb) {
                 named = true;
-                if hit.is_none() {
-                    hit = asked.iter().find(|a| **a == lb).copied();
+                let wanted = asked.is_none_or(|a| a.contains(&&*lb));
+                if hit.is_none() && wanted {
+                    hit = Some(lb.into_owned());
                 }
             }
         });
@@ -321,13 +346,13 @@ fn listener(item: &ListenerItem<'_>, id: &str, asked: &[&str]) -> Option<(String
         hit?
     } else {
         match asked {
-            [only] => *only,
+            Some([only]) => only.to_string(),
             _ => return None,
         }
     };
     let name = item.name.as_deref().unwrap_or_default().to_string();
     Some((
-        lb.to_string(),
+        lb,
         Listener {
             id: id.to_string(),
             name,
@@ -606,5 +631,27 @@ mod tests {
         let p = listener_page(body, &["lb", "other"]).unwrap();
         assert_eq!(p.listeners.len(), 2);
         assert_eq!(p.listeners[1].0, "other");
+    }
+
+    #[test]
+    fn project_wide_page_attributes_each_listener_to_its_own_load_balancer() {
+        let body = br#"{"listeners":[
+            {"id":"a","protocol":"TCP","protocol_port":80,"loadbalancers":[{"id":"lb1"}]},
+            {"id":"b","protocol":"TCP","protocol_port":81,"loadbalancers":[{"id":"lb2"},{"id":"lb1"}]},
+            {"id":"c","protocol":"TCP","protocol_port":82}
+        ]}"#;
+        let p = listener_page_all(body).unwrap();
+        assert_eq!(p.raw_count, 3);
+        let got: Vec<(&str, &str)> = p
+            .listeners
+            .iter()
+            .map(|(lb, l)| (lb.as_str(), l.id.as_str()))
+            .collect();
+        assert_eq!(got, [("lb1", "a"), ("lb2", "b")]);
+        assert_eq!(
+            p.skipped, 1,
+            "a listener naming no load balancer cannot be attributed"
+        );
+        assert_eq!(p.last_id.as_deref(), Some("c"));
     }
 }

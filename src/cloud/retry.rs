@@ -1,8 +1,10 @@
 //! Retry policy (exponential backoff with full jitter, `Retry-After`, bounded attempts and time) and a
 //! per-API sliding-window rate limiter, so the exporter stays well under the cloud's throttling line.
 
+use super::Lane;
 use crate::config::RetrySettings;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -37,6 +39,17 @@ pub struct RateLimiter {
     per_minute: usize,
     window: Duration,
     sent: Mutex<VecDeque<Instant>>,
+    /// Priority callers waiting for room; background callers step aside while any is.
+    priority_waiting: AtomicUsize,
+}
+
+/// Counts a priority caller as waiting until it leaves (booked or cancelled).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl RateLimiter {
@@ -49,11 +62,22 @@ impl RateLimiter {
             per_minute: per_minute.max(1) as usize,
             window,
             sent: Mutex::new(VecDeque::new()),
+            priority_waiting: AtomicUsize::new(0),
         }
     }
 
     /// Waits until a call may be sent, and books it.
     pub async fn acquire(&self) {
+        self.acquire_in(Lane::Priority).await
+    }
+
+    /// As [`Self::acquire`], in a lane: a background call is booked only while no priority call waits, so
+    /// a long re-listing never delays the lookup of a new Service by more than one booking.
+    pub async fn acquire_in(&self, lane: Lane) {
+        let _waiting = (lane == Lane::Priority).then(|| {
+            self.priority_waiting.fetch_add(1, Ordering::AcqRel);
+            Waiting(&self.priority_waiting)
+        });
         loop {
             let wait = {
                 let mut sent = self.sent.lock().await;
@@ -64,12 +88,16 @@ impl RateLimiter {
                 {
                     sent.pop_front();
                 }
-                if sent.len() < self.per_minute {
+                let yield_to_priority =
+                    lane == Lane::Background && self.priority_waiting.load(Ordering::Acquire) > 0;
+                if sent.len() < self.per_minute && !yield_to_priority {
                     sent.push_back(now);
                     return;
                 }
-                // Full: the oldest booking leaves the window first.
                 match sent.front() {
+                    // Room, but a priority call is waiting: look again once it had its turn.
+                    _ if sent.len() < self.per_minute => Duration::from_millis(5),
+                    // Full: the oldest booking leaves the window first.
                     Some(oldest) => self.window.saturating_sub(now.duration_since(*oldest)),
                     None => Duration::ZERO,
                 }
@@ -144,5 +172,30 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO);
         l.acquire().await;
         assert!(start.elapsed() >= Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_calls_wait_while_a_priority_call_waits() {
+        let l = std::sync::Arc::new(RateLimiter::new(10));
+        // A priority caller is waiting (as it does while the window is full): the window has room, yet a
+        // background call is not booked until the priority caller has had its turn.
+        let waiting = {
+            l.priority_waiting.fetch_add(1, Ordering::AcqRel);
+            Waiting(&l.priority_waiting)
+        };
+        let bg = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire_in(Lane::Background).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            !bg.is_finished(),
+            "background booked ahead of a waiting priority call"
+        );
+        l.acquire().await;
+        drop(waiting);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(bg.is_finished());
+        assert_eq!(l.sent.lock().await.len(), 2);
     }
 }

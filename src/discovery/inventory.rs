@@ -1,14 +1,25 @@
 //! The inventory joins discovered Services with their ELBs' listeners and publishes the current
 //! [`Targets`]: one entry per (Service, listener) whose `protocol_port` equals one of the Service's ports.
 //!
-//! Listeners are resolved when an ELB is first seen (at once, not at the next tick), re-resolved every
-//! `listener_refresh`, and after a failure retried with backoff (never a retry storm). Events are coalesced
-//! so a burst of Service changes publishes one new target set.
+//! Listing plan (per ELB API, see [`plan`] and docs/PERFORMANCE.md): an API's ELBs are listed either by
+//! filtered listings (v3: 50 load balancer ids per call; v2: one id per call) or by paging through every
+//! listener of the project and attributing each by its `loadbalancers[].id` — whichever takes fewer
+//! calls for what is known. A complete project-wide listing tells how many listeners the project has;
+//! until then one is tried with a page budget equal to the filtered calls, and abandoned (falling back to
+//! filtered listings, and remembering "at least this many") once it would cost more.
+//!
+//! Lanes: ELBs of new or changed Services (and the initial list) are looked up at once, on the rate
+//! limiter's priority lane; periodic re-listing (every `listener_refresh`) goes on the background lane,
+//! which yields to every priority call, paced over the period (filtered) or as one paged project-wide
+//! listing. A new Service whose ports find no listener yet has its ELB re-listed after 2, 4, 8, 16 and
+//! 32 s (CCE may still be creating the listener), not at the next refresh. After a failure a lookup is
+//! retried with backoff (never a retry storm). Events are coalesced so a burst of Service changes
+//! publishes one new target set.
 
 use super::{DiscoveryEvent, ElbClass, Observed, Problem, Scope, ServiceKey, ServiceTarget};
-use crate::cloud::{CloudApi, CloudError, ElbVersion, Listener};
-use crate::telemetry::Telemetry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, Listener, Listing};
+use crate::telemetry::{Api, Telemetry};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -18,14 +29,25 @@ use tracing::{info, warn};
 
 /// How long events are coalesced before a new target set is published.
 const COALESCE: Duration = Duration::from_millis(100);
-/// ELB listings in flight at once (each is paged; the cloud client also caps total concurrency).
-const RESOLVE_CONCURRENCY: usize = 8;
-/// Load balancers per v3 listing task (the client splits further to keep URLs short).
-const V3_BATCH: usize = 50;
+/// Priority listings in flight at once (the cloud client also caps total concurrency).
+const PRIORITY_CONCURRENCY: usize = 8;
+/// Background (refresh) listings in flight at once.
+const BACKGROUND_CONCURRENCY: usize = 2;
 /// Retry delay of a listing refused for credentials (no request is sent while the auth gate is closed).
 const AUTH_RETRY: Duration = Duration::from_secs(2);
 /// First retry delay after a failed listing; doubles up to `listener_refresh`.
 const RETRY_BASE: Duration = Duration::from_secs(15);
+/// Lookups wait this long at most for every watch scope's first list, so the initial ELBs are planned
+/// together (one project-wide listing rather than one per scope).
+const INITIAL_HOLD: Duration = Duration::from_secs(5);
+/// Re-listing of an ELB whose new Service names a port without listener: 2, 4, 8, 16, 32 s.
+const PORT_RETRY_BASE: Duration = Duration::from_secs(2);
+const PORT_RETRIES: u32 = 5;
+/// A Service counts as new for port retries this long after it appeared or changed.
+const NEW_SERVICE_WINDOW: Duration = Duration::from_secs(120);
+/// Longest pause between the pages of a background project-wide listing: spreads its calls without
+/// letting the listing span so long that its paging marker is likely to be deleted meanwhile.
+const MAX_PAGE_GAP: Duration = Duration::from_secs(1);
 
 /// One exported listener of one Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +111,91 @@ struct ElbState {
     in_flight: bool,
     next_resolve: Instant,
     failures: u32,
+    /// Looked up on the priority lane (new or changed Service, or a new Service's missing port).
+    urgent: bool,
+    /// An unclassified ELB the v3 API did not know: ask v2 next.
+    probe_v2: bool,
+    /// Port retries done for new Services on this ELB, and whether one is scheduled.
+    port_retries: u32,
+    port_retry_pending: bool,
+}
+
+impl ElbState {
+    /// The API to ask next: the class's, else the one that knew it, else v3 then v2.
+    fn api(&self) -> ElbVersion {
+        match (self.class, self.version) {
+            (ElbClass::Shared, _) => ElbVersion::V2,
+            (ElbClass::Dedicated, _) => ElbVersion::V3,
+            (ElbClass::Unspecified, Some(v)) => v,
+            (ElbClass::Unspecified, None) if self.probe_v2 => ElbVersion::V2,
+            (ElbClass::Unspecified, None) => ElbVersion::V3,
+        }
+    }
+}
+
+/// What the inventory knows of the number of listeners a project has on one API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectSize {
+    Unknown,
+    /// From the last complete project-wide listing.
+    Exactly(usize),
+    /// A project-wide listing stopped at its page budget after this many.
+    AtLeast(usize),
+}
+
+/// How one API's ELBs are listed, and what it costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing to list.
+    Idle,
+    /// Listings filtered by load balancer id: `calls` of them.
+    Filtered { calls: usize },
+    /// One paged listing of every listener of the project: `calls` pages expected, abandoned after
+    /// `budget` pages (what the filtered listings would cost).
+    ProjectWide { calls: usize, budget: usize },
+}
+
+impl Plan {
+    pub fn calls(self) -> usize {
+        match self {
+            Plan::Idle => 0,
+            Plan::Filtered { calls } | Plan::ProjectWide { calls, .. } => calls,
+        }
+    }
+}
+
+/// The listing rule: filtered listings cost ceil(ELBs / ids per listing) calls; a project-wide listing
+/// floor(listeners / page size) + 1 (paging stops at the first short page). The project-wide listing is
+/// chosen only when strictly cheaper; with the size unknown it is tried (its cost is at least one call),
+/// bounded by the filtered cost, so the worst case is one wasted round of filtered size.
+pub fn plan(version: ElbVersion, elbs: usize, size: ProjectSize) -> Plan {
+    if elbs == 0 {
+        return Plan::Idle;
+    }
+    let filtered = elbs.div_ceil(version.ids_per_listing());
+    let project_wide = match size {
+        ProjectSize::Unknown => 1,
+        ProjectSize::Exactly(n) | ProjectSize::AtLeast(n) => n / version.page_size() + 1,
+    };
+    if project_wide < filtered {
+        Plan::ProjectWide {
+            calls: project_wide,
+            budget: filtered,
+        }
+    } else {
+        Plan::Filtered { calls: filtered }
+    }
+}
+
+/// Per ELB API state of the inventory.
+#[derive(Debug)]
+struct ApiState {
+    size: ProjectSize,
+    /// A project-wide listing is running.
+    listing: bool,
+    /// Earliest start of the next background filtered listing (paces the refresh over the period).
+    background_next: Instant,
+    plan: Plan,
 }
 
 /// Settings of the inventory.
@@ -99,20 +206,41 @@ pub struct InventorySettings {
     pub scopes: usize,
 }
 
+/// A finished listing: which ELBs it covered (with the class they had when it started) and its answer.
+struct Done {
+    version: ElbVersion,
+    project_wide: bool,
+    covered: Vec<(Arc<str>, ElbClass)>,
+    result: Result<Listing, CloudError>,
+}
+
 pub struct Inventory<C: CloudApi> {
     cloud: Arc<C>,
     settings: InventorySettings,
     telemetry: Telemetry,
     services: HashMap<ServiceKey, Observed>,
     elbs: HashMap<Arc<str>, ElbState>,
+    apis: [ApiState; 2],
     scopes_synced: HashSet<Scope>,
     /// Scopes whose list was refused (403); they do not hold back readiness, and clear on their next list.
     scopes_forbidden: BTreeMap<Scope, String>,
     /// ELBs that must be looked up once before the first publication counts as synced.
     initial_pending: Option<HashSet<Arc<str>>>,
+    /// Services that appeared or changed after the initial sync, and when.
+    new_services: HashMap<ServiceKey, Instant>,
+    /// (when, API, calls) of finished listings within the last `listener_refresh`.
+    calls: VecDeque<(Instant, ElbVersion, u32)>,
+    started: Instant,
     generation: u64,
     logged: HashMap<ServiceKey, Vec<String>>,
     tx: watch::Sender<Arc<Targets>>,
+}
+
+fn api_index(v: ElbVersion) -> usize {
+    match v {
+        ElbVersion::V2 => 0,
+        ElbVersion::V3 => 1,
+    }
 }
 
 impl<C: CloudApi> Inventory<C> {
@@ -122,6 +250,13 @@ impl<C: CloudApi> Inventory<C> {
         telemetry: Telemetry,
     ) -> (Self, watch::Receiver<Arc<Targets>>) {
         let (tx, rx) = watch::channel(Arc::new(Targets::default()));
+        let now = Instant::now();
+        let api = || ApiState {
+            size: ProjectSize::Unknown,
+            listing: false,
+            background_next: now,
+            plan: Plan::Idle,
+        };
         (
             Inventory {
                 cloud,
@@ -129,9 +264,13 @@ impl<C: CloudApi> Inventory<C> {
                 telemetry,
                 services: HashMap::new(),
                 elbs: HashMap::new(),
+                apis: [api(), api()],
                 scopes_synced: HashSet::new(),
                 scopes_forbidden: BTreeMap::new(),
                 initial_pending: None,
+                new_services: HashMap::new(),
+                calls: VecDeque::new(),
+                started: now,
                 generation: 0,
                 logged: HashMap::new(),
                 tx,
@@ -142,11 +281,14 @@ impl<C: CloudApi> Inventory<C> {
 
     /// Runs until the discovery channel closes.
     pub async fn run(mut self, mut events: mpsc::Receiver<DiscoveryEvent>) {
-        let limit = Arc::new(Semaphore::new(RESOLVE_CONCURRENCY));
-        let mut lookups: JoinSet<Vec<(Arc<str>, ElbClass, LookupResult)>> = JoinSet::new();
+        let lanes = Lanes {
+            priority: Arc::new(Semaphore::new(PRIORITY_CONCURRENCY)),
+            background: Arc::new(Semaphore::new(BACKGROUND_CONCURRENCY)),
+        };
+        let mut lookups: JoinSet<Done> = JoinSet::new();
         let mut dirty = false;
         let mut publish_at: Option<Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -157,10 +299,8 @@ impl<C: CloudApi> Inventory<C> {
                     }
                 }
                 Some(done) = lookups.join_next(), if !lookups.is_empty() => {
-                    if let Ok(results) = done {
-                        for (id, class, result) in results {
-                            self.record_lookup(&id, class, result);
-                        }
+                    if let Ok(done) = done {
+                        self.record_done(done);
                         dirty = true;
                     }
                 }
@@ -170,47 +310,290 @@ impl<C: CloudApi> Inventory<C> {
                     self.publish();
                 }
             }
-            // Start lookups that are due (new ELBs at once, refreshes and retries on schedule):
-            // v3 ELBs share paged listings, up to V3_BATCH ids each; v2 ELBs are asked one by one.
-            let now = Instant::now();
-            let mut v3: Vec<(Arc<str>, ElbClass)> = Vec::new();
-            for (id, st) in self.elbs.iter_mut() {
-                if st.in_flight || st.next_resolve > now {
-                    continue;
-                }
-                st.in_flight = true;
-                let via_v3 = matches!(
-                    (st.class, st.version),
-                    (ElbClass::Dedicated, _) | (ElbClass::Unspecified, Some(ElbVersion::V3) | None)
-                );
-                if via_v3 {
-                    v3.push((id.clone(), st.class));
-                } else {
-                    let (cloud, id, class, version, limit) = (
-                        self.cloud.clone(),
-                        id.clone(),
-                        st.class,
-                        st.version,
-                        limit.clone(),
-                    );
-                    lookups.spawn(async move {
-                        let _permit = limit.acquire_owned().await.ok();
-                        let r = lookup(&*cloud, &id, class, version).await;
-                        vec![(id, class, r)]
-                    });
-                }
-            }
-            for chunk in v3.chunks(V3_BATCH) {
-                let (cloud, chunk, limit) = (self.cloud.clone(), chunk.to_vec(), limit.clone());
-                lookups.spawn(async move {
-                    let _permit = limit.acquire_owned().await.ok();
-                    lookup_v3_batch(&*cloud, chunk).await
-                });
+            let all_scopes = self.scopes_synced.len() >= self.settings.scopes;
+            if all_scopes || self.started.elapsed() >= INITIAL_HOLD {
+                self.schedule(Instant::now(), &mut lookups, &lanes);
             }
             if dirty && publish_at.is_none() {
                 publish_at = Some(Instant::now() + COALESCE);
                 dirty = false;
             }
+        }
+    }
+
+    /// Starts the listings that are due: per API, urgent ELBs on the priority lane (project-wide when
+    /// that is cheaper for them), then the periodic refresh on the background lane.
+    fn schedule(&mut self, now: Instant, lookups: &mut JoinSet<Done>, lanes: &Lanes) {
+        for version in [ElbVersion::V3, ElbVersion::V2] {
+            let mut all = 0usize;
+            let (mut urgent, mut background) = (Vec::new(), Vec::new());
+            for (id, st) in &self.elbs {
+                if st.api() != version {
+                    continue;
+                }
+                all += 1;
+                if st.in_flight || st.next_resolve > now {
+                    continue;
+                }
+                let entry = (st.next_resolve, id.clone());
+                if st.urgent {
+                    urgent.push(entry);
+                } else {
+                    background.push(entry);
+                }
+            }
+            let api = &mut self.apis[api_index(version)];
+            let whole = plan(version, all, api.size);
+            if whole != api.plan {
+                if whole.calls() != api.plan.calls()
+                    || !matches!(
+                        (whole, api.plan),
+                        (Plan::ProjectWide { .. }, Plan::ProjectWide { .. })
+                    )
+                {
+                    info!(
+                        api = version.as_str(),
+                        elbs = all,
+                        plan = whole.describe(),
+                        calls = whole.calls(),
+                        "listing plan"
+                    );
+                }
+                api.plan = whole;
+            }
+            if !urgent.is_empty() {
+                let lane_plan = plan(version, urgent.len(), api.size);
+                if let (Plan::ProjectWide { budget, .. }, false) = (lane_plan, api.listing) {
+                    self.start_project_wide(
+                        version,
+                        Lane::Priority,
+                        budget,
+                        Duration::ZERO,
+                        lookups,
+                        lanes,
+                    );
+                } else {
+                    self.start_filtered(version, Lane::Priority, urgent, lookups, lanes);
+                }
+            }
+            if !background.is_empty() {
+                self.schedule_refresh(version, whole, background, now, lookups, lanes);
+            }
+        }
+    }
+
+    /// Starts the periodic re-listing of `version` that is due, on the background lane, spread out.
+    fn schedule_refresh(
+        &mut self,
+        version: ElbVersion,
+        whole: Plan,
+        mut background: Vec<(Instant, Arc<str>)>,
+        now: Instant,
+        lookups: &mut JoinSet<Done>,
+        lanes: &Lanes,
+    ) {
+        match whole {
+            Plan::ProjectWide { calls, budget } if !self.apis[api_index(version)].listing => {
+                // Pages spread up to a second apart: the listing is a handful of calls by construction
+                // (it is only chosen when cheaper than the filtered listings).
+                let gap =
+                    (self.settings.listener_refresh / (4 * calls.max(1) as u32)).min(MAX_PAGE_GAP);
+                self.start_project_wide(version, Lane::Background, budget, gap, lookups, lanes);
+            }
+            Plan::ProjectWide { .. } | Plan::Idle => {}
+            Plan::Filtered { calls } => {
+                // Paced at a little more than calls per period, so one refresh takes about a period and a
+                // backlog (after an outage, or the switch from a project-wide plan) never bursts.
+                let gap = self.settings.listener_refresh / (calls + calls / 4 + 1) as u32;
+                background.sort();
+                let per_call = version.ids_per_listing();
+                let mut due = background.into_iter().map(|(_, id)| id);
+                while self.apis[api_index(version)].background_next <= now {
+                    let mut chunk: Vec<Arc<str>> = due.by_ref().take(per_call).collect();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    if chunk.len() < per_call {
+                        self.fill_chunk(version, &mut chunk, per_call);
+                    }
+                    self.start_filtered_chunk(version, Lane::Background, chunk, lookups, lanes);
+                    let next = &mut self.apis[api_index(version)].background_next;
+                    *next = (*next).max(now) + gap;
+                }
+            }
+        }
+    }
+
+    /// Tops a v3 chunk up with the ELBs due soonest, so the refresh lists 50 per call however their due
+    /// times are spread.
+    fn fill_chunk(&self, version: ElbVersion, chunk: &mut Vec<Arc<str>>, per_call: usize) {
+        let mut soon: Vec<(Instant, &Arc<str>)> = self
+            .elbs
+            .iter()
+            .filter(|(id, st)| st.api() == version && !st.in_flight && !chunk.contains(id))
+            .map(|(id, st)| (st.next_resolve, id))
+            .collect();
+        soon.sort();
+        chunk.extend(
+            soon.into_iter()
+                .take(per_call - chunk.len())
+                .map(|(_, id)| id.clone()),
+        );
+    }
+
+    fn start_filtered(
+        &mut self,
+        version: ElbVersion,
+        lane: Lane,
+        mut due: Vec<(Instant, Arc<str>)>,
+        lookups: &mut JoinSet<Done>,
+        lanes: &Lanes,
+    ) {
+        due.sort();
+        let ids: Vec<Arc<str>> = due.into_iter().map(|(_, id)| id).collect();
+        for chunk in ids.chunks(version.ids_per_listing()) {
+            self.start_filtered_chunk(version, lane, chunk.to_vec(), lookups, lanes);
+        }
+    }
+
+    fn start_filtered_chunk(
+        &mut self,
+        version: ElbVersion,
+        lane: Lane,
+        ids: Vec<Arc<str>>,
+        lookups: &mut JoinSet<Done>,
+        lanes: &Lanes,
+    ) {
+        let covered = self.take_in_flight(ids);
+        let (cloud, permits) = (self.cloud.clone(), lanes.of(lane));
+        lookups.spawn(async move {
+            let _permit = permits.acquire_owned().await.ok();
+            let ids: Vec<&str> = covered.iter().map(|(id, _)| &**id).collect();
+            let result = cloud.list_listeners_of(version, &ids, lane).await;
+            Done {
+                version,
+                project_wide: false,
+                covered,
+                result,
+            }
+        });
+    }
+
+    /// Lists every listener of the project on `version`, covering all its ELBs not already in flight.
+    fn start_project_wide(
+        &mut self,
+        version: ElbVersion,
+        lane: Lane,
+        budget: usize,
+        gap: Duration,
+        lookups: &mut JoinSet<Done>,
+        lanes: &Lanes,
+    ) {
+        let ids: Vec<Arc<str>> = self
+            .elbs
+            .iter()
+            .filter(|(_, st)| st.api() == version && !st.in_flight)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let covered = self.take_in_flight(ids);
+        self.apis[api_index(version)].listing = true;
+        let (cloud, permits) = (self.cloud.clone(), lanes.of(lane));
+        let budget = u32::try_from(budget).unwrap_or(u32::MAX);
+        lookups.spawn(async move {
+            let _permit = permits.acquire_owned().await.ok();
+            let result = cloud.list_all_listeners(version, lane, budget, gap).await;
+            Done {
+                version,
+                project_wide: true,
+                covered,
+                result,
+            }
+        });
+    }
+
+    fn take_in_flight(&mut self, ids: Vec<Arc<str>>) -> Vec<(Arc<str>, ElbClass)> {
+        ids.into_iter()
+            .filter_map(|id| {
+                let st = self.elbs.get_mut(&id)?;
+                st.in_flight = true;
+                Some((id, st.class))
+            })
+            .collect()
+    }
+
+    fn record_done(&mut self, done: Done) {
+        let Done {
+            version,
+            project_wide,
+            covered,
+            result,
+        } = done;
+        if project_wide {
+            self.apis[api_index(version)].listing = false;
+        }
+        let mut listing = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for (id, class) in covered {
+                    self.record_error(&id, class, &e);
+                }
+                return;
+            }
+        };
+        self.count_calls(version, listing.calls);
+        if project_wide {
+            let api = &mut self.apis[api_index(version)];
+            if !listing.complete {
+                // Over budget: the project is too large to page through for these ELBs. They are due again
+                // at once (same lane) and the plan now picks filtered listings.
+                api.size = ProjectSize::AtLeast(listing.seen);
+                info!(
+                    api = version.as_str(),
+                    listeners_at_least = listing.seen,
+                    pages = listing.calls,
+                    "project-wide listing over budget; listing by load balancer"
+                );
+                for (id, _) in covered {
+                    if let Some(st) = self.elbs.get_mut(&id) {
+                        st.in_flight = false;
+                    }
+                }
+                return;
+            }
+            api.size = ProjectSize::Exactly(listing.seen);
+        }
+        for (id, class) in covered {
+            let found = listing.by_lb.remove(&*id).unwrap_or_default();
+            self.record(&id, class, version, found);
+        }
+    }
+
+    fn count_calls(&mut self, version: ElbVersion, calls: u32) {
+        let now = Instant::now();
+        self.calls.push_back((now, version, calls));
+        self.update_calls_gauge(now);
+    }
+
+    fn update_calls_gauge(&mut self, now: Instant) {
+        let window = self.settings.listener_refresh;
+        while self
+            .calls
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > window)
+        {
+            self.calls.pop_front();
+        }
+        for v in [ElbVersion::V2, ElbVersion::V3] {
+            let n: u32 = self
+                .calls
+                .iter()
+                .filter(|(_, cv, _)| *cv == v)
+                .map(|(_, _, c)| c)
+                .sum();
+            self.telemetry
+                .inventory_calls
+                .with_label_values(&[Api::ElbListListeners.as_str(), v.as_str()])
+                .set(i64::from(n));
         }
     }
 
@@ -222,6 +605,7 @@ impl<C: CloudApi> Inventory<C> {
                 let removed = self.services.remove(&key).is_some();
                 if removed {
                     info!(namespace = %key.0, service = %key.1, "service gone");
+                    self.new_services.remove(&key);
                     self.gc_elbs();
                 }
                 removed
@@ -300,6 +684,7 @@ impl<C: CloudApi> Inventory<C> {
             let removed = self.services.remove(&key).is_some();
             if removed {
                 info!(namespace = %key.0, service = %key.1, "service lost its ELB annotation");
+                self.new_services.remove(&key);
                 self.gc_elbs();
             }
             return removed;
@@ -309,6 +694,10 @@ impl<C: CloudApi> Inventory<C> {
         }
         if let Observed::Target(t) = &o {
             self.ensure_elb(t);
+            // Services of the initial list are not "new": only later ones get quick port retries.
+            if self.initial_pending.is_some() {
+                self.new_services.insert(key.clone(), Instant::now());
+            }
         }
         self.services.insert(key, o);
         self.gc_elbs();
@@ -327,13 +716,20 @@ impl<C: CloudApi> Inventory<C> {
                 in_flight: false,
                 next_resolve: Instant::now(),
                 failures: 0,
+                urgent: true,
+                probe_v2: false,
+                port_retries: 0,
+                port_retry_pending: false,
             });
-        // A changed class (or a changed Service) re-resolves at once.
+        // A changed class (or a changed Service) re-resolves at once, ahead of any refresh.
         if st.class != t.class {
             st.class = t.class;
             st.version = None;
+            st.probe_v2 = false;
         }
         st.next_resolve = Instant::now();
+        st.urgent = true;
+        st.port_retries = 0;
     }
 
     fn gc_elbs(&mut self) {
@@ -348,7 +744,63 @@ impl<C: CloudApi> Inventory<C> {
         self.elbs.retain(|id, _| used.contains(id));
     }
 
-    fn record_lookup(&mut self, id: &Arc<str>, class: ElbClass, result: LookupResult) {
+    /// Records what a complete listing said of one ELB (`listeners` empty: it has none on `asked`).
+    fn record(
+        &mut self,
+        id: &Arc<str>,
+        class: ElbClass,
+        asked: ElbVersion,
+        listeners: Vec<Listener>,
+    ) {
+        let now = Instant::now();
+        let refresh = self.settings.listener_refresh;
+        let Some(st) = self.elbs.get_mut(id) else {
+            return;
+        };
+        st.in_flight = false;
+        st.port_retry_pending = false;
+        if st.class != class {
+            // The Service changed while the listing ran; the new lookup is already due.
+            return;
+        }
+        st.failures = 0;
+        if listeners.is_empty() && st.class == ElbClass::Unspecified {
+            let next = match (asked, st.version) {
+                // v3 does not know it: ask v2 (keeping the lane).
+                (ElbVersion::V3, _) => Some(true),
+                // It was a v2 ELB and lost its listeners: ask both again.
+                (ElbVersion::V2, Some(ElbVersion::V2)) => Some(false),
+                (ElbVersion::V2, _) => None,
+            };
+            st.version = None;
+            if let Some(probe_v2) = next {
+                st.probe_v2 = probe_v2;
+                st.next_resolve = now;
+                return;
+            }
+            st.probe_v2 = false;
+        } else {
+            st.version = Some(asked);
+            st.probe_v2 = false;
+        }
+        if let Some(pending) = self.initial_pending.as_mut() {
+            pending.remove(id);
+        }
+        st.urgent = false;
+        st.next_resolve = now + refresh;
+        let status = if listeners.is_empty() {
+            ElbStatus::NotFound
+        } else {
+            ElbStatus::Ok
+        };
+        if status != st.status || st.listeners.len() != listeners.len() {
+            info!(elb = %id, api = st.version.map(|v| v.as_str()).unwrap_or("v3+v2"), listeners = listeners.len(), "listeners resolved");
+        }
+        st.status = status;
+        st.listeners = Arc::new(listeners);
+    }
+
+    fn record_error(&mut self, id: &Arc<str>, class: ElbClass, e: &CloudError) {
         if let Some(pending) = self.initial_pending.as_mut() {
             pending.remove(id);
         }
@@ -357,47 +809,47 @@ impl<C: CloudApi> Inventory<C> {
             return;
         };
         st.in_flight = false;
+        st.port_retry_pending = false;
         if st.class != class {
-            // The Service changed while the lookup ran; the new lookup is already due.
             return;
         }
-        match result {
-            Ok((version, listeners)) => {
-                st.failures = 0;
-                st.next_resolve = Instant::now() + refresh;
-                let status = if listeners.is_empty() {
-                    ElbStatus::NotFound
-                } else {
-                    ElbStatus::Ok
-                };
-                if status != st.status || st.listeners.len() != listeners.len() {
-                    info!(elb = %id, api = version.map(|v| v.as_str()).unwrap_or("v3+v2"), listeners = listeners.len(), "listeners resolved");
-                }
-                st.version = version;
-                st.status = status;
-                st.listeners = Arc::new(listeners);
+        let backoff = if matches!(
+            e,
+            CloudError::AuthBackoff(..) | CloudError::Unauthorized(..)
+        ) {
+            // The client's auth gate already keeps rejected credentials from reaching the cloud;
+            // asking again soon costs nothing and picks up rotated credentials at once.
+            AUTH_RETRY
+        } else {
+            st.failures = st.failures.saturating_add(1);
+            RETRY_BASE
+                .saturating_mul(1u32 << st.failures.min(10).saturating_sub(1))
+                .min(refresh)
+        };
+        st.next_resolve = Instant::now() + backoff;
+        warn!(elb = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "listener lookup failed; keeping the last known listeners");
+        // The last good listeners keep being exported; only a never-resolved ELB is "failed".
+        if st.status == ElbStatus::Pending || matches!(st.status, ElbStatus::Failed(_)) {
+            st.status = ElbStatus::Failed(e.to_string());
+        }
+    }
+
+    /// Re-lists soon the ELBs whose new Services name a port without listener (CCE may still be creating
+    /// it): 2, 4, 8, 16, 32 s after each answer, on the priority lane.
+    fn schedule_port_retries(&mut self, elbs: Vec<Arc<str>>) {
+        let now = Instant::now();
+        for id in elbs {
+            let Some(st) = self.elbs.get_mut(&id) else {
+                continue;
+            };
+            if st.in_flight || st.port_retry_pending || st.port_retries >= PORT_RETRIES {
+                continue;
             }
-            Err(e) => {
-                let backoff = if matches!(
-                    e,
-                    CloudError::AuthBackoff(..) | CloudError::Unauthorized(..)
-                ) {
-                    // The client's auth gate already keeps rejected credentials from reaching the cloud;
-                    // asking again soon costs nothing and picks up rotated credentials at once.
-                    AUTH_RETRY
-                } else {
-                    st.failures = st.failures.saturating_add(1);
-                    RETRY_BASE
-                        .saturating_mul(1u32 << st.failures.min(10).saturating_sub(1))
-                        .min(refresh)
-                };
-                st.next_resolve = Instant::now() + backoff;
-                warn!(elb = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "listener lookup failed; keeping the last known listeners");
-                // The last good listeners keep being exported; only a never-resolved ELB is "failed".
-                if st.status == ElbStatus::Pending || matches!(st.status, ElbStatus::Failed(_)) {
-                    st.status = ElbStatus::Failed(e.to_string());
-                }
-            }
+            let delay = PORT_RETRY_BASE.saturating_mul(1 << st.port_retries);
+            st.next_resolve = st.next_resolve.min(now + delay);
+            st.urgent = true;
+            st.port_retries += 1;
+            st.port_retry_pending = true;
         }
     }
 
@@ -408,6 +860,10 @@ impl<C: CloudApi> Inventory<C> {
         let mut reports = Vec::with_capacity(keys.len());
         let mut problems: BTreeMap<Problem, usize> = BTreeMap::new();
         let mut new_logged: HashMap<ServiceKey, Vec<String>> = HashMap::new();
+        let now = Instant::now();
+        self.new_services
+            .retain(|_, at| now.duration_since(*at) < NEW_SERVICE_WINDOW);
+        let mut port_retries: Vec<Arc<str>> = Vec::new();
         for key in keys {
             let mut report = ServiceReport {
                 namespace: key.0.clone(),
@@ -462,6 +918,9 @@ impl<C: CloudApi> Inventory<C> {
                                 });
                             }
                             if !found && st.status == ElbStatus::Ok {
+                                if self.new_services.contains_key(key) {
+                                    port_retries.push(t.elb_id.clone());
+                                }
                                 *problems.entry(Problem::PortWithoutListener).or_default() += 1;
                                 report.problems.push(format!(
                                     "port {port} has no listener on ELB {}",
@@ -496,14 +955,16 @@ impl<C: CloudApi> Inventory<C> {
         }
         let synced = self.scopes_answered() >= self.settings.scopes
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
-        self.generation += 1;
         let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
+        let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
         self.telemetry
             .planned_calls
-            .with_label_values(&[crate::telemetry::Api::ElbListListeners.as_str()])
-            .set((self.elbs.len() as f64 * refresh_per_min).ceil() as i64);
+            .with_label_values(&[Api::ElbListListeners.as_str()])
+            .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
+        self.update_calls_gauge(now);
+        self.schedule_port_retries(port_retries);
         let t = Targets {
-            generation: self.generation,
+            generation: self.generation + 1,
             synced,
             services: reports.len(),
             targets,
@@ -516,78 +977,49 @@ impl<C: CloudApi> Inventory<C> {
             reports,
             elbs: self.elbs.len(),
         };
+        // A refresh that finds nothing new publishes nothing: every publication re-renders the whole body
+        // (tens of MiB at 10,000 listeners) and wakes the collector.
+        if self.tx.borrow().same_content(&t) {
+            return;
+        }
+        self.generation += 1;
         self.tx.send_replace(Arc::new(t));
     }
 }
 
-type LookupResult = Result<(Option<ElbVersion>, Vec<Listener>), CloudError>;
-
-/// Looks up dedicated (and unclassified) ELBs in one paged v3 listing; an unclassified ELB the v3 API
-/// does not know is then asked on v2.
-async fn lookup_v3_batch<C: CloudApi + ?Sized>(
-    cloud: &C,
-    elbs: Vec<(Arc<str>, ElbClass)>,
-) -> Vec<(Arc<str>, ElbClass, LookupResult)> {
-    let ids: Vec<&str> = elbs.iter().map(|(id, _)| &**id).collect();
-    let mut found = match cloud.list_listeners_many(ElbVersion::V3, &ids).await {
-        Ok(f) => f,
-        Err(e) => {
-            return elbs
-                .into_iter()
-                .map(|(id, class)| (id, class, Err(e.clone())))
-                .collect();
-        }
-    };
-    let mut out = Vec::with_capacity(elbs.len());
-    for (id, class) in elbs {
-        let r = match (found.remove(&*id), class) {
-            (Some(l), _) => Ok((Some(ElbVersion::V3), l)),
-            (None, ElbClass::Dedicated) => Ok((Some(ElbVersion::V3), Vec::new())),
-            (None, _) => match cloud.list_listeners(ElbVersion::V2, &id).await {
-                Ok(l) if !l.is_empty() => Ok((Some(ElbVersion::V2), l)),
-                Ok(_) => Ok((None, Vec::new())),
-                Err(e) => Err(e),
-            },
-        };
-        out.push((id, class, r));
+impl Targets {
+    /// Equal apart from the generation.
+    fn same_content(&self, other: &Targets) -> bool {
+        self.synced == other.synced
+            && self.services == other.services
+            && self.elbs == other.elbs
+            && self.targets == other.targets
+            && self.problems == other.problems
+            && self.reports == other.reports
     }
-    out
 }
 
-/// Lists an ELB's listeners on the API its class names; unspecified: the known API, else v3 then v2.
-async fn lookup<C: CloudApi + ?Sized>(
-    cloud: &C,
-    id: &str,
-    class: ElbClass,
-    known: Option<ElbVersion>,
-) -> LookupResult {
-    match (class, known) {
-        (ElbClass::Shared, _) => Ok((
-            Some(ElbVersion::V2),
-            cloud.list_listeners(ElbVersion::V2, id).await?,
-        )),
-        (ElbClass::Dedicated, _) => Ok((
-            Some(ElbVersion::V3),
-            cloud.list_listeners(ElbVersion::V3, id).await?,
-        )),
-        (ElbClass::Unspecified, Some(v)) => {
-            let l = cloud.list_listeners(v, id).await?;
-            if !l.is_empty() {
-                return Ok((Some(v), l));
-            }
-            // The ELB may have moved API or lost its listeners: ask both again.
-            Box::pin(lookup(cloud, id, class, None)).await
+/// Concurrency caps of the two lanes: refresh work never takes the slots of priority lookups.
+struct Lanes {
+    priority: Arc<Semaphore>,
+    background: Arc<Semaphore>,
+}
+
+impl Lanes {
+    fn of(&self, lane: Lane) -> Arc<Semaphore> {
+        match lane {
+            Lane::Priority => self.priority.clone(),
+            Lane::Background => self.background.clone(),
         }
-        (ElbClass::Unspecified, None) => {
-            let v3 = cloud.list_listeners(ElbVersion::V3, id).await?;
-            if !v3.is_empty() {
-                return Ok((Some(ElbVersion::V3), v3));
-            }
-            let v2 = cloud.list_listeners(ElbVersion::V2, id).await?;
-            if !v2.is_empty() {
-                return Ok((Some(ElbVersion::V2), v2));
-            }
-            Ok((None, Vec::new()))
+    }
+}
+
+impl Plan {
+    fn describe(self) -> &'static str {
+        match self {
+            Plan::Idle => "idle",
+            Plan::Filtered { .. } => "by load balancer",
+            Plan::ProjectWide { .. } => "project-wide",
         }
     }
 }
@@ -603,5 +1035,181 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_picks_the_fewest_calls_per_api() {
+        use ElbVersion::{V2, V3};
+        use ProjectSize::{AtLeast, Exactly, Unknown};
+        // The realistic 10k fixture: 5,000 listeners per API on 1,250 ELBs each.
+        assert_eq!(
+            plan(V2, 1250, Exactly(5000)),
+            Plan::ProjectWide {
+                calls: 11,
+                budget: 1250
+            }
+        );
+        assert_eq!(
+            plan(V3, 1250, Exactly(5000)),
+            Plan::ProjectWide {
+                calls: 3,
+                budget: 25
+            }
+        );
+        // 100,000 listeners and 10 annotated ELBs: never paged through.
+        assert_eq!(plan(V2, 10, Exactly(100_000)), Plan::Filtered { calls: 10 });
+        assert_eq!(plan(V3, 10, Exactly(100_000)), Plan::Filtered { calls: 1 });
+        // Unknown size: tried, within the filtered cost; a stopped listing's lower bound then rules.
+        assert_eq!(
+            plan(V2, 10, Unknown),
+            Plan::ProjectWide {
+                calls: 1,
+                budget: 10
+            }
+        );
+        assert_eq!(plan(V2, 10, AtLeast(5000)), Plan::Filtered { calls: 10 });
+        // One ELB, or a tie: filtered (it does not grow with unannotated listeners).
+        assert_eq!(plan(V3, 1, Unknown), Plan::Filtered { calls: 1 });
+        assert_eq!(plan(V2, 2, Exactly(500)), Plan::Filtered { calls: 2 });
+        assert_eq!(plan(V2, 0, Unknown), Plan::Idle);
+    }
+
+    #[test]
+    fn an_unclassified_elb_is_asked_on_v3_then_v2() {
+        let mut st = ElbState {
+            class: ElbClass::Unspecified,
+            version: None,
+            listeners: Arc::new(Vec::new()),
+            status: ElbStatus::Pending,
+            in_flight: false,
+            next_resolve: Instant::now(),
+            failures: 0,
+            urgent: true,
+            probe_v2: false,
+            port_retries: 0,
+            port_retry_pending: false,
+        };
+        assert_eq!(st.api(), ElbVersion::V3);
+        st.probe_v2 = true;
+        assert_eq!(st.api(), ElbVersion::V2);
+        st.class = ElbClass::Dedicated;
+        assert_eq!(st.api(), ElbVersion::V3, "the class wins");
+    }
+
+    /// Answers every listing with one listener per asked (or, project-wide, known) ELB, and counts calls.
+    struct FakeCloud {
+        elbs: Vec<&'static str>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl FakeCloud {
+        fn listing(&self, ids: &[&str]) -> Listing {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let by_lb = ids
+                .iter()
+                .map(|id| {
+                    let l = Listener {
+                        id: format!("{id}-80"),
+                        name: "k8s_TCP_80".into(),
+                        protocol: "TCP".into(),
+                        port: 80,
+                    };
+                    (id.to_string(), vec![l])
+                })
+                .collect();
+            Listing {
+                by_lb,
+                seen: ids.len(),
+                calls: 1,
+                complete: true,
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl CloudApi for FakeCloud {
+        async fn project_id(&self) -> Result<String, CloudError> {
+            Ok("p".into())
+        }
+        async fn list_listeners_of(
+            &self,
+            _: ElbVersion,
+            ids: &[&str],
+            _: Lane,
+        ) -> Result<Listing, CloudError> {
+            Ok(self.listing(ids))
+        }
+        async fn list_all_listeners(
+            &self,
+            _: ElbVersion,
+            _: Lane,
+            _: u32,
+            _: Duration,
+        ) -> Result<Listing, CloudError> {
+            Ok(self.listing(&self.elbs))
+        }
+        async fn batch_query(
+            &self,
+            _: &crate::cloud::BatchQuery,
+        ) -> Result<crate::cloud::BatchResult, CloudError> {
+            Err(CloudError::Project("not used".into()))
+        }
+    }
+
+    fn target(name: &str, elb: &str) -> Observed {
+        Observed::Target(ServiceTarget {
+            namespace: "ns".into(),
+            name: name.into(),
+            elb_id: elb.into(),
+            class: ElbClass::Dedicated,
+            ports: vec![80],
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_that_finds_nothing_new_publishes_nothing() {
+        let cloud = Arc::new(FakeCloud {
+            elbs: vec!["a", "b"],
+            calls: Default::default(),
+        });
+        let refresh = Duration::from_secs(60);
+        let (inv, mut rx) = Inventory::new(
+            cloud.clone(),
+            InventorySettings {
+                listener_refresh: refresh,
+                scopes: 1,
+            },
+            Telemetry::new(),
+        );
+        let (tx, events) = mpsc::channel(8);
+        let task = tokio::spawn(inv.run(events));
+        tx.send(DiscoveryEvent::Resync {
+            scope: None,
+            observed: vec![target("s1", "a"), target("s2", "b")],
+        })
+        .await
+        .unwrap();
+        while !rx.borrow_and_update().synced {
+            rx.changed().await.unwrap();
+        }
+        assert_eq!(rx.borrow().targets.len(), 2);
+        let generation = rx.borrow().generation;
+        let calls = cloud.calls.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(refresh * 3).await;
+        assert!(
+            cloud.calls.load(std::sync::atomic::Ordering::SeqCst) > calls,
+            "refreshes ran"
+        );
+        assert_eq!(
+            rx.borrow().generation,
+            generation,
+            "nothing changed, nothing published"
+        );
+        task.abort();
     }
 }

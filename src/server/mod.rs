@@ -161,7 +161,17 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let (first, second) = if gzip {
         (body.gzip.clone(), own_gzip)
     } else {
-        (body.plain.clone(), own_plain)
+        // Derived once per body, off the async workers; concurrent plain scrapes wait for that one.
+        let plain = match body.plain_ready() {
+            Some(p) => p,
+            None => {
+                let b = body.clone();
+                tokio::task::spawn_blocking(move || b.plain())
+                    .await
+                    .unwrap_or_default()
+            }
+        };
+        (plain, own_plain)
     };
     let len = first.len() + second.len();
     let stream = futures::stream::iter([Ok::<Bytes, Infallible>(first), Ok(second)]);

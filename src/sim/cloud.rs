@@ -1274,7 +1274,7 @@ impl Inner {
                     }
                 },
             };
-            let candidates: Vec<(u64, Value)> = st
+            let candidates: Vec<(u64, &ListenerRecord)> = st
                 .listeners
                 .values()
                 .filter(|_| in_project)
@@ -1284,10 +1284,13 @@ impl Inner {
                         LbKind::Shared => !v3 || self.cfg.v3_lists_shared,
                         LbKind::Dedicated => v3,
                     };
-                    (visible && filter.matches(l)).then(|| (l.seq, listener_json(l, pid, v3)))
+                    (visible && filter.matches(l)).then_some((l.seq, l))
                 })
                 .collect();
-            paging.apply(candidates, marker_seq)
+            // Only the page is rendered: a project-wide listing pages through every listener.
+            let (page, more) = paging.apply(candidates, marker_seq);
+            let page: Vec<Value> = page.iter().map(|l| listener_json(l, pid, v3)).collect();
+            (page, more)
         };
         if v3 {
             Reply::ok(&json!({
@@ -1738,12 +1741,12 @@ impl Paging {
 
     /// Sorts by creation order (reversed with `page_reverse`), starts after the marker, and returns the
     /// page plus whether more items follow it.
-    fn apply(&self, mut items: Vec<(u64, Value)>, marker_seq: Option<u64>) -> (Vec<Value>, bool) {
+    fn apply<T>(&self, mut items: Vec<(u64, T)>, marker_seq: Option<u64>) -> (Vec<T>, bool) {
         items.sort_by_key(|(seq, _)| *seq);
         if self.reverse {
             items.reverse();
         }
-        let after: Vec<Value> = items
+        let after: Vec<T> = items
             .into_iter()
             .filter(|(seq, _)| match marker_seq {
                 None => true,

@@ -3,8 +3,8 @@
 //! sleeps), so deadlines and schedules are tested in milliseconds of real time.
 
 use crate::cloud::{
-    BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Listener,
-    MetricQuery,
+    BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Lane,
+    Listener, Listing, MetricQuery,
 };
 use crate::sim::publication::Publication;
 use crate::telemetry::Api;
@@ -29,6 +29,7 @@ pub struct FakeCall {
     pub at: tokio::time::Instant,
     /// The end of the asked window (Unix ms): when the caller asked, by its clock.
     pub to_ms: i64,
+    pub lane: Lane,
 }
 
 #[derive(Default)]
@@ -129,18 +130,50 @@ impl CloudApi for FakeCloud {
         Ok("fake-project".into())
     }
 
-    async fn list_listeners(
+    async fn list_listeners_of(
         &self,
         version: ElbVersion,
-        loadbalancer_id: &str,
-    ) -> Result<Vec<Listener>, CloudError> {
+        loadbalancer_ids: &[&str],
+        _lane: Lane,
+    ) -> Result<Listing, CloudError> {
         let mut st = self.state();
         st.listings += 1;
-        Ok(st
-            .listeners
-            .get(&(version, loadbalancer_id.to_string()))
-            .cloned()
-            .unwrap_or_default())
+        let mut out = Listing {
+            calls: 1,
+            complete: true,
+            ..Listing::default()
+        };
+        for id in loadbalancer_ids {
+            if let Some(l) = st.listeners.get(&(version, id.to_string())) {
+                out.seen += l.len();
+                out.by_lb.insert(id.to_string(), l.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// One page holds the whole project.
+    async fn list_all_listeners(
+        &self,
+        version: ElbVersion,
+        _lane: Lane,
+        _max_pages: u32,
+        _page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
+        let mut st = self.state();
+        st.listings += 1;
+        let mut out = Listing {
+            calls: 1,
+            complete: true,
+            ..Listing::default()
+        };
+        for ((v, id), l) in &st.listeners {
+            if *v == version {
+                out.seen += l.len();
+                out.by_lb.insert(id.clone(), l.clone());
+            }
+        }
+        Ok(out)
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
@@ -154,6 +187,7 @@ impl CloudApi for FakeCloud {
                     .collect(),
                 at: tokio::time::Instant::now(),
                 to_ms: query.to_ms,
+                lane: query.lane,
             });
             (st.scripts.pop_front(), st.latency)
         };
