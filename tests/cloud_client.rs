@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use elb_exporter::cloud::client::HttpCloud;
-use elb_exporter::cloud::{BatchQuery, CloudApi, CloudError, ElbVersion, MetricQuery};
+use elb_exporter::cloud::{BatchQuery, CloudApi, CloudError, ElbVersion, Lane, MetricQuery};
 use elb_exporter::config::{Config, Filter};
 use elb_exporter::demo::config_for;
 use elb_exporter::sim::cloud::{
@@ -1339,4 +1339,43 @@ async fn a_401_from_the_auth_projects_fallback_does_not_pause_the_credential() {
             .get(),
         0
     );
+}
+
+/// A v3 listing the cloud refuses (400) because one id is malformed is split until that id is alone:
+/// the other load balancers keep their listeners.
+#[tokio::test]
+async fn a_400_for_a_v3_listing_is_split_to_isolate_the_malformed_id() {
+    let (sim, url) = start(SimConfig {
+        v3_rejects_malformed_ids: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let good: Vec<String> = (0..5).map(|i| listener_id(0x1b, i)).collect();
+    for (i, lb) in good.iter().enumerate() {
+        sim.add_loadbalancer(lb, LbKind::Dedicated);
+        sim.add_listener(
+            lb,
+            SimListener::new(listener_id(0x2b, i), "k8s_TCP_80", "TCP", 80),
+        );
+    }
+    let mut ids: Vec<&str> = good.iter().map(String::as_str).collect();
+    ids.insert(3, "not-a-uuid");
+    let (cloud, _) = client_with_project(&sim, &url);
+    let listing = bounded(cloud.list_listeners_of(ElbVersion::V3, &ids, Lane::Priority))
+        .await
+        .expect("the good ids are listed");
+    let mut found: Vec<&str> = listing.by_lb.keys().map(String::as_str).collect();
+    found.sort();
+    assert_eq!(found, good.iter().map(String::as_str).collect::<Vec<_>>());
+    let refused = of(&sim, SimApi::ElbV3)
+        .iter()
+        .filter(|r| r.status == 400)
+        .count();
+    // 6 ids -> [3 good | bad + 2] -> [bad | 2] -> [bad]: three refusals, each half of the last split.
+    assert_eq!(refused, 3, "{:?}", of(&sim, SimApi::ElbV3));
+    // A listing of the malformed id alone stays an error.
+    let err = bounded(cloud.list_listeners_of(ElbVersion::V3, &["not-a-uuid"], Lane::Priority))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CloudError::BadRequest(..)), "{err:?}");
 }

@@ -502,6 +502,37 @@ impl HttpCloud {
         Ok(acc)
     }
 
+    /// Lists the listeners of `ids`; a 400 for several ids is split in halves until the id the cloud
+    /// refuses is alone, so one malformed id does not fail the others (it is left out: no listener).
+    /// A listing of one id that is refused stays an error.
+    async fn list_isolating(
+        &self,
+        version: ElbVersion,
+        ids: &[&str],
+        lane: Lane,
+        split: bool,
+    ) -> Result<Listing, CloudError> {
+        match self
+            .list_paged(version, Some(ids), lane, MAX_PAGES as u32, Duration::ZERO)
+            .await
+        {
+            Err(CloudError::BadRequest(_, body)) if ids.len() == 1 && split => {
+                warn!(elb = %ids[0], error = %body, "the ELB API refuses this load balancer id; it has no listeners here");
+                Ok(Listing::default())
+            }
+            Err(CloudError::BadRequest(..)) if ids.len() > 1 => {
+                let (a, b) = ids.split_at(ids.len() / 2);
+                let mut out = Box::pin(self.list_isolating(version, a, lane, true)).await?;
+                let part = Box::pin(self.list_isolating(version, b, lane, true)).await?;
+                out.by_lb.extend(part.by_lb);
+                out.seen += part.seen;
+                out.calls += part.calls;
+                Ok(out)
+            }
+            other => other,
+        }
+    }
+
     /// Lists the listeners of `ids` (one id on v2), or of the whole project when `ids` is `None`,
     /// following every page until a short one, at most `max_pages`.
     async fn list_paged(
@@ -838,9 +869,7 @@ impl CloudApi for HttpCloud {
             ..Listing::default()
         };
         for chunk in loadbalancer_ids.chunks(per_call) {
-            let part = self
-                .list_paged(version, Some(chunk), lane, MAX_PAGES as u32, Duration::ZERO)
-                .await?;
+            let part = self.list_isolating(version, chunk, lane, false).await?;
             out.by_lb.extend(part.by_lb);
             out.seen += part.seen;
             out.calls += part.calls;

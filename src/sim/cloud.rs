@@ -62,6 +62,9 @@ pub struct SimConfig {
     pub ces_max_metrics: usize,
     /// The caller's permissions (IAM policies), changeable at run time with [`CloudSim::grant`].
     pub user: SimUser,
+    /// Whether a v3 listing with a `loadbalancer_id` that is not a UUID answers 400 for the whole
+    /// request (the real API may; off by default so tests can use short ids).
+    pub v3_rejects_malformed_ids: bool,
     /// Whether `GET /v3/auth/projects` answers AK/SK callers (documented for tokens only); when not,
     /// it answers IAM's 403.
     pub auth_projects_with_aksk: bool,
@@ -204,6 +207,7 @@ impl Default for SimConfig {
             ces_max_metrics: CES_MAX_METRICS,
             user: SimUser::Admin,
             auth_projects_with_aksk: true,
+            v3_rejects_malformed_ids: false,
         }
     }
 }
@@ -1259,6 +1263,12 @@ impl Inner {
             Ok(f) => f,
             Err(e) => return e,
         };
+        if v3
+            && self.cfg.v3_rejects_malformed_ids
+            && let Some(bad) = filter.lb_ids.iter().find(|id| !is_uuid(id))
+        {
+            return elb_bad_input(&format!("loadbalancer_id: {bad:?} is not a UUID"), rid);
+        }
         let in_project = pid == self.cfg.project_id;
         let (page, more) = {
             let st = self.state();
@@ -1833,6 +1843,14 @@ impl<'q> ListenerFilter<'q> {
             && (self.ports.is_empty() || self.ports.contains(&u32::from(l.listener.port)))
             && self.admin_state_up.is_none_or(|a| a)
     }
+}
+
+fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 fn is_l7(protocol: &str) -> bool {
