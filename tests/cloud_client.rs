@@ -11,7 +11,8 @@ use elb_exporter::cloud::{BatchQuery, CloudApi, CloudError, ElbVersion, Lane, Me
 use elb_exporter::config::{Config, Filter};
 use elb_exporter::demo::config_for;
 use elb_exporter::sim::cloud::{
-    CloudSim, Fault, LbKind, SimApi, SimConfig, SimListener, SimRequest, SimUser, datapoint_value,
+    CloudSim, Fault, LbKind, SimApi, SimConfig, SimListener, SimProfile, SimRequest, SimUser,
+    datapoint_value,
 };
 use elb_exporter::telemetry::Telemetry;
 
@@ -1378,4 +1379,59 @@ async fn a_400_for_a_v3_listing_is_split_to_isolate_the_malformed_id() {
         .await
         .unwrap_err();
     assert!(matches!(err, CloudError::BadRequest(..)), "{err:?}");
+}
+
+/// Open Telekom Cloud lists shared-LB listeners only at `/v2.0/lbaas/listeners`: when the Huawei v2
+/// route answers 404, the client asks that path with the same filters, and remembers it.
+#[tokio::test]
+async fn shared_lb_listeners_fall_back_to_the_openstack_path_and_remember_it() {
+    let (sim, url) = start(SimProfile::Otc.config()).await;
+    sim.add_loadbalancer(SHARED_LB, LbKind::Shared);
+    sim.add_listener(
+        SHARED_LB,
+        SimListener::new(listener_id(0x0c, 1), "k8s_TCP_80", "TCP", 80),
+    );
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    for _ in 0..2 {
+        let listing =
+            bounded(cloud.list_listeners_of(ElbVersion::V2, &[SHARED_LB], Lane::Priority))
+                .await
+                .expect("listed");
+        assert_eq!(listing.by_lb[SHARED_LB].len(), 1);
+    }
+    let paths: Vec<(String, u16)> = of(&sim, SimApi::ElbV2)
+        .into_iter()
+        .map(|r| (r.path.split('/').nth(1).unwrap_or("").to_string(), r.status))
+        .collect();
+    // The gateway does not log unknown routes: the one 404 shows in the failure counter.
+    let want = [("v2.0", 200), ("v2.0", 200)].map(|(p, s)| (p.to_string(), s));
+    assert_eq!(paths, want);
+    assert_eq!(
+        telemetry
+            .cloud_failures
+            .with_label_values(&["elb_list_listeners", "404"])
+            .get(),
+        1,
+        "the v2 route is asked once, then the choice is remembered"
+    );
+    let filtered = of(&sim, SimApi::ElbV2).pop().unwrap();
+    assert!(
+        filtered
+            .query
+            .contains(&format!("loadbalancer_id={SHARED_LB}")),
+        "{filtered:?}"
+    );
+
+    // Huawei Cloud: the v2 route answers; the OpenStack path is never asked.
+    let (sim, url) = start(SimProfile::HuaweiCn.config()).await;
+    sim.add_loadbalancer(SHARED_LB, LbKind::Shared);
+    let (cloud, _) = client_with_project(&sim, &url);
+    bounded(cloud.list_listeners_of(ElbVersion::V2, &[SHARED_LB], Lane::Priority))
+        .await
+        .unwrap();
+    assert!(
+        of(&sim, SimApi::ElbV2)
+            .iter()
+            .all(|r| r.path.starts_with("/v2/"))
+    );
 }

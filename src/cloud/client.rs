@@ -13,7 +13,7 @@ use crate::telemetry::{Api, Telemetry};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
@@ -63,7 +63,12 @@ pub struct HttpCloud {
     auth: AuthGate,
     /// `CES_SMALL_BATCH` once CES refused a larger batch and accepted that many; 0 before.
     ces_limit: AtomicUsize,
+    /// Shared-LB listeners answered at `V2_LBAAS_PATH` where the Huawei v2 route does not exist.
+    v2_lbaas: AtomicBool,
 }
+
+/// Where Open Telekom Cloud documents shared-LB listeners (same filters and paging as v2).
+const V2_LBAAS_PATH: &str = "/v2.0/lbaas/listeners";
 
 /// The project id resolved through IAM, for one access key (the region is the client's): rotated
 /// credentials may belong to another account, so the cache goes with them.
@@ -149,6 +154,7 @@ impl HttpCloud {
             ))),
             auth: AuthGate::new(cfg.auth.credentials.clone()),
             ces_limit: AtomicUsize::new(0),
+            v2_lbaas: AtomicBool::new(false),
         })
     }
 
@@ -543,10 +549,48 @@ impl HttpCloud {
         max_pages: u32,
         page_gap: Duration,
     ) -> Result<Listing, CloudError> {
-        let api = Api::ElbListListeners;
         let project = self.project_id().await?;
+        let at = |path: String| {
+            self.list_paged_at(version, path, &project, ids, lane, max_pages, page_gap)
+        };
+        if version == ElbVersion::V2 && self.v2_lbaas.load(Ordering::Relaxed) {
+            return at(V2_LBAAS_PATH.to_string()).await;
+        }
+        let result = at(format!("/{}/{project}/elb/listeners", version.as_str())).await;
+        match result {
+            // Open Telekom Cloud documents shared-LB listeners only at the OpenStack path: when the
+            // Huawei route does not exist there, ask that one, and keep asking it once it answers.
+            Err(CloudError::NotFound(..)) if version == ElbVersion::V2 => {
+                let fallback = at(V2_LBAAS_PATH.to_string()).await;
+                if fallback.is_err() {
+                    return result;
+                }
+                if !self.v2_lbaas.swap(true, Ordering::Relaxed) {
+                    info!(
+                        path = V2_LBAAS_PATH,
+                        "shared-LB listeners are listed at the OpenStack path: /v2/{{project_id}}/elb/listeners does not exist on this cloud"
+                    );
+                }
+                fallback
+            }
+            other => other,
+        }
+    }
+
+    /// One listing at `path`, following every page until a short one, at most `max_pages`.
+    #[allow(clippy::too_many_arguments)]
+    async fn list_paged_at(
+        &self,
+        version: ElbVersion,
+        path: String,
+        project: &str,
+        ids: Option<&[&str]>,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
+        let api = Api::ElbListListeners;
         let limit = version.page_size();
-        let path = format!("/{}/{project}/elb/listeners", version.as_str());
         let mut out = Listing::default();
         let mut seen: HashSet<String> = HashSet::new();
         let mut markers: HashSet<String> = HashSet::new();
@@ -571,7 +615,7 @@ impl HttpCloud {
                 path: path.clone(),
                 query,
                 body: Vec::new(),
-                project: Some(&project),
+                project: Some(project),
                 max_body: limit * LISTENER_BYTES + BODY_SLACK,
                 lane,
             };

@@ -131,6 +131,16 @@ impl SimProfile {
             || (global && host.eq_ignore_ascii_case(&format!("iam.{}", self.domain())))
     }
 
+    /// Whether the cloud's gateway has this route: Open Telekom Cloud documents shared-LB listeners only
+    /// at `/v2.0/lbaas/listeners`, Huawei Cloud only at `/v2/{project_id}/elb/listeners`.
+    fn publishes(self, ep: &Endpoint) -> bool {
+        match ep {
+            Endpoint::ListenersV2(_) => self != SimProfile::Otc,
+            Endpoint::ListenersLbaas => self == SimProfile::Otc,
+            _ => true,
+        }
+    }
+
     /// This cloud with an IAM user holding only "ELB ReadOnlyAccess" and "CES ReadOnlyAccess".
     pub fn least_privilege(self) -> SimConfig {
         SimConfig {
@@ -562,6 +572,8 @@ fn now_ms() -> i64 {
 enum Endpoint {
     Projects,
     AuthProjects,
+    /// `/v2.0/lbaas/listeners`: shared-LB listeners, OpenStack style (the project from `X-Project-Id`).
+    ListenersLbaas,
     ListenersV2(String),
     ListenersV3(String),
     LoadBalancersV3(String),
@@ -583,7 +595,9 @@ impl Endpoint {
         match self {
             Endpoint::Projects => Some("iam:projects:list"),
             Endpoint::AuthProjects => None,
-            Endpoint::ListenersV2(_) | Endpoint::ListenersV3(_) => Some("elb:listeners:list"),
+            Endpoint::ListenersV2(_) | Endpoint::ListenersV3(_) | Endpoint::ListenersLbaas => {
+                Some("elb:listeners:list")
+            }
             Endpoint::LoadBalancersV3(_) => Some("elb:loadbalancers:list"),
             Endpoint::BatchQuery(_) => Some("ces:metricData:list"),
         }
@@ -592,7 +606,7 @@ impl Endpoint {
     fn api(&self) -> SimApi {
         match self {
             Endpoint::Projects | Endpoint::AuthProjects => SimApi::Iam,
-            Endpoint::ListenersV2(_) => SimApi::ElbV2,
+            Endpoint::ListenersV2(_) | Endpoint::ListenersLbaas => SimApi::ElbV2,
             Endpoint::ListenersV3(_) | Endpoint::LoadBalancersV3(_) => SimApi::ElbV3,
             Endpoint::BatchQuery(_) => SimApi::Ces,
         }
@@ -609,6 +623,7 @@ fn route(method: &Method, path: &str) -> Option<Endpoint> {
     let ep = match segs.as_slice() {
         ["", "v3", "projects"] if method == Method::GET => Endpoint::Projects,
         ["", "v3", "auth", "projects"] if method == Method::GET => Endpoint::AuthProjects,
+        ["", "v2.0", "lbaas", "listeners"] if method == Method::GET => Endpoint::ListenersLbaas,
         ["", "v2", pid, "elb", "listeners"] if method == Method::GET => {
             Endpoint::ListenersV2(pid.to_string())
         }
@@ -740,7 +755,8 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let arrived = now_ms();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    let Some(ep) = route(&parts.method, &path) else {
+    let routed = route(&parts.method, &path);
+    let Some(ep) = routed.filter(|ep| inner.cfg.profile.publishes(ep)) else {
         return apigw_error(
             StatusCode::NOT_FOUND,
             "APIGW.0101",
@@ -887,6 +903,10 @@ impl Inner {
             Endpoint::Projects => self.list_projects(&query, &rec.query, host),
             Endpoint::AuthProjects => self.list_projects(&[], &rec.query, host),
             Endpoint::ListenersV2(pid) => {
+                self.list_listeners(false, pid, headers, &query, host, rid)
+            }
+            Endpoint::ListenersLbaas => {
+                let pid = header_str(headers, "x-project-id").unwrap_or("").trim();
                 self.list_listeners(false, pid, headers, &query, host, rid)
             }
             Endpoint::ListenersV3(pid) => {
