@@ -41,6 +41,8 @@ CONFIG_PATH = "/etc/elb-exporter/clouds.yml"
 METRICS_PORT = 8087
 NONROOT_UID = 65532
 KNOWN_GLOBAL_KEYS = {"port", "metric_path", "prefix", "scrape_batch_size"}
+KNOWN_LEADER_KEYS = {"enabled", "lease_name", "lease_namespace", "identity", "lease_duration", "renew_deadline",
+                     "retry_period"}
 KNOWN_AUTH_KEYS = {"auth_url", "region", "project_name", "project_id", "access_key", "secret_key",
                    "security_token"}
 EXAMPLE_HPA_SERIES = "huaweicloud_sys_elb_listener_m7_in_Bps"
@@ -54,7 +56,7 @@ OVERLAY = "overlays/example"
 IDENTITY_LABEL = {"listener": "lbaas_listener_id", "pool": "lbaas_pool_id"}
 REQUIRED_ALERTS = {"ElbExporterAbsent", "ElbExporterCollectionFailing", "ElbExporterDataTooOld", "ElbExporterCesThrottled",
                    "ElbExporterCredentialsRejected", "ElbExporterCesBudgetExceeded", "ElbExporterDiscoveryProblems",
-                   "ElbExporterServiceSeriesVanished"}
+                   "ElbExporterServiceSeriesVanished", "ElbExporterNoLeader", "ElbExporterSeveralLeaders"}
 
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace", "CustomResourceDefinition",
                   "PersistentVolume", "StorageClass", "PriorityClass"}
@@ -137,6 +139,7 @@ class Checker:
         sa = self.check_rbac()
         secret = self.check_secrets()
         dep, container = self.check_deployment(sa, secret)
+        self.check_leader_election(sa, dep)
         svc = self.check_service(dep, container)
         self.check_servicemonitor(svc)
         self.check_scrape_config(svc)
@@ -176,8 +179,9 @@ class Checker:
                 if d.get("kind") not in CLUSTER_SCOPED:
                     self.check(md.get("namespace") in (None, ns), where,
                                f"{d.get('kind')} {md.get('name')} is in namespace {md.get('namespace')!r}, kustomization says {ns!r}")
-        for needed in ("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "deployment.yaml",
-                       "service.yaml", "servicemonitor.yaml", "prometheus-rules.yaml"):
+        for needed in ("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "role.yaml",
+                       "rolebinding.yaml", "deployment.yaml", "pdb.yaml", "service.yaml", "servicemonitor.yaml",
+                       "prometheus-rules.yaml"):
             self.check(needed in res, w, f"resources does not list {needed}")
         for kept_out in ("prometheus-additional.yaml", "example-app.yaml", "example-hpa.yaml"):
             self.check(kept_out not in res, w, f"{kept_out} is applied separately and must not be in resources")
@@ -209,6 +213,71 @@ class Checker:
                        "no subject for the exporter's ServiceAccount in its namespace")
         return sa
 
+    def check_leader_config(self, cfg, w):
+        """Two replicas need leader election on, or both collect (double CES calls, series exported twice)."""
+        le = cfg.get("leader_election")
+        if self.check(isinstance(le, dict), w, "leader_election is missing (deployment.yaml runs 2 replicas)"):
+            self.check(le.get("enabled") is True, w, "leader_election.enabled must be true with 2 replicas")
+            self.check(set(le) <= KNOWN_LEADER_KEYS, w, f"unknown leader_election keys {sorted(set(le) - KNOWN_LEADER_KEYS)}")
+            self.check(not le.get("lease_namespace") and not le.get("identity"), w,
+                       "leave leader_election.lease_namespace and identity empty: they come from POD_NAMESPACE/POD_NAME")
+
+    def check_leader_election(self, sa, dep):
+        """Role/RoleBinding for Leases in the exporter's namespace only, the PDB, RollingUpdate, anti-affinity and
+        the downward-API env the leader election defaults read."""
+        role = self.obj("role.yaml", "Role")
+        rb = self.obj("rolebinding.yaml", "RoleBinding")
+        pdb = self.obj("pdb.yaml", "PodDisruptionBudget")
+        if role:
+            w = "deploy/role.yaml"
+            rules = role.get("rules") or []
+            self.check(len(rules) == 1, w, f"expected exactly one rule (leases get/create/update), found {len(rules)}")
+            for rule in rules:
+                self.check(rule.get("apiGroups") == ["coordination.k8s.io"], w, "rule must be for coordination.k8s.io only")
+                self.check(rule.get("resources") == ["leases"], w, "rule must cover `leases` only")
+                self.check(sorted(rule.get("verbs") or []) == ["create", "get", "update"], w,
+                           f"verbs must be exactly get, create, update (got {rule.get('verbs')})")
+            if sa:
+                self.check(role["metadata"].get("namespace") == sa["metadata"].get("namespace"), w,
+                           "the Role must be in the exporter's namespace")
+        if rb and role and sa:
+            w = "deploy/rolebinding.yaml"
+            ref = rb.get("roleRef") or {}
+            self.check(ref.get("kind") == "Role" and ref.get("name") == role["metadata"]["name"]
+                       and ref.get("apiGroup") == "rbac.authorization.k8s.io", w, "roleRef does not name the Role")
+            self.check(rb["metadata"].get("namespace") == role["metadata"].get("namespace"), w, "not in the Role's namespace")
+            subj = rb.get("subjects") or []
+            self.check(any(s.get("kind") == "ServiceAccount" and s.get("name") == sa["metadata"]["name"]
+                           and s.get("namespace") == sa["metadata"].get("namespace") for s in subj), w,
+                       "no subject for the exporter's ServiceAccount in its namespace")
+        if not dep:
+            return
+        w = "deploy/deployment.yaml"
+        spec = dep.get("spec") or {}
+        labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+        strategy = spec.get("strategy") or {}
+        self.check(strategy.get("type") == "RollingUpdate", w, "strategy must be RollingUpdate (a follower takes over)")
+        self.check((strategy.get("rollingUpdate") or {}).get("maxUnavailable") == 0, w,
+                   "rollingUpdate.maxUnavailable must be 0: the new pod is ready before an old one stops")
+        pod = (spec.get("template") or {}).get("spec") or {}
+        terms = ((pod.get("affinity") or {}).get("podAntiAffinity") or {}).get(
+            "preferredDuringSchedulingIgnoredDuringExecution") or []
+        self.check(any((t.get("podAffinityTerm") or {}).get("topologyKey") == "kubernetes.io/hostname"
+                       and ((t.get("podAffinityTerm") or {}).get("labelSelector") or {}).get("matchLabels", {}).items()
+                       <= labels.items() and (t.get("podAffinityTerm") or {}).get("labelSelector") for t in terms), w,
+                   "needs a preferred pod anti-affinity on kubernetes.io/hostname selecting its own pods")
+        env = {e.get("name"): e for c in pod.get("containers") or [] for e in c.get("env") or []}
+        for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+            ref = ((env.get(name) or {}).get("valueFrom") or {}).get("fieldRef") or {}
+            self.check(ref.get("fieldPath") == path, w, f"env {name} must come from the downward API ({path})")
+        if pdb:
+            wp = "deploy/pdb.yaml"
+            pspec = pdb.get("spec") or {}
+            self.check(pspec.get("minAvailable") == 1, wp, "minAvailable must be 1")
+            sel = (pspec.get("selector") or {}).get("matchLabels") or {}
+            self.check(sel and sel.items() <= labels.items(), wp, "selector does not select the exporter's pods")
+            self.check(pdb["metadata"].get("namespace") == dep["metadata"].get("namespace"), wp, "not in the Deployment's namespace")
+
     def check_secrets(self):
         secret = self.obj("secret.example.yaml", "Secret")
         if secret:
@@ -231,6 +300,7 @@ class Checker:
                     for key in ("auth_url", "region", "project_name", "access_key", "secret_key"):
                         self.check(key in a, w, f"auth.{key} is missing")
                     self.check(str(a.get("auth_url", "")).startswith("https://iam."), w, "auth.auth_url is not an IAM https URL")
+                    self.check_leader_config(cfg, w)
         aksk = self.obj("secret-aksk.example.yaml", "Secret")
         if aksk:
             w = "deploy/secret-aksk.example.yaml"
@@ -255,7 +325,7 @@ class Checker:
         tpl = spec.get("template") or {}
         pod = tpl.get("spec") or {}
         labels = (tpl.get("metadata") or {}).get("labels") or {}
-        self.check(spec.get("replicas") == 1, w, "replicas must be 1")
+        self.check(spec.get("replicas") == 2, w, "replicas must be 2 (one leader, one follower)")
         sel = (spec.get("selector") or {}).get("matchLabels") or {}
         self.check(sel and sel.items() <= labels.items(), w, "selector.matchLabels do not match the pod template labels")
         if sa:
@@ -660,6 +730,7 @@ class Checker:
         self.check(set(g) <= KNOWN_GLOBAL_KEYS and set(a) <= KNOWN_AUTH_KEYS, w, "unknown keys")
         self.check(str(a.get("access_key", "")).startswith("REPLACE_") or a.get("access_key") == "", w,
                    "must hold placeholders, never real keys")
+        self.check_leader_config(cfg or {}, w)
 
     def check_dockerfile(self, container):
         w = "Dockerfile"

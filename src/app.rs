@@ -8,6 +8,7 @@ use crate::config::{Config, Credentials};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::{self, DiscoveryEvent};
 use crate::exposition::Renderer;
+use crate::leader::{Election, Lead, Leadership};
 use crate::server::{self, AppState};
 use crate::telemetry::Telemetry;
 use std::collections::HashMap;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -49,6 +50,8 @@ pub async fn bind(addr: &str) -> Result<TcpListener, AppError> {
 pub struct Pipeline {
     pub targets: watch::Receiver<Arc<Targets>>,
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Under leader election: cloud series are served only while leading.
+    pub leadership: Option<watch::Receiver<Leadership>>,
 }
 
 /// A long-running task of the exporter; none of them ends while the process serves.
@@ -59,6 +62,7 @@ pub enum Task {
     Collector,
     Renderer,
     CredentialReload,
+    Leader,
 }
 
 impl Task {
@@ -69,6 +73,7 @@ impl Task {
             Task::Collector => "collector",
             Task::Renderer => "renderer",
             Task::CredentialReload => "credential_reload",
+            Task::Leader => "leader_election",
         }
     }
 }
@@ -114,6 +119,7 @@ pub fn start_pipeline<C: CloudApi>(
     kube: kube::Client,
     telemetry: &Telemetry,
     tasks: &mut Supervisor,
+    lead: Option<Lead>,
 ) -> Pipeline {
     let (tx, rx) = mpsc::channel::<DiscoveryEvent>(1024);
     tasks.spawn(
@@ -139,20 +145,42 @@ pub fn start_pipeline<C: CloudApi>(
         CollectorSettings::from_config(cfg),
         telemetry.clone(),
     );
+    let leadership = lead.as_ref().map(|l| l.leadership.clone());
+    let collector = match lead {
+        Some(l) => collector.with_leadership(l),
+        None => collector,
+    };
     tasks.spawn(Task::Collector, collector.run(targets.clone()));
-    Pipeline { targets, snapshots }
+    Pipeline {
+        targets,
+        snapshots,
+        leadership,
+    }
 }
 
-/// Re-renders the body whenever the targets or the data change, and tracks readiness.
+/// Re-renders the body whenever the targets, the data or the leadership change, and tracks readiness.
+/// A follower serves no cloud series; it is ready, and `up`, once its watch and inventory are current.
 pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) {
     let renderer = Arc::new(renderer);
     let mut expires: Option<tokio::time::Instant> = None;
     loop {
+        let leading = p
+            .leadership
+            .as_mut()
+            .is_none_or(|l| l.borrow_and_update().leading);
         let t = p.targets.borrow_and_update().clone();
         let s = p.snapshots.borrow_and_update().clone();
+        let s = if leading { s } else { Arc::default() };
         let r = renderer.clone();
-        let finished = s.finished;
+        let finished = s.finished || !leading;
         let synced = t.synced;
+        if !leading {
+            // The collector sets `up` per cycle; a follower has none, so its readiness is its `up`.
+            let lookups_failed = t
+                .problems
+                .contains_key(&discovery::Problem::ElbLookupFailed);
+            state.telemetry.up.set(i64::from(synced && !lookups_failed));
+        }
         match tokio::task::spawn_blocking(move || {
             let body = r.render(&t, &s);
             drop((t, s));
@@ -170,7 +198,8 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
             }
         }
         state.synced.store(synced, Ordering::Release);
-        state.collected.store(finished, Ordering::Release);
+        // Once ready, a replica stays ready across leadership changes (a new leader has no cycle yet).
+        state.collected.fetch_or(finished, Ordering::AcqRel);
         // Values pass their staleness bound with time, not only with new data: render again then.
         let stale = async {
             match expires {
@@ -178,9 +207,16 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
                 None => std::future::pending().await,
             }
         };
+        let lead_changed = async {
+            match p.leadership.as_mut() {
+                Some(l) => l.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = p.targets.changed() => if r.is_err() { return },
             r = p.snapshots.changed() => if r.is_err() { return },
+            r = lead_changed => if !r { return },
             _ = stale => {}
         }
     }
@@ -288,7 +324,9 @@ async fn serve_supervised<C: CloudApi>(
             }
         }
     });
-    let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry, &mut tasks);
+    let (stop, stopped) = watch::channel(false);
+    let (lead, released) = start_election(&cfg, &kube, &telemetry, &mut tasks, stopped);
+    let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry, &mut tasks, lead);
     let state = AppState::new(telemetry.clone(), &cfg.metric_path);
     tasks.spawn(
         Task::Renderer,
@@ -304,9 +342,54 @@ async fn serve_supervised<C: CloudApi>(
         .unwrap_or_default();
     info!(addr = %addr, path = %cfg.metric_path, "serving metrics");
     let app = server::router(state, server::WebAuth::from_settings(&cfg.web));
+    // The Lease is released as soon as the signal comes, while open connections drain.
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     server::serve(listener, app, &cfg.web, &telemetry, shutdown).await?;
+    if let Some(released) = released {
+        let _ = tokio::time::timeout(Duration::from_secs(3), released).await;
+    }
     info!("shut down");
     Ok(())
+}
+
+/// Starts leader election when configured; returns the collector's side of it and a signal that the
+/// Lease was released after `stop`. Without it this replica leads alone.
+fn start_election(
+    cfg: &Config,
+    kube: &kube::Client,
+    telemetry: &Telemetry,
+    tasks: &mut Supervisor,
+    stop: watch::Receiver<bool>,
+) -> (Option<Lead>, Option<oneshot::Receiver<()>>) {
+    let Some(le) = cfg.leader_election.clone() else {
+        telemetry.leader.set(1);
+        return (None, None);
+    };
+    let (leadership, lead_rx) = watch::channel(Leadership::default());
+    let (started, cycles) = watch::channel(None);
+    let (recorded_tx, recorded) = watch::channel(None);
+    let (released, released_rx) = oneshot::channel();
+    let election = Election {
+        api: kube::Api::namespaced(kube.clone(), &le.lease_namespace),
+        config: le,
+        interval: cfg.collection.interval,
+        telemetry: telemetry.clone(),
+        leadership,
+        cycles,
+        recorded: recorded_tx,
+        stop,
+        released,
+    };
+    tasks.spawn(Task::Leader, election.run());
+    let lead = Lead {
+        leadership: lead_rx,
+        started,
+        recorded,
+    };
+    (Some(lead), Some(released_rx))
 }
 
 /// Aborts the task when dropped, so a returning caller takes its background work with it.

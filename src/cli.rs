@@ -203,6 +203,9 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         }
     }
     let kube = kube_client().await?;
+    if let Err(p) = print_leader(&cfg, &kube).await {
+        problems.push(p);
+    }
     let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
 
     println!(
@@ -355,6 +358,49 @@ fn first_batch(cfg: &Config, listeners: &[(Arc<str>, Arc<str>)]) -> Option<Batch
         filter: cfg.collection.filter,
         lane: Lane::Priority,
     })
+}
+
+/// `check`: who holds the Lease, read from the apiserver, or that election is off.
+async fn print_leader(cfg: &Config, kube: &kube::Client) -> Result<(), String> {
+    let Some(le) = &cfg.leader_election else {
+        println!("leader election: off (this process collects on its own)");
+        return Ok(());
+    };
+    let api = kube::Api::namespaced(kube.clone(), &le.lease_namespace);
+    let lease = format!("lease {}/{}", le.lease_namespace, le.lease_name);
+    match crate::leader::describe(&api, &le.lease_name).await {
+        Ok(Some(r)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as i64;
+            let age = r.renew_ms.map_or_else(
+                || "never".into(),
+                |ms| format!("{:.1}s ago", (now - ms) as f64 / 1000.0),
+            );
+            match r.holder {
+                Some(h) => println!(
+                    "leader: {h} ({lease}, renewed {age}, lease {}s, {} transition(s)); this process would be {}",
+                    r.lease_duration_s, r.transitions, le.identity
+                ),
+                None => println!(
+                    "leader: none ({lease} released {age}); the next replica to try takes it"
+                ),
+            }
+            Ok(())
+        }
+        Ok(None) => {
+            println!("leader: none yet ({lease} does not exist; the first replica creates it)");
+            Ok(())
+        }
+        Err(e) => {
+            println!("leader: UNKNOWN ({lease}: {e})");
+            Err(format!(
+                "{lease}: {e}; grant get/create/update on leases in {} (deploy/role.yaml)",
+                le.lease_namespace
+            ))
+        }
+    }
 }
 
 /// Lists the Services once and resolves their ELBs through the same inventory the exporter runs.

@@ -5,6 +5,7 @@
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, Lane, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
+use crate::leader::{Lead, Leadership};
 use crate::schedule::{Aligner, MINUTE_MS, RateWindow};
 use crate::telemetry::{Api, Telemetry};
 use futures::StreamExt;
@@ -281,6 +282,31 @@ fn wall_ms() -> i64 {
     .unwrap_or(i64::MAX)
 }
 
+/// Runs `work` while leading (always without leader election); `None` when leadership ended first,
+/// which cancels the work and its CES calls in flight.
+async fn while_leading<T>(
+    lead: &mut Option<watch::Receiver<Leadership>>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let Some(l) = lead.as_mut() else {
+        return Some(work.await);
+    };
+    tokio::select! {
+        out = work => Some(out),
+        _ = async { l.wait_for(|l| !l.leading).await.is_ok() } => None,
+    }
+}
+
+/// Resolves when leadership ends (never without leader election).
+async fn lost(lead: &mut Option<watch::Receiver<Leadership>>) {
+    match lead.as_mut() {
+        Some(l) => {
+            let _ = l.wait_for(|l| !l.leading).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// (listener index, metric index) of each series in batch `batch`, when `listeners` × `per_listener`
 /// metrics are cut into batches of `size`.
 fn batch_series(
@@ -320,6 +346,8 @@ pub struct Collector<C: CloudApi> {
     /// The last plan was over the CES budget (logged when this changes).
     over_budget: bool,
     zeros: Mutex<ZeroGuard>,
+    /// Under leader election: collect only while leading; each cycle's start is recorded first.
+    lead: Option<Lead>,
     align: Mutex<Alignment>,
     /// CES calls sent in the last minute: aligned cycles and re-asks start only when they fit the limit.
     sent: Mutex<RateWindow>,
@@ -405,11 +433,29 @@ impl<C: CloudApi> Collector<C> {
                 tx,
                 attempted: HashSet::new(),
                 over_budget: false,
+                lead: None,
                 align: Mutex::default(),
                 sent: Mutex::default(),
             },
             rx,
         )
+    }
+
+    /// Collects only while `lead` says so; a full cycle calls CES once its start is on the Lease.
+    pub fn with_leadership(mut self, lead: Lead) -> Self {
+        self.lead = Some(lead);
+        self
+    }
+
+    /// Not leading any more: drop the cloud values at once (the successor exports its own).
+    fn step_down(&mut self) {
+        let prev = self.tx.borrow().clone();
+        self.attempted.clear();
+        self.tx.send_replace(Arc::new(Snapshot {
+            cycle: prev.cycle,
+            finished: prev.finished,
+            ..Snapshot::default()
+        }));
     }
 
     fn alignment(&self) -> std::sync::MutexGuard<'_, Alignment> {
@@ -432,22 +478,58 @@ impl<C: CloudApi> Collector<C> {
             }
         }
         let mut next = Instant::now();
+        let (mut lead, mut log) = self
+            .lead
+            .take()
+            .map(|l| (l.leadership, (l.started, l.recorded)))
+            .unzip();
         loop {
+            // A follower makes no CES call; a new term starts after the last leader's interval.
+            if let Some(l) = lead.as_mut() {
+                match l.wait_for(|l| l.leading).await {
+                    Ok(l) => next = next.max(l.not_before.unwrap_or(next)),
+                    Err(_) => return,
+                }
+                if self.attempted.is_empty() {
+                    // The term's first full cycle collects every listener known now; collecting them
+                    // promptly before it would collect the previous leader's interval again.
+                    let t = targets.borrow_and_update().clone();
+                    self.attempted
+                        .extend(distinct_listeners(&t).into_iter().map(|(_, l)| l));
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {
                     let started = Instant::now();
                     let t = targets.borrow_and_update().clone();
-                    let (plan, aligned) = self.full_cycle(&t).await;
+                    let cycle = async {
+                        if let Some((started, recorded)) = log.as_mut() {
+                            let ms = self.settings.clock.now_ms();
+                            started.send_replace(Some(ms));
+                            let _ = recorded.wait_for(|r| *r >= Some(ms)).await;
+                        }
+                        self.full_cycle(&t).await
+                    };
+                    let Some((plan, aligned)) = while_leading(&mut lead, cycle).await else {
+                        self.step_down();
+                        continue;
+                    };
                     next = self.next_start(started, &plan, aligned);
                 }
                 changed = targets.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    tokio::time::sleep(NEW_LISTENER_DELAY).await;
-                    let t = targets.borrow_and_update().clone();
-                    self.prompt_cycle(&t).await;
+                    let prompt = async {
+                        tokio::time::sleep(NEW_LISTENER_DELAY).await;
+                        let t = targets.borrow_and_update().clone();
+                        self.prompt_cycle(&t).await;
+                    };
+                    if while_leading(&mut lead, prompt).await.is_none() {
+                        self.step_down();
+                    }
                 }
+                () = lost(&mut lead) => self.step_down(),
             }
         }
     }
@@ -1084,6 +1166,48 @@ mod tests {
         assert_eq!(telemetry.effective_interval.get(), 180.0);
         // Values outlive a paced period: the staleness bound counts periods, not the configured interval.
         assert_eq!(second.stale_after, Some(Duration::from_secs(3 * 180)));
+    }
+
+    /// Under leader election: a follower makes no call; a new term waits for `not_before`, then for the
+    /// cycle's start to be on the Lease; losing leadership drops the values at once and stops the calls.
+    #[tokio::test(start_paused = true)]
+    async fn only_the_leader_collects_from_its_recorded_start() {
+        let (cloud, targets) = world(4, 1.0);
+        let (collector, mut rx) = Collector::new(cloud.clone(), settings(100, 1), Telemetry::new());
+        let (lead, leadership) = watch::channel(Leadership::default());
+        let (started, mut starts) = watch::channel(None);
+        let (record, recorded) = watch::channel(None);
+        let collector = collector.with_leadership(Lead {
+            leadership,
+            started,
+            recorded,
+        });
+        let (_targets, trx) = watch::channel(targets);
+        tokio::spawn(collector.run(trx));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(cloud.calls().is_empty(), "a follower calls CES");
+
+        let t0 = Instant::now();
+        lead.send_replace(Leadership {
+            leading: true,
+            not_before: Some(t0 + Duration::from_secs(30)),
+        });
+        starts.changed().await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            cloud.calls().is_empty(),
+            "called before the start was recorded"
+        );
+        record.send_replace(*starts.borrow());
+        let snap = next_full(&mut rx, 0).await;
+        assert_eq!((snap.len(), cloud.calls().len()), (12, 1));
+
+        lead.send_replace(Leadership::default());
+        let dropped = rx.wait_for(|s| s.is_empty()).await.unwrap().clone();
+        assert!(!dropped.up);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(cloud.calls().len(), 1, "called CES after losing the lead");
     }
 
     #[tokio::test(start_paused = true)]

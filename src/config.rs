@@ -145,6 +145,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     web: RawWeb,
+    #[serde(default)]
+    leader_election: RawLeaderElection,
 }
 
 /// cloudeye-exporter keys that load unchanged but have no effect here (the exporter is ELB-only and
@@ -346,6 +348,18 @@ struct RawWeb {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawLeaderElection {
+    enabled: Option<bool>,
+    lease_name: Option<String>,
+    lease_namespace: Option<String>,
+    identity: Option<String>,
+    lease_duration: Option<String>,
+    renew_deadline: Option<String>,
+    retry_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
     format: Option<String>,
@@ -369,6 +383,8 @@ pub struct Config {
     pub cloud: CloudSettings,
     pub log: LogSettings,
     pub web: WebSettings,
+    /// `leader_election`: `None` when disabled (one process collects on its own).
+    pub leader_election: Option<LeaderElection>,
     /// cloudeye-exporter keys present in the file that have no effect here.
     pub ignored_keys: Vec<String>,
 }
@@ -546,6 +562,26 @@ pub enum LogFormat {
     Text,
     Json,
 }
+
+/// `leader_election` when enabled: who competes for which Lease, and its timing (client-go's names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderElection {
+    pub lease_name: String,
+    pub lease_namespace: String,
+    pub identity: String,
+    /// How long followers wait after the last observed renewal before taking over.
+    pub lease_duration: Duration,
+    /// A leader that has not renewed for this long stops collecting, before the Lease can expire.
+    pub renew_deadline: Duration,
+    /// How often every replica tries to acquire or renew.
+    pub retry_period: Duration,
+}
+
+/// Where a pod's namespace is mounted (the service account token volume).
+pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+pub const ENV_POD_NAME: &str = "POD_NAME";
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 
 #[derive(Debug, Clone)]
 pub struct LogSettings {
@@ -1097,6 +1133,10 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         }
     }
 
+    let leader_election = build_leader_election(raw.leader_election, env, &|| {
+        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE).ok()
+    })?;
+
     Ok(Config {
         listen,
         metric_path,
@@ -1141,6 +1181,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         },
         log: LogSettings { level, format },
         web,
+        leader_election,
         ignored_keys: ignored,
     })
 }
@@ -1236,6 +1277,144 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
         idle_timeout,
         max_connections,
     })
+}
+
+/// `leader_election`'s three durations, in the order client-go requires: the lease in whole seconds (the
+/// Lease stores seconds), a shorter renew deadline, a shorter retry period.
+fn leader_timing(
+    lease_duration: Option<String>,
+    renew_deadline: Option<String>,
+    retry_period: Option<String>,
+) -> Result<(Duration, Duration, Duration), ConfigError> {
+    let lease_duration = bounded(
+        "leader_election.lease_duration",
+        dur("leader_election.lease_duration", lease_duration)?,
+        Duration::from_secs(15),
+        Duration::from_secs(1),
+        HOUR,
+    )?;
+    if lease_duration.subsec_nanos() != 0 {
+        return Err(ConfigError::invalid(
+            "leader_election.lease_duration",
+            format_duration(lease_duration),
+            "must be whole seconds (the Lease stores leaseDurationSeconds)",
+        ));
+    }
+    let renew_deadline = bounded(
+        "leader_election.renew_deadline",
+        dur("leader_election.renew_deadline", renew_deadline)?,
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        HOUR,
+    )?;
+    if renew_deadline >= lease_duration {
+        return Err(ConfigError::invalid(
+            "leader_election.renew_deadline",
+            format_duration(renew_deadline),
+            format!(
+                "must be shorter than leader_election.lease_duration ({}), so a leader stops before others may take over",
+                format_duration(lease_duration)
+            ),
+        ));
+    }
+    let retry_period = bounded(
+        "leader_election.retry_period",
+        dur("leader_election.retry_period", retry_period)?,
+        Duration::from_secs(2),
+        Duration::from_millis(50),
+        HOUR,
+    )?;
+    if retry_period >= renew_deadline {
+        return Err(ConfigError::invalid(
+            "leader_election.retry_period",
+            format_duration(retry_period),
+            format!(
+                "must be shorter than leader_election.renew_deadline ({}), so a leader gets more than one try to renew",
+                format_duration(renew_deadline)
+            ),
+        ));
+    }
+    Ok((lease_duration, renew_deadline, retry_period))
+}
+
+/// `leader_election`. Defaults follow client-go (15s/10s/2s) and the pod's downward API: the namespace
+/// from `POD_NAMESPACE`, else the service account's namespace file (`sa_namespace`); the identity from
+/// `POD_NAME`, else the hostname. Disabled, nothing is resolved or checked beyond the types.
+fn build_leader_election(
+    l: RawLeaderElection,
+    env: &dyn Fn(&str) -> Option<String>,
+    sa_namespace: &dyn Fn() -> Option<String>,
+) -> Result<Option<LeaderElection>, ConfigError> {
+    let (lease_duration, renew_deadline, retry_period) =
+        leader_timing(l.lease_duration, l.renew_deadline, l.retry_period)?;
+    let lease_name = non_empty(l.lease_name).unwrap_or_else(|| "elb-exporter".into());
+    if lease_name.len() > 253 || !lease_name.split('.').all(is_dns_label) {
+        return Err(ConfigError::invalid(
+            "leader_election.lease_name",
+            &lease_name,
+            "must be a DNS subdomain name (lowercase letters, digits, '-' and '.')",
+        ));
+    }
+    let given_namespace = non_empty(l.lease_namespace);
+    let given_identity = non_empty(l.identity);
+    if !l.enabled.unwrap_or(false) {
+        return Ok(None);
+    }
+    let lease_namespace = given_namespace
+        .or_else(|| non_empty(env(ENV_POD_NAMESPACE)))
+        .or_else(|| non_empty(sa_namespace()))
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "leader_election.lease_namespace",
+                "",
+                format!(
+                    "required: neither {ENV_POD_NAMESPACE} nor {SERVICE_ACCOUNT_NAMESPACE_FILE} gives the pod's namespace"
+                ),
+            )
+        })?;
+    if !is_dns_label(&lease_namespace) {
+        return Err(ConfigError::invalid(
+            "leader_election.lease_namespace",
+            &lease_namespace,
+            "must be a namespace name (DNS label)",
+        ));
+    }
+    let identity = given_identity
+        .or_else(|| non_empty(env(ENV_POD_NAME)))
+        .or_else(hostname)
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "leader_election.identity",
+                "",
+                format!("required: neither {ENV_POD_NAME} nor the hostname is set"),
+            )
+        })?;
+    if identity.len() > 253 || identity.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(ConfigError::invalid(
+            "leader_election.identity",
+            &identity,
+            "must be 1 to 253 printable ASCII characters without spaces",
+        ));
+    }
+    Ok(Some(LeaderElection {
+        lease_name,
+        lease_namespace,
+        identity,
+        lease_duration,
+        renew_deadline,
+        retry_period,
+    }))
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    non_empty(Some(String::from_utf8_lossy(&buf[..end]).into_owned()))
 }
 
 impl Config {
@@ -1678,6 +1857,134 @@ mod tests {
             .expect_err("not a boolean")
             .to_string();
         assert!(err.contains("absent_as_zero"), "{err}");
+    }
+
+    fn leader_election(
+        yaml: &str,
+        env: &[(&str, &str)],
+        sa: Option<&str>,
+    ) -> Result<Option<LeaderElection>, ConfigError> {
+        let raw: RawLeaderElection =
+            serde_yaml::from_str(yaml).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let sa = sa.map(str::to_string);
+        build_leader_election(
+            raw,
+            &|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()),
+            &|| sa.clone(),
+        )
+    }
+
+    #[test]
+    fn leader_election_is_off_by_default_with_client_go_timing() {
+        assert_eq!(leader_election("{}", &[], None).expect("loads"), None);
+        let pod = [("POD_NAME", "exp-0"), ("POD_NAMESPACE", "monitoring")];
+        let l = leader_election("enabled: true", &pod, Some("other"))
+            .expect("loads")
+            .expect("enabled");
+        assert_eq!(
+            l,
+            LeaderElection {
+                lease_name: "elb-exporter".into(),
+                lease_namespace: "monitoring".into(),
+                identity: "exp-0".into(),
+                lease_duration: Duration::from_secs(15),
+                renew_deadline: Duration::from_secs(10),
+                retry_period: Duration::from_secs(2),
+            }
+        );
+        // Without POD_NAMESPACE the service account's namespace file; without POD_NAME the hostname.
+        let l = leader_election("enabled: true", &[], Some("kube-system\n"))
+            .expect("loads")
+            .expect("enabled");
+        assert_eq!(l.lease_namespace, "kube-system");
+        assert_eq!(Some(l.identity), hostname());
+        let l = leader_election(
+            "{enabled: true, lease_namespace: ns1, identity: me, lease_name: x.y}",
+            &pod,
+            None,
+        )
+        .expect("loads")
+        .expect("enabled");
+        assert_eq!(
+            (
+                l.lease_namespace.as_str(),
+                l.identity.as_str(),
+                l.lease_name.as_str()
+            ),
+            ("ns1", "me", "x.y")
+        );
+    }
+
+    #[test]
+    fn leader_election_errors_name_the_field() {
+        let pod = [("POD_NAME", "p"), ("POD_NAMESPACE", "n")];
+        for (yaml, field) in [
+            (
+                "{enabled: true, renew_deadline: 15s}",
+                "leader_election.renew_deadline",
+            ),
+            (
+                "{enabled: true, retry_period: 10s}",
+                "leader_election.retry_period",
+            ),
+            (
+                "{enabled: true, lease_duration: 1500ms}",
+                "leader_election.lease_duration",
+            ),
+            (
+                "{enabled: true, lease_duration: 2h}",
+                "leader_election.lease_duration",
+            ),
+            (
+                "{enabled: true, retry_period: 1ms}",
+                "leader_election.retry_period",
+            ),
+            (
+                "{enabled: true, lease_duration: soon}",
+                "leader_election.lease_duration",
+            ),
+            (
+                "{enabled: true, lease_name: Not_A_Name}",
+                "leader_election.lease_name",
+            ),
+            (
+                "{enabled: true, lease_namespace: 'a/b'}",
+                "leader_election.lease_namespace",
+            ),
+            (
+                "{enabled: true, identity: 'a b'}",
+                "leader_election.identity",
+            ),
+        ] {
+            let err = leader_election(yaml, &pod, None).expect_err(yaml);
+            assert_eq!(err.field(), Some(field), "{yaml}: {err}");
+        }
+        let err =
+            leader_election("enabled: true", &[("POD_NAME", "p")], None).expect_err("no namespace");
+        assert_eq!(
+            err.field(),
+            Some("leader_election.lease_namespace"),
+            "{err}"
+        );
+        let err = leader_election("{enabled: true, lease_time: 3s}", &pod, None)
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("lease_time"), "{err}");
+        // The section is part of the file's schema.
+        let none = |_: &str| None;
+        let base = "auth: {auth_url: 'https://iam.cn-east-3.myhuaweicloud.com/v3', region: cn-east-3, \
+                    project_id: p, access_key: a, secret_key: s}\n";
+        let err = Config::from_yaml(
+            &format!("{base}leader_election: {{enabled: true, retry_period: 20s}}\n"),
+            &none,
+        )
+        .expect_err("retry_period too long");
+        assert_eq!(err.field(), Some("leader_election.retry_period"), "{err}");
+        let c = Config::from_yaml(base, &none).expect("loads");
+        assert!(c.leader_election.is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod exposition;
+pub mod leader;
 pub mod memory;
 pub mod schedule;
 pub mod server;

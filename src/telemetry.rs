@@ -66,6 +66,7 @@ pub struct Telemetry {
     pub task_failures: IntCounterVec,
     pub effective_interval: Gauge,
     pub ces_batch_size: IntGauge,
+    pub leader: IntGauge,
     pub http_dropped: IntCounterVec,
     pub info: GaugeVec,
 }
@@ -308,6 +309,14 @@ impl Telemetry {
                 IntGauge::new(
                     "elb_exporter_ces_batch_size",
                     "Metrics per CES batch call: global.scrape_batch_size, or 10 once CES refused a larger batch and accepted 10.",
+                )
+                .expect("valid metric"),
+            ),
+            leader: reg(
+                &registry,
+                IntGauge::new(
+                    "elb_exporter_leader",
+                    "1 while this replica collects from Cloud Eye and exports cloud series (leader of the Lease, or leader_election off), else 0.",
                 )
                 .expect("valid metric"),
             ),

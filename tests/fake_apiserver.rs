@@ -419,3 +419,174 @@ async fn kubeconfig_loads_and_lists() {
         Some("web")
     );
 }
+
+/// kube's own `Api<Lease>` against the fake: create, get, replace under resourceVersion, upstream's 409s
+/// and 404 Status shapes, and refusing one client (by its kubeconfig token) while another is served.
+#[tokio::test]
+async fn leases_follow_the_apiserver_with_optimistic_concurrency() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use kube::api::PostParams;
+    let (server, client) = start().await;
+    let api: Api<Lease> = Api::namespaced(client.clone(), "monitoring");
+    let pp = PostParams::default();
+    assert!(api.get_opt("elb-exporter").await.expect("get").is_none());
+    let mut lease = Lease::default();
+    lease.metadata.name = Some("elb-exporter".into());
+    lease.spec = Some(LeaseSpec {
+        holder_identity: Some("a".into()),
+        lease_duration_seconds: Some(15),
+        ..LeaseSpec::default()
+    });
+    let created = api.create(&pp, &lease).await.expect("create");
+    let rv1 = created.metadata.resource_version.clone().expect("rv");
+    assert!(created.metadata.uid.is_some());
+    let status = |e: kube::Error| match e {
+        kube::Error::Api(s) => (s.code, s.reason, s.message),
+        other => panic!("not a Status: {other}"),
+    };
+    let (code, reason, _) = status(api.create(&pp, &lease).await.expect_err("exists"));
+    assert_eq!((code, reason.as_str()), (409, "AlreadyExists"));
+
+    // b replaces under the version it read; a's write under the same version then conflicts.
+    let mut b = created.clone();
+    b.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    let replaced = api.replace("elb-exporter", &pp, &b).await.expect("replace");
+    assert_ne!(
+        replaced.metadata.resource_version.as_deref(),
+        Some(rv1.as_str())
+    );
+    let mut a = created.clone();
+    a.spec.as_mut().unwrap().renew_time = None;
+    a.spec.as_mut().unwrap().lease_transitions = Some(9);
+    let (code, reason, message) = status(
+        api.replace("elb-exporter", &pp, &a)
+            .await
+            .expect_err("stale"),
+    );
+    assert_eq!((code, reason.as_str()), (409, "Conflict"));
+    assert!(
+        message.contains("the object has been modified"),
+        "{message}"
+    );
+    let got = api.get("elb-exporter").await.expect("get");
+    assert_eq!(got.spec.unwrap().holder_identity.as_deref(), Some("b"));
+    let (code, reason, _) = status(api.get("other").await.expect_err("missing"));
+    assert_eq!((code, reason.as_str()), (404, "NotFound"));
+    assert_eq!(
+        server
+            .lease("monitoring", "elb-exporter")
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .as_deref(),
+        Some("b")
+    );
+    let mut bad = b.clone();
+    bad.metadata.resource_version = None;
+    bad.spec.as_mut().unwrap().lease_duration_seconds = Some(0);
+    let (code, reason, _) = status(
+        api.replace("elb-exporter", &pp, &bad)
+            .await
+            .expect_err("invalid"),
+    );
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+
+    // One client's token refused: its requests fail, the other client's go through.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kubeconfig");
+    server
+        .write_kubeconfig_as(&path, "replica-a")
+        .expect("kubeconfig");
+    let kc = Kubeconfig::read_from(&path).expect("read kubeconfig");
+    let mut cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    // As the exporter's client: kube's own retry of 503 would only slow the refusal down.
+    cfg.default_retry = false;
+    let api_a: Api<Lease> = Api::namespaced(Client::try_from(cfg).expect("client"), "monitoring");
+    api_a.get("elb-exporter").await.expect("served");
+    server.set_refused("replica-a", true);
+    let (code, _, _) = status(api_a.get("elb-exporter").await.expect_err("refused"));
+    assert_eq!(code, 503);
+    api.get("elb-exporter")
+        .await
+        .expect("another client is served");
+    server.set_refused("replica-a", false);
+    api_a.get("elb-exporter").await.expect("served again");
+}
+
+/// `kubectl` reads the Leases the exporter writes (discovery, get, list) from the fake as from a real
+/// apiserver. Uses `$KUBECTL`, else the pinned kubectl that scripts/validate-deploy.sh installs in .venv, else
+/// PATH; skips when there is none, unless `REQUIRE_KUBECTL=1` (CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_reads_leases() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/kubectl");
+    let kubectl = std::env::var("KUBECTL")
+        .ok()
+        .or_else(|| {
+            std::path::Path::new(venv)
+                .is_file()
+                .then(|| venv.to_string())
+        })
+        .or_else(|| {
+            std::process::Command::new("kubectl")
+                .arg("version")
+                .arg("--client")
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| "kubectl".to_string())
+        });
+    let Some(kubectl) = kubectl else {
+        let why =
+            "no kubectl ($KUBECTL, .venv/bin/kubectl from scripts/validate-deploy.sh, or PATH)";
+        assert!(
+            std::env::var("REQUIRE_KUBECTL").as_deref() != Ok("1"),
+            "REQUIRE_KUBECTL=1 but {why}"
+        );
+        eprintln!("skipping the kubectl Lease test: {why}");
+        return;
+    };
+    let (server, client) = start().await;
+    let api: Api<Lease> = Api::namespaced(client, "monitoring");
+    let mut lease = Lease::default();
+    lease.metadata.name = Some("elb-exporter".into());
+    lease.spec = Some(LeaseSpec {
+        holder_identity: Some("exp-a".into()),
+        lease_duration_seconds: Some(15),
+        ..LeaseSpec::default()
+    });
+    api.create(&Default::default(), &lease)
+        .await
+        .expect("create");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&kubectl)
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", dir.path())
+            .output()
+            .expect("run kubectl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "kubectl {args:?}: {text}\n{err}");
+        text
+    };
+    // kubectl blocks; the fake serves on the other worker meanwhile.
+    let out = tokio::task::block_in_place(|| {
+        run(&[
+            "-n",
+            "monitoring",
+            "get",
+            "lease",
+            "elb-exporter",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    });
+    assert_eq!(out, "exp-a");
+    let list = tokio::task::block_in_place(|| run(&["-n", "monitoring", "get", "leases"]));
+    assert!(list.contains("elb-exporter"), "{list}");
+}

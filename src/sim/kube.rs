@@ -15,7 +15,13 @@
 //!   streaming lists (`sendInitialEvents`, including upstream's defaulting of legacy watches when the
 //!   WatchList feature is on), and translate selector transitions into `ADDED`/`DELETED` like the
 //!   watch cache does;
-//! * errors are `Status` objects with upstream's reasons and messages.
+//! * errors are `Status` objects with upstream's reasons and messages;
+//! * `coordination.k8s.io/v1` Leases can be read, created and replaced (`get`/`create`/`update`, also
+//!   listed), under optimistic concurrency: a replace carrying a stale `resourceVersion` gets upstream's
+//!   409 Conflict Status, a create of an existing name 409 AlreadyExists. Leases share the cluster-global
+//!   resourceVersion counter, as in etcd;
+//! * each client can be told apart by its bearer token ([`FakeApiServer::write_kubeconfig_as`]) and one
+//!   client's requests refused ([`FakeApiServer::set_refused`]), to cut one replica off the apiserver.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -30,6 +36,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::{Value, json};
@@ -69,6 +76,8 @@ struct Inner {
     available: AtomicBool,
     /// Namespaces whose Services the client's RBAC does not allow it to read.
     forbidden: Mutex<HashSet<String>>,
+    /// Bearer tokens whose requests are refused (one replica cut off the apiserver).
+    refused: Mutex<HashSet<String>>,
     requests: Mutex<Vec<RequestRecord>>,
     listeners: Mutex<Vec<Listener>>,
 }
@@ -86,6 +95,7 @@ struct Store {
     /// Watches and exact reads may start from an RV `>= oldest_valid`; older ones are compacted.
     oldest_valid: u64,
     objects: BTreeMap<Key, Service>,
+    leases: BTreeMap<Key, Lease>,
     history: VecDeque<Change>,
     history_limit: usize,
     watches: HashMap<u64, WatchSink>,
@@ -143,6 +153,7 @@ impl FakeApiServer {
                     rv: 0,
                     oldest_valid: 0,
                     objects: BTreeMap::new(),
+                    leases: BTreeMap::new(),
                     history: VecDeque::new(),
                     history_limit: DEFAULT_HISTORY_LIMIT,
                     watches: HashMap::new(),
@@ -154,6 +165,7 @@ impl FakeApiServer {
                 rv_tx,
                 available: AtomicBool::new(true),
                 forbidden: Mutex::new(HashSet::new()),
+                refused: Mutex::new(HashSet::new()),
                 requests: Mutex::new(Vec::new()),
                 listeners: Mutex::new(Vec::new()),
             }),
@@ -209,6 +221,11 @@ impl FakeApiServer {
 
     /// A kubeconfig whose current context points at this server (plain HTTP, dummy token).
     pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        self.write_kubeconfig_as(path, "fake-token")
+    }
+
+    /// Like [`FakeApiServer::write_kubeconfig`], for a client known by its own bearer `token`.
+    pub fn write_kubeconfig_as(&self, path: &Path, token: &str) -> std::io::Result<()> {
         let url = self.url().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
@@ -220,7 +237,7 @@ impl FakeApiServer {
             "kind": "Config",
             "preferences": {},
             "clusters": [{"name": "fake", "cluster": {"server": url}}],
-            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+            "users": [{"name": "fake", "user": {"token": token}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}],
             "current-context": "fake",
         });
@@ -411,6 +428,25 @@ impl FakeApiServer {
         } else {
             f.remove(namespace);
         }
+    }
+
+    /// Refuses (503, as an apiserver behind a failing load balancer) every request that carries bearer
+    /// `token`, or serves it again; other clients are unaffected.
+    pub fn set_refused(&self, token: &str, refused: bool) {
+        let mut r = lock(&self.inner.refused);
+        if refused {
+            r.insert(token.to_owned());
+        } else {
+            r.remove(token);
+        }
+    }
+
+    /// The stored Lease `namespace/name`.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Lease> {
+        lock(&self.inner.store)
+            .leases
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
     }
 
     /// Requests in arrival order of their responses (watches: when the stream started). Past 100k
@@ -754,11 +790,23 @@ async fn handle(State(server): State<FakeApiServer>, req: Request) -> Response {
         || params
             .get("watch")
             .is_some_and(|v| parse_bool(v) == Some(true));
+    let refused = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| lock(&server.inner.refused).contains(t));
+    let body = axum::body::to_bytes(req.into_body(), 3 << 20)
+        .await
+        .unwrap_or_default();
 
-    let resp = if server.inner.available.load(Ordering::SeqCst) {
-        route(&server, &method, &path, &params)
-            .await
-            .unwrap_or_else(IntoResponse::into_response)
+    let resp = if server.inner.available.load(Ordering::SeqCst) && !refused {
+        match lease_route(&server, &method, &path, &body) {
+            Some(r) => r.unwrap_or_else(IntoResponse::into_response),
+            None => route(&server, &method, &path, &params)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+        }
     } else {
         ApiError::new(
             503,
@@ -834,10 +882,7 @@ async fn route(
                 }],
             }),
         )),
-        ["apis"] => Ok(json_response(
-            StatusCode::OK,
-            &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}),
-        )),
+        ["apis"] => Ok(json_response(StatusCode::OK, &lease_group_list())),
         ["api", "v1"] => Ok(json_response(
             StatusCode::OK,
             &json!({
@@ -864,6 +909,199 @@ async fn route(
             collection(server, Some(ns), true, params).await
         }
         _ => Err(ApiError::not_found()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// coordination.k8s.io/v1 Leases
+
+const LEASE_GROUP: &str = "coordination.k8s.io";
+
+fn lease_group_list() -> Value {
+    let gv = json!({"groupVersion": "coordination.k8s.io/v1", "version": "v1"});
+    json!({
+        "kind": "APIGroupList",
+        "apiVersion": "v1",
+        "groups": [{"name": LEASE_GROUP, "versions": [gv.clone()], "preferredVersion": gv}],
+    })
+}
+
+fn lease_resources() -> Value {
+    json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": "coordination.k8s.io/v1",
+        "resources": [{
+            "name": "leases",
+            "singularName": "lease",
+            "namespaced": true,
+            "kind": "Lease",
+            "verbs": ["create", "delete", "get", "list", "update"],
+        }],
+    })
+}
+
+/// Upstream's Status for a Lease by name (404 NotFound, 409 AlreadyExists / Conflict).
+fn lease_error(code: u16, reason: &'static str, name: &str) -> ApiError {
+    let message = match reason {
+        "NotFound" => format!("leases.coordination.k8s.io \"{name}\" not found"),
+        "AlreadyExists" => format!("leases.coordination.k8s.io \"{name}\" already exists"),
+        _ => format!(
+            "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+        ),
+    };
+    ApiError {
+        details: Some(json!({"name": name, "group": LEASE_GROUP, "kind": "leases"})),
+        ..ApiError::new(code, reason, message)
+    }
+}
+
+/// The Lease routes; `None` for any other path.
+fn lease_route(
+    server: &FakeApiServer,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Option<Result<Response, ApiError>> {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let not_allowed = || {
+        Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ))
+    };
+    Some(match (segs.as_slice(), method.as_str()) {
+        (["apis", LEASE_GROUP], "GET") => Ok(json_response(
+            StatusCode::OK,
+            &lease_group_list()["groups"][0],
+        )),
+        (["apis", LEASE_GROUP, "v1"], "GET") => {
+            Ok(json_response(StatusCode::OK, &lease_resources()))
+        }
+        (["apis", LEASE_GROUP, "v1", "namespaces", ns, "leases"], "GET") => {
+            let st = lock(&server.inner.store);
+            let items: Vec<Value> = st
+                .leases
+                .iter()
+                .filter(|(k, _)| k.split_once('/').is_some_and(|(n, _)| n == *ns))
+                .map(|(_, l)| serde_json::to_value(l).unwrap_or(Value::Null))
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1",
+                        "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+            ))
+        }
+        (["apis", LEASE_GROUP, "v1", "namespaces", ns, "leases"], "POST") => {
+            parse_lease(body).and_then(|l| server.write_lease(ns, None, l))
+        }
+        (["apis", LEASE_GROUP, "v1", "namespaces", ns, "leases", name], "GET") => server
+            .lease(ns, name)
+            .map(|l| json_response(StatusCode::OK, &lease_value(&l)))
+            .ok_or_else(|| lease_error(404, "NotFound", name)),
+        (["apis", LEASE_GROUP, "v1", "namespaces", ns, "leases", name], "PUT") => {
+            parse_lease(body).and_then(|l| server.write_lease(ns, Some(name), l))
+        }
+        (["apis", LEASE_GROUP, ..], _) => not_allowed(),
+        _ => return None,
+    })
+}
+
+fn lease_value(l: &Lease) -> Value {
+    let mut v = serde_json::to_value(l).unwrap_or(Value::Null);
+    v["kind"] = json!("Lease");
+    v["apiVersion"] = json!("coordination.k8s.io/v1");
+    v
+}
+
+fn parse_lease(body: &[u8]) -> Result<Lease, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body of the request was in an unknown format: {e}"
+        ))
+    })
+}
+
+impl FakeApiServer {
+    /// Create (`name` None: POST) or replace (PUT) a Lease with upstream's checks: namespace and name
+    /// must match the path, `leaseDurationSeconds` > 0, and a `resourceVersion` other than the stored
+    /// one is a 409 Conflict. Leases allow create-on-update and unconditional update, as upstream.
+    fn write_lease(
+        &self,
+        ns: &str,
+        name: Option<&str>,
+        mut lease: Lease,
+    ) -> Result<Response, ApiError> {
+        if lease.metadata.namespace.as_deref().is_some_and(|n| n != ns) {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        let obj_name = lease.metadata.name.clone().unwrap_or_default();
+        if name.is_some_and(|n| n != obj_name) {
+            return Err(ApiError::bad_request(
+                "the name of the object does not match the name on the URL",
+            ));
+        }
+        if let Some(d) = lease.spec.as_ref().and_then(|s| s.lease_duration_seconds)
+            && d <= 0
+        {
+            return Err(ApiError {
+                details: Some(json!({"name": obj_name, "group": LEASE_GROUP, "kind": "Lease"})),
+                ..ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "Lease.coordination.k8s.io \"{obj_name}\" is invalid: spec.leaseDurationSeconds: Invalid value: {d}: must be greater than 0"
+                    ),
+                )
+            });
+        }
+        let key = format!("{ns}/{obj_name}");
+        let mut st = lock(&self.inner.store);
+        let sent_rv = lease
+            .metadata
+            .resource_version
+            .take()
+            .filter(|v| !v.is_empty());
+        let status = match (st.leases.get(&key), name) {
+            (Some(_), None) => return Err(lease_error(409, "AlreadyExists", &obj_name)),
+            (None, Some(_)) if sent_rv.is_some() => {
+                return Err(lease_error(404, "NotFound", &obj_name));
+            }
+            (Some(old), Some(_)) => {
+                if sent_rv.is_some() && sent_rv != old.metadata.resource_version {
+                    return Err(lease_error(409, "Conflict", &obj_name));
+                }
+                lease.metadata.uid.clone_from(&old.metadata.uid);
+                lease
+                    .metadata
+                    .creation_timestamp
+                    .clone_from(&old.metadata.creation_timestamp);
+                lease
+                    .metadata
+                    .resource_version
+                    .clone_from(&old.metadata.resource_version);
+                if lease == *old {
+                    return Ok(json_response(StatusCode::OK, &lease_value(old)));
+                }
+                StatusCode::OK
+            }
+            (None, _) => {
+                st.next_uid += 1;
+                lease.metadata.uid = Some(format!("1ea5e000-0000-4000-8000-{:012x}", st.next_uid));
+                lease.metadata.creation_timestamp = Some(now());
+                StatusCode::CREATED
+            }
+        };
+        lease.metadata.namespace = Some(ns.to_owned());
+        let rv = st.next_rv();
+        lease.metadata.resource_version = Some(rv.to_string());
+        st.leases.insert(key, lease.clone());
+        drop(st);
+        self.inner.rv_tx.send_replace(rv);
+        Ok(json_response(status, &lease_value(&lease)))
     }
 }
 
