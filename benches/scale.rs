@@ -1931,7 +1931,7 @@ fn describe_run(opts: &BenchOpts, rows: &[Row], elapsed: Duration) -> String {
         opts.fixture.name(),
         CES_LATENCY.as_millis(),
         opts.concurrency
-            .map_or("default (8)".into(), |c| c.to_string()),
+            .map_or("default (4)".into(), |c| c.to_string()),
         rows.iter()
             .map(|r| format!("{} s at {}", r.interval_s, r.listeners))
             .collect::<Vec<_>>()

@@ -43,6 +43,9 @@ pub enum Command {
         /// Listen address for the demo exporter.
         #[arg(long, default_value = "127.0.0.1:8087", value_name = "ADDR")]
         listen: String,
+        /// The public cloud to simulate: huawei-cn, huawei-eu or otc (10-metric CES batches).
+        #[arg(long, default_value = "huawei-cn", value_name = "NAME", value_parser = crate::demo::parse_profile)]
+        profile: crate::sim::cloud::SimProfile,
     },
 }
 
@@ -115,6 +118,9 @@ pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
     for w in cfg.transport_warnings() {
         tracing::warn!(warning = %w, "insecure transport to the cloud");
     }
+    if let Some(w) = cfg.batch_size_warning() {
+        tracing::warn!(warning = %w, "small CES batches");
+    }
     let kube = kube_client().await?;
     let listener = app::bind(&cfg.listen).await?;
     announce(&listener, &cfg.metric_path);
@@ -176,7 +182,11 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     for k in &cfg.ignored_keys {
         println!("  note: {k} is a cloudeye-exporter key with no effect here");
     }
-    for w in cfg.transport_warnings() {
+    for w in cfg
+        .transport_warnings()
+        .into_iter()
+        .chain(cfg.batch_size_warning())
+    {
         println!("  warning: {w}");
     }
     let telemetry = Telemetry::new();
@@ -252,9 +262,36 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     }
 
     print_ingresses(&targets, &mut problems);
+    // The first batch of a cycle proves the AK may read metrics (ces:metricData:list) and finds out
+    // whether this cloud takes batches of that size.
     let listeners = distinct_listeners(&targets);
+    if let Some(q) = first_batch(&cfg, &listeners) {
+        let (_, listener) = &listeners[0];
+        match cloud.batch_query(&q).await {
+            Ok(r) => println!(
+                "ces: ok ({} metrics in one call; {} for listener {listener}: {})",
+                q.metrics.len(),
+                cfg.collection.metrics[0],
+                r.newest
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(|d| d.value.to_string())
+                    .unwrap_or_else(|| "no datapoint in the window".into())
+            ),
+            Err(e) => problems.push(format!("CES probe failed: {e}")),
+        }
+    }
+    let batch = match cloud.ces_batch_limit() {
+        Some(limit) if limit < cfg.effective_batch_size() => {
+            println!(
+                "ces: batch size {limit}: CES refused a larger batch and accepted {limit} metrics per call (the limit of Open Telekom Cloud and some Huawei regions)"
+            );
+            limit
+        }
+        _ => cfg.effective_batch_size(),
+    };
     let pools = distinct_pools(&targets);
-    let batch = cfg.effective_batch_size();
     let metrics = cfg.collection.metrics.len();
     let pool_metrics = cfg.collection.pool_metrics.len();
     // Listener and pool series are packed into the same batches.
@@ -293,41 +330,6 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             format_duration(cfg.collection.interval),
         ));
     }
-    // One small CES call proves the AK may read metrics (ces:metricData:list).
-    if let Some((elb, listener)) = listeners.first() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as i64;
-        let q = BatchQuery {
-            metrics: vec![MetricQuery {
-                namespace: NAMESPACE.into(),
-                metric_name: cfg.collection.metrics[0].clone(),
-                dimensions: vec![
-                    ("lbaas_instance_id".into(), elb.to_string()),
-                    ("lbaas_listener_id".into(), listener.to_string()),
-                ],
-            }],
-            from_ms: now - cfg.collection.lookback.as_millis() as i64,
-            to_ms: now,
-            period: "1",
-            filter: cfg.collection.filter,
-            lane: Lane::Priority,
-        };
-        match cloud.batch_query(&q).await {
-            Ok(r) => println!(
-                "ces: ok ({} for listener {listener}: {})",
-                cfg.collection.metrics[0],
-                r.newest
-                    .first()
-                    .copied()
-                    .flatten()
-                    .map(|d| d.value.to_string())
-                    .unwrap_or_else(|| "no datapoint in the window".into())
-            ),
-            Err(e) => problems.push(format!("CES probe failed: {e}")),
-        }
-    }
     if problems.is_empty() {
         println!("\ncheck: ok");
         Ok(())
@@ -342,6 +344,36 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             problems.len()
         )))
     }
+}
+
+/// The first CES batch a cycle would send for `listeners` (None without listeners).
+fn first_batch(cfg: &Config, listeners: &[(Arc<str>, Arc<str>)]) -> Option<BatchQuery> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64;
+    let metrics: Vec<MetricQuery> = listeners
+        .iter()
+        .flat_map(|(elb, listener)| {
+            cfg.collection.metrics.iter().map(move |m| MetricQuery {
+                namespace: NAMESPACE.into(),
+                metric_name: m.clone(),
+                dimensions: vec![
+                    ("lbaas_instance_id".into(), elb.to_string()),
+                    ("lbaas_listener_id".into(), listener.to_string()),
+                ],
+            })
+        })
+        .take(cfg.effective_batch_size())
+        .collect();
+    (!metrics.is_empty()).then(|| BatchQuery {
+        metrics,
+        from_ms: now - cfg.collection.lookback.as_millis() as i64,
+        to_ms: now,
+        period: "1",
+        filter: cfg.collection.filter,
+        lane: Lane::Priority,
+    })
 }
 
 /// `check`: who holds the Lease, read from the apiserver, or that election is off.
@@ -559,10 +591,10 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         #[cfg(feature = "sim")]
-        Some(Command::Demo { listen }) => {
+        Some(Command::Demo { listen, profile }) => {
             init_logging("info", LogFormat::Text);
             runtime
-                .block_on(crate::demo::run(&listen))
+                .block_on(crate::demo::run(&listen, profile))
                 .map_err(CliError::from)
         }
         command => {

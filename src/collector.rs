@@ -691,6 +691,7 @@ impl<C: CloudApi> Collector<C> {
     /// Plans a cycle of `series` series (listeners and pools), exports the plan and says when it does
     /// not fit the CES budget.
     fn plan(&mut self, series: usize) -> CyclePlan {
+        self.learn_batch_size();
         let s = &self.settings;
         let calls = calls_per_cycle(series, 1, s.batch_size);
         let plan = CyclePlan::new(calls, s.interval, s.ces_per_minute);
@@ -717,6 +718,13 @@ impl<C: CloudApi> Collector<C> {
             }
         }
         plan
+    }
+
+    /// The batch size CES turned out to accept (e.g. 10 on Open Telekom Cloud), read per cycle.
+    fn learn_batch_size(&mut self) {
+        if let Some(limit) = self.cloud.ces_batch_limit() {
+            self.settings.batch_size = self.settings.batch_size.min(limit);
+        }
     }
 
     /// One full cycle; returns its plan and whether it was aligned.
@@ -1029,6 +1037,7 @@ impl<C: CloudApi> Collector<C> {
             "collecting new listeners and pools now"
         );
         let work = self.work(&fresh, &fresh_pools);
+        self.learn_batch_size();
         let prev = self.tx.borrow().clone();
         let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
         // Bounded like a full cycle, so new listeners never hold back the next full cycle for long;

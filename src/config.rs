@@ -1448,6 +1448,23 @@ fn hostname() -> Option<String> {
 impl Config {
     /// Settings that weaken the transport to the cloud: logged as warnings at start and printed by
     /// `check`, because they are legal (private clouds, tests) but must never pass unnoticed.
+    /// A `global.scrape_batch_size` below CES' 500 (the practice guide sets 10) multiplies the CES calls
+    /// of every cycle: said once at start, with the factor.
+    pub fn batch_size_warning(&self) -> Option<String> {
+        let n = self.scrape_batch_size;
+        (n < CES_MAX_BATCH).then(|| {
+            let factor = CES_MAX_BATCH as f64 / n.max(1) as f64;
+            let factor = if CES_MAX_BATCH.is_multiple_of(n.max(1)) {
+                format!("{factor:.0}")
+            } else {
+                format!("{factor:.1}")
+            };
+            format!(
+                "global.scrape_batch_size is {n} instead of {CES_MAX_BATCH}: {factor}x more CES calls per cycle (keep it at {CES_MAX_BATCH} unless this cloud limits batches; a 10-metric limit is detected on its own)"
+            )
+        })
+    }
+
     pub fn transport_warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         if self.cloud.insecure_skip_verify {

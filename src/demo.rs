@@ -3,7 +3,7 @@
 
 use crate::app;
 use crate::config::Config;
-use crate::sim::cloud::{CloudSim, LbKind, SimConfig, SimListener};
+use crate::sim::cloud::{CloudSim, LbKind, SimListener, SimProfile};
 use crate::sim::kube::FakeApiServer;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use std::collections::BTreeMap;
@@ -256,10 +256,18 @@ pub enum DemoError {
     App(#[from] app::AppError),
 }
 
-/// Runs the demo until Ctrl-C.
-pub async fn run(listen: &str) -> Result<(), DemoError> {
+/// `--profile`: a simulated cloud by name.
+pub fn parse_profile(name: &str) -> Result<SimProfile, String> {
+    SimProfile::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = SimProfile::ALL.iter().map(|p| p.as_str()).collect();
+        format!("unknown profile {name:?}; one of {}", names.join(", "))
+    })
+}
+
+/// Runs the demo on the simulated `profile` cloud until Ctrl-C.
+pub async fn run(listen: &str, profile: SimProfile) -> Result<(), DemoError> {
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let sim = CloudSim::new(SimConfig::default());
+    let sim = CloudSim::new(profile.config());
     seed_cloud(&sim);
     let cloud_addr = sim
         .serve(loopback)
@@ -303,7 +311,9 @@ pub async fn run(listen: &str) -> Result<(), DemoError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| listen.to_string());
     println!(
-        "elb-exporter demo: serving http://{addr}/metrics\n  simulated Huawei Cloud (IAM, ELB, CES) at http://{cloud_addr}, simulated Kubernetes API at http://{cluster_addr}\n  5 Services in namespaces default and shop, and Ingress shop/storefront (backends web and cart on one listener); press Ctrl-C to stop"
+        "elb-exporter demo: serving http://{addr}/metrics\n  simulated {} cloud (IAM, ELB, CES; region {}) at http://{cloud_addr}, simulated Kubernetes API at http://{cluster_addr}\n  5 Services in namespaces default and shop, and Ingress shop/storefront (backends web and cart on one listener); press Ctrl-C to stop",
+        profile.as_str(),
+        profile.region(),
     );
     app::run(cfg, None, kube, listener, crate::server::shutdown_signal()).await?;
     Ok(())

@@ -10,6 +10,8 @@ use prometheus::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Api {
     IamListProjects,
+    /// `GET /v3/auth/projects`: the fallback when the user may not list projects by name.
+    IamListAuthProjects,
     ElbListListeners,
     CesBatchQuery,
     /// Backend server groups of Ingress ELBs.
@@ -21,8 +23,9 @@ pub enum Api {
 }
 
 impl Api {
-    pub const ALL: [Api; 6] = [
+    pub const ALL: [Api; 7] = [
         Api::IamListProjects,
+        Api::IamListAuthProjects,
         Api::ElbListListeners,
         Api::CesBatchQuery,
         Api::ElbListPools,
@@ -33,6 +36,7 @@ impl Api {
     pub fn as_str(self) -> &'static str {
         match self {
             Api::IamListProjects => "iam_list_projects",
+            Api::IamListAuthProjects => "iam_list_auth_projects",
             Api::ElbListListeners => "elb_list_listeners",
             Api::CesBatchQuery => "ces_batch_query",
             Api::ElbListPools => "elb_list_pools",
@@ -73,6 +77,7 @@ pub struct Telemetry {
     pub watch_restarts: IntCounterVec,
     pub task_failures: IntCounterVec,
     pub effective_interval: Gauge,
+    pub ces_batch_size: IntGauge,
     pub leader: IntGauge,
     pub http_dropped: IntCounterVec,
     pub info: GaugeVec,
@@ -308,6 +313,14 @@ impl Telemetry {
                 Gauge::new(
                     "elb_exporter_collection_effective_interval_seconds",
                     "Start-to-start period of full collection cycles: collection.interval, stretched when the planned CES calls exceed the rate limit.",
+                )
+                .expect("valid metric"),
+            ),
+            ces_batch_size: reg(
+                &registry,
+                IntGauge::new(
+                    "elb_exporter_ces_batch_size",
+                    "Metrics per CES batch call: global.scrape_batch_size, or 10 once CES refused a larger batch and accepted 10.",
                 )
                 .expect("valid metric"),
             ),

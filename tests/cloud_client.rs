@@ -7,11 +7,12 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use elb_exporter::cloud::client::HttpCloud;
-use elb_exporter::cloud::{BatchQuery, CloudApi, CloudError, ElbVersion, MetricQuery};
+use elb_exporter::cloud::{BatchQuery, CloudApi, CloudError, ElbVersion, Lane, MetricQuery};
 use elb_exporter::config::{Config, Filter};
 use elb_exporter::demo::config_for;
 use elb_exporter::sim::cloud::{
-    CloudSim, Fault, LbKind, SimApi, SimConfig, SimListener, SimRequest, datapoint_value,
+    CloudSim, Fault, LbKind, SimApi, SimConfig, SimListener, SimProfile, SimRequest, SimUser,
+    datapoint_value,
 };
 use elb_exporter::telemetry::Telemetry;
 
@@ -313,9 +314,11 @@ async fn unknown_project_name_is_a_project_error_naming_it_and_is_not_cached() {
         "a definite answer is not retried"
     );
 
-    // A failure is not cached: once the project exists, the next call finds it.
+    // A failure is kept only for the retry backoff (10 ms here): once the project exists, the next
+    // call after it finds it.
     let id = "1234567890abcdef1234567890abcdef";
     sim.add_project("xx-nowhere-9", id);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(bounded(cloud.project_id()).await.unwrap(), id);
     assert_eq!(count(&sim, SimApi::Iam), 2);
 }
@@ -1099,4 +1102,336 @@ async fn slow_answers_time_out_after_retries() {
 
     // The faults are used up: the next call is answered in time.
     assert!(bounded(cloud.batch_query(&q)).await.unwrap().newest[0].is_some());
+}
+
+fn iam_failures(t: &Telemetry, api: &str, code: &str) -> u64 {
+    t.cloud_failures.with_label_values(&[api, code]).get()
+}
+
+/// An IAM user with only "ELB ReadOnlyAccess" + "CES ReadOnlyAccess" may not list projects by name
+/// (403 IAM.0002); the project is then found among the projects it may access (`/v3/auth/projects`).
+#[tokio::test]
+async fn least_privilege_user_resolves_the_project_through_auth_projects() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, telemetry) = client(&sim, &url);
+    let want = sim.config().project_id.clone();
+    assert_eq!(bounded(cloud.project_id()).await.unwrap(), want);
+    let iam = of(&sim, SimApi::Iam);
+    let seen: Vec<(&str, u16, Option<&str>)> = iam
+        .iter()
+        .map(|r| (r.path.as_str(), r.status, r.error_code.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/v3/projects", 403, Some("IAM.0002")),
+            ("/v3/auth/projects", 200, None)
+        ]
+    );
+    assert_eq!(
+        iam_failures(&telemetry, "iam_list_projects", "403"),
+        1,
+        "the refusal is counted"
+    );
+    assert_eq!(
+        telemetry
+            .cloud_requests
+            .with_label_values(&["iam_list_auth_projects"])
+            .get(),
+        1
+    );
+    // ELB and CES work with the resolved project.
+    let q = small_setup(&sim);
+    bounded(cloud.batch_query(&q)).await.expect("CES answers");
+}
+
+/// When both lookups are refused the error says what to do; the failure is kept for the retry backoff
+/// (no IAM storm), and a later grant of `iam:projects:list` heals it without a new client.
+#[tokio::test]
+async fn refused_project_lookups_say_what_to_do_and_heal_after_a_grant() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        auth_projects_with_aksk: false,
+        ..SimConfig::default()
+    })
+    .await;
+    let text = config_for(&sim, &url, &cloud_yaml("5s"))
+        .replace("initial_backoff: \"10ms\"", "initial_backoff: \"500ms\"")
+        .replace("max_backoff: \"50ms\"", "max_backoff: \"1s\"");
+    let cfg = Config::from_yaml(&text, &|_| None).expect("config");
+    let (cloud, telemetry) = client_with(&cfg);
+    let err = bounded(cloud.project_id()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, CloudError::Project(_)), "{err:?}");
+    for fix in [
+        "set auth.project_id",
+        "grant the IAM user iam:projects:list",
+    ] {
+        assert!(msg.contains(fix), "{msg}");
+    }
+    assert_eq!(iam_failures(&telemetry, "iam_list_projects", "403"), 1);
+    assert_eq!(iam_failures(&telemetry, "iam_list_auth_projects", "403"), 1);
+    // Within the backoff: the same answer, no new request.
+    let again = bounded(cloud.project_id()).await.unwrap_err();
+    assert_eq!(again.to_string(), msg);
+    assert_eq!(count(&sim, SimApi::Iam), 2);
+
+    sim.grant("iam:projects:list");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        bounded(cloud.project_id()).await.unwrap(),
+        sim.config().project_id
+    );
+    let last = of(&sim, SimApi::Iam).pop().unwrap();
+    assert_eq!((last.path.as_str(), last.status), ("/v3/projects", 200));
+}
+
+/// A 403 names the permission of the API that refused, not every permission the exporter uses.
+#[tokio::test]
+async fn a_403_names_the_permission_of_its_api() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, _) = client_with_project(&sim, &url);
+    let q = small_setup(&sim);
+    sim.inject(
+        SimApi::Ces,
+        status_fault(403, r#"{"error_code":"ces.0017","error_msg":"Policy doesn't allow ces:metricData:list to be performed."}"#, 1),
+    );
+    let ces = bounded(cloud.batch_query(&q))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(ces.contains("lacks ces:metricData:list"), "{ces}");
+    assert!(ces.contains("granted in this region's project"), "{ces}");
+    assert!(!ces.contains("elb:") && !ces.contains("iam:"), "{ces}");
+    sim.inject(
+        SimApi::ElbV3,
+        status_fault(
+            403,
+            r#"{"http_code":"403","message":{"details":"denied","code":"403"}}"#,
+            1,
+        ),
+    );
+    let elb = bounded(cloud.list_listeners(ElbVersion::V3, DEDICATED_LB))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(elb.contains("lacks elb:listeners:list"), "{elb}");
+    assert!(!elb.contains("ces:") && !elb.contains("iam:"), "{elb}");
+}
+
+/// `n` metrics over TCP listeners of one dedicated load balancer, every one with data.
+fn many_metrics(sim: &CloudSim, n: usize) -> BatchQuery {
+    sim.add_loadbalancer(DEDICATED_LB, LbKind::Dedicated);
+    let mut metrics = Vec::new();
+    for i in 0..n.div_ceil(METRICS.len()) {
+        let id = listener_id(0x10, i);
+        sim.add_listener(
+            DEDICATED_LB,
+            SimListener::new(&id, format!("l{i}"), "TCP", 8000 + i as u16),
+        );
+        for m in METRICS {
+            metrics.push(query(DEDICATED_LB, &id, m));
+        }
+    }
+    metrics.truncate(n);
+    batch(metrics)
+}
+
+/// A cloud whose CES takes 10 metrics per call (Open Telekom Cloud): the refused batch is retried as its
+/// first 10 metrics; accepted, 10 is the limit from then on (exported), and the batch is still answered
+/// whole, in request order.
+#[tokio::test]
+async fn a_10_metric_ces_limit_is_learned_by_experiment() {
+    let (sim, url) = start(SimConfig {
+        ces_max_metrics: 10,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    assert_eq!(telemetry.ces_batch_size.get(), 500);
+    let q = many_metrics(&sim, 25);
+    let result = bounded(cloud.batch_query(&q))
+        .await
+        .expect("answered in parts");
+    assert_eq!(result.newest.len(), 25);
+    assert!(result.newest.iter().all(Option::is_some), "{result:?}");
+    let sizes: Vec<(usize, u16)> = of(&sim, SimApi::Ces)
+        .iter()
+        .map(|r| (r.ces_metrics, r.status))
+        .collect();
+    assert_eq!(sizes, [(25, 400), (10, 200), (10, 200), (5, 200)]);
+    assert_eq!(cloud.ces_batch_limit(), Some(10));
+    assert_eq!(telemetry.ces_batch_size.get(), 10);
+
+    // Learned: no more refused calls.
+    sim.clear_requests();
+    bounded(cloud.batch_query(&q)).await.unwrap();
+    let sizes: Vec<usize> = of(&sim, SimApi::Ces)
+        .iter()
+        .map(|r| r.ces_metrics)
+        .collect();
+    assert_eq!(sizes, [10, 10, 5]);
+}
+
+/// A 400 that is not about the size (the 10-metric batch is refused too) keeps the size and reports
+/// the 400.
+#[tokio::test]
+async fn a_400_for_another_reason_keeps_the_batch_size() {
+    let (sim, url) = start(SimConfig::default()).await;
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    let q = many_metrics(&sim, 25);
+    let body =
+        r#"{"error_code":"ces.0014","error_msg":"Some content in message body is not correct"}"#;
+    sim.inject(SimApi::Ces, status_fault(400, body, 2));
+    let err = bounded(cloud.batch_query(&q)).await.unwrap_err();
+    assert!(matches!(err, CloudError::BadRequest(..)), "{err:?}");
+    let sizes: Vec<usize> = of(&sim, SimApi::Ces)
+        .iter()
+        .map(|r| r.ces_metrics)
+        .collect();
+    assert_eq!(sizes, [25, 10]);
+    assert_eq!(cloud.ces_batch_limit(), None);
+    assert_eq!(telemetry.ces_batch_size.get(), 500);
+    // A batch of 10 or fewer is never split.
+    sim.inject(SimApi::Ces, status_fault(400, body, 1));
+    sim.clear_requests();
+    let small = batch(q.metrics[..10].to_vec());
+    assert!(bounded(cloud.batch_query(&small)).await.is_err());
+    assert_eq!(count(&sim, SimApi::Ces), 1);
+}
+
+/// Should the fallback answer 401 (it is documented for token callers only), that says nothing about the
+/// key IAM just accepted: the auth gate stays open, and a later grant heals the lookup.
+#[tokio::test]
+async fn a_401_from_the_auth_projects_fallback_does_not_pause_the_credential() {
+    let (sim, url) = start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        ..SimConfig::default()
+    })
+    .await;
+    let (cloud, telemetry) = client(&sim, &url);
+    let forbidden = r#"{"error_msg":"You are not authorized to perform the requested action.","error_code":"IAM.0002"}"#;
+    let token_only = r#"{"error_msg":"Incorrect IAM authentication information: AK/SK is not supported","error_code":"APIGW.0301"}"#;
+    sim.inject(SimApi::Iam, status_fault(403, forbidden, 1));
+    sim.inject(SimApi::Iam, status_fault(401, token_only, 1));
+    let err = bounded(cloud.project_id()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("was refused too") && err.contains("set auth.project_id"),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No fault left: /v3/projects is refused by policy, /v3/auth/projects answers.
+    assert_eq!(
+        bounded(cloud.project_id()).await.unwrap(),
+        sim.config().project_id
+    );
+    assert_eq!(
+        telemetry
+            .paused_calls
+            .with_label_values(&["iam_list_projects"])
+            .get(),
+        0
+    );
+}
+
+/// A v3 listing the cloud refuses (400) because one id is malformed is split until that id is alone:
+/// the other load balancers keep their listeners.
+#[tokio::test]
+async fn a_400_for_a_v3_listing_is_split_to_isolate_the_malformed_id() {
+    let (sim, url) = start(SimConfig {
+        v3_rejects_malformed_ids: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let good: Vec<String> = (0..5).map(|i| listener_id(0x1b, i)).collect();
+    for (i, lb) in good.iter().enumerate() {
+        sim.add_loadbalancer(lb, LbKind::Dedicated);
+        sim.add_listener(
+            lb,
+            SimListener::new(listener_id(0x2b, i), "k8s_TCP_80", "TCP", 80),
+        );
+    }
+    let mut ids: Vec<&str> = good.iter().map(String::as_str).collect();
+    ids.insert(3, "not-a-uuid");
+    let (cloud, _) = client_with_project(&sim, &url);
+    let listing = bounded(cloud.list_listeners_of(ElbVersion::V3, &ids, Lane::Priority))
+        .await
+        .expect("the good ids are listed");
+    let mut found: Vec<&str> = listing.by_lb.keys().map(String::as_str).collect();
+    found.sort();
+    assert_eq!(found, good.iter().map(String::as_str).collect::<Vec<_>>());
+    let refused = of(&sim, SimApi::ElbV3)
+        .iter()
+        .filter(|r| r.status == 400)
+        .count();
+    // 6 ids -> [3 good | bad + 2] -> [bad | 2] -> [bad]: three refusals, each half of the last split.
+    assert_eq!(refused, 3, "{:?}", of(&sim, SimApi::ElbV3));
+    // A listing of the malformed id alone stays an error.
+    let err = bounded(cloud.list_listeners_of(ElbVersion::V3, &["not-a-uuid"], Lane::Priority))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CloudError::BadRequest(..)), "{err:?}");
+}
+
+/// Open Telekom Cloud lists shared-LB listeners only at `/v2.0/lbaas/listeners`: when the Huawei v2
+/// route answers 404, the client asks that path with the same filters, and remembers it.
+#[tokio::test]
+async fn shared_lb_listeners_fall_back_to_the_openstack_path_and_remember_it() {
+    let (sim, url) = start(SimProfile::Otc.config()).await;
+    sim.add_loadbalancer(SHARED_LB, LbKind::Shared);
+    sim.add_listener(
+        SHARED_LB,
+        SimListener::new(listener_id(0x0c, 1), "k8s_TCP_80", "TCP", 80),
+    );
+    let (cloud, telemetry) = client_with_project(&sim, &url);
+    for _ in 0..2 {
+        let listing =
+            bounded(cloud.list_listeners_of(ElbVersion::V2, &[SHARED_LB], Lane::Priority))
+                .await
+                .expect("listed");
+        assert_eq!(listing.by_lb[SHARED_LB].len(), 1);
+    }
+    let paths: Vec<(String, u16)> = of(&sim, SimApi::ElbV2)
+        .into_iter()
+        .map(|r| (r.path.split('/').nth(1).unwrap_or("").to_string(), r.status))
+        .collect();
+    // The gateway does not log unknown routes: the one 404 shows in the failure counter.
+    let want = [("v2.0", 200), ("v2.0", 200)].map(|(p, s)| (p.to_string(), s));
+    assert_eq!(paths, want);
+    assert_eq!(
+        telemetry
+            .cloud_failures
+            .with_label_values(&["elb_list_listeners", "404"])
+            .get(),
+        1,
+        "the v2 route is asked once, then the choice is remembered"
+    );
+    let filtered = of(&sim, SimApi::ElbV2).pop().unwrap();
+    assert!(
+        filtered
+            .query
+            .contains(&format!("loadbalancer_id={SHARED_LB}")),
+        "{filtered:?}"
+    );
+
+    // Huawei Cloud: the v2 route answers; the OpenStack path is never asked.
+    let (sim, url) = start(SimProfile::HuaweiCn.config()).await;
+    sim.add_loadbalancer(SHARED_LB, LbKind::Shared);
+    let (cloud, _) = client_with_project(&sim, &url);
+    bounded(cloud.list_listeners_of(ElbVersion::V2, &[SHARED_LB], Lane::Priority))
+        .await
+        .unwrap();
+    assert!(
+        of(&sim, SimApi::ElbV2)
+            .iter()
+            .all(|r| r.path.starts_with("/v2/"))
+    );
 }

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use elb_exporter::demo::service;
-use elb_exporter::sim::cloud::{LbKind, SimApi, SimConfig, SimListener, datapoint_value};
+use elb_exporter::sim::cloud::{
+    LbKind, SimApi, SimConfig, SimListener, SimProfile, SimUser, datapoint_value,
+};
 use std::time::Duration;
 
 const ID: &str = "kubernetes.io/elb.id";
@@ -58,7 +60,11 @@ const LISTENERS: &[Fl] = &[
 ];
 
 async fn fixture() -> World {
-    let w = World::start(SimConfig::default()).await;
+    fixture_with(SimConfig::default()).await
+}
+
+async fn fixture_with(cfg: SimConfig) -> World {
+    let w = World::start(cfg).await;
     w.sim.add_loadbalancer(DEDICATED, LbKind::Dedicated);
     w.sim.add_loadbalancer(SHARED, LbKind::Shared);
     w.sim.add_loadbalancer(SHOP, LbKind::Dedicated);
@@ -619,4 +625,314 @@ async fn check_reports_a_plan_over_the_ces_budget() {
         out.contains("cycles will be paced to one every 20s instead of 10s"),
         "{out}"
     );
+}
+
+/// An IAM user without `iam:projects:list` and no `/v3/auth/projects` fallback: `check` and the running
+/// exporter say exactly what to do (log, `check`, the 403 failure counter), and a later grant heals the
+/// running exporter without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_may_not_list_projects_is_told_the_fix_and_heals_after_a_grant() {
+    let w = World::start(SimConfig {
+        user: SimUser::LeastPrivilege,
+        auth_projects_with_aksk: false,
+        ..SimConfig::default()
+    })
+    .await;
+    w.sim.add_loadbalancer(DEDICATED, LbKind::Dedicated);
+    let l = LISTENERS[0];
+    w.sim
+        .add_listener(DEDICATED, SimListener::new(l.1, l.2, l.3, l.4));
+    w.cluster.apply(service(
+        "default",
+        "nginx",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[80],
+    ));
+    let fix = [
+        "set auth.project_id",
+        "grant the IAM user iam:projects:list",
+    ];
+    let (code, out, _) = w.run(METRICS, &["check"]);
+    assert_eq!(code, 1, "{out}");
+    for f in fix {
+        assert!(out.contains(f), "check prints the fix {f:?}:\n{out}");
+    }
+
+    let e = w.exporter(METRICS);
+    e.wait_ready().await;
+    let refused =
+        "elb_exporter_cloud_request_failures_total{api=\"iam_list_projects\",code=\"403\"}";
+    let body = e.metrics().await;
+    assert!(sample(&body, refused).unwrap_or(0.0) >= 1.0, "{body}");
+    assert_eq!(sample(&body, "elb_exporter_up "), Some(0.0));
+    for f in fix {
+        assert!(e.logs().contains(f), "the log says {f:?}:\n{}", e.logs());
+    }
+
+    w.sim.grant("iam:projects:list");
+    let nginx = "huaweicloud_sys_elb_listener_m1_cps{namespace=\"default\",service=\"nginx\"";
+    let healed = wait_for(Duration::from_secs(40), || async {
+        sample(&e.metrics().await, nginx).is_some()
+    })
+    .await;
+    assert!(healed, "{}\n{}", e.metrics().await, e.logs());
+    assert!(
+        e.logs().contains("via=\"iam_list_projects\"")
+            || e.logs().contains("via=iam_list_projects"),
+        "{}",
+        e.logs()
+    );
+}
+
+/// A cloud whose CES takes 10 metrics per call: `check` and the exporter find out from one refused
+/// batch, and the collector plans every later cycle with 10 (12 series: 10 + 2, never refused again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10_metric_ces_limit_is_learned_once_and_planned_with() {
+    let w = fixture_with(SimConfig {
+        ces_max_metrics: 10,
+        ..SimConfig::default()
+    })
+    .await;
+    let scoped = "collection:\n  interval: \"1s\"\n  metrics: [m1_cps, m7_in_Bps, mb_l7_qps]\ndiscovery:\n  namespaces: [default, shop]\n";
+    let (_, out, _) = w.run(scoped, &["check"]);
+    assert!(
+        out.contains("ces: batch size 10: CES refused a larger batch"),
+        "{out}"
+    );
+    assert!(out.contains("= 12 series -> 2 CES batch call(s)"), "{out}");
+
+    w.sim.clear_requests();
+    let e = w.exporter(scoped);
+    e.wait_ready().await;
+    let ces = || -> Vec<(usize, u16)> {
+        w.sim
+            .requests()
+            .iter()
+            .filter(|r| r.api == SimApi::Ces)
+            .map(|r| (r.ces_metrics, r.status))
+            .collect()
+    };
+    assert!(wait_for(Duration::from_secs(15), || async { ces().len() >= 9 }).await);
+    let calls = ces();
+    assert_eq!(calls[..3], [(12, 400), (10, 200), (2, 200)], "{calls:?}");
+    assert!(
+        calls[3..]
+            .iter()
+            .all(|(n, s)| *s == 200 && [10, 2].contains(n)),
+        "{calls:?}"
+    );
+    let body = e.metrics().await;
+    assert_eq!(sample(&body, "elb_exporter_ces_batch_size "), Some(10.0));
+    assert_eq!(sample(&body, "elb_exporter_up "), Some(1.0));
+    // The collector plans with 10: 2 calls per 1 s cycle.
+    let planned = "elb_exporter_planned_cloud_calls_per_minute{api=\"ces_batch_query\"}";
+    assert_eq!(sample(&body, planned), Some(120.0), "{body}");
+    assert_eq!(
+        e.logs()
+            .matches("this cloud's limit is 10 metrics per call")
+            .count(),
+        1,
+        "{}",
+        e.logs()
+    );
+}
+
+/// The practice guide's `scrape_batch_size: 10` is honoured, with one warning saying what it costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_scrape_batch_size_is_honoured_with_a_warning() {
+    let w = fixture().await;
+    let small = |t: String| t.replacen("global:\n", "global:\n  scrape_batch_size: 10\n", 1);
+    let scoped = "collection:\n  interval: \"1s\"\n  metrics: [m1_cps, m7_in_Bps, mb_l7_qps]\ndiscovery:\n  namespaces: [default, shop]\n";
+    let e = w.exporter_edited(scoped, small);
+    e.wait_ready().await;
+    let warning = "10 instead of 500: 50x more CES calls per cycle";
+    assert_eq!(e.logs().matches(warning).count(), 1, "{}", e.logs());
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            w.sim
+                .requests()
+                .iter()
+                .filter(|r| r.api == SimApi::Ces)
+                .count()
+                >= 4
+        })
+        .await
+    );
+    let sizes: Vec<usize> = w
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.api == SimApi::Ces)
+        .map(|r| r.ces_metrics)
+        .collect();
+    assert!(sizes.iter().all(|n| *n <= 10), "{sizes:?}");
+    assert_eq!(
+        sample(&e.metrics().await, "elb_exporter_ces_batch_size "),
+        Some(10.0)
+    );
+}
+
+/// Runs the exporter binary against `cfg`'s cloud as an operator would configure it for that cloud:
+/// credentials, its real `auth_url` and region (plus `project_id` when given), nothing else. Every
+/// request goes to the cloud's real host names; an HTTP proxy on loopback (the simulator) answers them,
+/// and the simulator refuses a host that is not the service's own in that cloud.
+async fn profile_run(cfg: SimConfig, project_id: bool) {
+    let profile = cfg.profile;
+    let w = World::start(cfg).await;
+    elb_exporter::demo::seed_cloud(&w.sim);
+    for s in elb_exporter::demo::services() {
+        w.cluster.apply(s);
+    }
+    let c = w.sim.config();
+    let mut text = format!(
+        "auth:\n  auth_url: \"http://{}/v3\"\n  region: \"{}\"\n  access_key: \"{}\"\n  secret_key: \"{}\"\n",
+        profile.iam_host(),
+        profile.region(),
+        c.ak,
+        c.sk
+    );
+    if project_id {
+        text.push_str(&format!("  project_id: \"{}\"\n", c.project_id));
+    }
+    let (cfg_path, kubeconfig) = w.write_config("");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let e = Exporter::spawn_env(
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--listen")
+            .arg("127.0.0.1:0"),
+        &kubeconfig,
+        &[
+            ("HTTP_PROXY", w.cloud_url.as_str()),
+            ("NO_PROXY", "127.0.0.1,localhost"),
+        ],
+    );
+    e.wait_ready().await;
+    let ctx = format!("{} {:?} project_id={project_id}", profile.as_str(), c.user);
+    let body = e.metrics().await;
+    assert_eq!(
+        sample(&body, "elb_exporter_up "),
+        Some(1.0),
+        "{ctx}\n{body}\n{}",
+        e.logs()
+    );
+    assert_eq!(
+        family_lines(&body, "elb_exporter_listener_info").len(),
+        5,
+        "{ctx}\n{body}"
+    );
+    for svc in ["nginx", "api", "cart", "checkout"] {
+        let prefix = "huaweicloud_sys_elb_listener_m7_in_Bps{namespace=";
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(prefix) && l.contains(&format!("service=\"{svc}\""))),
+            "{ctx}: series for {svc}\n{body}"
+        );
+    }
+    // Every call went to the service's own host in that cloud.
+    let hosts: Vec<(SimApi, String, u16)> = w
+        .sim
+        .requests()
+        .iter()
+        .map(|r| (r.api, r.host.clone(), r.status))
+        .filter(|(_, _, status)| *status != 403 && *status != 400)
+        .collect();
+    let own = |svc: &str| format!("{svc}.{}.{}", profile.region(), profile.domain());
+    for (api, host, status) in &hosts {
+        let svc = match api {
+            SimApi::Iam => "iam",
+            SimApi::ElbV2 | SimApi::ElbV3 => "elb",
+            SimApi::Ces => "ces",
+        };
+        assert_eq!((host, *status), (&own(svc), 200), "{ctx}: {hosts:?}");
+    }
+    assert!(
+        hosts.iter().any(|(a, ..)| *a == SimApi::Ces),
+        "{ctx}: {hosts:?}"
+    );
+    let batch = if c.ces_max_metrics == 10 { 10.0 } else { 500.0 };
+    assert_eq!(
+        sample(&body, "elb_exporter_ces_batch_size "),
+        Some(batch),
+        "{ctx}"
+    );
+    if !project_id {
+        let via = match c.user {
+            SimUser::Admin => "iam_list_projects",
+            SimUser::LeastPrivilege => "iam_list_auth_projects",
+        };
+        assert!(
+            e.logs().contains(via),
+            "{ctx}: resolved via {via}\n{}",
+            e.logs()
+        );
+    }
+}
+
+/// Each cloud profile, with an administrator, a least-privilege user, and a least-privilege user that
+/// may not list projects at all (then `project_id` is configured).
+async fn profile_runs(profile: SimProfile) {
+    profile_run(profile.config(), false).await;
+    profile_run(profile.least_privilege(), false).await;
+    let no_listing = SimConfig {
+        auth_projects_with_aksk: false,
+        ..profile.least_privilege()
+    };
+    profile_run(no_listing, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_huawei_cn_collects_everything_unconfigured() {
+    profile_runs(SimProfile::HuaweiCn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_huawei_eu_collects_everything_unconfigured() {
+    profile_runs(SimProfile::HuaweiEu).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_otc_collects_everything_unconfigured() {
+    profile_runs(SimProfile::Otc).await;
+}
+
+/// `demo --profile otc`: the demo on Open Telekom Cloud's limits (10-metric CES batches) still serves
+/// every Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_each_profile() {
+    for profile in SimProfile::ALL {
+        let e = Exporter::spawn(
+            std::process::Command::new(BIN).args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--profile",
+                profile.as_str(),
+            ]),
+            std::path::Path::new("/nonexistent-kubeconfig"),
+        );
+        e.wait_ready().await;
+        let body = e.metrics().await;
+        assert_eq!(
+            sample(&body, "elb_exporter_up "),
+            Some(1.0),
+            "{}",
+            profile.as_str()
+        );
+        // The demo's 5 Service listeners and its Ingress's listener.
+        assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 6);
+        let batch = if profile == SimProfile::Otc {
+            10.0
+        } else {
+            500.0
+        };
+        assert_eq!(sample(&body, "elb_exporter_ces_batch_size "), Some(batch));
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["demo", "--profile", "aws"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("huawei-cn, huawei-eu, otc"));
 }

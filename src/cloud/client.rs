@@ -4,8 +4,8 @@
 use super::auth::{AuthGate, Ticket, Verdict};
 use super::retry::{RateLimiter, backoff};
 use super::{
-    BatchQuery, BatchResult, CloudApi, CloudError, ElbVersion, ErrorBody, L7Policy, Lane, Listing,
-    LoadBalancer, Pool, parse,
+    BatchQuery, BatchResult, CES_SMALL_BATCH, CloudApi, CloudError, ElbVersion, ErrorBody,
+    L7Policy, Lane, Listing, LoadBalancer, Pool, parse,
 };
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
@@ -13,10 +13,11 @@ use crate::telemetry::{Api, Telemetry};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Answer size caps, sized from the request so that a huge but valid answer cannot exhaust memory:
 /// a real listener is ~1 KB (8 KiB leaves room for tags and certificate lists), a CES entry ~0.5 KB
@@ -62,13 +63,44 @@ pub struct HttpCloud {
     telemetry: Telemetry,
     project: std::sync::Mutex<Arc<ProjectCache>>,
     auth: AuthGate,
+    /// `CES_SMALL_BATCH` once CES refused a larger batch and accepted that many; 0 before.
+    ces_limit: AtomicUsize,
+    /// Shared-LB listeners answered at `V2_LBAAS_PATH` where the Huawei v2 route does not exist.
+    v2_lbaas: AtomicBool,
 }
+
+/// Where Open Telekom Cloud documents shared-LB listeners (same filters and paging as v2).
+const V2_LBAAS_PATH: &str = "/v2.0/lbaas/listeners";
 
 /// The project id resolved through IAM, for one access key (the region is the client's): rotated
 /// credentials may belong to another account, so the cache goes with them.
 struct ProjectCache {
     access_key: String,
     id: OnceCell<String>,
+    /// The last failed lookup: every caller gets it until `retry_at`, so a hundred ELB listings do not
+    /// each ask IAM (twice) while a permission is missing. The delay starts at `retry.initial_backoff`
+    /// and doubles up to `retry.max_backoff`: a later grant heals without a restart.
+    failure: std::sync::Mutex<Option<ProjectFailure>>,
+}
+
+struct ProjectFailure {
+    retry_at: Instant,
+    delay: Duration,
+    error: CloudError,
+}
+
+impl ProjectCache {
+    fn new(access_key: String) -> Self {
+        ProjectCache {
+            access_key,
+            id: OnceCell::new(),
+            failure: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn failure(&self) -> std::sync::MutexGuard<'_, Option<ProjectFailure>> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl HttpCloud {
@@ -98,6 +130,9 @@ impl HttpCloud {
             .build()
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
         let rl = &cfg.cloud.rate_limit;
+        telemetry
+            .ces_batch_size
+            .set(i64::try_from(cfg.effective_batch_size()).unwrap_or(i64::MAX));
         Ok(HttpCloud {
             http,
             project_name: cfg.auth.project_name.clone(),
@@ -116,21 +151,19 @@ impl HttpCloud {
             in_flight: Semaphore::new(cfg.cloud.max_concurrency),
             body_budget: Semaphore::new(BODY_BUDGET),
             telemetry,
-            project: std::sync::Mutex::new(Arc::new(ProjectCache {
-                access_key: cfg.auth.credentials.access_key.clone(),
-                id: OnceCell::new(),
-            })),
+            project: std::sync::Mutex::new(Arc::new(ProjectCache::new(
+                cfg.auth.credentials.access_key.clone(),
+            ))),
             auth: AuthGate::new(cfg.auth.credentials.clone()),
+            ces_limit: AtomicUsize::new(0),
+            v2_lbaas: AtomicBool::new(false),
         })
     }
 
     /// Swaps in rotated credentials; calls already signed finish with the old ones, and their answers
     /// do not judge the new ones. The resolved project id is forgotten (it belongs to the old key).
     pub fn set_credentials(&self, c: Credentials) {
-        *self.project_cache() = Arc::new(ProjectCache {
-            access_key: c.access_key.clone(),
-            id: OnceCell::new(),
-        });
+        *self.project_cache() = Arc::new(ProjectCache::new(c.access_key.clone()));
         self.auth.set_credentials(c);
     }
 
@@ -140,7 +173,7 @@ impl HttpCloud {
 
     fn limiter(&self, api: Api) -> &RateLimiter {
         match api {
-            Api::IamListProjects => &self.limiters[0],
+            Api::IamListProjects | Api::IamListAuthProjects => &self.limiters[0],
             // One ELB budget for every ELB listing.
             Api::ElbListListeners
             | Api::ElbListPools
@@ -180,7 +213,14 @@ impl HttpCloud {
                 self.attempt(call, &ticket.credentials).await
             };
             let probe = ticket.probe;
-            if let Some(cooldown) = ticket.finish(Verdict::of(&sent)) {
+            let verdict = match (call.api, &sent) {
+                // The fallback is sent only after IAM accepted the key (a 403): its 401 means this
+                // API takes no AK/SK here (documented for tokens only), not a bad key, so it must not
+                // close the gate for every API.
+                (Api::IamListAuthProjects, Err(CloudError::Unauthorized(..))) => Verdict::Unknown,
+                _ => Verdict::of(&sent),
+            };
+            if let Some(cooldown) = ticket.finish(verdict) {
                 warn!(
                     api = call.api.as_str(),
                     cooldown_s = cooldown.as_secs(),
@@ -426,6 +466,85 @@ impl HttpCloud {
         Ok((body, held))
     }
 
+    /// One CES batch call, as given.
+    async fn batch_once(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
+        let api = Api::CesBatchQuery;
+        let project = self.project_id().await?;
+        let call = Call {
+            api,
+            endpoint: &self.ces,
+            method: reqwest::Method::POST,
+            path: format!("/V1.0/{project}/batch-query-metric-data"),
+            query: Vec::new(),
+            body: ces_body(query),
+            project: Some(&project),
+            max_body: ces_max_body(query),
+            lane: query.lane,
+        };
+        let result = self
+            .call(&call, |body| {
+                parse::batch_result(body, &query.metrics, query.filter)
+            })
+            .await?;
+        for (reason, n) in &result.skipped {
+            self.telemetry
+                .skipped
+                .with_label_values(&[reason])
+                .inc_by(*n as u64);
+        }
+        Ok(result)
+    }
+
+    /// `query` in calls of at most `size` metrics, appended to `acc` in request order.
+    async fn batch_in_parts(
+        &self,
+        query: &BatchQuery,
+        size: usize,
+        mut acc: BatchResult,
+    ) -> Result<BatchResult, CloudError> {
+        for part in query.metrics.chunks(size.max(1)) {
+            let q = BatchQuery {
+                metrics: part.to_vec(),
+                ..query.clone()
+            };
+            let r = self.batch_once(&q).await?;
+            acc.newest.extend(r.newest);
+            acc.skipped.extend(r.skipped);
+        }
+        Ok(acc)
+    }
+
+    /// Lists the listeners of `ids`; a 400 for several ids is split in halves until the id the cloud
+    /// refuses is alone, so one malformed id does not fail the others (it is left out: no listener).
+    /// A listing of one id that is refused stays an error.
+    async fn list_isolating(
+        &self,
+        version: ElbVersion,
+        ids: &[&str],
+        lane: Lane,
+        split: bool,
+    ) -> Result<Listing, CloudError> {
+        match self
+            .list_paged(version, Some(ids), lane, MAX_PAGES as u32, Duration::ZERO)
+            .await
+        {
+            Err(CloudError::BadRequest(_, body)) if ids.len() == 1 && split => {
+                warn!(elb = %ids[0], error = %body, "the ELB API refuses this load balancer id; it has no listeners here");
+                Ok(Listing::default())
+            }
+            Err(CloudError::BadRequest(..)) if ids.len() > 1 => {
+                let (a, b) = ids.split_at(ids.len() / 2);
+                let mut out = Box::pin(self.list_isolating(version, a, lane, true)).await?;
+                let part = Box::pin(self.list_isolating(version, b, lane, true)).await?;
+                out.by_lb.extend(part.by_lb);
+                out.seen += part.seen;
+                out.calls += part.calls;
+                Ok(out)
+            }
+            other => other,
+        }
+    }
+
     /// Lists the listeners of `ids` (one id on v2), or of the whole project when `ids` is `None`,
     /// following every page until a short one, at most `max_pages`.
     async fn list_paged(
@@ -436,10 +555,48 @@ impl HttpCloud {
         max_pages: u32,
         page_gap: Duration,
     ) -> Result<Listing, CloudError> {
-        let api = Api::ElbListListeners;
         let project = self.project_id().await?;
+        let at = |path: String| {
+            self.list_paged_at(version, path, &project, ids, lane, max_pages, page_gap)
+        };
+        if version == ElbVersion::V2 && self.v2_lbaas.load(Ordering::Relaxed) {
+            return at(V2_LBAAS_PATH.to_string()).await;
+        }
+        let result = at(format!("/{}/{project}/elb/listeners", version.as_str())).await;
+        match result {
+            // Open Telekom Cloud documents shared-LB listeners only at the OpenStack path: when the
+            // Huawei route does not exist there, ask that one, and keep asking it once it answers.
+            Err(CloudError::NotFound(..)) if version == ElbVersion::V2 => {
+                let fallback = at(V2_LBAAS_PATH.to_string()).await;
+                if fallback.is_err() {
+                    return result;
+                }
+                if !self.v2_lbaas.swap(true, Ordering::Relaxed) {
+                    info!(
+                        path = V2_LBAAS_PATH,
+                        "shared-LB listeners are listed at the OpenStack path: /v2/{{project_id}}/elb/listeners does not exist on this cloud"
+                    );
+                }
+                fallback
+            }
+            other => other,
+        }
+    }
+
+    /// One listing at `path`, following every page until a short one, at most `max_pages`.
+    #[allow(clippy::too_many_arguments)]
+    async fn list_paged_at(
+        &self,
+        version: ElbVersion,
+        path: String,
+        project: &str,
+        ids: Option<&[&str]>,
+        lane: Lane,
+        max_pages: u32,
+        page_gap: Duration,
+    ) -> Result<Listing, CloudError> {
+        let api = Api::ElbListListeners;
         let limit = version.page_size();
-        let path = format!("/{}/{project}/elb/listeners", version.as_str());
         let mut out = Listing::default();
         let mut seen: HashSet<String> = HashSet::new();
         let mut markers: HashSet<String> = HashSet::new();
@@ -464,7 +621,7 @@ impl HttpCloud {
                 path: path.clone(),
                 query,
                 body: Vec::new(),
-                project: Some(&project),
+                project: Some(project),
                 max_body: limit * LISTENER_BYTES + BODY_SLACK,
                 lane,
             };
@@ -593,21 +750,74 @@ impl HttpCloud {
         ))
     }
 
+    /// The project id of `project_name`: by name (`iam:projects:list`), else, when that is refused,
+    /// among the projects the user may access (`GET /v3/auth/projects`, no permission needed).
     async fn resolve_project(&self) -> Result<String, CloudError> {
+        let by_name = self.list_projects(Api::IamListProjects).await;
+        let (api, ids) = match by_name {
+            Ok(ids) => (Api::IamListProjects, ids),
+            Err(refused @ CloudError::Forbidden(..)) => {
+                match self.list_projects(Api::IamListAuthProjects).await {
+                    Ok(ids) if !ids.is_empty() => (Api::IamListAuthProjects, ids),
+                    Ok(_) => {
+                        return Err(self.no_project(&refused, "lists no project of that name"));
+                    }
+                    Err(CloudError::Forbidden(_, body) | CloudError::Unauthorized(_, body)) => {
+                        return Err(self.no_project(&refused, &format!("was refused too ({body})")));
+                    }
+                    Err(e) => {
+                        return Err(self.no_project(&refused, &format!("failed too ({e})")));
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let id = self.one_project(ids)?;
+        info!(
+            project_name = %self.project_name,
+            project_id = %id,
+            via = api.as_str(),
+            "project id resolved"
+        );
+        Ok(id)
+    }
+
+    /// Both lookups failed: the error says what to do.
+    fn no_project(&self, refused: &CloudError, fallback: &str) -> CloudError {
+        let answer = match refused {
+            CloudError::Forbidden(_, body) => body.to_string(),
+            other => other.to_string(),
+        };
+        CloudError::Project(format!(
+            "IAM refused to list projects by name ({answer}: the IAM user lacks iam:projects:list) and GET /v3/auth/projects {fallback}. Fix: set auth.project_id to the id of project {:?}, or grant the IAM user iam:projects:list (e.g. the system policy IAM ReadOnlyAccess)",
+            self.project_name
+        ))
+    }
+
+    async fn list_projects(&self, api: Api) -> Result<Vec<String>, CloudError> {
+        let (path, query) = match api {
+            Api::IamListAuthProjects => ("/v3/auth/projects", Vec::new()),
+            _ => (
+                "/v3/projects",
+                vec![("name".to_string(), self.project_name.clone())],
+            ),
+        };
         let call = Call {
-            api: Api::IamListProjects,
+            api,
             endpoint: &self.iam,
             method: reqwest::Method::GET,
-            path: "/v3/projects".into(),
-            query: vec![("name".into(), self.project_name.clone())],
+            path: path.into(),
+            query,
             body: Vec::new(),
             project: None,
             max_body: IAM_MAX_BODY,
             lane: Lane::Priority,
         };
-        let ids = self
-            .call(&call, |body| parse::projects(body, &self.project_name))
-            .await?;
+        self.call(&call, |body| parse::projects(body, &self.project_name))
+            .await
+    }
+
+    fn one_project(&self, ids: Vec<String>) -> Result<String, CloudError> {
         match ids.as_slice() {
             [id] if id
                 .bytes()
@@ -771,18 +981,40 @@ impl CloudApi for HttpCloud {
             let mut c = self.project_cache();
             let ak = self.auth.access_key();
             if c.access_key != ak {
-                *c = Arc::new(ProjectCache {
-                    access_key: ak,
-                    id: OnceCell::new(),
-                });
+                *c = Arc::new(ProjectCache::new(ak));
             }
             c.clone()
         };
-        cache
-            .id
-            .get_or_try_init(|| self.resolve_project())
-            .await
-            .cloned()
+        if let Some(id) = cache.id.get() {
+            return Ok(id.clone());
+        }
+        let init = || async {
+            if let Some(f) = cache.failure().as_ref()
+                && Instant::now() < f.retry_at
+            {
+                return Err(f.error.clone());
+            }
+            let result = self.resolve_project().await;
+            if let Err(e) = &result {
+                let mut f = cache.failure();
+                let delay = f.as_ref().map_or(self.retry.initial_backoff, |f| {
+                    (f.delay * 2).min(self.retry.max_backoff)
+                });
+                warn!(
+                    project_name = %self.project_name,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %e,
+                    "project id not resolved; ELB and CES calls wait for it"
+                );
+                *f = Some(ProjectFailure {
+                    retry_at: Instant::now() + delay,
+                    delay,
+                    error: e.clone(),
+                });
+            }
+            result
+        };
+        cache.id.get_or_try_init(init).await.cloned()
     }
 
     async fn list_listeners_of(
@@ -798,9 +1030,7 @@ impl CloudApi for HttpCloud {
             ..Listing::default()
         };
         for chunk in loadbalancer_ids.chunks(per_call) {
-            let part = self
-                .list_paged(version, Some(chunk), lane, MAX_PAGES as u32, Duration::ZERO)
-                .await?;
+            let part = self.list_isolating(version, chunk, lane, false).await?;
             out.by_lb.extend(part.by_lb);
             out.seen += part.seen;
             out.calls += part.calls;
@@ -853,30 +1083,42 @@ impl CloudApi for HttpCloud {
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
-        let api = Api::CesBatchQuery;
-        let project = self.project_id().await?;
-        let call = Call {
-            api,
-            endpoint: &self.ces,
-            method: reqwest::Method::POST,
-            path: format!("/V1.0/{project}/batch-query-metric-data"),
-            query: Vec::new(),
-            body: ces_body(query),
-            project: Some(&project),
-            max_body: ces_max_body(query),
-            lane: query.lane,
-        };
-        let result = self
-            .call(&call, |body| {
-                parse::batch_result(body, &query.metrics, query.filter)
-            })
-            .await?;
-        for (reason, n) in &result.skipped {
-            self.telemetry
-                .skipped
-                .with_label_values(&[reason])
-                .inc_by(*n as u64);
+        let limit = self.ces_limit.load(Ordering::Relaxed);
+        if limit > 0 && query.metrics.len() > limit {
+            return self
+                .batch_in_parts(query, limit, BatchResult::default())
+                .await;
         }
-        Ok(result)
+        let refused = match self.batch_once(query).await {
+            Err(e @ CloudError::BadRequest(..)) if query.metrics.len() > CES_SMALL_BATCH => e,
+            other => return other,
+        };
+        // The reference gives no error code for an oversized batch: decide by experiment. If the
+        // first CES_SMALL_BATCH metrics alone are accepted, the size was the problem.
+        let head = BatchQuery {
+            metrics: query.metrics[..CES_SMALL_BATCH].to_vec(),
+            ..query.clone()
+        };
+        let Ok(first) = self.batch_once(&head).await else {
+            return Err(refused);
+        };
+        if self.ces_limit.swap(CES_SMALL_BATCH, Ordering::Relaxed) == 0 {
+            self.telemetry.ces_batch_size.set(CES_SMALL_BATCH as i64);
+            warn!(
+                refused = query.metrics.len(),
+                accepted = CES_SMALL_BATCH,
+                cloud_code = refused.cloud_code().unwrap_or(""),
+                "CES refused a batch and accepted {CES_SMALL_BATCH} metrics: this cloud's limit is {CES_SMALL_BATCH} metrics per call, used for the rest of the process (more calls per cycle; see DEPLOY.md)"
+            );
+        }
+        let rest = BatchQuery {
+            metrics: query.metrics[CES_SMALL_BATCH..].to_vec(),
+            ..query.clone()
+        };
+        self.batch_in_parts(&rest, CES_SMALL_BATCH, first).await
+    }
+
+    fn ces_batch_limit(&self) -> Option<usize> {
+        Some(self.ces_limit.load(Ordering::Relaxed)).filter(|l| *l > 0)
     }
 }

@@ -202,6 +202,41 @@ pub trait CloudApi: Send + Sync + 'static {
     }
     /// One CES batch call (the caller keeps it within 500 metrics and the datapoint budget).
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError>;
+    /// The metrics per batch CES was found to accept, once a larger batch was refused (see
+    /// [`CES_SMALL_BATCH`]); `None` while nothing was learned.
+    fn ces_batch_limit(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// The batch size Open Telekom Cloud and some Huawei regions document for the CES batch query.
+pub const CES_SMALL_BATCH: usize = 10;
+
+/// What a 403 of `api` means the user lacks, and the fix.
+pub fn permission_hint(api: Api) -> &'static str {
+    match api {
+        Api::IamListProjects => {
+            "the IAM user lacks iam:projects:list: set auth.project_id, or grant iam:projects:list (e.g. the system policy IAM ReadOnlyAccess)"
+        }
+        Api::IamListAuthProjects => {
+            "IAM refused to list the projects of this user: set auth.project_id"
+        }
+        Api::ElbListListeners => {
+            "the IAM user lacks elb:listeners:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
+        }
+        Api::ElbListPools => {
+            "the IAM user lacks elb:pools:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
+        }
+        Api::ElbListL7policies => {
+            "the IAM user lacks elb:l7policies:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
+        }
+        Api::ElbListLoadbalancers => {
+            "the IAM user lacks elb:loadbalancers:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
+        }
+        Api::CesBatchQuery => {
+            "the IAM user lacks ces:metricData:list (e.g. the system policy CES ReadOnlyAccess), granted in this region's project (a global grant does not take effect for Cloud Eye)"
+        }
+    }
 }
 
 /// What a failed cloud call said: HTTP status, the cloud's error code and message, the request id.
@@ -236,7 +271,7 @@ pub enum CloudError {
         "{0}: authentication failed (check AK/SK, clock skew; 5 failures lock the AK for 5 minutes): {1}"
     )]
     Unauthorized(Api, ErrorBody),
-    #[error("{0}: permission denied (the AK needs ces:metricData:list / elb:listeners:list): {1}")]
+    #[error("{0}: permission denied ({hint}): {1}", hint = permission_hint(*.0))]
     Forbidden(Api, ErrorBody),
     #[error("{0}: not found (project or resource): {1}")]
     NotFound(Api, ErrorBody),

@@ -726,7 +726,10 @@ mod tests {
         use k8s_openapi::api::networking::v1::IngressSpec;
         let mut ing = Ingress::default();
         ing.metadata.name = Some("web".into());
-        ing.metadata.annotations = Some(ann(&[(ELB_ID_ANNOTATION, "elb-1")]));
+        ing.metadata.annotations = Some(ann(&[(
+            ELB_ID_ANNOTATION,
+            "11111111-1111-4111-8111-111111111111",
+        )]));
         assert!(matches!(observe(&ing), ObservedIngress::Ignored(_)));
         ing.spec = Some(IngressSpec {
             ingress_class_name: Some("cce".into()),
@@ -735,7 +738,10 @@ mod tests {
         let ObservedIngress::Target(t) = observe(&ing) else {
             panic!("not a target")
         };
-        assert_eq!((&*t.elb_id, t.ports.as_slice()), ("elb-1", &[80u16][..]));
+        assert_eq!(
+            (&*t.elb_id, t.ports.as_slice()),
+            ("11111111-1111-4111-8111-111111111111", &[80u16][..])
+        );
         ing.metadata.annotations = Some(ann(&[(ELB_IP_ANNOTATION, "192.168.0.9")]));
         assert!(matches!(
             observe(&ing),
@@ -750,7 +756,7 @@ mod tests {
         ing.spec = None;
         ing.metadata.annotations = Some(ann(&[
             (CLASS_ANNOTATION, "cce"),
-            (ELB_ID_ANNOTATION, "e"),
+            (ELB_ID_ANNOTATION, "11111111-1111-4111-8111-111111111111"),
             (PORT_ANNOTATION, "x"),
         ]));
         assert!(matches!(

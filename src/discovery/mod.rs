@@ -15,8 +15,6 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 pub const ELB_CLASS_ANNOTATION: &str = "kubernetes.io/elb.class";
-/// ELB ids are UUIDs; anything much longer is a mistake, not an id.
-const MAX_ELB_ID_LEN: usize = 64;
 
 /// `kubernetes.io/elb.class`: which ELB API knows the load balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,7 +116,7 @@ impl Problem {
             Problem::EmptyAnnotation => "the ELB annotation is empty",
             Problem::SeveralIds => "the ELB annotation holds several ids; one Service has one ELB",
             Problem::InvalidId => {
-                "the ELB annotation is not an ELB id (letters, digits and '-', at most 64)"
+                "the ELB annotation is not an ELB id (a UUID: 8-4-4-4-12 hexadecimal digits)"
             }
             Problem::UnknownElb => "no ELB API knows the annotated load balancer",
             Problem::ElbLookupFailed => "the ELB's listeners could not be listed",
@@ -144,6 +142,15 @@ impl Problem {
             Problem::PoolLookupFailed => "the pools of an Ingress ELB could not be listed",
         }
     }
+}
+
+/// ELB ids (shared and dedicated) are UUIDs: `8-4-4-4-12` hexadecimal digits.
+fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 /// A watch scope: one namespace, or `None` for all namespaces.
@@ -233,9 +240,8 @@ pub fn elb_id_problem(id: &str) -> Option<Problem> {
         Some(Problem::EmptyAnnotation)
     } else if id.contains([',', ' ', ';', '\n', '\t']) {
         Some(Problem::SeveralIds)
-    } else if id.len() > MAX_ELB_ID_LEN
-        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
+    } else if !is_uuid(id) {
+        // Sent to the cloud, a malformed id can make it refuse a whole listing of 50 load balancers.
         Some(Problem::InvalidId)
     } else {
         None
@@ -430,6 +436,11 @@ mod tests {
             ("a b", Problem::SeveralIds),
             ("id\"with\\quote", Problem::InvalidId),
             ("ünïcode", Problem::InvalidId),
+            // Letters, digits and dashes, but not a UUID: the cloud may refuse a whole listing for it.
+            ("elb-1234", Problem::InvalidId),
+            ("2f4c7f6e3d5a4b8e9c1d0e2f3a4b5c6d", Problem::InvalidId),
+            ("2f4c7f6e-3d5a-4b8e-9c1d-0e2f3a4b5c6g", Problem::InvalidId),
+            ("2f4c7f6e-3d5a-4b8e-9c1d0-e2f3a4b5c6d", Problem::InvalidId),
         ];
         for (value, want) in cases {
             match observe(&svc(&[(A, value)], &[80]), A) {

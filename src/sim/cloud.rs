@@ -59,6 +59,146 @@ pub struct SimConfig {
     pub lock_duration: Duration,
     /// Whether the v3 listener API also lists listeners of shared (v2) load balancers.
     pub v3_lists_shared: bool,
+    /// Which public cloud this is: its service hosts (checked when a request names one) and limits.
+    pub profile: SimProfile,
+    /// Metrics per CES batch call; over it the call answers 400 `ces.0014` (10 on Open Telekom Cloud).
+    pub ces_max_metrics: usize,
+    /// The caller's permissions (IAM policies), changeable at run time with [`CloudSim::grant`].
+    pub user: SimUser,
+    /// Whether a v3 listing with a `loadbalancer_id` that is not a UUID answers 400 for the whole
+    /// request (the real API may; off by default so tests can use short ids).
+    pub v3_rejects_malformed_ids: bool,
+    /// Whether `GET /v3/auth/projects` answers AK/SK callers (documented for tokens only); when not,
+    /// it answers IAM's 403.
+    pub auth_projects_with_aksk: bool,
+}
+
+/// The public clouds the simulator can stand in for (`demo --profile <name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimProfile {
+    /// Huawei Cloud China/international: `<svc>.cn-east-3.myhuaweicloud.com`.
+    HuaweiCn,
+    /// Huawei Cloud Europe: `<svc>.eu-west-101.myhuaweicloud.eu`.
+    HuaweiEu,
+    /// Open Telekom Cloud: `<svc>.eu-de.otc.t-systems.com`, 10 metrics per CES batch call.
+    Otc,
+}
+
+impl SimProfile {
+    pub const ALL: [SimProfile; 3] = [SimProfile::HuaweiCn, SimProfile::HuaweiEu, SimProfile::Otc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SimProfile::HuaweiCn => "huawei-cn",
+            SimProfile::HuaweiEu => "huawei-eu",
+            SimProfile::Otc => "otc",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    pub fn region(self) -> &'static str {
+        match self {
+            SimProfile::HuaweiCn => "cn-east-3",
+            SimProfile::HuaweiEu => "eu-west-101",
+            SimProfile::Otc => "eu-de",
+        }
+    }
+
+    /// The DNS domain of the cloud's service hosts (HUAWEI_CLOUD_API.md section 1).
+    pub fn domain(self) -> &'static str {
+        match self {
+            SimProfile::HuaweiCn => "myhuaweicloud.com",
+            SimProfile::HuaweiEu => "myhuaweicloud.eu",
+            SimProfile::Otc => "otc.t-systems.com",
+        }
+    }
+
+    /// The regional IAM host, as an operator writes it in `auth.auth_url`.
+    pub fn iam_host(self) -> String {
+        format!("iam.{}.{}", self.region(), self.domain())
+    }
+
+    /// Whether `host` (without port) may carry calls of `service` (`iam`, `elb`, `ces`). IP addresses
+    /// and `localhost` stand for any service (tests and the demo point every endpoint at the simulator).
+    fn serves(self, host: &str, service: &str) -> bool {
+        if host.is_empty() || host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() {
+            return true;
+        }
+        let regional = format!("{service}.{}.{}", self.region(), self.domain());
+        // Huawei's global IAM host; Open Telekom Cloud documents regional IAM hosts only.
+        let global = service == "iam" && self != SimProfile::Otc;
+        host.eq_ignore_ascii_case(&regional)
+            || (global && host.eq_ignore_ascii_case(&format!("iam.{}", self.domain())))
+    }
+
+    /// Whether the cloud's gateway has this route: Open Telekom Cloud documents shared-LB listeners only
+    /// at `/v2.0/lbaas/listeners`, Huawei Cloud only at `/v2/{project_id}/elb/listeners`.
+    fn publishes(self, ep: &Endpoint) -> bool {
+        match ep {
+            Endpoint::ListenersV2(_) => self != SimProfile::Otc,
+            Endpoint::ListenersLbaas => self == SimProfile::Otc,
+            _ => true,
+        }
+    }
+
+    /// This cloud with an IAM user holding only "ELB ReadOnlyAccess" and "CES ReadOnlyAccess".
+    pub fn least_privilege(self) -> SimConfig {
+        SimConfig {
+            user: SimUser::LeastPrivilege,
+            ..self.config()
+        }
+    }
+
+    /// This cloud with an account holding every permission.
+    pub fn config(self) -> SimConfig {
+        SimConfig {
+            region: self.region().to_string(),
+            profile: self,
+            ces_max_metrics: match self {
+                SimProfile::Otc => 10,
+                _ => CES_MAX_METRICS,
+            },
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// Who calls: the permissions their IAM policies grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimUser {
+    /// The account itself, or an administrator: every action.
+    Admin,
+    /// An IAM user with the system policies "ELB ReadOnlyAccess" and "CES ReadOnlyAccess" only:
+    /// no `iam:projects:list`.
+    LeastPrivilege,
+}
+
+impl SimUser {
+    /// Action patterns of the user's policies (`service:resource:verb`, `*` matches one part).
+    fn policy(self) -> Vec<String> {
+        let p: &[&str] = match self {
+            SimUser::Admin => &["*:*:*"],
+            SimUser::LeastPrivilege => &["elb:*:get", "elb:*:list", "ces:*:get", "ces:*:list"],
+        };
+        p.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+fn policy_allows(policy: &[String], action: &str) -> bool {
+    policy.iter().any(|pattern| {
+        let mut want = action.split(':');
+        let mut have = pattern.split(':');
+        loop {
+            match (want.next(), have.next()) {
+                (None, None) => return true,
+                (Some(a), Some(p)) if p == "*" || p.eq_ignore_ascii_case(a) => {}
+                _ => return false,
+            }
+        }
+    })
 }
 
 impl Default for SimConfig {
@@ -76,6 +216,11 @@ impl Default for SimConfig {
             lock_after_failures: 5,
             lock_duration: Duration::from_secs(5 * 60),
             v3_lists_shared: false,
+            profile: SimProfile::HuaweiCn,
+            ces_max_metrics: CES_MAX_METRICS,
+            user: SimUser::Admin,
+            auth_projects_with_aksk: true,
+            v3_rejects_malformed_ids: false,
         }
     }
 }
@@ -91,6 +236,9 @@ impl std::fmt::Debug for SimConfig {
             .field("ces_latency", &self.ces_latency)
             .field("ces_calls_per_minute", &self.ces_calls_per_minute)
             .field("v3_lists_shared", &self.v3_lists_shared)
+            .field("profile", &self.profile)
+            .field("ces_max_metrics", &self.ces_max_metrics)
+            .field("user", &self.user)
             .finish_non_exhaustive()
     }
 }
@@ -179,6 +327,8 @@ impl Fault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimRequest {
     pub api: SimApi,
+    /// The `Host` header, without port.
+    pub host: String,
     pub method: String,
     pub path: String,
     /// The raw query string as received (no leading `?`).
@@ -247,6 +397,8 @@ struct SimState {
     ces_calls: VecDeque<Instant>,
     /// Pools and forwarding policies (see [`pools`]).
     pools: pools::PoolState,
+    /// The caller's action patterns (from `SimConfig::user`, plus grants).
+    policy: Vec<String>,
 }
 
 impl CloudSim {
@@ -270,6 +422,7 @@ impl CloudSim {
             name: cfg.region.clone(),
             id: cfg.project_id.clone(),
         });
+        let policy = cfg.user.policy();
         let boot_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -282,6 +435,7 @@ impl CloudSim {
                 seq: AtomicU64::new(0),
                 state: Mutex::new(SimState {
                     projects,
+                    policy,
                     ..SimState::default()
                 }),
                 url: Mutex::new(None),
@@ -378,6 +532,12 @@ impl CloudSim {
         self.inner.state().listeners.remove(listener_id);
     }
 
+    /// Grants the caller an action (`iam:projects:list`), as an administrator attaching a policy does;
+    /// it applies to the next request.
+    pub fn grant(&self, action: &str) {
+        self.inner.state().policy.push(action.to_string());
+    }
+
     /// Queues a fault for the next well-signed calls of `api`.
     pub fn inject(&self, api: SimApi, fault: Fault) {
         self.inner
@@ -430,6 +590,9 @@ fn now_ms() -> i64 {
 
 enum Endpoint {
     Projects,
+    AuthProjects,
+    /// `/v2.0/lbaas/listeners`: shared-LB listeners, OpenStack style (the project from `X-Project-Id`).
+    ListenersLbaas,
     ListenersV2(String),
     ListenersV3(String),
     LoadBalancersV3(String),
@@ -440,10 +603,34 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The service host label the call belongs to.
+    fn service(&self) -> &'static str {
+        match self.api() {
+            SimApi::Iam => "iam",
+            SimApi::ElbV2 | SimApi::ElbV3 => "elb",
+            SimApi::Ces => "ces",
+        }
+    }
+
+    /// The IAM action the call needs (`None`: no permission needed).
+    fn action(&self) -> Option<&'static str> {
+        match self {
+            Endpoint::Projects => Some("iam:projects:list"),
+            Endpoint::AuthProjects => None,
+            Endpoint::ListenersV2(_) | Endpoint::ListenersV3(_) | Endpoint::ListenersLbaas => {
+                Some("elb:listeners:list")
+            }
+            Endpoint::LoadBalancersV3(_) => Some("elb:loadbalancers:list"),
+            Endpoint::Pools(..) => Some("elb:pools:list"),
+            Endpoint::L7Policies(..) => Some("elb:l7policies:list"),
+            Endpoint::BatchQuery(_) => Some("ces:metricData:list"),
+        }
+    }
+
     fn api(&self) -> SimApi {
         match self {
-            Endpoint::Projects => SimApi::Iam,
-            Endpoint::ListenersV2(_) => SimApi::ElbV2,
+            Endpoint::Projects | Endpoint::AuthProjects => SimApi::Iam,
+            Endpoint::ListenersV2(_) | Endpoint::ListenersLbaas => SimApi::ElbV2,
             Endpoint::ListenersV3(_) | Endpoint::LoadBalancersV3(_) => SimApi::ElbV3,
             Endpoint::BatchQuery(_) => SimApi::Ces,
             Endpoint::Pools(v3, _) | Endpoint::L7Policies(v3, _) => {
@@ -466,6 +653,8 @@ fn route(method: &Method, path: &str) -> Option<Endpoint> {
     let segs: Vec<&str> = trimmed.split('/').collect();
     let ep = match segs.as_slice() {
         ["", "v3", "projects"] if method == Method::GET => Endpoint::Projects,
+        ["", "v3", "auth", "projects"] if method == Method::GET => Endpoint::AuthProjects,
+        ["", "v2.0", "lbaas", "listeners"] if method == Method::GET => Endpoint::ListenersLbaas,
         ["", "v2", pid, "elb", "listeners"] if method == Method::GET => {
             Endpoint::ListenersV2(pid.to_string())
         }
@@ -605,7 +794,8 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let arrived = now_ms();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    let Some(ep) = route(&parts.method, &path) else {
+    let routed = route(&parts.method, &path);
+    let Some(ep) = routed.filter(|ep| inner.cfg.profile.publishes(ep)) else {
         return apigw_error(
             StatusCode::NOT_FOUND,
             "APIGW.0101",
@@ -614,8 +804,11 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         )
         .into_response(&rid);
     };
+    let host = header_str(&parts.headers, "host").unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h).to_string();
     let mut rec = SimRequest {
         api: ep.api(),
+        host: host.clone(),
         method: parts.method.as_str().to_string(),
         path,
         query: parts.uri.query().unwrap_or_default().to_string(),
@@ -628,9 +821,23 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         request_id: rid.clone(),
         time_ms: arrived,
     };
-    let reply = inner
-        .process(&ep, &parts.method, &parts.headers, body, &rid, &mut rec)
-        .await;
+    let reply = if inner.cfg.profile.serves(&host, ep.service()) {
+        inner
+            .process(&ep, &parts.method, &parts.headers, body, &rid, &mut rec)
+            .await
+    } else {
+        // Stands in for the name a wrong host derivation produces: it does not exist in this cloud.
+        apigw_error(
+            StatusCode::NOT_FOUND,
+            "APIGW.0101",
+            &format!(
+                "The API does not exist or has not been published in the environment (host {host} is not the {} host of {})",
+                ep.service(),
+                inner.cfg.profile.as_str()
+            ),
+            &rid,
+        )
+    };
     rec.status = reply.status.as_u16();
     rec.error_code = reply.error_code.clone();
     inner.record(rec);
@@ -726,11 +933,19 @@ impl Inner {
             None => {}
         }
 
+        if let Some(denied) = self.forbidden(ep, rid) {
+            return denied;
+        }
         let query = parse_query(&rec.query);
         let host = header_str(headers, "host").unwrap_or("localhost");
         let reply = match ep {
             Endpoint::Projects => self.list_projects(&query, &rec.query, host),
+            Endpoint::AuthProjects => self.list_projects(&[], &rec.query, host),
             Endpoint::ListenersV2(pid) => {
+                self.list_listeners(false, pid, headers, &query, host, rid)
+            }
+            Endpoint::ListenersLbaas => {
+                let pid = header_str(headers, "x-project-id").unwrap_or("").trim();
                 self.list_listeners(false, pid, headers, &query, host, rid)
             }
             Endpoint::ListenersV3(pid) => {
@@ -957,6 +1172,39 @@ impl Inner {
         }
     }
 
+    /// The 403 a caller without the call's permission gets, in the service's own shape.
+    fn forbidden(&self, ep: &Endpoint, rid: &str) -> Option<Reply> {
+        let action = match ep.action() {
+            Some(a) => a,
+            None if matches!(ep, Endpoint::AuthProjects) && !self.cfg.auth_projects_with_aksk => {
+                "iam:projects:listAuth"
+            }
+            None => return None,
+        };
+        if !matches!(ep, Endpoint::AuthProjects) && policy_allows(&self.state().policy, action) {
+            return None;
+        }
+        let denied = format!("Policy doesn't allow {action} to be performed.");
+        Some(match ep.api() {
+            // IAM API reference, status 403: IAM.0002.
+            SimApi::Iam => Reply::error(
+                StatusCode::FORBIDDEN,
+                "IAM.0002",
+                &json!({"error_msg": "You are not authorized to perform the requested action.",
+                        "error_code": "IAM.0002"}),
+            ),
+            // HUAWEI_CLOUD_API.md section 7: 403 ces.0017.
+            SimApi::Ces => ces_error(StatusCode::FORBIDDEN, "ces.0017", &denied),
+            // One of the error shapes HUAWEI_CLOUD_API.md section 7 lists.
+            SimApi::ElbV2 | SimApi::ElbV3 => Reply::error(
+                StatusCode::FORBIDDEN,
+                "403",
+                &json!({"http_code": "403", "message": {"details": denied, "code": "403"},
+                        "request_id": rid}),
+            ),
+        })
+    }
+
     // -----------------------------------------------------------------------------------------------------
     // IAM
 
@@ -1076,6 +1324,12 @@ impl Inner {
             Ok(f) => f,
             Err(e) => return e,
         };
+        if v3
+            && self.cfg.v3_rejects_malformed_ids
+            && let Some(bad) = filter.lb_ids.iter().find(|id| !is_uuid(id))
+        {
+            return elb_bad_input(&format!("loadbalancer_id: {bad:?} is not a UUID"), rid);
+        }
         let in_project = pid == self.cfg.project_id;
         let (page, more) = {
             let st = self.state();
@@ -1265,6 +1519,13 @@ impl Inner {
             Ok(q) => q,
             Err(detail) => return ces_body_error(&detail),
         };
+        if q.metrics.len() > self.cfg.ces_max_metrics {
+            return ces_body_error(&format!(
+                "metrics: must contain 1 to {} items, got {}",
+                self.cfg.ces_max_metrics,
+                q.metrics.len()
+            ));
+        }
 
         let n = q.metrics.len() as i64;
         let mut from = q.from;
@@ -1658,6 +1919,14 @@ impl<'q> ListenerFilter<'q> {
             && (self.ports.is_empty() || self.ports.contains(&u32::from(l.listener.port)))
             && self.admin_state_up.is_none_or(|a| a)
     }
+}
+
+fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 fn is_l7(protocol: &str) -> bool {
@@ -2278,6 +2547,8 @@ mod tests {
         date: Option<SystemTime>,
         extra: Vec<(String, String)>,
         tamper_query: Option<String>,
+        /// The `Host` to sign and send (default: the address).
+        host: Option<String>,
     }
 
     impl Call {
@@ -2292,6 +2563,7 @@ mod tests {
                 date: None,
                 extra: Vec::new(),
                 tamper_query: None,
+                host: None,
             }
         }
         fn post(path: impl Into<String>, body: Vec<u8>) -> Self {
@@ -2318,7 +2590,7 @@ mod tests {
 
     async fn send(sim: &CloudSim, addr: SocketAddr, call: Call) -> Resp {
         let cfg = sim.config();
-        let host = addr.to_string();
+        let host = call.host.clone().unwrap_or_else(|| addr.to_string());
         let mut headers = vec![
             ("Content-Type".to_string(), "application/json".to_string()),
             (
@@ -2349,7 +2621,11 @@ mod tests {
         } else {
             format!("{}?{qs}", call.path)
         };
-        http(addr, call.method, &target, &signed.headers, &call.body).await
+        let mut headers = signed.headers;
+        if call.host.is_some() {
+            headers.push(("Host".to_string(), host));
+        }
+        http(addr, call.method, &target, &headers, &call.body).await
     }
 
     /// A minimal HTTP/1.1 client: it sends exactly the signed headers and nothing an HTTP library would add.
@@ -3306,5 +3582,63 @@ mod tests {
             datapoint_value("l-1", "m1_cps", day),
             datapoint_value("l-2", "m1_cps", day)
         );
+    }
+
+    #[tokio::test]
+    async fn a_profile_answers_on_its_own_hosts_with_its_limits_and_policies() {
+        let (sim, addr) = start(SimProfile::Otc.least_privilege()).await;
+        let on = |host: &str, c: Call| Call {
+            host: Some(host.to_string()),
+            ..c
+        };
+        // The service's own host; a wrong service, a global IAM host (none on OTC), another cloud.
+        let r = send(
+            &sim,
+            addr,
+            on(
+                "iam.eu-de.otc.t-systems.com",
+                Call::get("/v3/auth/projects"),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        for host in [
+            "elb.eu-de.otc.t-systems.com",
+            "iam.otc.t-systems.com",
+            "iam.eu-de.myhuaweicloud.com",
+        ] {
+            let r = send(&sim, addr, on(host, Call::get("/v3/auth/projects"))).await;
+            assert_eq!((r.status, r.code().as_str()), (404, "APIGW.0101"), "{host}");
+        }
+        // The least-privilege user may not list projects by name, until granted.
+        let r = send(&sim, addr, Call::get("/v3/projects").q("name", "eu-de")).await;
+        assert_eq!((r.status, r.code().as_str()), (403, "IAM.0002"));
+        sim.grant("iam:projects:list");
+        let r = send(&sim, addr, Call::get("/v3/projects").q("name", "eu-de")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["projects"][0]["id"].as_str(), Some(pid().as_str()));
+        // 10 metrics per CES call; 11 is a 400 with the body-error shape.
+        with_listeners(&sim);
+        let to = now_ms();
+        let metrics = |n: usize| {
+            (0..n)
+                .map(|_| metric("lb-ded-c", "dc-0", "m1_cps"))
+                .collect()
+        };
+        let r = send(
+            &sim,
+            addr,
+            Call::post(ces_path(), ces_body(metrics(11), to - 300_000, to)),
+        )
+        .await;
+        assert_eq!((r.status, r.code().as_str()), (400, "ces.0014"));
+        assert!(r.msg().contains("1 to 10 items, got 11"), "{}", r.msg());
+        let r = send(
+            &sim,
+            addr,
+            Call::post(ces_path(), ces_body(metrics(10), to - 300_000, to)),
+        )
+        .await;
+        assert_eq!(r.status, 200);
     }
 }
