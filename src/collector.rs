@@ -802,7 +802,14 @@ impl<C: CloudApi> Collector<C> {
         match result {
             Ok(points) => {
                 st.out.ok_calls += 1;
-                let newest = points.iter().flatten().map(|p| p.timestamp_ms).max();
+                // A datapoint stamped after the moment we asked cannot be a published minute: it
+                // must not steer the schedule (a far-future stamp would park it for good).
+                let newest = points
+                    .iter()
+                    .flatten()
+                    .map(|p| p.timestamp_ms)
+                    .filter(|t| *t <= asked_ms.saturating_add(MINUTE_MS))
+                    .max();
                 if let Some(n) = newest {
                     self.alignment().aligner.observe(asked_ms, n);
                     st.newest = st.newest.max(Some(n));
@@ -895,7 +902,7 @@ impl<C: CloudApi> Collector<C> {
         if let Some(n) = st.cycle_newest {
             let interval = i64::try_from(self.settings.interval.as_millis()).unwrap_or(MINUTE_MS);
             let base = a.next_minute.map_or(n, |m| m.max(n));
-            a.next_minute = Some(base.div_euclid(MINUTE_MS) * MINUTE_MS + interval);
+            a.next_minute = Some((base.div_euclid(MINUTE_MS) * MINUTE_MS).saturating_add(interval));
         }
         if let Some(lag) = a.aligner.estimator().estimate() {
             self.telemetry.ces_publication_lag.set(lag.as_secs_f64());

@@ -405,24 +405,16 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 
 fn label_set(t: &Target) -> String {
     let mut s = String::with_capacity(256);
-    for (i, (k, v)) in [
-        ("namespace", &*t.namespace),
-        (t.owner.label(), &*t.service),
-        ("lbaas_instance_id", &*t.elb_id),
-        ("lbaas_listener_id", &*t.listener_id),
-        ("listener_name", &*t.listener_name),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push_str(k);
-        s.push_str("=\"");
-        escape_label_into(&mut s, v);
-        s.push('"');
-    }
+    push_labels(
+        &mut s,
+        &[
+            ("namespace", &t.namespace),
+            (t.owner.label(), &t.service),
+            ("lbaas_instance_id", &t.elb_id),
+            ("lbaas_listener_id", &t.listener_id),
+            ("listener_name", &t.listener_name),
+        ],
+    );
     let _ = write!(s, ",port=\"{}\",protocol=\"", t.port);
     escape_label_into(&mut s, &t.protocol);
     s.push('"');
@@ -431,27 +423,32 @@ fn label_set(t: &Target) -> String {
 
 fn pool_label_set(p: &PoolTarget) -> String {
     let mut s = String::with_capacity(256);
-    for (i, (k, v)) in [
-        ("namespace", &*p.namespace),
-        ("service", &*p.service),
-        ("ingress", &*p.ingress),
-        ("lbaas_instance_id", &*p.elb_id),
-        ("lbaas_pool_id", &*p.pool_id),
-        ("pool_name", &*p.pool_name),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    push_labels(
+        &mut s,
+        &[
+            ("namespace", &p.namespace),
+            ("service", &p.service),
+            ("ingress", &p.ingress),
+            ("lbaas_instance_id", &p.elb_id),
+            ("lbaas_pool_id", &p.pool_id),
+            ("pool_name", &p.pool_name),
+        ],
+    );
+    let _ = write!(s, ",port=\"{}\"", p.port);
+    s
+}
+
+/// `k1="v1",k2="v2"…` with the values escaped.
+fn push_labels(s: &mut String, pairs: &[(&str, &str)]) {
+    for (i, (k, v)) in pairs.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
         s.push_str(k);
         s.push_str("=\"");
-        escape_label_into(&mut s, v);
+        escape_label_into(s, v);
         s.push('"');
     }
-    let _ = write!(s, ",port=\"{}\"", p.port);
-    s
 }
 
 /// Label value escaping of the text format: `\` → `\\`, `"` → `\"`, newline → `\n`.

@@ -262,13 +262,15 @@ impl Elector {
     }
 }
 
-/// How long after acquiring the first cycle must wait: until the previous cycle start plus `interval`.
+/// How long after acquiring the first cycle must wait: until the previous cycle start plus `interval`,
+/// and never longer than one interval, so a start recorded in the future (a skewed clock, a hand-edited
+/// Lease) cannot park collection.
 pub fn first_cycle_delay(last_cycle_ms: Option<i64>, interval: Duration, wall_ms: i64) -> Duration {
     let Some(last) = last_cycle_ms else {
         return Duration::ZERO;
     };
     let due = last.saturating_add(i64::try_from(interval.as_millis()).unwrap_or(i64::MAX));
-    Duration::from_millis(u64::try_from(due.saturating_sub(wall_ms)).unwrap_or(0))
+    Duration::from_millis(u64::try_from(due.saturating_sub(wall_ms)).unwrap_or(0)).min(interval)
 }
 
 fn micro(ms: Option<i64>) -> Option<MicroTime> {
@@ -722,6 +724,8 @@ mod tests {
             Duration::from_secs(45)
         );
         assert_eq!(first_cycle_delay(Some(10_000), min, 90_000), Duration::ZERO);
+        // A start recorded a day ahead (skewed clock, edited Lease) waits one interval at most.
+        assert_eq!(first_cycle_delay(Some(86_400_000), min, 0), min);
     }
 
     #[test]

@@ -222,7 +222,7 @@ impl Aligner {
     pub fn first_attempt(&self, minute_ms: i64) -> Option<i64> {
         self.offset_ms
             .or_else(|| self.est.estimate_ms())
-            .map(|o| minute_ms + o)
+            .map(|o| minute_ms.saturating_add(o))
     }
 
     /// After an attempt at `asked_ms` missed `minute_ms`: when to ask again, spending one extra call;
