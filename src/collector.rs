@@ -2,12 +2,13 @@
 //! fewest batch calls (packed across all load balancers), the newest datapoint per series is kept, and
 //! the whole result is swapped in atomically. Listeners that appear between ticks are collected at once.
 
+use crate::cloud::Api;
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, Lane, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
 use crate::leader::{Lead, Leadership};
 use crate::schedule::{Aligner, MINUTE_MS, RateWindow};
-use crate::telemetry::{Api, Telemetry};
+use crate::telemetry::Telemetry;
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

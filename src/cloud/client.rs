@@ -7,9 +7,10 @@ use super::{
     BatchQuery, BatchResult, CES_SMALL_BATCH, CloudApi, CloudError, ElbVersion, ErrorBody,
     L7Policy, Lane, Listing, LoadBalancer, Pool, parse,
 };
+use crate::cloud::Api;
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
-use crate::telemetry::{Api, Telemetry};
+use crate::telemetry::Telemetry;
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;

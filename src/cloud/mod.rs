@@ -4,10 +4,11 @@
 
 pub mod auth;
 pub mod client;
+mod operation;
 pub mod parse;
 pub mod retry;
 
-pub use crate::telemetry::Api;
+pub use operation::Api;
 use std::fmt;
 use std::time::Duration;
 

@@ -18,8 +18,9 @@
 
 use super::ingress::{IngressBook, IngressEvent};
 use super::{DiscoveryEvent, ElbClass, Observed, Owner, Problem, Scope, ServiceKey};
+use crate::cloud::Api;
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, Listener, Listing};
-use crate::telemetry::{Api, Telemetry};
+use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
