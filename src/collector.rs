@@ -2,7 +2,7 @@
 //! fewest batch calls (packed across all load balancers), the newest datapoint per series is kept, and
 //! the whole result is swapped in atomically. Listeners that appear between ticks are collected at once.
 
-use crate::cloud::Api;
+use crate::cloud::Operation;
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, Lane, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
@@ -699,7 +699,7 @@ impl<C: CloudApi> Collector<C> {
         let per_minute = calls as f64 * 60.0 / s.interval.as_secs_f64().max(0.001);
         self.telemetry
             .planned_calls
-            .with_label_values(&[Api::CesBatchQuery.as_str()])
+            .with_label_values(&[Operation::CesBatchQuery.as_str()])
             .set(per_minute.ceil() as i64);
         self.telemetry
             .effective_interval

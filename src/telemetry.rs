@@ -1,7 +1,7 @@
 //! The exporter's own metrics (`elb_exporter_*`), kept in a `prometheus` registry and rendered per scrape.
 //! They are few and small; the per-listener cloud series are pre-rendered by `exposition` instead.
 
-use crate::cloud::Api;
+use crate::cloud::Operation;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry,
@@ -174,7 +174,7 @@ impl Telemetry {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
         // Pre-create the per-API series so dashboards see zeros rather than gaps.
-        for api in Api::ALL {
+        for api in Operation::ALL {
             t.cloud_requests.with_label_values(&[api.as_str()]);
             t.planned_calls.with_label_values(&[api.as_str()]);
         }

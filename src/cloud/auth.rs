@@ -12,7 +12,7 @@
 //!
 //! [`GateCore`] is the pure state machine with the clock passed in; [`AuthGate`] wraps it for async callers.
 
-use super::{Api, CloudError};
+use super::{CloudError, Operation};
 use crate::config::Credentials;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,7 +73,7 @@ pub enum Decision {
 #[derive(Debug, Clone, Copy)]
 struct Closed {
     /// The API whose 401 closed the gate: only it may probe.
-    api: Api,
+    api: Operation,
     until: Instant,
 }
 
@@ -85,9 +85,9 @@ pub struct GateCore {
     /// Consecutive rejected probes: the cooldown doubles with each.
     strikes: u32,
     /// APIs that accepted this credential since it was last proven wrong.
-    proven: Vec<Api>,
+    proven: Vec<Operation>,
     /// APIs with a probe in flight.
-    probing: Vec<Api>,
+    probing: Vec<Operation>,
     in_flight: usize,
     /// 401s of this access key inside `LOCK_WINDOW`.
     failures: VecDeque<Instant>,
@@ -139,13 +139,13 @@ impl GateCore {
     }
 
     /// Whether a call to `api` would be refused now because the gate is closed (no state change).
-    pub fn refusal(&self, api: Api, now: Instant) -> Option<Duration> {
+    pub fn refusal(&self, api: Operation, now: Instant) -> Option<Duration> {
         let c = self.closed?;
         let left = c.until.saturating_duration_since(now);
         (c.api != api || !left.is_zero() || !self.probing.is_empty()).then_some(left)
     }
 
-    pub fn admit(&mut self, api: Api, now: Instant) -> Decision {
+    pub fn admit(&mut self, api: Operation, now: Instant) -> Decision {
         let full = self.at_risk(now) >= AT_RISK_MAX;
         if self.closed.is_some() {
             if let Some(left) = self.refusal(api, now) {
@@ -170,7 +170,7 @@ impl GateCore {
         self.send(api, probe)
     }
 
-    fn send(&mut self, api: Api, probe: bool) -> Decision {
+    fn send(&mut self, api: Operation, probe: bool) -> Decision {
         self.in_flight += 1;
         if probe {
             self.probing.push(api);
@@ -185,7 +185,7 @@ impl GateCore {
     /// closed the gate (for the log).
     pub fn record(
         &mut self,
-        api: Api,
+        api: Operation,
         generation: u64,
         probe: bool,
         verdict: Verdict,
@@ -250,7 +250,7 @@ impl GateCore {
     }
 
     /// A request ended without an answer (its future was dropped).
-    pub fn abandon(&mut self, api: Api, generation: u64, probe: bool, now: Instant) {
+    pub fn abandon(&mut self, api: Operation, generation: u64, probe: bool, now: Instant) {
         self.record(api, generation, probe, Verdict::Unknown, now);
     }
 }
@@ -265,7 +265,7 @@ pub struct AuthGate {
 /// (a cancelled request) frees its place and lets the next request probe.
 pub struct Ticket<'a> {
     gate: &'a AuthGate,
-    api: Api,
+    api: Operation,
     generation: u64,
     pub probe: bool,
     pub credentials: Arc<Credentials>,
@@ -333,13 +333,13 @@ impl AuthGate {
     }
 
     /// The refusal a call to `api` would get now, if the gate is closed to it.
-    pub fn refusal(&self, api: Api) -> Option<CloudError> {
+    pub fn refusal(&self, api: Operation) -> Option<CloudError> {
         self.with(|core| core.refusal(api, Instant::now()))
             .map(|left| CloudError::AuthBackoff(api, left))
     }
 
     /// Waits for permission to send a request to `api`.
-    pub async fn admit(&self, api: Api) -> Result<Ticket<'_>, CloudError> {
+    pub async fn admit(&self, api: Operation) -> Result<Ticket<'_>, CloudError> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -375,11 +375,11 @@ impl AuthGate {
 mod tests {
     use super::*;
 
-    const CES: Api = Api::CesBatchQuery;
-    const ELB: Api = Api::ElbListListeners;
-    const IAM: Api = Api::IamListProjects;
+    const CES: Operation = Operation::CesBatchQuery;
+    const ELB: Operation = Operation::ElbListListeners;
+    const IAM: Operation = Operation::IamListProjects;
 
-    fn send(core: &mut GateCore, api: Api, now: Instant) -> (u64, bool) {
+    fn send(core: &mut GateCore, api: Operation, now: Instant) -> (u64, bool) {
         match core.admit(api, now) {
             Decision::Send { generation, probe } => (generation, probe),
             other => panic!("{api:?} at {now:?}: expected Send, got {other:?}"),
@@ -395,7 +395,7 @@ mod tests {
         let mut probes_per_cooldown: Vec<usize> = Vec::new();
         // Every simulated second, a cycle asks IAM/ELB once and CES eight times (the default
         // concurrency), all at once; answers come back one second later.
-        let mut in_flight: Vec<(Api, u64, bool)> = Vec::new();
+        let mut in_flight: Vec<(Operation, u64, bool)> = Vec::new();
         let mut ces_sent_since_close = 0;
         let mut cooldowns = Vec::new();
         for _ in 0..(60 + 120 + 240 + 30) {

@@ -8,7 +8,7 @@ mod operation;
 pub mod parse;
 pub mod retry;
 
-pub use operation::Api;
+pub use operation::Operation;
 use std::fmt;
 use std::time::Duration;
 
@@ -214,27 +214,27 @@ pub trait CloudApi: Send + Sync + 'static {
 pub const CES_SMALL_BATCH: usize = 10;
 
 /// What a 403 of `api` means the user lacks, and the fix.
-pub fn permission_hint(api: Api) -> &'static str {
+pub fn permission_hint(api: Operation) -> &'static str {
     match api {
-        Api::IamListProjects => {
+        Operation::IamListProjects => {
             "the IAM user lacks iam:projects:list: set auth.project_id, or grant iam:projects:list (e.g. the system policy IAM ReadOnlyAccess)"
         }
-        Api::IamListAuthProjects => {
+        Operation::IamListAuthProjects => {
             "IAM refused to list the projects of this user: set auth.project_id"
         }
-        Api::ElbListListeners => {
+        Operation::ElbListListeners => {
             "the IAM user lacks elb:listeners:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::ElbListPools => {
+        Operation::ElbListPools => {
             "the IAM user lacks elb:pools:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::ElbListL7policies => {
+        Operation::ElbListL7policies => {
             "the IAM user lacks elb:l7policies:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::ElbListLoadbalancers => {
+        Operation::ElbListLoadbalancers => {
             "the IAM user lacks elb:loadbalancers:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::CesBatchQuery => {
+        Operation::CesBatchQuery => {
             "the IAM user lacks ces:metricData:list (e.g. the system policy CES ReadOnlyAccess), granted in this region's project (a global grant does not take effect for Cloud Eye)"
         }
     }
@@ -271,31 +271,31 @@ pub enum CloudError {
     #[error(
         "{0}: authentication failed (check AK/SK, clock skew; 5 failures lock the AK for 5 minutes): {1}"
     )]
-    Unauthorized(Api, ErrorBody),
+    Unauthorized(Operation, ErrorBody),
     #[error("{0}: permission denied ({hint}): {1}", hint = permission_hint(*.0))]
-    Forbidden(Api, ErrorBody),
+    Forbidden(Operation, ErrorBody),
     #[error("{0}: not found (project or resource): {1}")]
-    NotFound(Api, ErrorBody),
+    NotFound(Operation, ErrorBody),
     #[error("{0}: throttled: {1}")]
-    Throttled(Api, ErrorBody, Option<Duration>),
+    Throttled(Operation, ErrorBody, Option<Duration>),
     #[error("{0}: request rejected: {1}")]
-    BadRequest(Api, ErrorBody),
+    BadRequest(Operation, ErrorBody),
     #[error("{0}: server error: {1}")]
-    Server(Api, ErrorBody, Option<Duration>),
+    Server(Operation, ErrorBody, Option<Duration>),
     #[error("{0}: unexpected answer: {1}")]
-    Http(Api, ErrorBody),
+    Http(Operation, ErrorBody),
     #[error("{0}: timed out after {1:?}")]
-    Timeout(Api, Duration),
+    Timeout(Operation, Duration),
     #[error("{0}: connection failed: {1}")]
-    Connect(Api, String),
+    Connect(Operation, String),
     #[error("{0}: malformed response: {1}")]
-    Malformed(Api, String),
+    Malformed(Operation, String),
     #[error("project lookup: {0}")]
     Project(String),
     #[error(
         "{0}: not sent: the credentials were rejected (401); cloud calls pause until a probe succeeds (next probe in {1:?} at the earliest) so the AK is not locked"
     )]
-    AuthBackoff(Api, Duration),
+    AuthBackoff(Operation, Duration),
 }
 
 impl CloudError {
@@ -359,7 +359,7 @@ impl CloudError {
     }
 
     /// Classifies an HTTP error answer.
-    pub fn from_status(api: Api, body: ErrorBody, retry_after: Option<Duration>) -> Self {
+    pub fn from_status(api: Operation, body: ErrorBody, retry_after: Option<Duration>) -> Self {
         let throttling_code = body.code.as_deref().is_some_and(|c| {
             c.eq_ignore_ascii_case("ces.0429")
                 || c.eq_ignore_ascii_case("APIG.0308")

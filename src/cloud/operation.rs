@@ -3,7 +3,7 @@
 
 /// Which cloud API a request went to; the `api` label value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Api {
+pub enum Operation {
     IamListProjects,
     /// `GET /v3/auth/projects`: the fallback when the user may not list projects by name.
     IamListAuthProjects,
@@ -17,31 +17,31 @@ pub enum Api {
     ElbListLoadbalancers,
 }
 
-impl Api {
-    pub const ALL: [Api; 7] = [
-        Api::IamListProjects,
-        Api::IamListAuthProjects,
-        Api::ElbListListeners,
-        Api::CesBatchQuery,
-        Api::ElbListPools,
-        Api::ElbListL7policies,
-        Api::ElbListLoadbalancers,
+impl Operation {
+    pub const ALL: [Operation; 7] = [
+        Operation::IamListProjects,
+        Operation::IamListAuthProjects,
+        Operation::ElbListListeners,
+        Operation::CesBatchQuery,
+        Operation::ElbListPools,
+        Operation::ElbListL7policies,
+        Operation::ElbListLoadbalancers,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Api::IamListProjects => "iam_list_projects",
-            Api::IamListAuthProjects => "iam_list_auth_projects",
-            Api::ElbListListeners => "elb_list_listeners",
-            Api::CesBatchQuery => "ces_batch_query",
-            Api::ElbListPools => "elb_list_pools",
-            Api::ElbListL7policies => "elb_list_l7policies",
-            Api::ElbListLoadbalancers => "elb_list_loadbalancers",
+            Operation::IamListProjects => "iam_list_projects",
+            Operation::IamListAuthProjects => "iam_list_auth_projects",
+            Operation::ElbListListeners => "elb_list_listeners",
+            Operation::CesBatchQuery => "ces_batch_query",
+            Operation::ElbListPools => "elb_list_pools",
+            Operation::ElbListL7policies => "elb_list_l7policies",
+            Operation::ElbListLoadbalancers => "elb_list_loadbalancers",
         }
     }
 }
 
-impl std::fmt::Display for Api {
+impl std::fmt::Display for Operation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }

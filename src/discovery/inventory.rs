@@ -18,7 +18,7 @@
 
 use super::ingress::{IngressBook, IngressEvent};
 use super::{DiscoveryEvent, ElbClass, Observed, Owner, Problem, Scope, ServiceKey};
-use crate::cloud::Api;
+use crate::cloud::Operation;
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, Listener, Listing};
 use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -610,7 +610,7 @@ impl<C: CloudApi> Inventory<C> {
                 .sum();
             self.telemetry
                 .inventory_calls
-                .with_label_values(&[Api::ElbListListeners.as_str(), v.as_str()])
+                .with_label_values(&[Operation::ElbListListeners.as_str(), v.as_str()])
                 .set(i64::from(n));
         }
     }
@@ -978,7 +978,7 @@ impl<C: CloudApi> Inventory<C> {
         let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
         self.telemetry
             .planned_calls
-            .with_label_values(&[Api::ElbListListeners.as_str()])
+            .with_label_values(&[Operation::ElbListListeners.as_str()])
             .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
         self.update_calls_gauge(now);
         self.schedule_port_retries(port_retries);

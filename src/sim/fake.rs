@@ -2,7 +2,7 @@
 //! scripted per call, and every call recorded. Works under tokio's paused clock (delays are tokio
 //! sleeps), so deadlines and schedules are tested in milliseconds of real time.
 
-use crate::cloud::Api;
+use crate::cloud::Operation;
 use crate::cloud::{
     BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Lane,
     Listener, Listing, MetricQuery, Pool,
@@ -120,7 +120,7 @@ fn listener_of(m: &MetricQuery) -> &str {
 
 fn failure(status: u16) -> CloudError {
     CloudError::from_status(
-        Api::CesBatchQuery,
+        Operation::CesBatchQuery,
         ErrorBody {
             status,
             code: None,
