@@ -217,7 +217,7 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         let elb = r.elb_id.as_deref().unwrap_or("-");
         let api = r.api.map(|v| v.as_str()).unwrap_or("-");
         let mine: Vec<_> = targets
-            .targets
+            .listeners
             .iter()
             .filter(|t| {
                 t.owner == discovery::Owner::Service
@@ -429,7 +429,7 @@ fn print_ingresses(targets: &Targets, problems: &mut Vec<String>) {
         "NAMESPACE", "INGRESS", "ELB", "LISTENER", "PORT", "PROTOCOL"
     );
     for t in targets
-        .targets
+        .listeners
         .iter()
         .filter(|t| t.owner == discovery::Owner::Ingress)
     {

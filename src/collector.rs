@@ -373,9 +373,9 @@ pub fn distinct_pools(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
 
 /// The distinct (ELB, listener) pairs of the targets, in target order.
 pub fn distinct_listeners(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
-    let mut seen = HashSet::with_capacity(targets.targets.len());
+    let mut seen = HashSet::with_capacity(targets.listeners.len());
     targets
-        .targets
+        .listeners
         .iter()
         .filter(|t| seen.insert(t.listener_id.clone()))
         .map(|t| (t.elb_id.clone(), t.listener_id.clone()))
@@ -1144,7 +1144,7 @@ mod tests {
             .collect();
         let targets = Targets {
             synced: true,
-            targets,
+            listeners: targets,
             ..Targets::default()
         };
         (cloud, Arc::new(targets))
@@ -1302,7 +1302,7 @@ mod tests {
         let (collector, mut rx) = Collector::new(cloud.clone(), settings(3, 1), telemetry);
         let one = Targets {
             synced: true,
-            targets: targets.targets[..1].to_vec(),
+            listeners: targets.listeners[..1].to_vec(),
             ..Targets::default()
         };
         let (ttx, trx) = watch::channel(Arc::new(one));

@@ -271,11 +271,11 @@ impl Renderer {
     /// The body at `now`: a target without data has no series; data without a target (a deleted
     /// Service) is not shown; a value older than the staleness bound is not shown.
     pub fn render_at(&self, targets: &Targets, snap: &Snapshot, now: Instant) -> Body {
-        let labels: Vec<String> = targets.targets.iter().map(label_set).collect();
+        let labels: Vec<String> = targets.listeners.iter().map(label_set).collect();
         let pool_labels: Vec<String> = targets.pools.iter().map(pool_label_set).collect();
         let mut acc = Acc {
             sink: GzSink::new(
-                (targets.targets.len() * (self.metrics.len() + 1)
+                (targets.listeners.len() * (self.metrics.len() + 1)
                     + targets.pools.len() * (self.pool_headers.len() + 1))
                     * 260
                     + 4096,
@@ -285,7 +285,7 @@ impl Renderer {
             series: 0,
         };
         let stale_after = snap.stale_after.unwrap_or(self.stale_after);
-        let keys = targets.targets.iter().map(|t| t.listener_id.clone());
+        let keys = targets.listeners.iter().map(|t| t.listener_id.clone());
         self.families(
             &mut acc,
             &self.headers,
@@ -295,7 +295,7 @@ impl Renderer {
             snap,
             (now, stale_after),
         );
-        if !targets.targets.is_empty() {
+        if !targets.listeners.is_empty() {
             acc.sink.buf.push_str("# HELP elb_exporter_listener_info ELB listeners attributed to a Kubernetes Service port or Ingress; always 1.\n# TYPE elb_exporter_listener_info gauge\n");
             for l in &labels {
                 let _ = writeln!(acc.sink.buf, "elb_exporter_listener_info{{{l}}} 1");
@@ -333,7 +333,7 @@ impl Renderer {
         Body {
             expires,
             services: targets.services,
-            listeners: targets.targets.len(),
+            listeners: targets.listeners.len(),
             problems: Problem::ALL
                 .iter()
                 .map(|p| (*p, targets.problems.get(p).copied().unwrap_or(0)))
@@ -527,7 +527,7 @@ mod tests {
         };
         let targets = Targets {
             services: 1,
-            targets: vec![target],
+            listeners: vec![target],
             ..Targets::default()
         };
         let fetched = Instant::now();

@@ -1572,7 +1572,7 @@ proptest! {
             Duration::from_secs(300),
         );
         let targets = Targets {
-            targets: case.targets.clone(),
+            listeners: case.targets.clone(),
             ..Targets::default()
         };
         let values: HashMap<(Arc<str>, u16), Sample> = case

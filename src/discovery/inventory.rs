@@ -88,7 +88,7 @@ pub struct Targets {
     pub services: usize,
     /// Service listeners sorted by namespace, service, port, listener id; then Ingress listeners
     /// sorted the same way.
-    pub targets: Vec<Target>,
+    pub listeners: Vec<Target>,
     /// CCE Ingresses watched (usable or not).
     pub ingresses: usize,
     /// Ingress problems for `check` and logs: the reason, and `ingress namespace/name: problem`.
@@ -986,7 +986,7 @@ impl<C: CloudApi> Inventory<C> {
             generation: self.generation + 1,
             synced,
             services: reports.len(),
-            targets,
+            listeners: targets,
             problems,
             forbidden: self
                 .scopes_forbidden
@@ -1126,7 +1126,7 @@ impl Targets {
         self.synced == other.synced
             && self.services == other.services
             && self.elbs == other.elbs
-            && self.targets == other.targets
+            && self.listeners == other.listeners
             && self.problems == other.problems
             && self.reports == other.reports
             && self.ingresses == other.ingresses
@@ -1335,7 +1335,7 @@ mod tests {
         while !rx.borrow_and_update().synced {
             rx.changed().await.unwrap();
         }
-        assert_eq!(rx.borrow().targets.len(), 2);
+        assert_eq!(rx.borrow().listeners.len(), 2);
         let generation = rx.borrow().generation;
         let calls = cloud.calls.load(std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(refresh * 3).await;
