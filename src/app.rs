@@ -199,7 +199,7 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
         let s = p.snapshots.borrow_and_update().clone();
         let s = if leading { s } else { Arc::default() };
         let r = renderer.clone();
-        let finished = s.finished || !leading;
+        let done = s.first_cycle_done || !leading;
         let synced = t.synced;
         if !leading {
             // The collector sets `up` per cycle; a follower has none, so its readiness is its `up`.
@@ -226,7 +226,7 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
         }
         state.synced.store(synced, Ordering::Release);
         // Once ready, a replica stays ready across leadership changes (a new leader has no cycle yet).
-        state.collected.fetch_or(finished, Ordering::AcqRel);
+        state.first_cycle_done.fetch_or(done, Ordering::AcqRel);
         // Values pass their staleness bound with time, not only with new data: render again then.
         let stale = async {
             match expires {

@@ -43,7 +43,7 @@ pub struct Snapshot {
     /// Values of listeners collected promptly since the last full cycle (small).
     pub extra: Arc<HashMap<SeriesKey, Sample>>,
     /// A full collection cycle has finished (successfully or not).
-    pub finished: bool,
+    pub first_cycle_done: bool,
     /// The last full cycle succeeded completely.
     pub up: bool,
     /// How long a value is served after CES returned it: `stale_intervals` × the cycle period (the
@@ -499,7 +499,7 @@ impl<C: CloudApi> Collector<C> {
         self.attempted.clear();
         self.tx.send_replace(Arc::new(Snapshot {
             cycle: prev.cycle,
-            finished: prev.finished,
+            first_cycle_done: prev.first_cycle_done,
             ..Snapshot::default()
         }));
     }
@@ -1018,7 +1018,7 @@ impl<C: CloudApi> Collector<C> {
             cycle,
             values: Arc::new(values),
             extra: Arc::default(),
-            finished: true,
+            first_cycle_done: true,
             up,
             stale_after: Some(stale_after),
         }));
@@ -1085,7 +1085,7 @@ impl<C: CloudApi> Collector<C> {
             cycle: prev.cycle,
             values: prev.values.clone(),
             extra: Arc::new(extra),
-            finished: prev.finished,
+            first_cycle_done: prev.first_cycle_done,
             up: prev.up,
             stale_after: prev.stale_after,
         };

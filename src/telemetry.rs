@@ -145,7 +145,7 @@ telemetry! {
         "Parts of cloud responses skipped as unusable, by reason.";
     collections: IntCounterVec = "elb_exporter_collections_total" ["result"],
         "Collection cycles, by result.";
-    watch_restarts: IntCounterVec = "elb_exporter_kubernetes_watch_errors_total" ["kind"],
+    watch_errors: IntCounterVec = "elb_exporter_kubernetes_watch_errors_total" ["kind"],
         "Errors of the Kubernetes Service watch (each followed by a backed-off retry).";
     task_failures: IntCounterVec = "elb_exporter_task_failures_total" ["task"],
         "Pipeline tasks that ended or panicked while the exporter served; any makes /healthz fail.";
@@ -211,7 +211,7 @@ mod tests {
             &t.cloud_requests,
             &t.paused_calls,
             &t.skipped,
-            &t.watch_restarts,
+            &t.watch_errors,
         ] {
             v.with_label_values(&["x"]).inc();
         }

@@ -1589,7 +1589,7 @@ proptest! {
             cycle: 1,
             values: std::sync::Arc::new(values),
             extra: Default::default(),
-            finished: true,
+            first_cycle_done: true,
             up: true,
             stale_after: None,
         };

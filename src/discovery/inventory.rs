@@ -650,7 +650,7 @@ impl<C: CloudApi> Inventory<C> {
             }
             DiscoveryEvent::Forbidden { scope, message } => {
                 self.telemetry
-                    .watch_restarts
+                    .watch_errors
                     .with_label_values(&["forbidden"])
                     .inc();
                 let new =
@@ -666,10 +666,7 @@ impl<C: CloudApi> Inventory<C> {
             }
             DiscoveryEvent::Ingress(ev) => self.apply_ingress(ev),
             DiscoveryEvent::Error(kind) => {
-                self.telemetry
-                    .watch_restarts
-                    .with_label_values(&[kind])
-                    .inc();
+                self.telemetry.watch_errors.with_label_values(&[kind]).inc();
                 false
             }
         }

@@ -31,7 +31,7 @@ pub struct AppState {
     /// Kubernetes watch synced (and the first ELB lookups done).
     pub synced: Arc<AtomicBool>,
     /// The first collection cycle finished, successfully or not.
-    pub collected: Arc<AtomicBool>,
+    pub first_cycle_done: Arc<AtomicBool>,
     /// Every pipeline task is alive; `/healthz` fails otherwise, so Kubernetes restarts the pod.
     pub healthy: Arc<AtomicBool>,
     pub metric_path: String,
@@ -58,7 +58,7 @@ impl AppState {
             body: Arc::new(ArcSwap::from_pointee(Body::default())),
             telemetry,
             synced: Arc::new(AtomicBool::new(false)),
-            collected: Arc::new(AtomicBool::new(false)),
+            first_cycle_done: Arc::new(AtomicBool::new(false)),
             healthy: Arc::new(AtomicBool::new(true)),
             metric_path: metric_path.to_string(),
             own: Arc::new(Mutex::new(None)),
@@ -200,8 +200,8 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 async fn readyz(State(s): State<AppState>) -> Response {
     let synced = s.synced.load(Ordering::Acquire);
-    let collected = s.collected.load(Ordering::Acquire);
-    if synced && collected {
+    let first_cycle_done = s.first_cycle_done.load(Ordering::Acquire);
+    if synced && first_cycle_done {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         let why = if !synced {
