@@ -30,9 +30,36 @@ pub struct Sample {
     pub fetched: Instant,
 }
 
-/// Series key: listener or pool id, and index into the configured metrics: `collection.metrics` for a
-/// listener, `collection.metrics.len()` + the index into `collection.pool_metrics` for a pool.
-pub type SeriesKey = (Arc<str>, u16);
+/// Index into the configured metrics: `collection.metrics` for a listener, `collection.metrics.len()` +
+/// the index into `collection.pool_metrics` for a pool. Two bytes, as a snapshot holds one per series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MetricIndex(pub u16);
+
+impl MetricIndex {
+    /// The index of position `i` in the metric lists (validated config keeps them far below 65536).
+    pub fn new(i: usize) -> Self {
+        MetricIndex(i as u16)
+    }
+}
+
+/// One series: which listener or pool, which metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    /// Listener or pool id.
+    pub id: Arc<str>,
+    /// Which of the configured metrics.
+    pub metric: MetricIndex,
+}
+
+impl SeriesKey {
+    /// The series of metric position `metric` (see [`MetricIndex`]) of listener or pool `id`.
+    pub fn new(id: Arc<str>, metric: usize) -> Self {
+        SeriesKey {
+            id,
+            metric: MetricIndex::new(metric),
+        }
+    }
+}
 
 /// The result of collection, published as a whole.
 #[derive(Debug, Default)]
@@ -221,7 +248,7 @@ impl ZeroGuard {
             self.seen.retain(|_, (_, last)| *last + 1 >= cycle);
             self.pruned_at = cycle;
         }
-        for (listener, _) in keys {
+        for SeriesKey { id: listener, .. } in keys {
             let e = self.seen.entry(listener.clone()).or_insert((now_ms, cycle));
             if e.1 + 1 < cycle {
                 e.0 = now_ms;
@@ -263,7 +290,7 @@ fn merge(
     for (key, p) in keys.into_iter().zip(points) {
         let (value, timestamp_ms) = match (p, fresh) {
             (Some(p), _) => (p.value, p.timestamp_ms),
-            (None, Some(ts)) if zeros.zero_allowed(&key.0, now_ms) => (0.0, ts),
+            (None, Some(ts)) if zeros.zero_allowed(&key.id, now_ms) => (0.0, ts),
             (None, _) => continue,
         };
         values.insert(
@@ -654,7 +681,7 @@ impl<C: CloudApi> Collector<C> {
             let mut keys = Vec::with_capacity(size);
             let mut queries = Vec::with_capacity(size);
             for ((elb, id), dimension, m) in work.batch(size, batch) {
-                keys.push((id.clone(), m as u16));
+                keys.push(SeriesKey::new(id.clone(), m));
                 queries.push(MetricQuery {
                     namespace: NAMESPACE.to_string(),
                     metric_name: self.metric_name(m).to_string(),
@@ -918,7 +945,7 @@ impl<C: CloudApi> Collector<C> {
             .collect();
         for batch in unanswered {
             for ((_, id), _, m) in work.batch(size, batch) {
-                let key = (id.clone(), m as u16);
+                let key = SeriesKey::new(id.clone(), m);
                 st.out.kept_stale += usize::from(st.keep(key));
             }
         }
@@ -1188,9 +1215,10 @@ mod tests {
         assert!(snap.up);
         assert_eq!(snap.len(), 21);
         for i in 0..7 {
-            for m in 0..3u16 {
+            for m in 0..3 {
                 assert_eq!(
-                    snap.get(&(listener(i).into(), m)).map(|s| s.value),
+                    snap.get(&SeriesKey::new(listener(i).into(), m))
+                        .map(|s| s.value),
                     Some(1.0)
                 );
             }
@@ -1217,10 +1245,10 @@ mod tests {
         // Cut at the interval (60 s after the cycle began at 60 s), not after the hung call.
         assert_eq!(start.elapsed().as_secs(), 120);
         assert!(!second.up, "a cut cycle is a failed one");
-        let fresh = (listener(0).into(), 0u16);
+        let fresh = SeriesKey::new(listener(0).into(), 0);
         assert_eq!(second.get(&fresh).map(|s| s.value), Some(2.0));
         // The hung and unsent batches keep their last values (within the staleness bound).
-        let kept = (listener(3).into(), 2u16);
+        let kept = SeriesKey::new(listener(3).into(), 2);
         assert_eq!(second.get(&kept).map(|s| s.value), Some(1.0));
         assert_eq!(second.len(), 12);
         let cycle_two = cloud
@@ -1361,7 +1389,7 @@ mod tests {
             pools: vec![pool],
             ..(*targets).clone()
         }));
-        let key: SeriesKey = ("p1".into(), METRICS.len() as u16);
+        let key = SeriesKey::new("p1".into(), METRICS.len());
         let prompt = rx
             .wait_for(|s| s.get(&key).is_some())
             .await
@@ -1510,8 +1538,8 @@ mod tests {
     const MIN: i64 = 60_000;
     const T0: i64 = 1_800_000_000_000;
 
-    fn key(listener: &str, metric: u16) -> SeriesKey {
-        (Arc::from(listener), metric)
+    fn key(listener: &str, metric: usize) -> SeriesKey {
+        SeriesKey::new(Arc::from(listener), metric)
     }
 
     fn point(timestamp_ms: i64, value: f64) -> Option<Datapoint> {

@@ -2,7 +2,7 @@
 //! scrape) and kept as shared gzip-compressed bytes; the plain text is derived on the first plain scrape
 //! of a body and kept with it.
 
-use crate::collector::Snapshot;
+use crate::collector::{MetricIndex, SeriesKey, Snapshot};
 use crate::config::{Config, Filter, format_duration};
 use crate::discovery::Problem;
 use crate::discovery::inventory::{Target, Targets};
@@ -358,11 +358,11 @@ impl Renderer {
         snap: &Snapshot,
         (now, stale_after): (Instant, Duration),
     ) {
-        let mut keys: Vec<(Arc<str>, u16)> = ids.map(|id| (id, 0)).collect();
+        let mut keys: Vec<SeriesKey> = ids.map(|id| SeriesKey::new(id, 0)).collect();
         for (m, (header, family)) in headers.iter().enumerate() {
             let mut wrote_header = false;
             for (key, l) in keys.iter_mut().zip(labels) {
-                key.1 = (first + m) as u16;
+                key.metric = MetricIndex::new(first + m);
                 let Some(s) = snap.get(key) else {
                     continue;
                 };
@@ -537,7 +537,11 @@ mod tests {
             fetched,
         };
         let snap = Snapshot {
-            values: Arc::new([(("l1".into(), 0u16), sample)].into_iter().collect()),
+            values: Arc::new(
+                [(SeriesKey::new("l1".into(), 0), sample)]
+                    .into_iter()
+                    .collect(),
+            ),
             ..Snapshot::default()
         };
         let fresh = r.render_at(
