@@ -2,6 +2,7 @@
 //! fewest batch calls (packed across all load balancers), the newest datapoint per series is kept, and
 //! the whole result is swapped in atomically. Listeners that appear between ticks are collected at once.
 
+use crate::clock::now_ms;
 use crate::cloud::Operation;
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, Lane, MetricQuery};
 use crate::config::{Config, Filter};
@@ -138,7 +139,7 @@ impl WallClock {
 
     pub fn now_ms(&self) -> i64 {
         match self {
-            WallClock::System => wall_ms(),
+            WallClock::System => now_ms(),
             WallClock::Virtual { start_ms, at } => {
                 let since = i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX / 4);
                 start_ms.saturating_add(since)
@@ -302,16 +303,6 @@ fn merge(
             },
         );
     }
-}
-
-fn wall_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(i64::MAX)
 }
 
 /// Runs `work` while leading (always without leader election); `None` when leadership ended first,

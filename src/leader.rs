@@ -15,13 +15,14 @@
 //! ([`LAST_CYCLE_ANNOTATION`]); a new leader starts no earlier than that plus the interval, so no interval
 //! is collected twice across a handover.
 
+use crate::clock::now_ms;
 use crate::config::LeaderElection;
 use crate::telemetry::Telemetry;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -315,14 +316,6 @@ pub fn lease_of(mut base: Lease, r: &Record) -> Lease {
     base
 }
 
-fn wall_ms() -> i64 {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    i64::try_from(ms).unwrap_or(i64::MAX)
-}
-
 /// The Lease as stored now (`None`: not created yet), for `check`.
 pub async fn describe(api: &Api<Lease>, name: &str) -> Result<Option<Record>, LeaseError> {
     let got = tokio::time::timeout(RELEASE_TIMEOUT * 5, api.get_opt(name))
@@ -433,7 +426,7 @@ impl Election {
             _ => self.api.get_opt(name).await?,
         };
         let record = current.as_ref().map(record_of);
-        let Some(write) = elector.plan(started, wall_ms(), record) else {
+        let Some(write) = elector.plan(started, now_ms(), record) else {
             return Ok(());
         };
         let pp = PostParams::default();
@@ -486,7 +479,7 @@ impl Election {
                 return false;
             }
             *l = if leading {
-                let delay = first_cycle_delay(last, interval, wall_ms());
+                let delay = first_cycle_delay(last, interval, now_ms());
                 info!(
                     first_cycle_in_ms = delay.as_millis() as u64,
                     "leading: the first cycle waits for the previous leader's interval to end"
@@ -505,7 +498,7 @@ impl Election {
 
     /// Stops collecting first, then frees the Lease so a follower takes over at its next try.
     async fn release(&mut self, elector: &mut Elector, cached: Option<Lease>) {
-        let record = elector.release(wall_ms());
+        let record = elector.release(now_ms());
         self.publish(elector);
         if let Some(r) = record {
             let base = cached.unwrap_or_default();

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod cloud;
 pub mod collector;
 pub mod config;
