@@ -4,6 +4,7 @@
 //! Data flows one way: `discovery` (Service watch → inventory of targets) → `collector` (CES batches →
 //! snapshot) → `exposition` (pre-rendered body) → `server`. `app` wires them; `cli` is the command line.
 
+pub mod annotations;
 pub mod app;
 pub mod cli;
 pub mod clock;

@@ -6,7 +6,8 @@
 //! auto-created ELB named `cce-lb-<ingress uid>` (the [`Binder`], from the v3 load balancer listing). An
 //! Ingress none of these binds is reported `ingress_unbound` and retried.
 
-use super::{DiscoveryEvent, ELB_CLASS_ANNOTATION, ElbClass, Problem, Scope, forbidden_message};
+use super::{DiscoveryEvent, ElbClass, Problem, Scope, forbidden_message};
+use crate::annotations;
 use crate::cloud::{CloudApi, Lane, Listener, LoadBalancer};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::networking::v1::Ingress;
@@ -19,13 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 pub const CCE_CLASS: &str = "cce";
-pub const ELB_ID_ANNOTATION: &str = "kubernetes.io/elb.id";
-pub const ELB_IP_ANNOTATION: &str = "kubernetes.io/elb.ip";
-pub const PORT_ANNOTATION: &str = "kubernetes.io/elb.port";
-pub const LISTEN_PORTS_ANNOTATION: &str = "kubernetes.io/elb.listen-ports";
-pub const MASTER_ANNOTATION: &str = "kubernetes.io/elb.listener-master-ingress";
 
 /// (namespace, name) of an Ingress.
 pub type IngressKey = (Arc<str>, Arc<str>);
@@ -123,30 +118,30 @@ pub fn listener_ports(
     tls: bool,
 ) -> Result<Vec<u16>, &'static str> {
     let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|s| s.trim());
-    if let Some(raw) = get(LISTEN_PORTS_ANNOTATION).filter(|s| !s.is_empty()) {
+    if let Some(raw) = get(annotations::ELB_LISTEN_PORTS).filter(|s| !s.is_empty()) {
         let parsed: Vec<BTreeMap<String, u64>> =
-            serde_json::from_str(raw).map_err(|_| LISTEN_PORTS_ANNOTATION)?;
+            serde_json::from_str(raw).map_err(|_| annotations::ELB_LISTEN_PORTS)?;
         let mut ports = Vec::new();
         for entry in parsed {
             for port in entry.into_values() {
                 match u16::try_from(port) {
                     Ok(p) if p > 0 => ports.push(p),
-                    _ => return Err(LISTEN_PORTS_ANNOTATION),
+                    _ => return Err(annotations::ELB_LISTEN_PORTS),
                 }
             }
         }
         ports.sort_unstable();
         ports.dedup();
         return if ports.is_empty() {
-            Err(LISTEN_PORTS_ANNOTATION)
+            Err(annotations::ELB_LISTEN_PORTS)
         } else {
             Ok(ports)
         };
     }
-    if let Some(raw) = get(PORT_ANNOTATION) {
+    if let Some(raw) = get(annotations::ELB_PORT) {
         return match raw.parse::<u16>() {
             Ok(p) if p > 0 => Ok(vec![p]),
-            _ => Err(PORT_ANNOTATION),
+            _ => Err(annotations::ELB_PORT),
         };
     }
     Ok(vec![if tls { 443 } else { 80 }])
@@ -163,7 +158,7 @@ pub fn is_cce(ing: &Ingress) -> bool {
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(CLASS_ANNOTATION))
+        .and_then(|a| a.get(annotations::INGRESS_CLASS))
         .map(|s| s.trim());
     by_spec.or(by_annotation) == Some(CCE_CLASS)
 }
@@ -184,7 +179,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
     let annotations = ing.metadata.annotations.as_ref();
     let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|s| s.trim());
     let uid = ing.metadata.uid.as_deref().unwrap_or("");
-    let (elb_id, binding) = match (get(ELB_ID_ANNOTATION), get(ELB_IP_ANNOTATION)) {
+    let (elb_id, binding) = match (get(annotations::ELB_ID), get(annotations::ELB_IP)) {
         (Some(id), _) if !id.is_empty() => match super::elb_id_problem(id) {
             Some(problem) => return ObservedIngress::Invalid { key, problem },
             None => (id, None),
@@ -209,7 +204,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
             problem: Problem::IngressBadPorts,
         };
     };
-    let class = match get(ELB_CLASS_ANNOTATION) {
+    let class = match get(annotations::ELB_CLASS) {
         Some("union") => ElbClass::Shared,
         Some("performance") => ElbClass::Dedicated,
         _ => ElbClass::Unspecified,
@@ -226,7 +221,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         elb_id: elb_id.into(),
         class,
         ports,
-        master: get(MASTER_ANNOTATION)
+        master: get(annotations::ELB_LISTENER_MASTER_INGRESS)
             .filter(|m| !m.is_empty())
             .map(str::to_owned),
         backends: backends(ing),
@@ -651,24 +646,27 @@ mod tests {
     #[test]
     fn listener_ports_follow_cce_priority() {
         let both = ann(&[
-            (LISTEN_PORTS_ANNOTATION, r#"[{"HTTP":80},{"HTTPS":443}]"#),
-            (PORT_ANNOTATION, "8080"),
+            (
+                annotations::ELB_LISTEN_PORTS,
+                r#"[{"HTTP":80},{"HTTPS":443}]"#,
+            ),
+            (annotations::ELB_PORT, "8080"),
         ]);
         assert_eq!(listener_ports(Some(&both), false), Ok(vec![80, 443]));
-        let port = ann(&[(PORT_ANNOTATION, " 8080 ")]);
+        let port = ann(&[(annotations::ELB_PORT, " 8080 ")]);
         assert_eq!(listener_ports(Some(&port), true), Ok(vec![8080]));
         assert_eq!(listener_ports(None, false), Ok(vec![80]));
         assert_eq!(listener_ports(None, true), Ok(vec![443]));
         for bad in [r#"[{"HTTP":70000}]"#, "80", "[]", r#"[{"HTTP":0}]"#] {
-            let a = ann(&[(LISTEN_PORTS_ANNOTATION, bad)]);
+            let a = ann(&[(annotations::ELB_LISTEN_PORTS, bad)]);
             assert_eq!(
                 listener_ports(Some(&a), false),
-                Err(LISTEN_PORTS_ANNOTATION),
+                Err(annotations::ELB_LISTEN_PORTS),
                 "{bad}"
             );
         }
-        let a = ann(&[(PORT_ANNOTATION, "http")]);
-        assert_eq!(listener_ports(Some(&a), false), Err(PORT_ANNOTATION));
+        let a = ann(&[(annotations::ELB_PORT, "http")]);
+        assert_eq!(listener_ports(Some(&a), false), Err(annotations::ELB_PORT));
     }
 
     fn ingress(name: &str, created: i64, master: Option<&str>) -> ObservedIngress {
@@ -727,7 +725,7 @@ mod tests {
         let mut ing = Ingress::default();
         ing.metadata.name = Some("web".into());
         ing.metadata.annotations = Some(ann(&[(
-            ELB_ID_ANNOTATION,
+            annotations::ELB_ID,
             "11111111-1111-4111-8111-111111111111",
         )]));
         assert!(matches!(observe(&ing), ObservedIngress::Ignored(_)));
@@ -742,7 +740,7 @@ mod tests {
             (&*t.elb_id, t.ports.as_slice()),
             ("11111111-1111-4111-8111-111111111111", &[80u16][..])
         );
-        ing.metadata.annotations = Some(ann(&[(ELB_IP_ANNOTATION, "192.168.0.9")]));
+        ing.metadata.annotations = Some(ann(&[(annotations::ELB_IP, "192.168.0.9")]));
         assert!(matches!(
             observe(&ing),
             ObservedIngress::Unbound(_, Binding::Ip(ip)) if &*ip == "192.168.0.9"
@@ -755,9 +753,9 @@ mod tests {
         ));
         ing.spec = None;
         ing.metadata.annotations = Some(ann(&[
-            (CLASS_ANNOTATION, "cce"),
-            (ELB_ID_ANNOTATION, "11111111-1111-4111-8111-111111111111"),
-            (PORT_ANNOTATION, "x"),
+            (annotations::INGRESS_CLASS, "cce"),
+            (annotations::ELB_ID, "11111111-1111-4111-8111-111111111111"),
+            (annotations::ELB_PORT, "x"),
         ]));
         assert!(matches!(
             observe(&ing),

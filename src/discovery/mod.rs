@@ -6,6 +6,7 @@ pub mod ingress;
 pub mod inventory;
 pub mod pools;
 
+use crate::annotations;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
@@ -13,8 +14,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-
-pub const ELB_CLASS_ANNOTATION: &str = "kubernetes.io/elb.class";
 
 /// `kubernetes.io/elb.class`: which ELB API knows the load balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -206,7 +205,7 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
         return Observed::Invalid { key, problem };
     }
     let class = match annotations
-        .and_then(|a| a.get(ELB_CLASS_ANNOTATION))
+        .and_then(|a| a.get(annotations::ELB_CLASS))
         .map(|s| s.trim())
     {
         Some("union") => ElbClass::Shared,
@@ -413,7 +412,7 @@ mod tests {
             &svc(
                 &[
                     (A, " 2f4c7f6e-3d5a-4b8e-9c1d-0e2f3a4b5c6d "),
-                    (ELB_CLASS_ANNOTATION, "union"),
+                    (annotations::ELB_CLASS, "union"),
                 ],
                 &[443, 80, 80],
             ),
