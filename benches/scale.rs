@@ -59,8 +59,7 @@ const LABELS: [&str; 7] = [
 ];
 const NEW_NS: &str = "zz-bench-new";
 const NEW_SVC: &str = "new-svc";
-const ELB_ID_ANNOTATION: &str = "kubernetes.io/elb.id";
-const ELB_CLASS_ANNOTATION: &str = "kubernetes.io/elb.class";
+use elb_exporter::annotations::{ELB_CLASS as ELB_CLASS_ANNOTATION, ELB_ID as ELB_ID_ANNOTATION};
 /// Simulated CES service time per batch call.
 const CES_LATENCY: Duration = Duration::from_millis(50);
 /// Poll period of `/readyz` and of `/metrics` while waiting for a new Service's first series.

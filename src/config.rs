@@ -643,7 +643,7 @@ pub const DEFAULT_METRICS: &[&str] = &[
     "m8_out_Bps",
 ];
 
-pub const DEFAULT_ANNOTATION: &str = "kubernetes.io/elb.id";
+pub const DEFAULT_ANNOTATION: &str = crate::annotations::ELB_ID;
 /// CES accepts at most this many metrics per batch call.
 pub const CES_MAX_BATCH: usize = 500;
 /// CES returns at most this many datapoints per call; beyond it `from` is silently moved forward.

@@ -1,6 +1,7 @@
 //! `elb-exporter demo`: the real exporter against the built-in simulated cloud and cluster, so a newcomer
 //! sees real output with no cloud account.
 
+use crate::annotations;
 use crate::app;
 use crate::config::Config;
 use crate::sim::cloud::{CloudSim, LbKind, SimListener, SimProfile};
@@ -155,8 +156,7 @@ pub fn ingress(
 /// The demo's Services in two namespaces: dedicated and shared ELBs, a two-port Service, a Service
 /// without the class annotation (v3 then v2), and one without the ELB annotation.
 pub fn services() -> Vec<Service> {
-    const ID: &str = "kubernetes.io/elb.id";
-    const CLASS: &str = "kubernetes.io/elb.class";
+    use crate::annotations::{ELB_CLASS as CLASS, ELB_ID as ID};
     vec![
         service(
             "default",
@@ -207,8 +207,8 @@ pub fn seed_ingress(sim: &CloudSim, cluster: &FakeApiServer) {
         "shop",
         "storefront",
         &[
-            ("kubernetes.io/elb.id", elb.id),
-            ("kubernetes.io/elb.class", "performance"),
+            (annotations::ELB_ID, elb.id),
+            (annotations::ELB_CLASS, "performance"),
         ],
         &backends,
     ));

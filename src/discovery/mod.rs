@@ -404,7 +404,7 @@ mod tests {
         crate::demo::service("shop", "web", annotations, ports)
     }
 
-    const A: &str = "kubernetes.io/elb.id";
+    const A: &str = annotations::ELB_ID;
 
     #[test]
     fn annotated_service_becomes_a_target() {
