@@ -12,8 +12,11 @@ use std::net::SocketAddr;
 
 /// A load balancer of the fixture: id, kind, listeners (id, name, protocol, port).
 pub struct FixtureElb {
+    /// ELB id.
     pub id: &'static str,
+    /// Shared (v2) or dedicated (v3).
     pub kind: LbKind,
+    /// (id, name, protocol, port) of each listener.
     pub listeners: &'static [(&'static str, &'static str, &'static str, u16)],
 }
 
@@ -243,15 +246,21 @@ pub fn config_for(sim: &CloudSim, cloud_url: &str, extra: &str) -> String {
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
+    /// A simulator could not be served.
     #[error("simulated {what}: {source}")]
     Serve {
+        /// Which simulator.
         what: &'static str,
+        /// Why it could not listen.
         source: std::io::Error,
     },
+    /// The generated configuration was refused.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The Kubernetes client for the fake apiserver could not be built.
     #[error("kubernetes client for the simulated cluster: {0}")]
     Kube(String),
+    /// The exporter failed.
     #[error(transparent)]
     App(#[from] app::AppError),
 }

@@ -29,17 +29,21 @@ pub struct Body {
     plain: Arc<OnceLock<Bytes>>,
     /// Timestamp of the newest datapoint in the body.
     pub newest_ms: Option<i64>,
+    /// Cloud series in the body.
     pub series: usize,
     /// When the first value in the body passes its staleness bound: the body must be rendered again.
     pub expires: Option<Instant>,
     /// What the targets behind this body were, so the exporter's own gauges that describe them are
     /// served from the same state as the series (one scrape never disagrees with itself).
     pub services: usize,
+    /// Listeners attributed (`elb_exporter_listeners`).
     pub listeners: usize,
+    /// Discovery problem counts (`elb_exporter_discovery_problems`).
     pub problems: Vec<(Problem, usize)>,
 }
 
 impl Body {
+    /// A body holding `gzip`; the target counts start at zero.
     pub fn new(gzip: Bytes, newest_ms: Option<i64>, series: usize) -> Self {
         Body {
             gzip,
@@ -204,6 +208,7 @@ struct Acc {
 }
 
 impl Renderer {
+    /// A renderer writing `<prefix>_<metric>` families for `metrics`.
     pub fn new(
         prefix: &str,
         metrics: Arc<Vec<String>>,
@@ -241,6 +246,7 @@ impl Renderer {
         self
     }
 
+    /// The renderer of `c`: prefix, metrics, filter, staleness.
     pub fn from_config(c: &Config) -> Self {
         Renderer::new(
             &c.prefix,
@@ -463,6 +469,7 @@ pub fn escape_label_into(out: &mut String, v: &str) {
     }
 }
 
+/// Escapes a label value for the text format (`\`, `"`, newline).
 pub fn escape_label(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
     escape_label_into(&mut s, v);

@@ -22,9 +22,11 @@ use tokio::time::Instant;
 
 /// First cooldown after a 401; doubles per consecutive rejection up to `COOLDOWN_MAX`.
 pub const COOLDOWN: Duration = Duration::from_secs(60);
+/// Longest pause after repeated 401s: credentials fixed by an operator are picked up within it.
 pub const COOLDOWN_MAX: Duration = Duration::from_secs(15 * 60);
 /// The gateway's lockout: this many consecutive failures within `LOCK_WINDOW` lock the AK.
 pub const LOCK_FAILURES: usize = 5;
+/// The window of [`LOCK_FAILURES`].
 pub const LOCK_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// Requests that could still fail (in flight) plus failures inside the window stay below the lockout.
 pub const AT_RISK_MAX: usize = LOCK_FAILURES - 1;
@@ -41,6 +43,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Classifies a call's outcome for the gate.
     pub fn of<T>(result: &Result<T, CloudError>) -> Verdict {
         match result {
             Ok(_) => Verdict::Accepted,
@@ -62,7 +65,12 @@ impl Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Send; `probe` when this request decides whether the credential works for its API.
-    Send { generation: u64, probe: bool },
+    Send {
+        /// The credential generation the request is signed under (see [`GateCore::generation`]).
+        generation: u64,
+        /// This request decides whether the credential works for its API.
+        probe: bool,
+    },
     /// Another request's answer decides first: ask again when the gate changes.
     Wait,
     /// Not sent: the credential was rejected; the pause has this much left (zero: until a probe of
@@ -96,6 +104,7 @@ pub struct GateCore {
 }
 
 impl GateCore {
+    /// An open gate with no credential proven yet.
     pub fn new() -> Self {
         GateCore::default()
     }
@@ -116,6 +125,7 @@ impl GateCore {
         };
     }
 
+    /// Bumped at each credential change, so answers to requests signed with older keys are ignored.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -145,6 +155,7 @@ impl GateCore {
         (c.api != api || !left.is_zero() || !self.probing.is_empty()).then_some(left)
     }
 
+    /// Decides whether a call to `api` may be sent now, and whether it probes the credential.
     pub fn admit(&mut self, api: Operation, now: Instant) -> Decision {
         let full = self.at_risk(now) >= AT_RISK_MAX;
         if self.closed.is_some() {
@@ -267,7 +278,9 @@ pub struct Ticket<'a> {
     gate: &'a AuthGate,
     api: Operation,
     generation: u64,
+    /// This request decides whether the credential works for its API.
     pub probe: bool,
+    /// The credentials to sign this request with (those current when admitted).
     pub credentials: Arc<Credentials>,
     open: bool,
 }
@@ -297,6 +310,7 @@ impl Drop for Ticket<'_> {
 }
 
 impl AuthGate {
+    /// A gate for `credentials`, open and unproven.
     pub fn new(credentials: Credentials) -> Self {
         AuthGate {
             state: Mutex::new((GateCore::new(), Arc::new(credentials))),
@@ -324,10 +338,12 @@ impl AuthGate {
         self.changed.notify_waiters();
     }
 
+    /// The current access key id (not secret), for logs.
     pub fn access_key(&self) -> String {
         self.lock().1.access_key.clone()
     }
 
+    /// See [`GateCore::generation`].
     pub fn generation(&self) -> u64 {
         self.with(|core| core.generation())
     }

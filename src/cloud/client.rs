@@ -42,12 +42,21 @@ const MAX_PAGES: usize = 1000;
 /// Could not build the HTTP client (bad CA file...).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
+    /// `cloud.ca_file` could not be read or holds no usable certificate.
     #[error("cloud.ca_file {path}: {reason}")]
-    CaFile { path: String, reason: String },
+    CaFile {
+        /// The configured path.
+        path: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// reqwest refused the client configuration.
     #[error("HTTP client: {0}")]
     Http(String),
 }
 
+/// The real cloud: AK/SK-signed HTTPS to IAM, ELB and CES with timeouts, retries, per-service rate
+/// limits and the 401 gate that keeps a wrong key from being locked.
 pub struct HttpCloud {
     http: reqwest::Client,
     project_name: String,
@@ -105,6 +114,7 @@ impl ProjectCache {
 }
 
 impl HttpCloud {
+    /// Builds the client from `cfg` (endpoints, credentials, timeouts, limits); fails only on TLS setup.
     pub fn new(cfg: &Config, telemetry: Telemetry) -> Result<Self, ClientBuildError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.cloud.connect_timeout)

@@ -4,10 +4,13 @@
 /// Which cloud API a request went to; the `api` label value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
+    /// `GET /v3/projects?name=<region>`: the project id of the region.
     IamListProjects,
     /// `GET /v3/auth/projects`: the fallback when the user may not list projects by name.
     IamListAuthProjects,
+    /// Listeners, v2 (shared) or v3 (dedicated).
     ElbListListeners,
+    /// The CES batch metric query.
     CesBatchQuery,
     /// Backend server groups of Ingress ELBs.
     ElbListPools,
@@ -18,6 +21,7 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Every operation, for pre-created series.
     pub const ALL: [Operation; 7] = [
         Operation::IamListProjects,
         Operation::IamListAuthProjects,
@@ -28,6 +32,7 @@ impl Operation {
         Operation::ElbListLoadbalancers,
     ];
 
+    /// The `api` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Operation::IamListProjects => "iam_list_projects",
