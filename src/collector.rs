@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+/// The CES namespace of ELB metrics.
 pub const NAMESPACE: &str = "SYS.ELB";
 /// Debounce before collecting newly attributed listeners, so a burst of Services costs one call.
 const NEW_LISTENER_DELAY: Duration = Duration::from_millis(200);
@@ -25,7 +26,9 @@ const NEW_LISTENER_DELAY: Duration = Duration::from_millis(200);
 /// The newest datapoint of one series.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
+    /// The datapoint's value.
     pub value: f64,
+    /// The minute it covers, Unix ms.
     pub timestamp_ms: i64,
     /// When CES last returned it: the staleness bound is an age, checked when the body is rendered.
     pub fetched: Instant,
@@ -65,6 +68,7 @@ impl SeriesKey {
 /// The result of collection, published as a whole.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// Number of the last full cycle; prompt collections carry the current one.
     pub cycle: u64,
     /// Values of the last full cycle, shared (not copied) by the snapshots that follow it.
     pub values: Arc<HashMap<SeriesKey, Sample>>,
@@ -80,6 +84,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The value of `key`, from a prompt collection since the last full cycle if it has one.
     pub fn get(&self, key: &SeriesKey) -> Option<&Sample> {
         self.extra.get(key).or_else(|| self.values.get(key))
     }
@@ -94,6 +99,7 @@ impl Snapshot {
                 .count()
     }
 
+    /// No series has a value.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -102,14 +108,21 @@ impl Snapshot {
 /// What to collect and how.
 #[derive(Debug, Clone)]
 pub struct CollectorSettings {
+    /// `collection.metrics`: CES metric names collected for every attributed listener.
     pub metrics: Arc<Vec<String>>,
     /// `collection.pool_metrics`: collected for every attributed pool.
     pub pool_metrics: Arc<Vec<String>>,
+    /// `collection.filter`: the CES aggregation asked for.
     pub filter: Filter,
+    /// `collection.interval`: start to start of full cycles.
     pub interval: Duration,
+    /// `collection.lookback`: the CES window each query covers.
     pub lookback: Duration,
+    /// Metrics per CES call.
     pub batch_size: usize,
+    /// `collection.stale_intervals`: cycle periods a value outlives its last fetch.
     pub stale_intervals: u32,
+    /// CES calls in flight at once.
     pub concurrency: usize,
     /// The CES rate limit (calls per minute) the cycles are planned against.
     pub ces_per_minute: u32,
@@ -117,6 +130,7 @@ pub struct CollectorSettings {
     pub absent_as_zero: bool,
     /// `collection.align`: start cycles when Cloud Eye is expected to publish the next minute.
     pub align: bool,
+    /// Wall time source for CES windows and the schedule.
     pub clock: WallClock,
 }
 
@@ -124,8 +138,15 @@ pub struct CollectorSettings {
 /// paused clock use `Virtual`, a wall clock that advances with tokio time from a fixed reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum WallClock {
+    /// The system clock.
     System,
-    Virtual { start_ms: i64, at: Instant },
+    /// A clock advancing with tokio time (paused in tests) from a fixed reading.
+    Virtual {
+        /// The reading at `at`, Unix ms.
+        start_ms: i64,
+        /// The tokio instant the clock was started at.
+        at: Instant,
+    },
 }
 
 impl WallClock {
@@ -137,6 +158,7 @@ impl WallClock {
         }
     }
 
+    /// Unix ms now, by this clock.
     pub fn now_ms(&self) -> i64 {
         match self {
             WallClock::System => now_ms(),
@@ -155,6 +177,7 @@ impl WallClock {
 }
 
 impl CollectorSettings {
+    /// The settings `c` configures, on the system clock.
     pub fn from_config(c: &Config) -> Self {
         CollectorSettings {
             metrics: Arc::new(c.collection.metrics.clone()),
@@ -192,6 +215,7 @@ impl CollectorSettings {
 /// What a full cycle of `calls` CES calls may take, and how often it can run within the rate limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CyclePlan {
+    /// CES calls one full cycle needs.
     pub calls: usize,
     /// A cycle still running after this is cut: the larger of the interval and the time the rate limit
     /// needs to let `calls` through at its steady rate, so pacing by the budget alone never cuts a cycle.
@@ -203,6 +227,7 @@ pub struct CyclePlan {
 }
 
 impl CyclePlan {
+    /// Plans `calls` calls per `interval` under a limit of `per_minute`.
     pub fn new(calls: usize, interval: Duration, per_minute: u32) -> Self {
         let per_minute = f64::from(per_minute.max(1));
         // The steady rate the limit allows: a cycle that needs longer is paced, not cut.
@@ -233,6 +258,7 @@ pub struct ZeroGuard {
 }
 
 impl ZeroGuard {
+    /// A guard doing nothing unless `enabled`; listeners must be answered longer than `lookback`.
     pub fn new(enabled: bool, lookback: Duration) -> Self {
         ZeroGuard {
             enabled,
@@ -400,6 +426,8 @@ pub fn distinct_listeners(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
         .collect()
 }
 
+/// Collects every attributed listener and pool from CES per interval (and new ones promptly), and
+/// publishes each result as a [`Snapshot`].
 pub struct Collector<C: CloudApi> {
     cloud: Arc<C>,
     settings: CollectorSettings,
@@ -481,6 +509,7 @@ impl CycleState {
 }
 
 impl<C: CloudApi> Collector<C> {
+    /// A collector and the receiver of its snapshots (an empty one until the first cycle).
     pub fn new(
         cloud: Arc<C>,
         settings: CollectorSettings,

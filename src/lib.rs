@@ -12,11 +12,9 @@ pub mod annotations;
 pub mod app;
 // The command line reports to the terminal by design.
 #[allow(clippy::print_stdout)]
-#[allow(missing_docs)] // not yet covered
 pub mod cli;
 pub mod clock;
 pub mod cloud;
-#[allow(missing_docs)] // not yet covered
 pub mod collector;
 #[allow(missing_docs)] // not yet covered
 pub mod config;
@@ -26,10 +24,8 @@ pub mod demo;
 #[allow(missing_docs)] // not yet covered
 pub mod discovery;
 pub mod exposition;
-#[allow(missing_docs)] // not yet covered
 pub mod leader;
 pub mod memory;
-#[allow(missing_docs)] // not yet covered
 pub mod schedule;
 pub mod server;
 pub mod signer;
