@@ -21,7 +21,6 @@ pub mod config;
 #[cfg(feature = "sim")]
 #[allow(clippy::print_stdout)]
 pub mod demo;
-#[allow(missing_docs)] // not yet covered
 pub mod discovery;
 pub mod exposition;
 pub mod leader;

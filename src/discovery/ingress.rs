@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+/// The `kubernetes.io/ingress.class` of CCE's ELB Ingress controller: other classes are ignored.
 pub const CCE_CLASS: &str = "cce";
 
 /// (namespace, name) of an Ingress.
@@ -28,12 +29,17 @@ pub type IngressKey = (Arc<str>, Arc<str>);
 /// What the exporter keeps of a CCE Ingress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngressTarget {
+    /// The Ingress's namespace.
     pub namespace: Arc<str>,
+    /// The Ingress's name, the `ingress` label of its listeners.
     pub name: Arc<str>,
+    /// `metadata.uid`: names CCE's auto-created ELB and labels `elb_exporter_pool_info`.
     pub uid: Arc<str>,
     /// `metadata.creationTimestamp`, seconds: the oldest Ingress owns a shared listener.
     pub created: i64,
+    /// The bound ELB (empty while unbound).
     pub elb_id: Arc<str>,
+    /// Which listener API knows the ELB.
     pub class: ElbClass,
     /// ELB listener ports, sorted, deduplicated.
     pub ports: Vec<u16>,
@@ -45,6 +51,7 @@ pub struct IngressTarget {
 }
 
 impl IngressTarget {
+    /// (namespace, name): how events and the inventory refer to it.
     pub fn key(&self) -> IngressKey {
         (self.namespace.clone(), self.name.clone())
     }
@@ -62,12 +69,15 @@ pub enum Binding {
 /// The exporter's view of a watched Ingress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObservedIngress {
+    /// A CCE Ingress bound to its ELB.
     Target(IngressTarget),
     /// Everything but the ELB id (empty), which the [`Binder`] looks up.
     Unbound(IngressTarget, Binding),
     /// A CCE Ingress the exporter cannot bind or read.
     Invalid {
+        /// (namespace, name).
         key: IngressKey,
+        /// Why it cannot be exported.
         problem: Problem,
     },
     /// Another class: not ours.
@@ -75,6 +85,7 @@ pub enum ObservedIngress {
 }
 
 impl ObservedIngress {
+    /// (namespace, name) of the Ingress, whatever its state.
     pub fn key(&self) -> IngressKey {
         match self {
             ObservedIngress::Target(t) | ObservedIngress::Unbound(t, _) => t.key(),
@@ -97,16 +108,22 @@ impl ObservedIngress {
 /// What the Ingress watch reports to the inventory.
 #[derive(Debug)]
 pub enum IngressEvent {
+    /// An Ingress was added or changed.
     Upsert(ObservedIngress),
+    /// An Ingress was deleted.
     Delete(IngressKey),
     /// The complete set for `scope` after a (re-)list.
     Resync {
+        /// The namespace listed, or all.
         scope: Scope,
+        /// Every Ingress of the scope.
         observed: Vec<ObservedIngress>,
     },
     /// RBAC refuses Ingresses in `scope`: Services are unaffected.
     Forbidden {
+        /// The namespace refused, or all.
         scope: Scope,
+        /// The apiserver's message, for `check` and logs.
         message: String,
     },
 }
@@ -259,6 +276,7 @@ pub fn backends(ing: &Ingress) -> Vec<(Arc<str>, u16)> {
 /// The Ingresses known to the inventory, by key.
 #[derive(Debug, Default)]
 pub struct IngressBook {
+    /// Every watched Ingress, usable or not.
     pub ingresses: HashMap<IngressKey, ObservedIngress>,
     /// Scopes whose Ingress list RBAC refuses.
     pub forbidden: BTreeMap<Scope, String>,
@@ -320,14 +338,18 @@ impl IngressBook {
 /// One Ingress listener attributed to its owning Ingress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngressListener<'a> {
+    /// The owning Ingress.
     pub ingress: &'a IngressTarget,
+    /// Its ELB listener.
     pub listener: &'a Listener,
 }
 
 /// Every Ingress on one listener, oldest first: the pools behind it are attributed among them.
 #[derive(Debug, Clone)]
 pub struct ListenerRoutes<'a> {
+    /// The shared listener.
     pub listener: &'a Listener,
+    /// Every Ingress routed through it, oldest first.
     pub ingresses: Vec<&'a IngressTarget>,
 }
 
@@ -335,8 +357,11 @@ pub struct ListenerRoutes<'a> {
 /// problems.
 #[derive(Debug, Default)]
 pub struct Attribution<'a> {
+    /// Each listener with the one Ingress that owns it (exported with its labels).
     pub owned: Vec<IngressListener<'a>>,
+    /// Each listener with every Ingress on it (input of pool attribution).
     pub routes: Vec<ListenerRoutes<'a>>,
+    /// Per Ingress: the reason and a sentence for `check` and logs.
     pub problems: Vec<(IngressKey, Problem, String)>,
 }
 
@@ -461,6 +486,7 @@ pub struct Binder<C: CloudApi> {
 }
 
 impl<C: CloudApi> Binder<C> {
+    /// A binder with no load balancer listed yet.
     pub fn new(cloud: Arc<C>) -> Self {
         Binder {
             cloud,

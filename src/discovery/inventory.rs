@@ -56,24 +56,36 @@ const MAX_PAGE_GAP: Duration = Duration::from_secs(1);
 pub struct Target {
     /// Whether `service` names a Service or an Ingress.
     pub owner: Owner,
+    /// The owner's namespace: the `namespace` label.
     pub namespace: Arc<str>,
+    /// The owner's name: the `service` (or `ingress`) label.
     pub service: Arc<str>,
+    /// The ELB the listener belongs to: CES dimension `lbaas_instance_id`.
     pub elb_id: Arc<str>,
+    /// CES dimension `lbaas_listener_id`.
     pub listener_id: Arc<str>,
+    /// The listener's name on the ELB.
     pub listener_name: Arc<str>,
+    /// The listener (and Service) port.
     pub port: u16,
+    /// The listener's protocol.
     pub protocol: Arc<str>,
 }
 
 /// The state of one annotated Service, for `check` and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceReport {
+    /// The Service's namespace.
     pub namespace: Arc<str>,
+    /// The Service's name.
     pub name: Arc<str>,
+    /// The annotated ELB, when the annotation is usable.
     pub elb_id: Option<Arc<str>>,
+    /// The listener API that knows the ELB, once looked up.
     pub api: Option<ElbVersion>,
     /// Empty when fine; otherwise what is wrong, in words.
     pub problems: Vec<String>,
+    /// Listeners attributed to its ports.
     pub listeners: usize,
 }
 
@@ -101,6 +113,7 @@ pub struct Targets {
     pub problems: BTreeMap<Problem, usize>,
     /// Watch scopes the apiserver refuses to list (RBAC), with its message, for `check` and logs.
     pub forbidden: Vec<(Scope, String)>,
+    /// Every annotated Service, for `check` and logs.
     pub reports: Vec<ServiceReport>,
     /// Distinct ELBs referenced.
     pub elbs: usize,
@@ -149,6 +162,7 @@ impl ElbState {
 /// What the inventory knows of the number of listeners a project has on one API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProjectSize {
+    /// No project-wide listing finished yet.
     Unknown,
     /// From the last complete project-wide listing.
     Exactly(usize),
@@ -162,13 +176,22 @@ pub enum Plan {
     /// Nothing to list.
     Idle,
     /// Listings filtered by load balancer id: `calls` of them.
-    Filtered { calls: usize },
+    Filtered {
+        /// One per ELB id batch ([`ElbVersion::ids_per_listing`]).
+        calls: usize,
+    },
     /// One paged listing of every listener of the project: `calls` pages expected, abandoned after
     /// `budget` pages (what the filtered listings would cost).
-    ProjectWide { calls: usize, budget: usize },
+    ProjectWide {
+        /// Pages expected from the project's size.
+        calls: usize,
+        /// Pages after which the listing is abandoned.
+        budget: usize,
+    },
 }
 
 impl Plan {
+    /// Listing calls the plan expects.
     pub fn calls(self) -> usize {
         match self {
             Plan::Idle => 0,
@@ -214,6 +237,7 @@ struct ApiState {
 /// Settings of the inventory.
 #[derive(Debug, Clone)]
 pub struct InventorySettings {
+    /// `discovery.listener_refresh`: how often known ELBs are listed again.
     pub listener_refresh: Duration,
     /// Number of watch scopes (namespaces, or 1 for all) that must report a full list before `synced`.
     pub scopes: usize,
@@ -229,6 +253,7 @@ struct Done {
     result: Result<Listing, CloudError>,
 }
 
+/// Resolves watched Services and Ingresses to ELB listeners and publishes them as [`Targets`].
 pub struct Inventory<C: CloudApi> {
     cloud: Arc<C>,
     settings: InventorySettings,
@@ -260,6 +285,7 @@ fn api_index(v: ElbVersion) -> usize {
 }
 
 impl<C: CloudApi> Inventory<C> {
+    /// An inventory and the receiver of its targets (empty, unsynced, until the watch lists).
     pub fn new(
         cloud: Arc<C>,
         settings: InventorySettings,
