@@ -16,7 +16,6 @@ pub mod cli;
 pub mod clock;
 pub mod cloud;
 pub mod collector;
-#[allow(missing_docs)] // not yet covered
 pub mod config;
 #[cfg(feature = "sim")]
 #[allow(clippy::print_stdout)]
