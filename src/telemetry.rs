@@ -1,7 +1,7 @@
 //! The exporter's own metrics (`elb_exporter_*`), kept in a `prometheus` registry and rendered per scrape.
 //! They are few and small; the per-listener cloud series are pre-rendered by `exposition` instead.
 
-use crate::cloud::Operation;
+use crate::cloud::operation::Operation;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry,

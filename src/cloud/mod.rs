@@ -4,7 +4,7 @@
 
 pub mod auth;
 pub mod client;
-mod operation;
+pub mod operation;
 pub mod parse;
 pub mod retry;
 

@@ -1,5 +1,6 @@
 //! The cloud API operations the exporter calls: the `api` label of its own metrics, the rate limiter
-//! each one draws from, the permission a 403 of each lacks.
+//! each one draws from, the permission a 403 of each lacks. A leaf (it imports nothing), so that
+//! `telemetry`, which every stage writes into, names them without depending on the cloud client.
 
 /// Which cloud API a request went to; the `api` label value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
