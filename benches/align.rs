@@ -130,7 +130,7 @@ fn world(n: usize, cfg: &Config) -> (Arc<FakeCloud>, Arc<Targets>) {
         .collect();
     let targets = Targets {
         synced: true,
-        targets,
+        listeners: targets,
         services: n / 5,
         ..Targets::default()
     };

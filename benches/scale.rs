@@ -23,6 +23,7 @@
 //! is owned by a guard that kills it on drop, panics included.
 
 use anyhow::{Context, Result, anyhow, bail};
+use elb_exporter::clock::now_ms;
 use elb_exporter::demo::{config_for, service};
 use elb_exporter::sim::cloud::{CloudSim, LbKind, SimApi, SimConfig, SimListener, SimRequest};
 use elb_exporter::sim::kube::FakeApiServer;
@@ -34,7 +35,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// The default CES metric set of the exporter.
 const METRICS: usize = 13;
@@ -58,8 +59,7 @@ const LABELS: [&str; 7] = [
 ];
 const NEW_NS: &str = "zz-bench-new";
 const NEW_SVC: &str = "new-svc";
-const ELB_ID_ANNOTATION: &str = "kubernetes.io/elb.id";
-const ELB_CLASS_ANNOTATION: &str = "kubernetes.io/elb.class";
+use elb_exporter::annotations::{ELB_CLASS as ELB_CLASS_ANNOTATION, ELB_ID as ELB_ID_ANNOTATION};
 /// Simulated CES service time per batch call.
 const CES_LATENCY: Duration = Duration::from_millis(50);
 /// Poll period of `/readyz` and of `/metrics` while waiting for a new Service's first series.
@@ -710,13 +710,6 @@ fn ces_requests(sim: &CloudSim) -> Vec<SimRequest> {
         .into_iter()
         .filter(|r| r.api == SimApi::Ces)
         .collect()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 /// The value of an unlabelled or labelled sample whose line starts with `prefix` followed by a space.

@@ -26,13 +26,18 @@ use tracing::{error, info, warn};
 /// Why the exporter could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    /// The cloud client could not be built (CA file, TLS).
     #[error(transparent)]
     Client(#[from] ClientBuildError),
+    /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
+        /// As configured or given on the command line.
         addr: String,
+        /// Why binding failed (in use, permission, bad address).
         source: std::io::Error,
     },
+    /// The HTTP server failed (TLS files, accept loop).
     #[error(transparent)]
     Serve(#[from] server::ServeError),
 }
@@ -49,7 +54,9 @@ pub async fn bind(addr: &str) -> Result<TcpListener, AppError> {
 
 /// The background pipeline: returns the receivers of targets and snapshots.
 pub struct Pipeline {
+    /// The inventory's latest targets; the renderer labels series from them.
     pub targets: watch::Receiver<Arc<Targets>>,
+    /// The collector's latest values; the renderer turns them into the body.
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Under leader election: cloud series are served only while leading.
     pub leadership: Option<watch::Receiver<Leadership>>,
@@ -58,18 +65,28 @@ pub struct Pipeline {
 /// A long-running task of the exporter; none of them ends while the process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
+    /// The Service watch.
     Watch,
+    /// The Ingress watch.
     IngressWatch,
+    /// Binds Ingresses named by VIP or auto-created name to their ELB.
     IngressBinder,
+    /// Resolves watched Services to ELB listeners.
     Inventory,
+    /// Attributes Ingress backend pools to Services.
     Pools,
+    /// Queries Cloud Eye.
     Collector,
+    /// Renders the `/metrics` body.
     Renderer,
+    /// Re-reads rotated AK/SK files.
     CredentialReload,
+    /// Holds or watches the Lease.
     Leader,
 }
 
 impl Task {
+    /// The `task` label of `elb_exporter_task_failures_total`.
     pub fn as_str(self) -> &'static str {
         match self {
             Task::Watch => "watch",
@@ -95,6 +112,7 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// Runs `fut` as `task`, watched by [`Supervisor::watch`].
     pub fn spawn(&mut self, task: Task, fut: impl Future<Output = ()> + Send + 'static) {
         let handle = self.tasks.spawn(fut);
         self.names.insert(handle.id(), task);
@@ -199,7 +217,7 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
         let s = p.snapshots.borrow_and_update().clone();
         let s = if leading { s } else { Arc::default() };
         let r = renderer.clone();
-        let finished = s.finished || !leading;
+        let done = s.first_cycle_done || !leading;
         let synced = t.synced;
         if !leading {
             // The collector sets `up` per cycle; a follower has none, so its readiness is its `up`.
@@ -226,7 +244,7 @@ pub async fn run_renderer(renderer: Renderer, mut p: Pipeline, state: AppState) 
         }
         state.synced.store(synced, Ordering::Release);
         // Once ready, a replica stays ready across leadership changes (a new leader has no cycle yet).
-        state.collected.fetch_or(finished, Ordering::AcqRel);
+        state.first_cycle_done.fetch_or(done, Ordering::AcqRel);
         // Values pass their staleness bound with time, not only with new data: render again then.
         let stale = async {
             match expires {

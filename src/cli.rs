@@ -29,10 +29,12 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
     #[command(subcommand)]
+    #[allow(missing_docs)] // A doc comment here would change the `--help` text.
     pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(missing_docs)] // A doc comment here would change the `--help` text.
 pub enum Command {
     /// Validate the config, resolve the project, list discovered Services → ELB → listeners and the
     /// planned CES calls per interval; exit non-zero on any problem.
@@ -55,20 +57,26 @@ pub const EXIT_CONFIG: u8 = 2;
 /// Errors at the command line boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// The configuration was refused (exit code 2).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The exporter could not start or stopped.
     #[error(transparent)]
     App(#[from] app::AppError),
+    /// The Kubernetes client could not be built.
     #[error("kubernetes client: {0}")]
     Kube(String),
+    /// `check` found problems (the report says which).
     #[error("{0}")]
     Check(String),
+    /// The demo could not run.
     #[cfg(feature = "sim")]
     #[error(transparent)]
     Demo(#[from] crate::demo::DemoError),
 }
 
 impl CliError {
+    /// The process exit code for this error: 2 for configuration, 1 for runtime problems.
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CliError::Config(_) => ExitCode::from(EXIT_CONFIG),
@@ -217,7 +225,7 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         let elb = r.elb_id.as_deref().unwrap_or("-");
         let api = r.api.map(|v| v.as_str()).unwrap_or("-");
         let mine: Vec<_> = targets
-            .targets
+            .listeners
             .iter()
             .filter(|t| {
                 t.owner == discovery::Owner::Service
@@ -429,7 +437,7 @@ fn print_ingresses(targets: &Targets, problems: &mut Vec<String>) {
         "NAMESPACE", "INGRESS", "ELB", "LISTENER", "PORT", "PROTOCOL"
     );
     for t in targets
-        .targets
+        .listeners
         .iter()
         .filter(|t| t.owner == discovery::Owner::Ingress)
     {

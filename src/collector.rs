@@ -2,12 +2,14 @@
 //! fewest batch calls (packed across all load balancers), the newest datapoint per series is kept, and
 //! the whole result is swapped in atomically. Listeners that appear between ticks are collected at once.
 
+use crate::clock::now_ms;
+use crate::cloud::Operation;
 use crate::cloud::{BatchQuery, CloudApi, CloudError, Datapoint, Lane, MetricQuery};
 use crate::config::{Config, Filter};
 use crate::discovery::inventory::Targets;
 use crate::leader::{Lead, Leadership};
 use crate::schedule::{Aligner, MINUTE_MS, RateWindow};
-use crate::telemetry::{Api, Telemetry};
+use crate::telemetry::Telemetry;
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+/// The CES namespace of ELB metrics.
 pub const NAMESPACE: &str = "SYS.ELB";
 /// Debounce before collecting newly attributed listeners, so a burst of Services costs one call.
 const NEW_LISTENER_DELAY: Duration = Duration::from_millis(200);
@@ -23,26 +26,56 @@ const NEW_LISTENER_DELAY: Duration = Duration::from_millis(200);
 /// The newest datapoint of one series.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
+    /// The datapoint's value.
     pub value: f64,
+    /// The minute it covers, Unix ms.
     pub timestamp_ms: i64,
     /// When CES last returned it: the staleness bound is an age, checked when the body is rendered.
     pub fetched: Instant,
 }
 
-/// Series key: listener or pool id, and index into the configured metrics: `collection.metrics` for a
-/// listener, `collection.metrics.len()` + the index into `collection.pool_metrics` for a pool.
-pub type SeriesKey = (Arc<str>, u16);
+/// Index into the configured metrics: `collection.metrics` for a listener, `collection.metrics.len()` +
+/// the index into `collection.pool_metrics` for a pool. Two bytes, as a snapshot holds one per series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MetricIndex(pub u16);
+
+impl MetricIndex {
+    /// The index of position `i` in the metric lists (validated config keeps them far below 65536).
+    pub fn new(i: usize) -> Self {
+        MetricIndex(i as u16)
+    }
+}
+
+/// One series: which listener or pool, which metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    /// Listener or pool id.
+    pub id: Arc<str>,
+    /// Which of the configured metrics.
+    pub metric: MetricIndex,
+}
+
+impl SeriesKey {
+    /// The series of metric position `metric` (see [`MetricIndex`]) of listener or pool `id`.
+    pub fn new(id: Arc<str>, metric: usize) -> Self {
+        SeriesKey {
+            id,
+            metric: MetricIndex::new(metric),
+        }
+    }
+}
 
 /// The result of collection, published as a whole.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// Number of the last full cycle; prompt collections carry the current one.
     pub cycle: u64,
     /// Values of the last full cycle, shared (not copied) by the snapshots that follow it.
     pub values: Arc<HashMap<SeriesKey, Sample>>,
     /// Values of listeners collected promptly since the last full cycle (small).
     pub extra: Arc<HashMap<SeriesKey, Sample>>,
     /// A full collection cycle has finished (successfully or not).
-    pub finished: bool,
+    pub first_cycle_done: bool,
     /// The last full cycle succeeded completely.
     pub up: bool,
     /// How long a value is served after CES returned it: `stale_intervals` × the cycle period (the
@@ -51,6 +84,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The value of `key`, from a prompt collection since the last full cycle if it has one.
     pub fn get(&self, key: &SeriesKey) -> Option<&Sample> {
         self.extra.get(key).or_else(|| self.values.get(key))
     }
@@ -65,6 +99,7 @@ impl Snapshot {
                 .count()
     }
 
+    /// No series has a value.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -73,14 +108,21 @@ impl Snapshot {
 /// What to collect and how.
 #[derive(Debug, Clone)]
 pub struct CollectorSettings {
+    /// `collection.metrics`: CES metric names collected for every attributed listener.
     pub metrics: Arc<Vec<String>>,
     /// `collection.pool_metrics`: collected for every attributed pool.
     pub pool_metrics: Arc<Vec<String>>,
+    /// `collection.filter`: the CES aggregation asked for.
     pub filter: Filter,
+    /// `collection.interval`: start to start of full cycles.
     pub interval: Duration,
+    /// `collection.lookback`: the CES window each query covers.
     pub lookback: Duration,
+    /// Metrics per CES call.
     pub batch_size: usize,
+    /// `collection.stale_intervals`: cycle periods a value outlives its last fetch.
     pub stale_intervals: u32,
+    /// CES calls in flight at once.
     pub concurrency: usize,
     /// The CES rate limit (calls per minute) the cycles are planned against.
     pub ces_per_minute: u32,
@@ -88,6 +130,7 @@ pub struct CollectorSettings {
     pub absent_as_zero: bool,
     /// `collection.align`: start cycles when Cloud Eye is expected to publish the next minute.
     pub align: bool,
+    /// Wall time source for CES windows and the schedule.
     pub clock: WallClock,
 }
 
@@ -95,8 +138,15 @@ pub struct CollectorSettings {
 /// paused clock use `Virtual`, a wall clock that advances with tokio time from a fixed reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum WallClock {
+    /// The system clock.
     System,
-    Virtual { start_ms: i64, at: Instant },
+    /// A clock advancing with tokio time (paused in tests) from a fixed reading.
+    Virtual {
+        /// The reading at `at`, Unix ms.
+        start_ms: i64,
+        /// The tokio instant the clock was started at.
+        at: Instant,
+    },
 }
 
 impl WallClock {
@@ -108,9 +158,10 @@ impl WallClock {
         }
     }
 
+    /// Unix ms now, by this clock.
     pub fn now_ms(&self) -> i64 {
         match self {
-            WallClock::System => wall_ms(),
+            WallClock::System => now_ms(),
             WallClock::Virtual { start_ms, at } => {
                 let since = i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX / 4);
                 start_ms.saturating_add(since)
@@ -126,6 +177,7 @@ impl WallClock {
 }
 
 impl CollectorSettings {
+    /// The settings `c` configures, on the system clock.
     pub fn from_config(c: &Config) -> Self {
         CollectorSettings {
             metrics: Arc::new(c.collection.metrics.clone()),
@@ -163,6 +215,7 @@ impl CollectorSettings {
 /// What a full cycle of `calls` CES calls may take, and how often it can run within the rate limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CyclePlan {
+    /// CES calls one full cycle needs.
     pub calls: usize,
     /// A cycle still running after this is cut: the larger of the interval and the time the rate limit
     /// needs to let `calls` through at its steady rate, so pacing by the budget alone never cuts a cycle.
@@ -174,6 +227,7 @@ pub struct CyclePlan {
 }
 
 impl CyclePlan {
+    /// Plans `calls` calls per `interval` under a limit of `per_minute`.
     pub fn new(calls: usize, interval: Duration, per_minute: u32) -> Self {
         let per_minute = f64::from(per_minute.max(1));
         // The steady rate the limit allows: a cycle that needs longer is paced, not cut.
@@ -204,6 +258,7 @@ pub struct ZeroGuard {
 }
 
 impl ZeroGuard {
+    /// A guard doing nothing unless `enabled`; listeners must be answered longer than `lookback`.
     pub fn new(enabled: bool, lookback: Duration) -> Self {
         ZeroGuard {
             enabled,
@@ -220,7 +275,7 @@ impl ZeroGuard {
             self.seen.retain(|_, (_, last)| *last + 1 >= cycle);
             self.pruned_at = cycle;
         }
-        for (listener, _) in keys {
+        for SeriesKey { id: listener, .. } in keys {
             let e = self.seen.entry(listener.clone()).or_insert((now_ms, cycle));
             if e.1 + 1 < cycle {
                 e.0 = now_ms;
@@ -262,7 +317,7 @@ fn merge(
     for (key, p) in keys.into_iter().zip(points) {
         let (value, timestamp_ms) = match (p, fresh) {
             (Some(p), _) => (p.value, p.timestamp_ms),
-            (None, Some(ts)) if zeros.zero_allowed(&key.0, now_ms) => (0.0, ts),
+            (None, Some(ts)) if zeros.zero_allowed(&key.id, now_ms) => (0.0, ts),
             (None, _) => continue,
         };
         values.insert(
@@ -274,16 +329,6 @@ fn merge(
             },
         );
     }
-}
-
-fn wall_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(i64::MAX)
 }
 
 /// Runs `work` while leading (always without leader election); `None` when leadership ended first,
@@ -372,15 +417,17 @@ pub fn distinct_pools(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
 
 /// The distinct (ELB, listener) pairs of the targets, in target order.
 pub fn distinct_listeners(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
-    let mut seen = HashSet::with_capacity(targets.targets.len());
+    let mut seen = HashSet::with_capacity(targets.listeners.len());
     targets
-        .targets
+        .listeners
         .iter()
         .filter(|t| seen.insert(t.listener_id.clone()))
         .map(|t| (t.elb_id.clone(), t.listener_id.clone()))
         .collect()
 }
 
+/// Collects every attributed listener and pool from CES per interval (and new ones promptly), and
+/// publishes each result as a [`Snapshot`].
 pub struct Collector<C: CloudApi> {
     cloud: Arc<C>,
     settings: CollectorSettings,
@@ -462,6 +509,7 @@ impl CycleState {
 }
 
 impl<C: CloudApi> Collector<C> {
+    /// A collector and the receiver of its snapshots (an empty one until the first cycle).
     pub fn new(
         cloud: Arc<C>,
         settings: CollectorSettings,
@@ -498,7 +546,7 @@ impl<C: CloudApi> Collector<C> {
         self.attempted.clear();
         self.tx.send_replace(Arc::new(Snapshot {
             cycle: prev.cycle,
-            finished: prev.finished,
+            first_cycle_done: prev.first_cycle_done,
             ..Snapshot::default()
         }));
     }
@@ -653,7 +701,7 @@ impl<C: CloudApi> Collector<C> {
             let mut keys = Vec::with_capacity(size);
             let mut queries = Vec::with_capacity(size);
             for ((elb, id), dimension, m) in work.batch(size, batch) {
-                keys.push((id.clone(), m as u16));
+                keys.push(SeriesKey::new(id.clone(), m));
                 queries.push(MetricQuery {
                     namespace: NAMESPACE.to_string(),
                     metric_name: self.metric_name(m).to_string(),
@@ -698,7 +746,7 @@ impl<C: CloudApi> Collector<C> {
         let per_minute = calls as f64 * 60.0 / s.interval.as_secs_f64().max(0.001);
         self.telemetry
             .planned_calls
-            .with_label_values(&[Api::CesBatchQuery.as_str()])
+            .with_label_values(&[Operation::CesBatchQuery.as_str()])
             .set(per_minute.ceil() as i64);
         self.telemetry
             .effective_interval
@@ -917,7 +965,7 @@ impl<C: CloudApi> Collector<C> {
             .collect();
         for batch in unanswered {
             for ((_, id), _, m) in work.batch(size, batch) {
-                let key = (id.clone(), m as u16);
+                let key = SeriesKey::new(id.clone(), m);
                 st.out.kept_stale += usize::from(st.keep(key));
             }
         }
@@ -1017,7 +1065,7 @@ impl<C: CloudApi> Collector<C> {
             cycle,
             values: Arc::new(values),
             extra: Arc::default(),
-            finished: true,
+            first_cycle_done: true,
             up,
             stale_after: Some(stale_after),
         }));
@@ -1084,7 +1132,7 @@ impl<C: CloudApi> Collector<C> {
             cycle: prev.cycle,
             values: prev.values.clone(),
             extra: Arc::new(extra),
-            finished: prev.finished,
+            first_cycle_done: prev.first_cycle_done,
             up: prev.up,
             stale_after: prev.stale_after,
         };
@@ -1143,7 +1191,7 @@ mod tests {
             .collect();
         let targets = Targets {
             synced: true,
-            targets,
+            listeners: targets,
             ..Targets::default()
         };
         (cloud, Arc::new(targets))
@@ -1187,9 +1235,10 @@ mod tests {
         assert!(snap.up);
         assert_eq!(snap.len(), 21);
         for i in 0..7 {
-            for m in 0..3u16 {
+            for m in 0..3 {
                 assert_eq!(
-                    snap.get(&(listener(i).into(), m)).map(|s| s.value),
+                    snap.get(&SeriesKey::new(listener(i).into(), m))
+                        .map(|s| s.value),
                     Some(1.0)
                 );
             }
@@ -1216,10 +1265,10 @@ mod tests {
         // Cut at the interval (60 s after the cycle began at 60 s), not after the hung call.
         assert_eq!(start.elapsed().as_secs(), 120);
         assert!(!second.up, "a cut cycle is a failed one");
-        let fresh = (listener(0).into(), 0u16);
+        let fresh = SeriesKey::new(listener(0).into(), 0);
         assert_eq!(second.get(&fresh).map(|s| s.value), Some(2.0));
         // The hung and unsent batches keep their last values (within the staleness bound).
-        let kept = (listener(3).into(), 2u16);
+        let kept = SeriesKey::new(listener(3).into(), 2);
         assert_eq!(second.get(&kept).map(|s| s.value), Some(1.0));
         assert_eq!(second.len(), 12);
         let cycle_two = cloud
@@ -1301,7 +1350,7 @@ mod tests {
         let (collector, mut rx) = Collector::new(cloud.clone(), settings(3, 1), telemetry);
         let one = Targets {
             synced: true,
-            targets: targets.targets[..1].to_vec(),
+            listeners: targets.listeners[..1].to_vec(),
             ..Targets::default()
         };
         let (ttx, trx) = watch::channel(Arc::new(one));
@@ -1360,7 +1409,7 @@ mod tests {
             pools: vec![pool],
             ..(*targets).clone()
         }));
-        let key: SeriesKey = ("p1".into(), METRICS.len() as u16);
+        let key = SeriesKey::new("p1".into(), METRICS.len());
         let prompt = rx
             .wait_for(|s| s.get(&key).is_some())
             .await
@@ -1509,8 +1558,8 @@ mod tests {
     const MIN: i64 = 60_000;
     const T0: i64 = 1_800_000_000_000;
 
-    fn key(listener: &str, metric: u16) -> SeriesKey {
-        (Arc::from(listener), metric)
+    fn key(listener: &str, metric: usize) -> SeriesKey {
+        SeriesKey::new(Arc::from(listener), metric)
     }
 
     fn point(timestamp_ms: i64, value: f64) -> Option<Datapoint> {

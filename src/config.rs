@@ -10,17 +10,25 @@ use std::time::Duration;
 /// A configuration problem, always naming the field path and, where there is one, the bad value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The config file given.
         path: PathBuf,
+        /// Why reading failed.
         source: std::io::Error,
     },
+    /// The file is not valid YAML or has an unknown key.
     #[error("config: {0}")]
     Parse(String),
+    /// A field holds an unusable value.
     #[error("config field `{field}` = {value:?}: {reason}")]
     Invalid {
+        /// The field's path, e.g. `collection.interval`.
         field: String,
+        /// The value given, quoted in the message.
         value: String,
+        /// What is wrong and what is accepted.
         reason: String,
     },
 }
@@ -48,12 +56,15 @@ impl ConfigError {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `s`.
     pub fn new(s: impl Into<String>) -> Self {
         Secret(s.into())
     }
+    /// The secret itself, for signing or comparing only.
     pub fn expose(&self) -> &str {
         &self.0
     }
+    /// No secret was given.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -375,15 +386,25 @@ struct RawLog {
 pub struct Config {
     /// Socket address to listen on (`global.port`, cloudeye style `":8087"` means all interfaces).
     pub listen: String,
+    /// `global.metric_path`: the path the series are served on.
     pub metric_path: String,
+    /// `global.prefix`: cloud series are `<prefix>_sys_elb_listener_<metric>`.
     pub prefix: String,
+    /// `global.scrape_batch_size`: most metrics per CES batch call.
     pub scrape_batch_size: usize,
+    /// `auth`: IAM endpoint, region, project and credentials.
     pub auth: Auth,
+    /// `endpoints`: IAM, ELB and CES base URLs.
     pub endpoints: Endpoints,
+    /// `discovery`: which Services and Ingresses are watched.
     pub discovery: Discovery,
+    /// `collection`: what CES is asked for, and how often.
     pub collection: Collection,
+    /// `cloud`: timeouts, TLS, retries and rate limits of cloud calls.
     pub cloud: CloudSettings,
+    /// `log`: level and format.
     pub log: LogSettings,
+    /// `web`: TLS, authentication and limits of the HTTP server.
     pub web: WebSettings,
     /// `leader_election`: `None` when disabled (one process collects on its own).
     pub leader_election: Option<LeaderElection>,
@@ -391,14 +412,20 @@ pub struct Config {
     pub ignored_keys: Vec<String>,
 }
 
+/// `auth`: where and as whom the exporter calls the cloud.
 #[derive(Debug, Clone)]
 pub struct Auth {
+    /// IAM's `/v3` URL; the default endpoints derive from its host.
     pub auth_url: String,
+    /// Region id, e.g. `cn-east-3`.
     pub region: String,
+    /// The project resolved to `project_id` through IAM (default: the region).
     pub project_name: String,
     /// Empty: resolved through IAM from `project_name`.
     pub project_id: String,
+    /// Account id, sent as `X-Domain-Id` to IAM.
     pub domain_id: String,
+    /// AK/SK (and STS token), from the file or the environment.
     pub credentials: Credentials,
     /// How often the config file is re-read for rotated credentials.
     pub credentials_reload: Duration,
@@ -407,36 +434,49 @@ pub struct Auth {
 /// AK/SK credentials. `Debug` never shows the SK or the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
+    /// AK: names the key in logs and the signature.
     pub access_key: String,
+    /// SK: signs requests, never shown.
     pub secret_key: Secret,
+    /// STS token of temporary credentials, sent as `X-Security-Token`.
     pub security_token: Option<Secret>,
 }
 
 /// A parsed `scheme://host[:port]` base URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// `http` or `https`.
     pub scheme: String,
     /// `host` or `host:port`, exactly as it goes into the `Host` header and the signature.
     pub authority: String,
 }
 
 impl Endpoint {
+    /// `scheme://authority`, without a trailing slash.
     pub fn base_url(&self) -> String {
         format!("{}://{}", self.scheme, self.authority)
     }
 }
 
+/// Base URLs of the three services the exporter calls.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
+    /// Project lookup.
     pub iam: Endpoint,
+    /// Listener, pool and load balancer listings.
     pub elb: Endpoint,
+    /// Cloud Eye batch queries.
     pub ces: Endpoint,
 }
 
+/// `discovery`: which Kubernetes objects are watched.
 #[derive(Debug, Clone)]
 pub struct Discovery {
+    /// The Service annotation naming the ELB (default `kubernetes.io/elb.id`).
     pub annotation: String,
+    /// Namespaces watched, one watch each; empty: all (needs a ClusterRole).
     pub namespaces: Vec<String>,
+    /// Known ELBs' listeners are listed again this often.
     pub listener_refresh: Duration,
     /// Watch CCE ELB Ingresses too (`discovery.ingresses`, default true).
     pub ingresses: bool,
@@ -445,14 +485,20 @@ pub struct Discovery {
 /// CES statistic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
+    /// Mean over the period.
     Average,
+    /// Highest value in the period.
     Max,
+    /// Lowest value in the period.
     Min,
+    /// Total over the period.
     Sum,
+    /// Variance over the period.
     Variance,
 }
 
 impl Filter {
+    /// The value CES expects in `filter`, and the config spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             Filter::Average => "average",
@@ -474,11 +520,16 @@ impl Filter {
     }
 }
 
+/// `collection`: what Cloud Eye is asked for, and how often.
 #[derive(Debug, Clone)]
 pub struct Collection {
+    /// Start to start of full cycles.
     pub interval: Duration,
+    /// The CES window each query covers, ending now.
     pub lookback: Duration,
+    /// The CES statistic asked for.
     pub filter: Filter,
+    /// CES metrics collected per listener.
     pub metrics: Vec<String>,
     /// `collection.pool_metrics`: L7 metrics of the pools behind Ingress listeners (empty: none).
     pub pool_metrics: Vec<String>,
@@ -490,32 +541,46 @@ pub struct Collection {
     pub align: bool,
 }
 
+/// `cloud`: how cloud calls are made.
 #[derive(Debug, Clone)]
 pub struct CloudSettings {
+    /// TCP and TLS connect timeout per call.
     pub connect_timeout: Duration,
+    /// Whole-request timeout per call.
     pub request_timeout: Duration,
     /// Cloud requests in flight at once, across all APIs.
     pub max_concurrency: usize,
+    /// Extra PEM CA bundle (private clouds); public CAs stay trusted.
     pub ca_file: Option<PathBuf>,
+    /// Skips TLS verification (never in production; warned about at start).
     pub insecure_skip_verify: bool,
+    /// `cloud.retry`.
     pub retry: RetrySettings,
+    /// `cloud.rate_limit`: client-side limits per service.
     pub rate_limit: RateLimits,
 }
 
+/// `cloud.retry`: how failed calls that may succeed again are retried.
 #[derive(Debug, Clone)]
 pub struct RetrySettings {
     /// Attempts per call, the first included.
     pub max_attempts: u32,
+    /// Backoff ceiling after the first failure; doubles per attempt (full jitter below it).
     pub initial_backoff: Duration,
+    /// Highest backoff ceiling.
     pub max_backoff: Duration,
     /// No retry starts once this much time has passed since the first attempt.
     pub max_elapsed: Duration,
 }
 
+/// `cloud.rate_limit`: calls per minute allowed per service, below the cloud's own limits.
 #[derive(Debug, Clone)]
 pub struct RateLimits {
+    /// IAM calls per minute.
     pub iam_per_minute: u32,
+    /// ELB calls per minute.
     pub elb_per_minute: u32,
+    /// CES calls per minute; collection cycles are paced to it.
     pub ces_per_minute: u32,
 }
 
@@ -532,6 +597,7 @@ pub struct WebSettings {
     pub read_header_timeout: Duration,
     /// A connection on which no request started for this long is closed (HTTP/1 keep-alive and HTTP/2).
     pub idle_timeout: Duration,
+    /// Connections beyond this are closed at once.
     pub max_connections: usize,
 }
 
@@ -558,22 +624,29 @@ impl Default for WebSettings {
 }
 
 impl WebSettings {
+    /// Basic auth or a bearer token is configured: protected routes check credentials.
     pub fn auth_enabled(&self) -> bool {
         !self.basic_auth_users.is_empty() || self.bearer_token.is_some()
     }
 }
 
+/// `log.format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
 /// `leader_election` when enabled: who competes for which Lease, and its timing (client-go's names).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderElection {
+    /// The Lease object.
     pub lease_name: String,
+    /// Its namespace (default: `POD_NAMESPACE`, else the service account's).
     pub lease_namespace: String,
+    /// This replica's holder name; must differ between replicas.
     pub identity: String,
     /// How long followers wait after the last observed renewal before taking over.
     pub lease_duration: Duration,
@@ -586,16 +659,20 @@ pub struct LeaderElection {
 /// Where a pod's namespace is mounted (the service account token volume).
 pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
     "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+/// Default `leader_election.identity` (set by the Deployment from the pod name).
 pub const ENV_POD_NAME: &str = "POD_NAME";
+/// Default `leader_election.lease_namespace`.
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 
+/// `log`.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` wins when set.
     pub level: String,
+    /// Text or JSON lines.
     pub format: LogFormat,
 }
 
-/// The default metric set (PRODUCT.md).
 /// `collection.pool_metrics` by default: the pool L7 metrics an HPA and a dashboard want.
 pub const DEFAULT_POOL_METRICS: &[&str] = &[
     "mb_l7_qps",
@@ -627,6 +704,7 @@ fn metric_names(field: &str, metrics: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The default metric set (PRODUCT.md).
 pub const DEFAULT_METRICS: &[&str] = &[
     "m1_cps",
     "m1e_server_rps",
@@ -643,7 +721,8 @@ pub const DEFAULT_METRICS: &[&str] = &[
     "m8_out_Bps",
 ];
 
-pub const DEFAULT_ANNOTATION: &str = "kubernetes.io/elb.id";
+/// `discovery.annotation` by default.
+pub const DEFAULT_ANNOTATION: &str = crate::annotations::ELB_ID;
 /// CES accepts at most this many metrics per batch call.
 pub const CES_MAX_BATCH: usize = 500;
 /// CES returns at most this many datapoints per call; beyond it `from` is silently moved forward.
@@ -651,8 +730,11 @@ pub const CES_DATAPOINT_BUDGET: u64 = 3000;
 
 /// Environment variables that override the file.
 pub const ENV_AK: &str = "HUAWEICLOUD_SDK_AK";
+/// The SK, overriding `auth.secret_key`.
 pub const ENV_SK: &str = "HUAWEICLOUD_SDK_SK";
+/// The STS token, overriding `auth.security_token`.
 pub const ENV_TOKEN: &str = "HUAWEICLOUD_SDK_SECURITY_TOKEN";
+/// The project id, overriding `auth.project_id`.
 pub const ENV_PROJECT_ID: &str = "HUAWEICLOUD_SDK_PROJECT_ID";
 
 impl Config {
@@ -1465,6 +1547,7 @@ impl Config {
         })
     }
 
+    /// Warnings about settings that weaken transport security, logged at start and by `check`.
     pub fn transport_warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         if self.cloud.insecure_skip_verify {

@@ -1,6 +1,7 @@
 //! `elb-exporter demo`: the real exporter against the built-in simulated cloud and cluster, so a newcomer
 //! sees real output with no cloud account.
 
+use crate::annotations;
 use crate::app;
 use crate::config::Config;
 use crate::sim::cloud::{CloudSim, LbKind, SimListener, SimProfile};
@@ -11,8 +12,11 @@ use std::net::SocketAddr;
 
 /// A load balancer of the fixture: id, kind, listeners (id, name, protocol, port).
 pub struct FixtureElb {
+    /// ELB id.
     pub id: &'static str,
+    /// Shared (v2) or dedicated (v3).
     pub kind: LbKind,
+    /// (id, name, protocol, port) of each listener.
     pub listeners: &'static [(&'static str, &'static str, &'static str, u16)],
 }
 
@@ -155,8 +159,7 @@ pub fn ingress(
 /// The demo's Services in two namespaces: dedicated and shared ELBs, a two-port Service, a Service
 /// without the class annotation (v3 then v2), and one without the ELB annotation.
 pub fn services() -> Vec<Service> {
-    const ID: &str = "kubernetes.io/elb.id";
-    const CLASS: &str = "kubernetes.io/elb.class";
+    use crate::annotations::{ELB_CLASS as CLASS, ELB_ID as ID};
     vec![
         service(
             "default",
@@ -207,8 +210,8 @@ pub fn seed_ingress(sim: &CloudSim, cluster: &FakeApiServer) {
         "shop",
         "storefront",
         &[
-            ("kubernetes.io/elb.id", elb.id),
-            ("kubernetes.io/elb.class", "performance"),
+            (annotations::ELB_ID, elb.id),
+            (annotations::ELB_CLASS, "performance"),
         ],
         &backends,
     ));
@@ -243,15 +246,21 @@ pub fn config_for(sim: &CloudSim, cloud_url: &str, extra: &str) -> String {
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
+    /// A simulator could not be served.
     #[error("simulated {what}: {source}")]
     Serve {
+        /// Which simulator.
         what: &'static str,
+        /// Why it could not listen.
         source: std::io::Error,
     },
+    /// The generated configuration was refused.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The Kubernetes client for the fake apiserver could not be built.
     #[error("kubernetes client for the simulated cluster: {0}")]
     Kube(String),
+    /// The exporter failed.
     #[error(transparent)]
     App(#[from] app::AppError),
 }

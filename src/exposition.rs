@@ -2,7 +2,7 @@
 //! scrape) and kept as shared gzip-compressed bytes; the plain text is derived on the first plain scrape
 //! of a body and kept with it.
 
-use crate::collector::Snapshot;
+use crate::collector::{MetricIndex, SeriesKey, Snapshot};
 use crate::config::{Config, Filter, format_duration};
 use crate::discovery::Problem;
 use crate::discovery::inventory::{Target, Targets};
@@ -29,17 +29,21 @@ pub struct Body {
     plain: Arc<OnceLock<Bytes>>,
     /// Timestamp of the newest datapoint in the body.
     pub newest_ms: Option<i64>,
+    /// Cloud series in the body.
     pub series: usize,
     /// When the first value in the body passes its staleness bound: the body must be rendered again.
     pub expires: Option<Instant>,
     /// What the targets behind this body were, so the exporter's own gauges that describe them are
     /// served from the same state as the series (one scrape never disagrees with itself).
     pub services: usize,
+    /// Listeners attributed (`elb_exporter_listeners`).
     pub listeners: usize,
+    /// Discovery problem counts (`elb_exporter_discovery_problems`).
     pub problems: Vec<(Problem, usize)>,
 }
 
 impl Body {
+    /// A body holding `gzip`; the target counts start at zero.
     pub fn new(gzip: Bytes, newest_ms: Option<i64>, series: usize) -> Self {
         Body {
             gzip,
@@ -204,6 +208,7 @@ struct Acc {
 }
 
 impl Renderer {
+    /// A renderer writing `<prefix>_<metric>` families for `metrics`.
     pub fn new(
         prefix: &str,
         metrics: Arc<Vec<String>>,
@@ -241,6 +246,7 @@ impl Renderer {
         self
     }
 
+    /// The renderer of `c`: prefix, metrics, filter, staleness.
     pub fn from_config(c: &Config) -> Self {
         Renderer::new(
             &c.prefix,
@@ -271,11 +277,11 @@ impl Renderer {
     /// The body at `now`: a target without data has no series; data without a target (a deleted
     /// Service) is not shown; a value older than the staleness bound is not shown.
     pub fn render_at(&self, targets: &Targets, snap: &Snapshot, now: Instant) -> Body {
-        let labels: Vec<String> = targets.targets.iter().map(label_set).collect();
+        let labels: Vec<String> = targets.listeners.iter().map(label_set).collect();
         let pool_labels: Vec<String> = targets.pools.iter().map(pool_label_set).collect();
         let mut acc = Acc {
             sink: GzSink::new(
-                (targets.targets.len() * (self.metrics.len() + 1)
+                (targets.listeners.len() * (self.metrics.len() + 1)
                     + targets.pools.len() * (self.pool_headers.len() + 1))
                     * 260
                     + 4096,
@@ -285,7 +291,7 @@ impl Renderer {
             series: 0,
         };
         let stale_after = snap.stale_after.unwrap_or(self.stale_after);
-        let keys = targets.targets.iter().map(|t| t.listener_id.clone());
+        let keys = targets.listeners.iter().map(|t| t.listener_id.clone());
         self.families(
             &mut acc,
             &self.headers,
@@ -295,7 +301,7 @@ impl Renderer {
             snap,
             (now, stale_after),
         );
-        if !targets.targets.is_empty() {
+        if !targets.listeners.is_empty() {
             acc.sink.buf.push_str("# HELP elb_exporter_listener_info ELB listeners attributed to a Kubernetes Service port or Ingress; always 1.\n# TYPE elb_exporter_listener_info gauge\n");
             for l in &labels {
                 let _ = writeln!(acc.sink.buf, "elb_exporter_listener_info{{{l}}} 1");
@@ -333,7 +339,7 @@ impl Renderer {
         Body {
             expires,
             services: targets.services,
-            listeners: targets.targets.len(),
+            listeners: targets.listeners.len(),
             problems: Problem::ALL
                 .iter()
                 .map(|p| (*p, targets.problems.get(p).copied().unwrap_or(0)))
@@ -358,11 +364,11 @@ impl Renderer {
         snap: &Snapshot,
         (now, stale_after): (Instant, Duration),
     ) {
-        let mut keys: Vec<(Arc<str>, u16)> = ids.map(|id| (id, 0)).collect();
+        let mut keys: Vec<SeriesKey> = ids.map(|id| SeriesKey::new(id, 0)).collect();
         for (m, (header, family)) in headers.iter().enumerate() {
             let mut wrote_header = false;
             for (key, l) in keys.iter_mut().zip(labels) {
-                key.1 = (first + m) as u16;
+                key.metric = MetricIndex::new(first + m);
                 let Some(s) = snap.get(key) else {
                     continue;
                 };
@@ -463,6 +469,7 @@ pub fn escape_label_into(out: &mut String, v: &str) {
     }
 }
 
+/// Escapes a label value for the text format (`\`, `"`, newline).
 pub fn escape_label(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
     escape_label_into(&mut s, v);
@@ -527,7 +534,7 @@ mod tests {
         };
         let targets = Targets {
             services: 1,
-            targets: vec![target],
+            listeners: vec![target],
             ..Targets::default()
         };
         let fetched = Instant::now();
@@ -537,7 +544,11 @@ mod tests {
             fetched,
         };
         let snap = Snapshot {
-            values: Arc::new([(("l1".into(), 0u16), sample)].into_iter().collect()),
+            values: Arc::new(
+                [(SeriesKey::new("l1".into(), 0), sample)]
+                    .into_iter()
+                    .collect(),
+            ),
             ..Snapshot::default()
         };
         let fresh = r.render_at(

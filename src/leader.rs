@@ -15,13 +15,14 @@
 //! ([`LAST_CYCLE_ANNOTATION`]); a new leader starts no earlier than that plus the interval, so no interval
 //! is collected twice across a handover.
 
+use crate::clock::now_ms;
 use crate::config::LeaderElection;
 use crate::telemetry::Telemetry;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -36,6 +37,7 @@ const LOG_EVERY: u32 = 30;
 /// What the collector and the renderer need to know: collect (and export cloud series) or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Leadership {
+    /// This replica holds the Lease (or election is off) and collects.
     pub leading: bool,
     /// The first cycle of this term starts no earlier than this: the previous holder's last cycle start
     /// plus the interval.
@@ -44,6 +46,7 @@ pub struct Leadership {
 
 /// The collector's side of the election.
 pub struct Lead {
+    /// Whether to collect, and from when.
     pub leadership: watch::Receiver<Leadership>,
     /// Start (unix ms) of the cycle the collector is about to run.
     pub started: watch::Sender<Option<i64>>,
@@ -58,8 +61,10 @@ pub enum LeaseError {
     /// Someone else wrote the Lease since we read it (409), or created it first.
     #[error("lease changed by another writer (409 Conflict)")]
     Conflict,
+    /// The apiserver refused or failed the request.
     #[error("lease request: {0}")]
     Api(#[source] Box<kube::Error>),
+    /// The apiserver did not answer in time.
     #[error("lease request timed out after {0:?}")]
     Timeout(Duration),
 }
@@ -78,26 +83,38 @@ impl From<kube::Error> for LeaseError {
 pub struct Record {
     /// `None` (or empty on the wire): free.
     pub holder: Option<String>,
+    /// `leaseDurationSeconds`: how long the holder's claim lasts without renewal.
     pub lease_duration_s: i32,
+    /// `acquireTime`, Unix ms.
     pub acquire_ms: Option<i64>,
+    /// `renewTime`, Unix ms: the claim runs from here.
     pub renew_ms: Option<i64>,
+    /// `leaseTransitions`: incremented at each change of holder.
     pub transitions: i32,
+    /// The last cycle start recorded by a leader (annotation), so a successor does not collect the
+    /// same interval again.
     pub last_cycle_ms: Option<i64>,
+    /// For the replace under optimistic concurrency.
     pub resource_version: Option<String>,
 }
 
 /// What to write after reading the Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
+    /// The Lease does not exist yet.
     Create(Record),
     /// A replace under the read resourceVersion.
     Update(Record),
 }
 
+/// The election's durations (`leader_election.*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
+    /// How long a claim lasts without renewal.
     pub lease_duration: Duration,
+    /// A leader that could not renew within this stops leading.
     pub renew_deadline: Duration,
+    /// Pause between attempts to acquire or renew.
     pub retry_period: Duration,
 }
 
@@ -125,6 +142,7 @@ pub struct Elector {
 }
 
 impl Elector {
+    /// An elector for replica `identity`, not leading.
     pub fn new(identity: impl Into<String>, timing: Timing) -> Self {
         Elector {
             identity: identity.into(),
@@ -135,6 +153,7 @@ impl Elector {
         }
     }
 
+    /// The holder name this replica writes (`leader_election.identity`, else the pod name or hostname).
     pub fn identity(&self) -> &str {
         &self.identity
     }
@@ -315,14 +334,6 @@ pub fn lease_of(mut base: Lease, r: &Record) -> Lease {
     base
 }
 
-fn wall_ms() -> i64 {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    i64::try_from(ms).unwrap_or(i64::MAX)
-}
-
 /// The Lease as stored now (`None`: not created yet), for `check`.
 pub async fn describe(api: &Api<Lease>, name: &str) -> Result<Option<Record>, LeaseError> {
     let got = tokio::time::timeout(RELEASE_TIMEOUT * 5, api.get_opt(name))
@@ -333,11 +344,15 @@ pub async fn describe(api: &Api<Lease>, name: &str) -> Result<Option<Record>, Le
 
 /// The running election of one replica.
 pub struct Election {
+    /// The Lease's API (namespace of `leader_election.lease_namespace`).
     pub api: Api<Lease>,
+    /// `leader_election` settings.
     pub config: LeaderElection,
     /// `collection.interval`: the least time between two cycle starts across leaders.
     pub interval: Duration,
+    /// For `elb_exporter_leader`.
     pub telemetry: Telemetry,
+    /// Publishes whether to collect.
     pub leadership: watch::Sender<Leadership>,
     /// Cycle starts (unix ms) reported by the collector.
     pub cycles: watch::Receiver<Option<i64>>,
@@ -345,6 +360,7 @@ pub struct Election {
     pub recorded: watch::Sender<Option<i64>>,
     /// Turns true on shutdown: the Lease is released, then `released` fires.
     pub stop: watch::Receiver<bool>,
+    /// Fired once the Lease is released on shutdown.
     pub released: oneshot::Sender<()>,
 }
 
@@ -433,7 +449,7 @@ impl Election {
             _ => self.api.get_opt(name).await?,
         };
         let record = current.as_ref().map(record_of);
-        let Some(write) = elector.plan(started, wall_ms(), record) else {
+        let Some(write) = elector.plan(started, now_ms(), record) else {
             return Ok(());
         };
         let pp = PostParams::default();
@@ -486,7 +502,7 @@ impl Election {
                 return false;
             }
             *l = if leading {
-                let delay = first_cycle_delay(last, interval, wall_ms());
+                let delay = first_cycle_delay(last, interval, now_ms());
                 info!(
                     first_cycle_in_ms = delay.as_millis() as u64,
                     "leading: the first cycle waits for the previous leader's interval to end"
@@ -505,7 +521,7 @@ impl Election {
 
     /// Stops collecting first, then frees the Lease so a follower takes over at its next try.
     async fn release(&mut self, elector: &mut Elector, cached: Option<Lease>) {
-        let record = elector.release(wall_ms());
+        let record = elector.release(now_ms());
         self.publish(elector);
         if let Some(r) = record {
             let base = cached.unwrap_or_default();

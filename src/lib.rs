@@ -4,12 +4,21 @@
 //! Data flows one way: `discovery` (Service watch → inventory of targets) → `collector` (CES batches →
 //! snapshot) → `exposition` (pre-rendered body) → `server`. `app` wires them; `cli` is the command line.
 
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+#![deny(clippy::print_stdout)]
+
+pub mod annotations;
 pub mod app;
+// The command line reports to the terminal by design.
+#[allow(clippy::print_stdout)]
 pub mod cli;
+pub mod clock;
 pub mod cloud;
 pub mod collector;
 pub mod config;
 #[cfg(feature = "sim")]
+#[allow(clippy::print_stdout)]
 pub mod demo;
 pub mod discovery;
 pub mod exposition;
@@ -21,5 +30,6 @@ pub mod signer;
 /// Test doubles (simulated cloud, fake apiserver, in-memory cloud): the `sim` feature, on by default for
 /// `demo`; `--no-default-features` builds the exporter without them.
 #[cfg(feature = "sim")]
+#[allow(missing_docs)]
 pub mod sim;
 pub mod telemetry;

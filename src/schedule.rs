@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// A minute in milliseconds: CES publishes raw data per minute.
 pub const MINUTE_MS: i64 = 60_000;
 /// Minutes the lag estimate looks back over.
 const WINDOW: usize = 20;
@@ -132,6 +133,7 @@ impl LagEstimator {
         lags.get(i).copied()
     }
 
+    /// [`LagEstimator::estimate_ms`] as a duration (0 for a negative lag).
     pub fn estimate(&self) -> Option<Duration> {
         self.estimate_ms()
             .map(|ms| Duration::from_millis(ms.max(0).unsigned_abs()))
@@ -174,6 +176,7 @@ impl Default for Aligner {
 }
 
 impl Aligner {
+    /// The publication lag estimator the aligner plans with.
     pub fn estimator(&self) -> &LagEstimator {
         &self.est
     }
@@ -200,6 +203,7 @@ impl Aligner {
         self.tokens = (self.tokens + self.budget * minutes.max(0.0)).min(self.capacity());
     }
 
+    /// Extra calls the budget holds now.
     pub fn tokens(&self) -> f64 {
         self.tokens
     }
@@ -214,6 +218,7 @@ impl Aligner {
         true
     }
 
+    /// Feeds an answer to the lag estimator (see [`LagEstimator::observe`]).
     pub fn observe(&mut self, asked_ms: i64, newest_ms: i64) {
         self.est.observe(asked_ms, newest_ms);
     }
@@ -312,6 +317,7 @@ pub struct RateWindow {
 }
 
 impl RateWindow {
+    /// Counts a call sent at `at`.
     pub fn record(&mut self, at: Instant) {
         self.sent.push_back(at);
     }

@@ -20,29 +20,44 @@ pub enum Algorithm {
     /// The default scheme: HMAC-SHA256 keyed directly with the SK.
     SdkHmacSha256,
     /// Derived-key scheme: the signing key is derived from AK, SK and `date/region/service`.
-    V11HmacSha256 { region: String, service: String },
+    V11HmacSha256 {
+        /// Region id, part of the key derivation scope.
+        region: String,
+        /// Service name (`iam`, `elb`, `ces`), part of the key derivation scope.
+        service: String,
+    },
 }
 
 /// A request as the caller wants to send it. `path` is the resource path as sent (may contain `%XX`);
 /// `query` holds unencoded pairs in caller order.
 #[derive(Debug, Clone)]
 pub struct SignRequest<'a> {
+    /// HTTP method, upper case.
     pub method: &'a str,
     /// The URL authority: `host`, or `host:port` when the endpoint has a non-default port.
     pub host: &'a str,
+    /// Resource path as sent.
     pub path: &'a str,
+    /// Query parameters, unencoded, in caller order.
     pub query: &'a [(String, String)],
+    /// Headers to sign; must hold `X-Sdk-Date` (`Host` is added from `host`).
     pub headers: &'a [(String, String)],
+    /// The payload; its SHA-256 is signed.
     pub body: &'a [u8],
 }
 
 /// Every stage of a signature, plus what to put on the wire.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Signed {
+    /// The canonical request (logged on signature mismatch to compare with the gateway's).
     pub canonical_request: String,
+    /// What the signature covers: algorithm, date and the canonical request's hash.
     pub string_to_sign: String,
+    /// Hex HMAC-SHA256 of the string to sign.
     pub signature: String,
+    /// Signed header names, `;`-joined.
     pub signed_headers: String,
+    /// The `Authorization` header value.
     pub authorization: String,
     /// The query string to send, identical to the canonical one (order and encoding).
     pub query_string: String,

@@ -4,8 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use elb_exporter::clock::now_ms;
 use elb_exporter::cloud::client::HttpCloud;
 use elb_exporter::cloud::{BatchQuery, CloudApi, CloudError, ElbVersion, Lane, MetricQuery};
 use elb_exporter::config::{Config, Filter};
@@ -68,13 +69,6 @@ fn client(sim: &CloudSim, url: &str) -> (HttpCloud, Telemetry) {
 fn client_with_project(sim: &CloudSim, url: &str) -> (HttpCloud, Telemetry) {
     let auth = format!("  project_id: \"{}\"\n", sim.config().project_id);
     client_with(&config(sim, url, &auth, "5s"))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
 }
 
 fn count(sim: &CloudSim, api: SimApi) -> usize {

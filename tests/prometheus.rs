@@ -44,6 +44,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use elb_exporter::clock::now_ms;
 use elb_exporter::sim::cloud::datapoint_value;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
@@ -119,16 +120,6 @@ fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_millis(),
-    )
-    .expect("ms fit i64")
 }
 
 /// A port free right now on `ip` (bound and released).

@@ -13,7 +13,7 @@
 
 use elb_exporter::cloud::parse::{batch_result, error_fields, listener_page, projects};
 use elb_exporter::cloud::{Listener, MetricQuery};
-use elb_exporter::collector::{Sample, Snapshot};
+use elb_exporter::collector::{Sample, SeriesKey, Snapshot};
 use elb_exporter::config::Filter;
 use elb_exporter::discovery::inventory::{Target, Targets};
 use elb_exporter::exposition::{FloatFmt, Renderer, escape_help, escape_label};
@@ -1572,15 +1572,15 @@ proptest! {
             Duration::from_secs(300),
         );
         let targets = Targets {
-            targets: case.targets.clone(),
+            listeners: case.targets.clone(),
             ..Targets::default()
         };
-        let values: HashMap<(Arc<str>, u16), Sample> = case
+        let values: HashMap<SeriesKey, Sample> = case
             .samples
             .iter()
             .map(|((l, m), (v, ts))| {
                 (
-                    (Arc::from(l.as_str()), *m),
+                    SeriesKey::new(Arc::from(l.as_str()), usize::from(*m)),
                     Sample { value: *v, timestamp_ms: *ts, fetched: tokio::time::Instant::now() },
                 )
             })
@@ -1589,7 +1589,7 @@ proptest! {
             cycle: 1,
             values: std::sync::Arc::new(values),
             extra: Default::default(),
-            finished: true,
+            first_cycle_done: true,
             up: true,
             stale_after: None,
         };

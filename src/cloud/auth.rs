@@ -12,7 +12,7 @@
 //!
 //! [`GateCore`] is the pure state machine with the clock passed in; [`AuthGate`] wraps it for async callers.
 
-use super::{Api, CloudError};
+use super::{CloudError, Operation};
 use crate::config::Credentials;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,9 +22,11 @@ use tokio::time::Instant;
 
 /// First cooldown after a 401; doubles per consecutive rejection up to `COOLDOWN_MAX`.
 pub const COOLDOWN: Duration = Duration::from_secs(60);
+/// Longest pause after repeated 401s: credentials fixed by an operator are picked up within it.
 pub const COOLDOWN_MAX: Duration = Duration::from_secs(15 * 60);
 /// The gateway's lockout: this many consecutive failures within `LOCK_WINDOW` lock the AK.
 pub const LOCK_FAILURES: usize = 5;
+/// The window of [`LOCK_FAILURES`].
 pub const LOCK_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// Requests that could still fail (in flight) plus failures inside the window stay below the lockout.
 pub const AT_RISK_MAX: usize = LOCK_FAILURES - 1;
@@ -41,6 +43,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Classifies a call's outcome for the gate.
     pub fn of<T>(result: &Result<T, CloudError>) -> Verdict {
         match result {
             Ok(_) => Verdict::Accepted,
@@ -62,7 +65,12 @@ impl Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Send; `probe` when this request decides whether the credential works for its API.
-    Send { generation: u64, probe: bool },
+    Send {
+        /// The credential generation the request is signed under (see [`GateCore::generation`]).
+        generation: u64,
+        /// This request decides whether the credential works for its API.
+        probe: bool,
+    },
     /// Another request's answer decides first: ask again when the gate changes.
     Wait,
     /// Not sent: the credential was rejected; the pause has this much left (zero: until a probe of
@@ -73,7 +81,7 @@ pub enum Decision {
 #[derive(Debug, Clone, Copy)]
 struct Closed {
     /// The API whose 401 closed the gate: only it may probe.
-    api: Api,
+    api: Operation,
     until: Instant,
 }
 
@@ -85,9 +93,9 @@ pub struct GateCore {
     /// Consecutive rejected probes: the cooldown doubles with each.
     strikes: u32,
     /// APIs that accepted this credential since it was last proven wrong.
-    proven: Vec<Api>,
+    proven: Vec<Operation>,
     /// APIs with a probe in flight.
-    probing: Vec<Api>,
+    probing: Vec<Operation>,
     in_flight: usize,
     /// 401s of this access key inside `LOCK_WINDOW`.
     failures: VecDeque<Instant>,
@@ -96,6 +104,7 @@ pub struct GateCore {
 }
 
 impl GateCore {
+    /// An open gate with no credential proven yet.
     pub fn new() -> Self {
         GateCore::default()
     }
@@ -116,6 +125,7 @@ impl GateCore {
         };
     }
 
+    /// Bumped at each credential change, so answers to requests signed with older keys are ignored.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -139,13 +149,14 @@ impl GateCore {
     }
 
     /// Whether a call to `api` would be refused now because the gate is closed (no state change).
-    pub fn refusal(&self, api: Api, now: Instant) -> Option<Duration> {
+    pub fn refusal(&self, api: Operation, now: Instant) -> Option<Duration> {
         let c = self.closed?;
         let left = c.until.saturating_duration_since(now);
         (c.api != api || !left.is_zero() || !self.probing.is_empty()).then_some(left)
     }
 
-    pub fn admit(&mut self, api: Api, now: Instant) -> Decision {
+    /// Decides whether a call to `api` may be sent now, and whether it probes the credential.
+    pub fn admit(&mut self, api: Operation, now: Instant) -> Decision {
         let full = self.at_risk(now) >= AT_RISK_MAX;
         if self.closed.is_some() {
             if let Some(left) = self.refusal(api, now) {
@@ -170,7 +181,7 @@ impl GateCore {
         self.send(api, probe)
     }
 
-    fn send(&mut self, api: Api, probe: bool) -> Decision {
+    fn send(&mut self, api: Operation, probe: bool) -> Decision {
         self.in_flight += 1;
         if probe {
             self.probing.push(api);
@@ -185,7 +196,7 @@ impl GateCore {
     /// closed the gate (for the log).
     pub fn record(
         &mut self,
-        api: Api,
+        api: Operation,
         generation: u64,
         probe: bool,
         verdict: Verdict,
@@ -250,7 +261,7 @@ impl GateCore {
     }
 
     /// A request ended without an answer (its future was dropped).
-    pub fn abandon(&mut self, api: Api, generation: u64, probe: bool, now: Instant) {
+    pub fn abandon(&mut self, api: Operation, generation: u64, probe: bool, now: Instant) {
         self.record(api, generation, probe, Verdict::Unknown, now);
     }
 }
@@ -265,9 +276,11 @@ pub struct AuthGate {
 /// (a cancelled request) frees its place and lets the next request probe.
 pub struct Ticket<'a> {
     gate: &'a AuthGate,
-    api: Api,
+    api: Operation,
     generation: u64,
+    /// This request decides whether the credential works for its API.
     pub probe: bool,
+    /// The credentials to sign this request with (those current when admitted).
     pub credentials: Arc<Credentials>,
     open: bool,
 }
@@ -297,6 +310,7 @@ impl Drop for Ticket<'_> {
 }
 
 impl AuthGate {
+    /// A gate for `credentials`, open and unproven.
     pub fn new(credentials: Credentials) -> Self {
         AuthGate {
             state: Mutex::new((GateCore::new(), Arc::new(credentials))),
@@ -324,22 +338,24 @@ impl AuthGate {
         self.changed.notify_waiters();
     }
 
+    /// The current access key id (not secret), for logs.
     pub fn access_key(&self) -> String {
         self.lock().1.access_key.clone()
     }
 
+    /// See [`GateCore::generation`].
     pub fn generation(&self) -> u64 {
         self.with(|core| core.generation())
     }
 
     /// The refusal a call to `api` would get now, if the gate is closed to it.
-    pub fn refusal(&self, api: Api) -> Option<CloudError> {
+    pub fn refusal(&self, api: Operation) -> Option<CloudError> {
         self.with(|core| core.refusal(api, Instant::now()))
             .map(|left| CloudError::AuthBackoff(api, left))
     }
 
     /// Waits for permission to send a request to `api`.
-    pub async fn admit(&self, api: Api) -> Result<Ticket<'_>, CloudError> {
+    pub async fn admit(&self, api: Operation) -> Result<Ticket<'_>, CloudError> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -375,11 +391,11 @@ impl AuthGate {
 mod tests {
     use super::*;
 
-    const CES: Api = Api::CesBatchQuery;
-    const ELB: Api = Api::ElbListListeners;
-    const IAM: Api = Api::IamListProjects;
+    const CES: Operation = Operation::CesBatchQuery;
+    const ELB: Operation = Operation::ElbListListeners;
+    const IAM: Operation = Operation::IamListProjects;
 
-    fn send(core: &mut GateCore, api: Api, now: Instant) -> (u64, bool) {
+    fn send(core: &mut GateCore, api: Operation, now: Instant) -> (u64, bool) {
         match core.admit(api, now) {
             Decision::Send { generation, probe } => (generation, probe),
             other => panic!("{api:?} at {now:?}: expected Send, got {other:?}"),
@@ -395,7 +411,7 @@ mod tests {
         let mut probes_per_cooldown: Vec<usize> = Vec::new();
         // Every simulated second, a cycle asks IAM/ELB once and CES eight times (the default
         // concurrency), all at once; answers come back one second later.
-        let mut in_flight: Vec<(Api, u64, bool)> = Vec::new();
+        let mut in_flight: Vec<(Operation, u64, bool)> = Vec::new();
         let mut ces_sent_since_close = 0;
         let mut cooldowns = Vec::new();
         for _ in 0..(60 + 120 + 240 + 30) {

@@ -7,9 +7,10 @@ use super::{
     BatchQuery, BatchResult, CES_SMALL_BATCH, CloudApi, CloudError, ElbVersion, ErrorBody,
     L7Policy, Lane, Listing, LoadBalancer, Pool, parse,
 };
+use crate::cloud::Operation;
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
 use crate::signer::{self, Algorithm, SignRequest};
-use crate::telemetry::{Api, Telemetry};
+use crate::telemetry::Telemetry;
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -41,12 +42,21 @@ const MAX_PAGES: usize = 1000;
 /// Could not build the HTTP client (bad CA file...).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
+    /// `cloud.ca_file` could not be read or holds no usable certificate.
     #[error("cloud.ca_file {path}: {reason}")]
-    CaFile { path: String, reason: String },
+    CaFile {
+        /// The configured path.
+        path: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// reqwest refused the client configuration.
     #[error("HTTP client: {0}")]
     Http(String),
 }
 
+/// The real cloud: AK/SK-signed HTTPS to IAM, ELB and CES with timeouts, retries, per-service rate
+/// limits and the 401 gate that keeps a wrong key from being locked.
 pub struct HttpCloud {
     http: reqwest::Client,
     project_name: String,
@@ -104,6 +114,7 @@ impl ProjectCache {
 }
 
 impl HttpCloud {
+    /// Builds the client from `cfg` (endpoints, credentials, timeouts, limits); fails only on TLS setup.
     pub fn new(cfg: &Config, telemetry: Telemetry) -> Result<Self, ClientBuildError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.cloud.connect_timeout)
@@ -171,15 +182,15 @@ impl HttpCloud {
         self.project.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn limiter(&self, api: Api) -> &RateLimiter {
+    fn limiter(&self, api: Operation) -> &RateLimiter {
         match api {
-            Api::IamListProjects | Api::IamListAuthProjects => &self.limiters[0],
+            Operation::IamListProjects | Operation::IamListAuthProjects => &self.limiters[0],
             // One ELB budget for every ELB listing.
-            Api::ElbListListeners
-            | Api::ElbListPools
-            | Api::ElbListL7policies
-            | Api::ElbListLoadbalancers => &self.limiters[1],
-            Api::CesBatchQuery => &self.limiters[2],
+            Operation::ElbListListeners
+            | Operation::ElbListPools
+            | Operation::ElbListL7policies
+            | Operation::ElbListLoadbalancers => &self.limiters[1],
+            Operation::CesBatchQuery => &self.limiters[2],
         }
     }
 
@@ -217,7 +228,9 @@ impl HttpCloud {
                 // The fallback is sent only after IAM accepted the key (a 403): its 401 means this
                 // API takes no AK/SK here (documented for tokens only), not a bad key, so it must not
                 // close the gate for every API.
-                (Api::IamListAuthProjects, Err(CloudError::Unauthorized(..))) => Verdict::Unknown,
+                (Operation::IamListAuthProjects, Err(CloudError::Unauthorized(..))) => {
+                    Verdict::Unknown
+                }
                 _ => Verdict::of(&sent),
             };
             if let Some(cooldown) = ticket.finish(verdict) {
@@ -272,7 +285,7 @@ impl HttpCloud {
     /// ticket only afterwards. If the caller drops the future while the ticket is out (its timeout),
     /// the ticket frees its place, so the next call probes instead of waiting for a verdict that never
     /// comes.
-    async fn admit(&self, api: Api, lane: Lane) -> Result<Ticket<'_>, CloudError> {
+    async fn admit(&self, api: Operation, lane: Lane) -> Result<Ticket<'_>, CloudError> {
         let admitted = match self.auth.refusal(api) {
             Some(e) => Err(e),
             None => {
@@ -303,7 +316,7 @@ impl HttpCloud {
         if let Some(p) = call.project {
             headers.push(("X-Project-Id".into(), p.to_string()));
         }
-        if api == Api::IamListProjects && !self.domain_id.is_empty() {
+        if api == Operation::IamListProjects && !self.domain_id.is_empty() {
             headers.push(("X-Domain-Id".into(), self.domain_id.clone()));
         }
         if let Some(t) = &creds.security_token {
@@ -368,7 +381,7 @@ impl HttpCloud {
 
     async fn exchange(
         &self,
-        api: Api,
+        api: Operation,
         req: reqwest::RequestBuilder,
         max_body: usize,
     ) -> Result<(Vec<u8>, SemaphorePermit<'_>), CloudError> {
@@ -420,7 +433,7 @@ impl HttpCloud {
     /// over the cap is `Malformed`; an error answer is only cut (its start carries code and message).
     async fn read_body(
         &self,
-        api: Api,
+        api: Operation,
         mut resp: reqwest::Response,
         cap: usize,
         strict: bool,
@@ -468,7 +481,7 @@ impl HttpCloud {
 
     /// One CES batch call, as given.
     async fn batch_once(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
-        let api = Api::CesBatchQuery;
+        let api = Operation::CesBatchQuery;
         let project = self.project_id().await?;
         let call = Call {
             api,
@@ -595,7 +608,7 @@ impl HttpCloud {
         max_pages: u32,
         page_gap: Duration,
     ) -> Result<Listing, CloudError> {
-        let api = Api::ElbListListeners;
+        let api = Operation::ElbListListeners;
         let limit = version.page_size();
         let mut out = Listing::default();
         let mut seen: HashSet<String> = HashSet::new();
@@ -753,12 +766,12 @@ impl HttpCloud {
     /// The project id of `project_name`: by name (`iam:projects:list`), else, when that is refused,
     /// among the projects the user may access (`GET /v3/auth/projects`, no permission needed).
     async fn resolve_project(&self) -> Result<String, CloudError> {
-        let by_name = self.list_projects(Api::IamListProjects).await;
+        let by_name = self.list_projects(Operation::IamListProjects).await;
         let (api, ids) = match by_name {
-            Ok(ids) => (Api::IamListProjects, ids),
+            Ok(ids) => (Operation::IamListProjects, ids),
             Err(refused @ CloudError::Forbidden(..)) => {
-                match self.list_projects(Api::IamListAuthProjects).await {
-                    Ok(ids) if !ids.is_empty() => (Api::IamListAuthProjects, ids),
+                match self.list_projects(Operation::IamListAuthProjects).await {
+                    Ok(ids) if !ids.is_empty() => (Operation::IamListAuthProjects, ids),
                     Ok(_) => {
                         return Err(self.no_project(&refused, "lists no project of that name"));
                     }
@@ -794,9 +807,9 @@ impl HttpCloud {
         ))
     }
 
-    async fn list_projects(&self, api: Api) -> Result<Vec<String>, CloudError> {
+    async fn list_projects(&self, api: Operation) -> Result<Vec<String>, CloudError> {
         let (path, query) = match api {
-            Api::IamListAuthProjects => ("/v3/auth/projects", Vec::new()),
+            Operation::IamListAuthProjects => ("/v3/auth/projects", Vec::new()),
             _ => (
                 "/v3/projects",
                 vec![("name".to_string(), self.project_name.clone())],
@@ -844,7 +857,7 @@ impl HttpCloud {
 
 /// An ELB collection other than listeners: its API, name, answer cap per item and item parser.
 struct Collection<T> {
-    api: Api,
+    api: Operation,
     name: &'static str,
     item_bytes: usize,
     parse: fn(&serde_json::Value) -> Option<T>,
@@ -860,26 +873,26 @@ impl<T> Copy for Collection<T> {}
 // A pool lists its members' and listeners' ids (a large pool has hundreds), a load balancer its
 // listeners', pools' ids and tags, a forwarding policy its rules' ids.
 const POOLS: Collection<Pool> = Collection {
-    api: Api::ElbListPools,
+    api: Operation::ElbListPools,
     name: "pools",
     item_bytes: 16 * 1024,
     parse: parse::pool,
 };
 const LOADBALANCERS: Collection<LoadBalancer> = Collection {
-    api: Api::ElbListLoadbalancers,
+    api: Operation::ElbListLoadbalancers,
     name: "loadbalancers",
     item_bytes: 16 * 1024,
     parse: parse::loadbalancer,
 };
 const L7POLICIES: Collection<L7Policy> = Collection {
-    api: Api::ElbListL7policies,
+    api: Operation::ElbListL7policies,
     name: "l7policies",
     item_bytes: 4 * 1024,
     parse: parse::l7policy,
 };
 
 struct Call<'a> {
-    api: Api,
+    api: Operation,
     endpoint: &'a Endpoint,
     method: reqwest::Method,
     path: String,

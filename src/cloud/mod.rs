@@ -4,10 +4,11 @@
 
 pub mod auth;
 pub mod client;
+pub mod operation;
 pub mod parse;
 pub mod retry;
 
-pub use crate::telemetry::Api;
+pub use operation::Operation;
 use std::fmt;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ pub enum ElbVersion {
 }
 
 impl ElbVersion {
+    /// The `version` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             ElbVersion::V2 => "v2",
@@ -50,17 +52,24 @@ impl ElbVersion {
 /// An ELB listener, as far as the exporter needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
+    /// Listener id: the CES dimension `lbaas_listener_id` and the `listener_id` label.
     pub id: String,
+    /// User-given name (CCE names them `k8s_<protocol>_<port>`), exported as a label.
     pub name: String,
+    /// `TCP`, `UDP`, `HTTP`, `HTTPS`...: exported as a label.
     pub protocol: String,
+    /// The frontend port, matched against the Service port.
     pub port: u16,
 }
 
 /// A backend server group (pool), as far as Ingress attribution needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
+    /// Pool id: the CES dimension `lbaas_pool_id`.
     pub id: String,
+    /// User-given name, exported as a label.
     pub name: String,
+    /// Backend protocol, exported as a label.
     pub protocol: String,
     /// `listeners[].id`: may be empty for a pool reached only through a forwarding policy.
     pub listeners: Vec<String>,
@@ -69,8 +78,11 @@ pub struct Pool {
 /// A load balancer of the v3 listing (`GET /v3/{project_id}/elb/loadbalancers`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadBalancer {
+    /// ELB id, as in `kubernetes.io/elb.id`.
     pub id: String,
+    /// CCE names auto-created ELBs `cce-lb-<ingress uid>`.
     pub name: String,
+    /// Private address, as in `kubernetes.io/elb.ip`.
     pub vip_address: String,
     /// `true` dedicated, `false` shared (when the v3 API lists shared ones at all).
     pub guaranteed: Option<bool>,
@@ -79,9 +91,13 @@ pub struct LoadBalancer {
 /// A forwarding policy (`l7policies[]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct L7Policy {
+    /// Policy id.
     pub id: String,
+    /// The listener it forwards from.
     pub listener_id: String,
+    /// `REDIRECT_TO_POOL` policies route to a pool; others are ignored.
     pub action: String,
+    /// The pool it forwards to.
     pub redirect_pool_id: Option<String>,
 }
 
@@ -89,7 +105,9 @@ pub struct L7Policy {
 /// Services go ahead of periodic re-listings and full collection cycles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
+    /// First: lookups and prompt collection that a new or changed Service waits for.
     Priority,
+    /// After the priority lane: re-listings and full cycles.
     Background,
 }
 
@@ -109,19 +127,26 @@ pub struct Listing {
 /// One metric of a batch query: namespace, metric name and dimensions (order as sent).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MetricQuery {
+    /// `SYS.ELB`.
     pub namespace: String,
+    /// The CES metric, e.g. `m1_cps` or `l7e_qps`.
     pub metric_name: String,
+    /// `lbaas_instance_id` and the listener or pool dimension.
     pub dimensions: Vec<(String, String)>,
 }
 
 /// A CES batch query (`POST /V1.0/{project_id}/batch-query-metric-data`).
 #[derive(Debug, Clone)]
 pub struct BatchQuery {
+    /// At most 500 (CES's limit), fewer once CES refused a large batch.
     pub metrics: Vec<MetricQuery>,
+    /// Window start, Unix ms.
     pub from_ms: i64,
+    /// Window end, Unix ms.
     pub to_ms: i64,
     /// `"1"` = raw (1-minute) data.
     pub period: &'static str,
+    /// Aggregation asked for (`collection.filter`).
     pub filter: crate::config::Filter,
     /// Full cycles ask in the background lane, so the CES rate limit lets a new Service's prompt
     /// collection (priority) go first.
@@ -131,7 +156,9 @@ pub struct BatchQuery {
 /// A datapoint: Unix milliseconds and value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Datapoint {
+    /// The minute the value covers, Unix ms.
     pub timestamp_ms: i64,
+    /// The value in the metric's unit.
     pub value: f64,
 }
 
@@ -213,27 +240,27 @@ pub trait CloudApi: Send + Sync + 'static {
 pub const CES_SMALL_BATCH: usize = 10;
 
 /// What a 403 of `api` means the user lacks, and the fix.
-pub fn permission_hint(api: Api) -> &'static str {
+pub fn permission_hint(api: Operation) -> &'static str {
     match api {
-        Api::IamListProjects => {
+        Operation::IamListProjects => {
             "the IAM user lacks iam:projects:list: set auth.project_id, or grant iam:projects:list (e.g. the system policy IAM ReadOnlyAccess)"
         }
-        Api::IamListAuthProjects => {
+        Operation::IamListAuthProjects => {
             "IAM refused to list the projects of this user: set auth.project_id"
         }
-        Api::ElbListListeners => {
+        Operation::ElbListListeners => {
             "the IAM user lacks elb:listeners:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::ElbListPools => {
+        Operation::ElbListPools => {
             "the IAM user lacks elb:pools:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::ElbListL7policies => {
+        Operation::ElbListL7policies => {
             "the IAM user lacks elb:l7policies:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::ElbListLoadbalancers => {
+        Operation::ElbListLoadbalancers => {
             "the IAM user lacks elb:loadbalancers:list (e.g. the system policy ELB ReadOnlyAccess) in this region's project"
         }
-        Api::CesBatchQuery => {
+        Operation::CesBatchQuery => {
             "the IAM user lacks ces:metricData:list (e.g. the system policy CES ReadOnlyAccess), granted in this region's project (a global grant does not take effect for Cloud Eye)"
         }
     }
@@ -242,9 +269,13 @@ pub fn permission_hint(api: Api) -> &'static str {
 /// What a failed cloud call said: HTTP status, the cloud's error code and message, the request id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErrorBody {
+    /// HTTP status.
     pub status: u16,
+    /// The service's error code (`APIGW.0301`, `ces.0017`...).
     pub code: Option<String>,
+    /// The service's message.
     pub message: String,
+    /// `X-Request-Id`, which support asks for.
     pub request_id: Option<String>,
 }
 
@@ -267,34 +298,46 @@ impl fmt::Display for ErrorBody {
 /// A failed cloud call, classified so retries and metrics can act on the kind.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CloudError {
+    /// 401: the signature or key was rejected; calls pause (see [`auth`]).
     #[error(
         "{0}: authentication failed (check AK/SK, clock skew; 5 failures lock the AK for 5 minutes): {1}"
     )]
-    Unauthorized(Api, ErrorBody),
+    Unauthorized(Operation, ErrorBody),
+    /// 403: the IAM user lacks a permission; not retried.
     #[error("{0}: permission denied ({hint}): {1}", hint = permission_hint(*.0))]
-    Forbidden(Api, ErrorBody),
+    Forbidden(Operation, ErrorBody),
+    /// 404: wrong project or resource.
     #[error("{0}: not found (project or resource): {1}")]
-    NotFound(Api, ErrorBody),
+    NotFound(Operation, ErrorBody),
+    /// 429 or a throttling code; retried after the given delay or a backoff.
     #[error("{0}: throttled: {1}")]
-    Throttled(Api, ErrorBody, Option<Duration>),
+    Throttled(Operation, ErrorBody, Option<Duration>),
+    /// 400: the request itself was refused; not retried.
     #[error("{0}: request rejected: {1}")]
-    BadRequest(Api, ErrorBody),
+    BadRequest(Operation, ErrorBody),
+    /// 5xx; retried after the given delay or a backoff.
     #[error("{0}: server error: {1}")]
-    Server(Api, ErrorBody, Option<Duration>),
+    Server(Operation, ErrorBody, Option<Duration>),
+    /// Any other status.
     #[error("{0}: unexpected answer: {1}")]
-    Http(Api, ErrorBody),
+    Http(Operation, ErrorBody),
+    /// No answer within the request timeout; retried.
     #[error("{0}: timed out after {1:?}")]
-    Timeout(Api, Duration),
+    Timeout(Operation, Duration),
+    /// No connection (DNS, TCP, TLS); retried.
     #[error("{0}: connection failed: {1}")]
-    Connect(Api, String),
+    Connect(Operation, String),
+    /// An answer that does not parse or breaks its size bound; retried.
     #[error("{0}: malformed response: {1}")]
-    Malformed(Api, String),
+    Malformed(Operation, String),
+    /// The project id for the region could not be determined.
     #[error("project lookup: {0}")]
     Project(String),
+    /// Not sent: the credential was rejected and calls pause, so the AK is not locked.
     #[error(
         "{0}: not sent: the credentials were rejected (401); cloud calls pause until a probe succeeds (next probe in {1:?} at the earliest) so the AK is not locked"
     )]
-    AuthBackoff(Api, Duration),
+    AuthBackoff(Operation, Duration),
 }
 
 impl CloudError {
@@ -358,7 +401,7 @@ impl CloudError {
     }
 
     /// Classifies an HTTP error answer.
-    pub fn from_status(api: Api, body: ErrorBody, retry_after: Option<Duration>) -> Self {
+    pub fn from_status(api: Operation, body: ErrorBody, retry_after: Option<Duration>) -> Self {
         let throttling_code = body.code.as_deref().is_some_and(|c| {
             c.eq_ignore_ascii_case("ces.0429")
                 || c.eq_ignore_ascii_case("APIG.0308")

@@ -365,10 +365,15 @@ fn listener(
 /// One page of an ELB collection other than listeners (`pools`, `l7policies`).
 #[derive(Debug)]
 pub struct ItemPage<T> {
+    /// The items `parse` accepted.
     pub items: Vec<T>,
+    /// Items in the page, accepted or not: a full page means another may follow.
     pub raw_count: usize,
+    /// Id of the page's last item: the marker of the next page where no `next_marker` is given.
     pub last_id: Option<String>,
+    /// `page_info.next_marker`, when the API gives one.
     pub next_marker: Option<String>,
+    /// Items `parse` refused (counted in `elb_exporter_skipped_items_total`).
     pub skipped: usize,
 }
 

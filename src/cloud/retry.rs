@@ -53,10 +53,12 @@ impl Drop for Waiting<'_> {
 }
 
 impl RateLimiter {
+    /// A limiter allowing `per_minute` calls in any minute.
     pub fn new(per_minute: u32) -> Self {
         Self::with_window(per_minute, Duration::from_secs(60))
     }
 
+    /// As [`RateLimiter::new`] over a `window` other than a minute (tests).
     pub fn with_window(per_minute: u32, window: Duration) -> Self {
         RateLimiter {
             per_minute: per_minute.max(1) as usize,

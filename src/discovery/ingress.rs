@@ -6,7 +6,8 @@
 //! auto-created ELB named `cce-lb-<ingress uid>` (the [`Binder`], from the v3 load balancer listing). An
 //! Ingress none of these binds is reported `ingress_unbound` and retried.
 
-use super::{DiscoveryEvent, ELB_CLASS_ANNOTATION, ElbClass, Problem, Scope, forbidden_message};
+use super::{DiscoveryEvent, ElbClass, Problem, Scope, forbidden_message};
+use crate::annotations;
 use crate::cloud::{CloudApi, Lane, Listener, LoadBalancer};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::networking::v1::Ingress;
@@ -19,13 +20,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
+/// The `kubernetes.io/ingress.class` of CCE's ELB Ingress controller: other classes are ignored.
 pub const CCE_CLASS: &str = "cce";
-pub const ELB_ID_ANNOTATION: &str = "kubernetes.io/elb.id";
-pub const ELB_IP_ANNOTATION: &str = "kubernetes.io/elb.ip";
-pub const PORT_ANNOTATION: &str = "kubernetes.io/elb.port";
-pub const LISTEN_PORTS_ANNOTATION: &str = "kubernetes.io/elb.listen-ports";
-pub const MASTER_ANNOTATION: &str = "kubernetes.io/elb.listener-master-ingress";
 
 /// (namespace, name) of an Ingress.
 pub type IngressKey = (Arc<str>, Arc<str>);
@@ -33,12 +29,17 @@ pub type IngressKey = (Arc<str>, Arc<str>);
 /// What the exporter keeps of a CCE Ingress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngressTarget {
+    /// The Ingress's namespace.
     pub namespace: Arc<str>,
+    /// The Ingress's name, the `ingress` label of its listeners.
     pub name: Arc<str>,
+    /// `metadata.uid`: names CCE's auto-created ELB and labels `elb_exporter_pool_info`.
     pub uid: Arc<str>,
     /// `metadata.creationTimestamp`, seconds: the oldest Ingress owns a shared listener.
     pub created: i64,
+    /// The bound ELB (empty while unbound).
     pub elb_id: Arc<str>,
+    /// Which listener API knows the ELB.
     pub class: ElbClass,
     /// ELB listener ports, sorted, deduplicated.
     pub ports: Vec<u16>,
@@ -50,6 +51,7 @@ pub struct IngressTarget {
 }
 
 impl IngressTarget {
+    /// (namespace, name): how events and the inventory refer to it.
     pub fn key(&self) -> IngressKey {
         (self.namespace.clone(), self.name.clone())
     }
@@ -67,12 +69,15 @@ pub enum Binding {
 /// The exporter's view of a watched Ingress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObservedIngress {
+    /// A CCE Ingress bound to its ELB.
     Target(IngressTarget),
     /// Everything but the ELB id (empty), which the [`Binder`] looks up.
     Unbound(IngressTarget, Binding),
     /// A CCE Ingress the exporter cannot bind or read.
     Invalid {
+        /// (namespace, name).
         key: IngressKey,
+        /// Why it cannot be exported.
         problem: Problem,
     },
     /// Another class: not ours.
@@ -80,6 +85,7 @@ pub enum ObservedIngress {
 }
 
 impl ObservedIngress {
+    /// (namespace, name) of the Ingress, whatever its state.
     pub fn key(&self) -> IngressKey {
         match self {
             ObservedIngress::Target(t) | ObservedIngress::Unbound(t, _) => t.key(),
@@ -102,16 +108,22 @@ impl ObservedIngress {
 /// What the Ingress watch reports to the inventory.
 #[derive(Debug)]
 pub enum IngressEvent {
+    /// An Ingress was added or changed.
     Upsert(ObservedIngress),
+    /// An Ingress was deleted.
     Delete(IngressKey),
     /// The complete set for `scope` after a (re-)list.
     Resync {
+        /// The namespace listed, or all.
         scope: Scope,
+        /// Every Ingress of the scope.
         observed: Vec<ObservedIngress>,
     },
     /// RBAC refuses Ingresses in `scope`: Services are unaffected.
     Forbidden {
+        /// The namespace refused, or all.
         scope: Scope,
+        /// The apiserver's message, for `check` and logs.
         message: String,
     },
 }
@@ -123,30 +135,30 @@ pub fn listener_ports(
     tls: bool,
 ) -> Result<Vec<u16>, &'static str> {
     let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|s| s.trim());
-    if let Some(raw) = get(LISTEN_PORTS_ANNOTATION).filter(|s| !s.is_empty()) {
+    if let Some(raw) = get(annotations::ELB_LISTEN_PORTS).filter(|s| !s.is_empty()) {
         let parsed: Vec<BTreeMap<String, u64>> =
-            serde_json::from_str(raw).map_err(|_| LISTEN_PORTS_ANNOTATION)?;
+            serde_json::from_str(raw).map_err(|_| annotations::ELB_LISTEN_PORTS)?;
         let mut ports = Vec::new();
         for entry in parsed {
             for port in entry.into_values() {
                 match u16::try_from(port) {
                     Ok(p) if p > 0 => ports.push(p),
-                    _ => return Err(LISTEN_PORTS_ANNOTATION),
+                    _ => return Err(annotations::ELB_LISTEN_PORTS),
                 }
             }
         }
         ports.sort_unstable();
         ports.dedup();
         return if ports.is_empty() {
-            Err(LISTEN_PORTS_ANNOTATION)
+            Err(annotations::ELB_LISTEN_PORTS)
         } else {
             Ok(ports)
         };
     }
-    if let Some(raw) = get(PORT_ANNOTATION) {
+    if let Some(raw) = get(annotations::ELB_PORT) {
         return match raw.parse::<u16>() {
             Ok(p) if p > 0 => Ok(vec![p]),
-            _ => Err(PORT_ANNOTATION),
+            _ => Err(annotations::ELB_PORT),
         };
     }
     Ok(vec![if tls { 443 } else { 80 }])
@@ -163,7 +175,7 @@ pub fn is_cce(ing: &Ingress) -> bool {
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(CLASS_ANNOTATION))
+        .and_then(|a| a.get(annotations::INGRESS_CLASS))
         .map(|s| s.trim());
     by_spec.or(by_annotation) == Some(CCE_CLASS)
 }
@@ -184,7 +196,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
     let annotations = ing.metadata.annotations.as_ref();
     let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|s| s.trim());
     let uid = ing.metadata.uid.as_deref().unwrap_or("");
-    let (elb_id, binding) = match (get(ELB_ID_ANNOTATION), get(ELB_IP_ANNOTATION)) {
+    let (elb_id, binding) = match (get(annotations::ELB_ID), get(annotations::ELB_IP)) {
         (Some(id), _) if !id.is_empty() => match super::elb_id_problem(id) {
             Some(problem) => return ObservedIngress::Invalid { key, problem },
             None => (id, None),
@@ -209,7 +221,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
             problem: Problem::IngressBadPorts,
         };
     };
-    let class = match get(ELB_CLASS_ANNOTATION) {
+    let class = match get(annotations::ELB_CLASS) {
         Some("union") => ElbClass::Shared,
         Some("performance") => ElbClass::Dedicated,
         _ => ElbClass::Unspecified,
@@ -226,7 +238,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         elb_id: elb_id.into(),
         class,
         ports,
-        master: get(MASTER_ANNOTATION)
+        master: get(annotations::ELB_LISTENER_MASTER_INGRESS)
             .filter(|m| !m.is_empty())
             .map(str::to_owned),
         backends: backends(ing),
@@ -264,6 +276,7 @@ pub fn backends(ing: &Ingress) -> Vec<(Arc<str>, u16)> {
 /// The Ingresses known to the inventory, by key.
 #[derive(Debug, Default)]
 pub struct IngressBook {
+    /// Every watched Ingress, usable or not.
     pub ingresses: HashMap<IngressKey, ObservedIngress>,
     /// Scopes whose Ingress list RBAC refuses.
     pub forbidden: BTreeMap<Scope, String>,
@@ -325,14 +338,18 @@ impl IngressBook {
 /// One Ingress listener attributed to its owning Ingress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngressListener<'a> {
+    /// The owning Ingress.
     pub ingress: &'a IngressTarget,
+    /// Its ELB listener.
     pub listener: &'a Listener,
 }
 
 /// Every Ingress on one listener, oldest first: the pools behind it are attributed among them.
 #[derive(Debug, Clone)]
 pub struct ListenerRoutes<'a> {
+    /// The shared listener.
     pub listener: &'a Listener,
+    /// Every Ingress routed through it, oldest first.
     pub ingresses: Vec<&'a IngressTarget>,
 }
 
@@ -340,8 +357,11 @@ pub struct ListenerRoutes<'a> {
 /// problems.
 #[derive(Debug, Default)]
 pub struct Attribution<'a> {
+    /// Each listener with the one Ingress that owns it (exported with its labels).
     pub owned: Vec<IngressListener<'a>>,
+    /// Each listener with every Ingress on it (input of pool attribution).
     pub routes: Vec<ListenerRoutes<'a>>,
+    /// Per Ingress: the reason and a sentence for `check` and logs.
     pub problems: Vec<(IngressKey, Problem, String)>,
 }
 
@@ -466,6 +486,7 @@ pub struct Binder<C: CloudApi> {
 }
 
 impl<C: CloudApi> Binder<C> {
+    /// A binder with no load balancer listed yet.
     pub fn new(cloud: Arc<C>) -> Self {
         Binder {
             cloud,
@@ -651,24 +672,27 @@ mod tests {
     #[test]
     fn listener_ports_follow_cce_priority() {
         let both = ann(&[
-            (LISTEN_PORTS_ANNOTATION, r#"[{"HTTP":80},{"HTTPS":443}]"#),
-            (PORT_ANNOTATION, "8080"),
+            (
+                annotations::ELB_LISTEN_PORTS,
+                r#"[{"HTTP":80},{"HTTPS":443}]"#,
+            ),
+            (annotations::ELB_PORT, "8080"),
         ]);
         assert_eq!(listener_ports(Some(&both), false), Ok(vec![80, 443]));
-        let port = ann(&[(PORT_ANNOTATION, " 8080 ")]);
+        let port = ann(&[(annotations::ELB_PORT, " 8080 ")]);
         assert_eq!(listener_ports(Some(&port), true), Ok(vec![8080]));
         assert_eq!(listener_ports(None, false), Ok(vec![80]));
         assert_eq!(listener_ports(None, true), Ok(vec![443]));
         for bad in [r#"[{"HTTP":70000}]"#, "80", "[]", r#"[{"HTTP":0}]"#] {
-            let a = ann(&[(LISTEN_PORTS_ANNOTATION, bad)]);
+            let a = ann(&[(annotations::ELB_LISTEN_PORTS, bad)]);
             assert_eq!(
                 listener_ports(Some(&a), false),
-                Err(LISTEN_PORTS_ANNOTATION),
+                Err(annotations::ELB_LISTEN_PORTS),
                 "{bad}"
             );
         }
-        let a = ann(&[(PORT_ANNOTATION, "http")]);
-        assert_eq!(listener_ports(Some(&a), false), Err(PORT_ANNOTATION));
+        let a = ann(&[(annotations::ELB_PORT, "http")]);
+        assert_eq!(listener_ports(Some(&a), false), Err(annotations::ELB_PORT));
     }
 
     fn ingress(name: &str, created: i64, master: Option<&str>) -> ObservedIngress {
@@ -727,7 +751,7 @@ mod tests {
         let mut ing = Ingress::default();
         ing.metadata.name = Some("web".into());
         ing.metadata.annotations = Some(ann(&[(
-            ELB_ID_ANNOTATION,
+            annotations::ELB_ID,
             "11111111-1111-4111-8111-111111111111",
         )]));
         assert!(matches!(observe(&ing), ObservedIngress::Ignored(_)));
@@ -742,7 +766,7 @@ mod tests {
             (&*t.elb_id, t.ports.as_slice()),
             ("11111111-1111-4111-8111-111111111111", &[80u16][..])
         );
-        ing.metadata.annotations = Some(ann(&[(ELB_IP_ANNOTATION, "192.168.0.9")]));
+        ing.metadata.annotations = Some(ann(&[(annotations::ELB_IP, "192.168.0.9")]));
         assert!(matches!(
             observe(&ing),
             ObservedIngress::Unbound(_, Binding::Ip(ip)) if &*ip == "192.168.0.9"
@@ -755,9 +779,9 @@ mod tests {
         ));
         ing.spec = None;
         ing.metadata.annotations = Some(ann(&[
-            (CLASS_ANNOTATION, "cce"),
-            (ELB_ID_ANNOTATION, "11111111-1111-4111-8111-111111111111"),
-            (PORT_ANNOTATION, "x"),
+            (annotations::INGRESS_CLASS, "cce"),
+            (annotations::ELB_ID, "11111111-1111-4111-8111-111111111111"),
+            (annotations::ELB_PORT, "x"),
         ]));
         assert!(matches!(
             observe(&ing),

@@ -18,8 +18,9 @@
 
 use super::ingress::{IngressBook, IngressEvent};
 use super::{DiscoveryEvent, ElbClass, Observed, Owner, Problem, Scope, ServiceKey};
+use crate::cloud::Operation;
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, Listener, Listing};
-use crate::telemetry::{Api, Telemetry};
+use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,24 +56,36 @@ const MAX_PAGE_GAP: Duration = Duration::from_secs(1);
 pub struct Target {
     /// Whether `service` names a Service or an Ingress.
     pub owner: Owner,
+    /// The owner's namespace: the `namespace` label.
     pub namespace: Arc<str>,
+    /// The owner's name: the `service` (or `ingress`) label.
     pub service: Arc<str>,
+    /// The ELB the listener belongs to: CES dimension `lbaas_instance_id`.
     pub elb_id: Arc<str>,
+    /// CES dimension `lbaas_listener_id`.
     pub listener_id: Arc<str>,
+    /// The listener's name on the ELB.
     pub listener_name: Arc<str>,
+    /// The listener (and Service) port.
     pub port: u16,
+    /// The listener's protocol.
     pub protocol: Arc<str>,
 }
 
 /// The state of one annotated Service, for `check` and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceReport {
+    /// The Service's namespace.
     pub namespace: Arc<str>,
+    /// The Service's name.
     pub name: Arc<str>,
+    /// The annotated ELB, when the annotation is usable.
     pub elb_id: Option<Arc<str>>,
+    /// The listener API that knows the ELB, once looked up.
     pub api: Option<ElbVersion>,
     /// Empty when fine; otherwise what is wrong, in words.
     pub problems: Vec<String>,
+    /// Listeners attributed to its ports.
     pub listeners: usize,
 }
 
@@ -87,7 +100,7 @@ pub struct Targets {
     pub services: usize,
     /// Service listeners sorted by namespace, service, port, listener id; then Ingress listeners
     /// sorted the same way.
-    pub targets: Vec<Target>,
+    pub listeners: Vec<Target>,
     /// CCE Ingresses watched (usable or not).
     pub ingresses: usize,
     /// Ingress problems for `check` and logs: the reason, and `ingress namespace/name: problem`.
@@ -100,6 +113,7 @@ pub struct Targets {
     pub problems: BTreeMap<Problem, usize>,
     /// Watch scopes the apiserver refuses to list (RBAC), with its message, for `check` and logs.
     pub forbidden: Vec<(Scope, String)>,
+    /// Every annotated Service, for `check` and logs.
     pub reports: Vec<ServiceReport>,
     /// Distinct ELBs referenced.
     pub elbs: usize,
@@ -148,6 +162,7 @@ impl ElbState {
 /// What the inventory knows of the number of listeners a project has on one API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProjectSize {
+    /// No project-wide listing finished yet.
     Unknown,
     /// From the last complete project-wide listing.
     Exactly(usize),
@@ -161,13 +176,22 @@ pub enum Plan {
     /// Nothing to list.
     Idle,
     /// Listings filtered by load balancer id: `calls` of them.
-    Filtered { calls: usize },
+    Filtered {
+        /// One per ELB id batch ([`ElbVersion::ids_per_listing`]).
+        calls: usize,
+    },
     /// One paged listing of every listener of the project: `calls` pages expected, abandoned after
     /// `budget` pages (what the filtered listings would cost).
-    ProjectWide { calls: usize, budget: usize },
+    ProjectWide {
+        /// Pages expected from the project's size.
+        calls: usize,
+        /// Pages after which the listing is abandoned.
+        budget: usize,
+    },
 }
 
 impl Plan {
+    /// Listing calls the plan expects.
     pub fn calls(self) -> usize {
         match self {
             Plan::Idle => 0,
@@ -213,6 +237,7 @@ struct ApiState {
 /// Settings of the inventory.
 #[derive(Debug, Clone)]
 pub struct InventorySettings {
+    /// `discovery.listener_refresh`: how often known ELBs are listed again.
     pub listener_refresh: Duration,
     /// Number of watch scopes (namespaces, or 1 for all) that must report a full list before `synced`.
     pub scopes: usize,
@@ -228,6 +253,7 @@ struct Done {
     result: Result<Listing, CloudError>,
 }
 
+/// Resolves watched Services and Ingresses to ELB listeners and publishes them as [`Targets`].
 pub struct Inventory<C: CloudApi> {
     cloud: Arc<C>,
     settings: InventorySettings,
@@ -259,6 +285,7 @@ fn api_index(v: ElbVersion) -> usize {
 }
 
 impl<C: CloudApi> Inventory<C> {
+    /// An inventory and the receiver of its targets (empty, unsynced, until the watch lists).
     pub fn new(
         cloud: Arc<C>,
         settings: InventorySettings,
@@ -609,7 +636,7 @@ impl<C: CloudApi> Inventory<C> {
                 .sum();
             self.telemetry
                 .inventory_calls
-                .with_label_values(&[Api::ElbListListeners.as_str(), v.as_str()])
+                .with_label_values(&[Operation::ElbListListeners.as_str(), v.as_str()])
                 .set(i64::from(n));
         }
     }
@@ -649,7 +676,7 @@ impl<C: CloudApi> Inventory<C> {
             }
             DiscoveryEvent::Forbidden { scope, message } => {
                 self.telemetry
-                    .watch_restarts
+                    .watch_errors
                     .with_label_values(&["forbidden"])
                     .inc();
                 let new =
@@ -665,10 +692,7 @@ impl<C: CloudApi> Inventory<C> {
             }
             DiscoveryEvent::Ingress(ev) => self.apply_ingress(ev),
             DiscoveryEvent::Error(kind) => {
-                self.telemetry
-                    .watch_restarts
-                    .with_label_values(&[kind])
-                    .inc();
+                self.telemetry.watch_errors.with_label_values(&[kind]).inc();
                 false
             }
         }
@@ -977,7 +1001,7 @@ impl<C: CloudApi> Inventory<C> {
         let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
         self.telemetry
             .planned_calls
-            .with_label_values(&[Api::ElbListListeners.as_str()])
+            .with_label_values(&[Operation::ElbListListeners.as_str()])
             .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
         self.update_calls_gauge(now);
         self.schedule_port_retries(port_retries);
@@ -985,7 +1009,7 @@ impl<C: CloudApi> Inventory<C> {
             generation: self.generation + 1,
             synced,
             services: reports.len(),
-            targets,
+            listeners: targets,
             problems,
             forbidden: self
                 .scopes_forbidden
@@ -1125,7 +1149,7 @@ impl Targets {
         self.synced == other.synced
             && self.services == other.services
             && self.elbs == other.elbs
-            && self.targets == other.targets
+            && self.listeners == other.listeners
             && self.problems == other.problems
             && self.reports == other.reports
             && self.ingresses == other.ingresses
@@ -1334,7 +1358,7 @@ mod tests {
         while !rx.borrow_and_update().synced {
             rx.changed().await.unwrap();
         }
-        assert_eq!(rx.borrow().targets.len(), 2);
+        assert_eq!(rx.borrow().listeners.len(), 2);
         let generation = rx.borrow().generation;
         let calls = cloud.calls.load(std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(refresh * 3).await;

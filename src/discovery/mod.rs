@@ -6,6 +6,7 @@ pub mod ingress;
 pub mod inventory;
 pub mod pools;
 
+use crate::annotations;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
@@ -13,8 +14,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-
-pub const ELB_CLASS_ANNOTATION: &str = "kubernetes.io/elb.class";
 
 /// `kubernetes.io/elb.class`: which ELB API knows the load balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,15 +32,20 @@ pub type ServiceKey = (Arc<str>, Arc<str>);
 /// What the exporter keeps of an annotated Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceTarget {
+    /// The Service's namespace.
     pub namespace: Arc<str>,
+    /// The Service's name.
     pub name: Arc<str>,
+    /// The annotated ELB id, trimmed.
     pub elb_id: Arc<str>,
+    /// From `kubernetes.io/elb.class`: which listener API to ask first.
     pub class: ElbClass,
     /// `spec.ports[].port`, sorted, deduplicated.
     pub ports: Vec<u16>,
 }
 
 impl ServiceTarget {
+    /// (namespace, name): how events and the inventory refer to it.
     pub fn key(&self) -> ServiceKey {
         (self.namespace.clone(), self.name.clone())
     }
@@ -51,8 +55,11 @@ impl ServiceTarget {
 /// `elb_exporter_discovery_problems`, the one place its label values are spelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Problem {
+    /// The ELB annotation is present but empty.
     EmptyAnnotation,
+    /// The ELB annotation holds several ids; a Service has one ELB.
     SeveralIds,
+    /// The ELB annotation is not a UUID.
     InvalidId,
     /// Neither ELB API knows the annotated id (or it has no listener).
     UnknownElb,
@@ -77,6 +84,7 @@ pub enum Problem {
 }
 
 impl Problem {
+    /// Every reason: each body reports all of them, zeros included.
     pub const ALL: [Problem; 13] = [
         Problem::EmptyAnnotation,
         Problem::SeveralIds,
@@ -93,6 +101,7 @@ impl Problem {
         Problem::PoolLookupFailed,
     ];
 
+    /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Problem::EmptyAnnotation => "empty_annotation",
@@ -111,6 +120,7 @@ impl Problem {
         }
     }
 
+    /// The reason in words, for `check` and logs.
     pub fn describe(self) -> &'static str {
         match self {
             Problem::EmptyAnnotation => "the ELB annotation is empty",
@@ -182,7 +192,12 @@ pub enum Observed {
     /// Annotated and usable.
     Target(ServiceTarget),
     /// Annotated, but the annotation is unusable.
-    Invalid { key: ServiceKey, problem: Problem },
+    Invalid {
+        /// (namespace, name).
+        key: ServiceKey,
+        /// What is wrong with the annotation.
+        problem: Problem,
+    },
     /// Not annotated: not ours (or no longer).
     Ignored(ServiceKey),
 }
@@ -206,7 +221,7 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
         return Observed::Invalid { key, problem };
     }
     let class = match annotations
-        .and_then(|a| a.get(ELB_CLASS_ANNOTATION))
+        .and_then(|a| a.get(annotations::ELB_CLASS))
         .map(|s| s.trim())
     {
         Some("union") => ElbClass::Shared,
@@ -258,14 +273,21 @@ pub enum DiscoveryEvent {
     /// A (re-)list finished: this is the complete set for `scope` (one namespace, or all when `None`);
     /// anything else previously seen in that scope is gone.
     Resync {
+        /// The namespace listed (`None`: all).
         scope: Option<Arc<str>>,
+        /// Every Service of the scope.
         observed: Vec<Observed>,
     },
     /// The watch failed; it retries with backoff by itself.
     Error(&'static str),
     /// The apiserver refused to list or watch `scope` (403): reported, retried with the watch's
     /// backoff, and not waited for by readiness, so the other scopes are collected meanwhile.
-    Forbidden { scope: Scope, message: String },
+    Forbidden {
+        /// The namespace refused, or all.
+        scope: Scope,
+        /// The apiserver's message, for `check` and logs.
+        message: String,
+    },
     /// From the Ingress watch.
     Ingress(ingress::IngressEvent),
 }
@@ -273,7 +295,9 @@ pub enum DiscoveryEvent {
 /// The kind of Kubernetes object a listener series is attributed to: names its label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Owner {
+    /// Labelled `service`.
     Service,
+    /// Labelled `ingress`.
     Ingress,
 }
 
@@ -405,7 +429,7 @@ mod tests {
         crate::demo::service("shop", "web", annotations, ports)
     }
 
-    const A: &str = "kubernetes.io/elb.id";
+    const A: &str = annotations::ELB_ID;
 
     #[test]
     fn annotated_service_becomes_a_target() {
@@ -413,7 +437,7 @@ mod tests {
             &svc(
                 &[
                     (A, " 2f4c7f6e-3d5a-4b8e-9c1d-0e2f3a4b5c6d "),
-                    (ELB_CLASS_ANNOTATION, "union"),
+                    (annotations::ELB_CLASS, "union"),
                 ],
                 &[443, 80, 80],
             ),

@@ -34,8 +34,11 @@ const MISSING_RETRY: Duration = Duration::from_secs(15);
 /// One Ingress on a listener, as pool attribution needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouteIngress {
+    /// The Ingress's namespace.
     pub namespace: Arc<str>,
+    /// The Ingress's name.
     pub name: Arc<str>,
+    /// The Ingress's uid.
     pub uid: Arc<str>,
     /// (Service, numeric port), sorted.
     pub backends: Vec<(Arc<str>, u16)>,
@@ -44,17 +47,22 @@ pub struct RouteIngress {
 /// An Ingress listener and the Ingresses routed through it, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IngressRoute {
+    /// The ELB of the listener.
     pub elb_id: Arc<str>,
     /// The API that knows the ELB (its pools are listed there).
     pub version: Option<ElbVersion>,
+    /// The Ingress listener.
     pub listener_id: Arc<str>,
+    /// Its port.
     pub port: u16,
+    /// Every Ingress routed through it, oldest first.
     pub ingresses: Vec<RouteIngress>,
 }
 
 /// One exported pool: labels of `<prefix>_sys_elb_pool_<metric>` and `elb_exporter_pool_info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolTarget {
+    /// The namespace of the backend Service and its Ingress.
     pub namespace: Arc<str>,
     /// The backend Service the pool serves.
     pub service: Arc<str>,
@@ -62,8 +70,11 @@ pub struct PoolTarget {
     pub ingress: Arc<str>,
     /// That Ingress's uid (`elb_exporter_pool_info` only).
     pub uid: Arc<str>,
+    /// The ELB of the pool.
     pub elb_id: Arc<str>,
+    /// CES dimension `lbaas_pool_id`.
     pub pool_id: Arc<str>,
+    /// CCE's name for it, `k8s_<namespace>_<service>-<port>_<protocol>-<port>`.
     pub pool_name: Arc<str>,
     /// The listener port the pool serves.
     pub port: u16,
@@ -92,7 +103,9 @@ pub fn parse_pool_name(name: &str) -> Option<(&str, &str, u16, &str, u16)> {
 /// The pools and policies of one ELB.
 #[derive(Debug, Clone, Default)]
 pub struct ElbPools {
+    /// The ELB's backend server groups.
     pub pools: Vec<Pool>,
+    /// The ELB's forwarding policies.
     pub policies: Vec<L7Policy>,
 }
 
@@ -194,6 +207,7 @@ pub struct PoolStage<C: CloudApi> {
 }
 
 impl<C: CloudApi> PoolStage<C> {
+    /// A stage with nothing listed yet, and the receiver of the targets it completes with pools.
     pub fn new(cloud: Arc<C>, refresh: Duration) -> (Self, watch::Receiver<Arc<Targets>>) {
         let (tx, rx) = watch::channel(Arc::new(Targets::default()));
         (

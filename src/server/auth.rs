@@ -25,7 +25,9 @@ const VERIFIED_CAPACITY: usize = 64;
 /// The outcome of checking one request's credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// Credentials verified.
     Allowed,
+    /// Missing or wrong credentials: answered 401.
     Denied,
     /// Every verification slot is busy: answered 429 without checking.
     Busy,
@@ -48,6 +50,7 @@ fn cost(hash: &str) -> u32 {
 }
 
 impl WebAuth {
+    /// `None` when `web` configures no authentication.
     pub fn from_settings(w: &WebSettings) -> Option<Arc<WebAuth>> {
         if !w.auth_enabled() {
             return None;
@@ -67,6 +70,7 @@ impl WebAuth {
         }))
     }
 
+    /// Verifies the request's `Authorization` header; bcrypt only for values not verified before.
     pub async fn check(&self, headers: &HeaderMap) -> Verdict {
         let Some(value) = headers
             .get(header::AUTHORIZATION)

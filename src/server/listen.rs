@@ -16,8 +16,10 @@ use tokio::time::Instant;
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The certificate or key files could not be loaded.
     #[error("web.tls_cert_file / web.tls_key_file: {0}")]
     Tls(String),
+    /// Accepting or serving failed.
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -64,6 +66,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, for pre-created series.
     pub const ALL: [DropReason; 4] = [
         DropReason::HeaderTimeout,
         DropReason::IdleTimeout,
@@ -71,6 +74,7 @@ impl DropReason {
         DropReason::ConnectionLimit,
     ];
 
+    /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::HeaderTimeout => "header_timeout",
@@ -93,6 +97,7 @@ pub struct DropLog {
 }
 
 impl DropLog {
+    /// A log that writes each reason at most once per `every`.
     pub fn new(every: Duration) -> Self {
         DropLog {
             every,
@@ -180,6 +185,7 @@ fn file_stamp(p: &Path) -> FileStamp {
 }
 
 impl TlsFiles {
+    /// Loads the PEM files and remembers their stamps, so a changed certificate is reloaded.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, ServeError> {
         let stamp = (file_stamp(cert), file_stamp(key));
         let acceptor = tls_acceptor(cert, key)?;

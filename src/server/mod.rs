@@ -21,19 +21,23 @@ mod listen;
 pub use auth::{MAX_CONCURRENT_VERIFICATIONS, Verdict, WebAuth};
 pub use listen::{DropLog, DropReason, ServeError, TlsFiles, serve, tls_acceptor};
 
+/// The Prometheus text format, version 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Shared state of the HTTP server.
 #[derive(Clone)]
 pub struct AppState {
+    /// The current body, swapped whole by the renderer.
     pub body: Arc<ArcSwap<Body>>,
+    /// The exporter's own metrics, appended to each body.
     pub telemetry: Telemetry,
     /// Kubernetes watch synced (and the first ELB lookups done).
     pub synced: Arc<AtomicBool>,
     /// The first collection cycle finished, successfully or not.
-    pub collected: Arc<AtomicBool>,
+    pub first_cycle_done: Arc<AtomicBool>,
     /// Every pipeline task is alive; `/healthz` fails otherwise, so Kubernetes restarts the pod.
     pub healthy: Arc<AtomicBool>,
+    /// The configured `web.metric_path`.
     pub metric_path: String,
     /// The exporter's own metrics, rendered at most once per `OWN_TTL` and per body.
     own: Arc<Mutex<Option<OwnPart>>>,
@@ -53,12 +57,13 @@ struct OwnPart {
 pub const OWN_TTL: Duration = Duration::from_secs(1);
 
 impl AppState {
+    /// Not ready, healthy, serving an empty body.
     pub fn new(telemetry: Telemetry, metric_path: &str) -> Self {
         AppState {
             body: Arc::new(ArcSwap::from_pointee(Body::default())),
             telemetry,
             synced: Arc::new(AtomicBool::new(false)),
-            collected: Arc::new(AtomicBool::new(false)),
+            first_cycle_done: Arc::new(AtomicBool::new(false)),
             healthy: Arc::new(AtomicBool::new(true)),
             metric_path: metric_path.to_string(),
             own: Arc::new(Mutex::new(None)),
@@ -200,8 +205,8 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 async fn readyz(State(s): State<AppState>) -> Response {
     let synced = s.synced.load(Ordering::Acquire);
-    let collected = s.collected.load(Ordering::Acquire);
-    if synced && collected {
+    let first_cycle_done = s.first_cycle_done.load(Ordering::Acquire);
+    if synced && first_cycle_done {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         let why = if !synced {

@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
+use crate::clock::now_ms;
 use crate::signer::{self, Algorithm, SignRequest};
 
 mod pools;
@@ -576,13 +577,6 @@ impl SimState {
 /// A poisoned lock only means a test panicked elsewhere; the state itself stays usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 //! scripted per call, and every call recorded. Works under tokio's paused clock (delays are tokio
 //! sleeps), so deadlines and schedules are tested in milliseconds of real time.
 
+use crate::cloud::Operation;
 use crate::cloud::{
     BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Lane,
     Listener, Listing, MetricQuery, Pool,
 };
 use crate::sim::publication::Publication;
-use crate::telemetry::Api;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -120,7 +120,7 @@ fn listener_of(m: &MetricQuery) -> &str {
 
 fn failure(status: u16) -> CloudError {
     CloudError::from_status(
-        Api::CesBatchQuery,
+        Operation::CesBatchQuery,
         ErrorBody {
             status,
             code: None,

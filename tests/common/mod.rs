@@ -327,13 +327,8 @@ pub fn family_lines<'a>(body: &'a str, family: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// Current Unix time in ms.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+#[allow(unused_imports)] // Like the helpers above: each test file uses a part.
+pub use elb_exporter::clock::now_ms;
 
 /// Checks a text exposition body line by line: every line is a `# HELP`/`# TYPE` comment or a sample
 /// `name{label="value",...} value` with correctly escaped label values. Returns the first bad line.
