@@ -1,4 +1,6 @@
-//! `RawConfig` -> `Config`: defaults applied and every value checked, each error naming its field.
+//! `RawConfig` -> `Config`: defaults applied and every value checked, each error naming its field. One
+//! `build_<section>` a section, called in the file's order, so that of several mistakes the same one is
+//! reported first.
 
 use super::parse::*;
 use super::raw::*;
@@ -13,16 +15,55 @@ pub(super) fn build(
     raw: RawConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let env_nonempty = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     let mut ignored: Vec<String> = raw
         .global
         .ignored_present()
         .into_iter()
         .map(|k| format!("global.{k}"))
         .collect();
+    let global = build_global(&raw.global)?;
+    let (auth, auth_host) = build_auth(raw.auth, env, &mut ignored)?;
+    let endpoints = build_endpoints(raw.endpoints, &auth_host, &auth.region)?;
+    let discovery = build_discovery(raw.discovery, raw.global.resource_sync_interval_minutes)?;
+    let collection = build_collection(raw.collection)?;
+    let cloud = build_cloud(raw.cloud, &raw.global)?;
+    let log = build_log(raw.log)?;
+    let web = build_web(raw.web)?;
+    header_safe(&auth.credentials)?;
+    let leader_election = build_leader_election(raw.leader_election, env, &|| {
+        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE).ok()
+    })?;
+    Ok(Config {
+        listen: global.listen,
+        metric_path: global.metric_path,
+        prefix: global.prefix,
+        scrape_batch_size: global.scrape_batch_size,
+        auth,
+        endpoints,
+        discovery,
+        collection,
+        cloud,
+        log,
+        web,
+        leader_election,
+        ignored_keys: ignored,
+    })
+}
 
-    // global
-    let g = &raw.global;
+/// An environment variable, when set to more than white space (its value is not trimmed).
+fn env_nonempty(env: &dyn Fn(&str) -> Option<String>, k: &str) -> Option<String> {
+    env(k).filter(|v| !v.trim().is_empty())
+}
+
+/// The `global` keys that are `Config`'s own fields.
+struct Global {
+    listen: String,
+    metric_path: String,
+    prefix: String,
+    scrape_batch_size: usize,
+}
+
+fn build_global(g: &RawGlobal) -> Result<Global, ConfigError> {
     let listen = parse_listen(g.port.as_deref().unwrap_or(":8087"))?;
     let metric_path = g.metric_path.clone().unwrap_or_else(|| "/metrics".into());
     if !is_plain_path(&metric_path) || matches!(metric_path.as_str(), "/healthz" | "/readyz") {
@@ -48,9 +89,27 @@ pub(super) fn build(
             "CES accepts 1..500 metrics per batch call",
         ));
     }
+    Ok(Global {
+        listen,
+        metric_path,
+        prefix,
+        scrape_batch_size: batch as usize,
+    })
+}
 
-    // auth
-    let a = raw.auth;
+/// The parts of `auth.auth_url` the service endpoints derive from.
+struct AuthHost {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+/// `auth`; the cloudeye-exporter keys it accepts without effect are added to `ignored`.
+fn build_auth(
+    a: RawAuth,
+    env: &dyn Fn(&str) -> Option<String>,
+    ignored: &mut Vec<String>,
+) -> Result<(Auth, AuthHost), ConfigError> {
     let auth_url = non_empty(a.auth_url).ok_or_else(|| {
         ConfigError::invalid(
             "auth.auth_url",
@@ -58,7 +117,7 @@ pub(super) fn build(
             "required, e.g. https://iam.cn-east-3.myhuaweicloud.com/v3",
         )
     })?;
-    let (auth_scheme, auth_host, auth_port) = parse_url("auth.auth_url", &auth_url, true)?;
+    let (scheme, host, port) = parse_url("auth.auth_url", &auth_url, true)?;
     let region = non_empty(a.region)
         .ok_or_else(|| ConfigError::invalid("auth.region", "", "required, e.g. cn-east-3"))?;
     if !region
@@ -71,7 +130,7 @@ pub(super) fn build(
             "a region id looks like cn-east-3",
         ));
     }
-    let project_id = env_nonempty(ENV_PROJECT_ID)
+    let project_id = env_nonempty(env, ENV_PROJECT_ID)
         .or(non_empty(a.project_id))
         .unwrap_or_default();
     if !project_id.is_empty()
@@ -86,20 +145,65 @@ pub(super) fn build(
         ));
     }
     let project_name = non_empty(a.project_name).unwrap_or_else(|| region.clone());
-    let access_key = env_nonempty(ENV_AK)
-        .or(non_empty(a.access_key))
+    let credentials = build_credentials(
+        a.access_key,
+        a.secret_key,
+        a.security_token,
+        a.password.as_ref(),
+        env,
+    )?;
+    for (k, present) in [
+        ("auth.domain_name", a.domain_name.is_some()),
+        ("auth.user_name", a.user_name.is_some()),
+        ("auth.password", a.password.is_some()),
+        ("auth.oidc", a.oidc.is_some()),
+    ] {
+        if present {
+            ignored.push(k.to_string());
+        }
+    }
+    let domain_id = non_empty(a.domain_id).unwrap_or_default();
+    let credentials_reload = bounded(
+        "auth.credentials_reload",
+        dur("auth.credentials_reload", a.credentials_reload)?,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+        HOUR,
+    )?;
+    let auth = Auth {
+        auth_url,
+        region,
+        project_name,
+        project_id,
+        domain_id,
+        credentials_reload,
+        credentials,
+    };
+    Ok((auth, AuthHost { scheme, host, port }))
+}
+
+/// The AK/SK (and token): the environment wins over the file.
+fn build_credentials(
+    access_key: Option<String>,
+    secret_key: Option<Secret>,
+    security_token: Option<Secret>,
+    password: Option<&Secret>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Credentials, ConfigError> {
+    let access_key = env_nonempty(env, ENV_AK)
+        .or(non_empty(access_key))
         .unwrap_or_default();
-    let secret_key = env_nonempty(ENV_SK)
+    let secret_key = env_nonempty(env, ENV_SK)
         .map(Secret)
-        .or(a.secret_key.filter(|s| !s.0.trim().is_empty()))
+        .or(secret_key.filter(|s| !s.0.trim().is_empty()))
         .map(|s| Secret(s.0.trim().to_string()))
         .unwrap_or_default();
-    let security_token = env_nonempty(ENV_TOKEN)
+    let security_token = env_nonempty(env, ENV_TOKEN)
         .map(Secret)
-        .or(a.security_token.filter(|s| !s.0.trim().is_empty()))
+        .or(security_token.filter(|s| !s.0.trim().is_empty()))
         .map(|s| Secret(s.0.trim().to_string()));
     if access_key.is_empty() || secret_key.is_empty() {
-        if a.password.is_some_and(|p| !p.is_empty()) {
+        if password.is_some_and(|p| !p.is_empty()) {
             return Err(ConfigError::invalid(
                 "auth.password",
                 "[redacted]",
@@ -126,45 +230,61 @@ pub(super) fn build(
             "must not contain spaces or commas",
         ));
     }
-    for (k, present) in [
-        ("auth.domain_name", a.domain_name.is_some()),
-        ("auth.user_name", a.user_name.is_some()),
-        ("auth.password", a.password.is_some()),
-        ("auth.oidc", a.oidc.is_some()),
+    Ok(Credentials {
+        access_key,
+        secret_key,
+        security_token,
+    })
+}
+
+/// The AK and the token travel in HTTP headers: control characters would make every request fail.
+/// Checked after `web`, where it always was, so that the first of several errors stays the same.
+fn header_safe(c: &Credentials) -> Result<(), ConfigError> {
+    for (field, v) in [
+        ("auth.access_key", Some(c.access_key.as_str())),
+        (
+            "auth.security_token",
+            c.security_token.as_ref().map(|t| t.expose()),
+        ),
     ] {
-        if present {
-            ignored.push(k.to_string());
+        if let Some(v) = v
+            && v.bytes().any(|b| !(0x20..0x7f).contains(&b))
+        {
+            return Err(ConfigError::invalid(
+                field,
+                "[redacted]",
+                "must be printable ASCII",
+            ));
         }
     }
-    let domain_id = non_empty(a.domain_id).unwrap_or_default();
-    let credentials_reload = bounded(
-        "auth.credentials_reload",
-        dur("auth.credentials_reload", a.credentials_reload)?,
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-        HOUR,
-    )?;
+    Ok(())
+}
 
-    // endpoints: explicit, else derived from the auth_url host (rule in PRODUCT.md).
-    let derives = non_empty(raw.endpoints.elb.clone()).is_none()
-        || non_empty(raw.endpoints.ces.clone()).is_none();
+/// `endpoints`: explicit, else derived from the auth_url host (rule in PRODUCT.md).
+fn build_endpoints(
+    e: RawEndpoints,
+    auth: &AuthHost,
+    region: &str,
+) -> Result<Endpoints, ConfigError> {
+    let derives = non_empty(e.elb.clone()).is_none() || non_empty(e.ces.clone()).is_none();
     if derives
-        && let Some(other) = iam_region(&auth_host)
+        && let Some(other) = iam_region(&auth.host)
         && other != region
     {
         return Err(ConfigError::invalid(
             "auth.region",
-            &region,
+            region,
             format!(
-                "differs from the region {other} of the auth.auth_url host {auth_host}: ELB and CES calls would go to {other}; make them agree (or set endpoints.elb and endpoints.ces)"
+                "differs from the region {other} of the auth.auth_url host {}: ELB and CES calls would go to {other}; make them agree (or set endpoints.elb and endpoints.ces)",
+                auth.host
             ),
         ));
     }
     let service_default = |svc: &str| -> Endpoint {
-        let host = derive_host(&auth_host, svc, &region);
+        let host = derive_host(&auth.host, svc, region);
         Endpoint {
-            scheme: auth_scheme.clone(),
-            authority: authority(&host, auth_port),
+            scheme: auth.scheme.clone(),
+            authority: authority(&host, auth.port),
         }
     };
     let endpoint = |field: &str, v: Option<String>, svc: &str| -> Result<Endpoint, ConfigError> {
@@ -179,21 +299,26 @@ pub(super) fn build(
             }
         }
     };
-    let iam = match non_empty(raw.endpoints.iam.clone()) {
-        Some(_) => endpoint("endpoints.iam", raw.endpoints.iam, "iam")?,
+    let iam = match non_empty(e.iam.clone()) {
+        Some(_) => endpoint("endpoints.iam", e.iam, "iam")?,
         None => Endpoint {
-            scheme: auth_scheme.clone(),
-            authority: authority(&auth_host, auth_port),
+            scheme: auth.scheme.clone(),
+            authority: authority(&auth.host, auth.port),
         },
     };
-    let endpoints = Endpoints {
+    Ok(Endpoints {
         iam,
-        elb: endpoint("endpoints.elb", raw.endpoints.elb, "elb")?,
-        ces: endpoint("endpoints.ces", raw.endpoints.ces, "ces")?,
-    };
+        elb: endpoint("endpoints.elb", e.elb, "elb")?,
+        ces: endpoint("endpoints.ces", e.ces, "ces")?,
+    })
+}
 
-    // discovery
-    let d = raw.discovery;
+/// `discovery`; cloudeye-exporter's `global.resource_sync_interval_minutes` is the listener refresh when
+/// `discovery.listener_refresh` is not set.
+fn build_discovery(
+    d: RawDiscovery,
+    resource_sync_interval_minutes: Option<i64>,
+) -> Result<Discovery, ConfigError> {
     let annotation = d
         .annotation
         .unwrap_or_else(|| DEFAULT_ANNOTATION.to_string());
@@ -224,7 +349,7 @@ pub(super) fn build(
     }
     let listener_refresh = match (
         dur("discovery.listener_refresh", d.listener_refresh)?,
-        g.resource_sync_interval_minutes,
+        resource_sync_interval_minutes,
     ) {
         (Some(v), _) => v,
         (None, Some(m)) => Duration::from_secs(
@@ -239,9 +364,15 @@ pub(super) fn build(
         Duration::from_secs(10),
         24 * HOUR,
     )?;
+    Ok(Discovery {
+        annotation,
+        namespaces,
+        listener_refresh,
+        ingresses: d.ingresses.unwrap_or(true),
+    })
+}
 
-    // collection
-    let c = raw.collection;
+fn build_collection(c: RawCollection) -> Result<Collection, ConfigError> {
     let interval = bounded(
         "collection.interval",
         dur("collection.interval", c.interval)?,
@@ -282,9 +413,21 @@ pub(super) fn build(
     metric_names("collection.pool_metrics", &pool_metrics)?;
     let stale_intervals =
         positive("collection.stale_intervals", c.stale_intervals, 3, 1000)? as u32;
+    Ok(Collection {
+        interval,
+        lookback,
+        filter,
+        metrics,
+        stale_intervals,
+        absent_as_zero: c.absent_as_zero.unwrap_or(false),
+        pool_metrics,
+        align: c.align.unwrap_or(true),
+    })
+}
 
-    // cloud
-    let cl = raw.cloud;
+/// `cloud`; cloudeye-exporter's `global.max_routines` and `global.ignore_ssl_verify` stand in for
+/// `cloud.max_concurrency` and `cloud.insecure_skip_verify` when those are not set.
+fn build_cloud(cl: RawCloud, g: &RawGlobal) -> Result<CloudSettings, ConfigError> {
     let connect_timeout =
         dur("cloud.connect_timeout", cl.connect_timeout)?.unwrap_or(Duration::from_secs(5));
     let request_timeout =
@@ -307,21 +450,23 @@ pub(super) fn build(
         // The auth gate holds one credential's requests to 4 in flight anyway (5 bad signatures lock an AK).
         (None, None) => 4,
     } as usize;
-    let ca_file = non_empty(cl.ca_file).map(PathBuf::from);
-    if let Some(p) = &ca_file
-        && !p.is_file()
-    {
-        return Err(ConfigError::invalid(
-            "cloud.ca_file",
-            p.display(),
-            "file does not exist",
-        ));
-    }
+    let ca_file = existing_file("cloud.ca_file", cl.ca_file)?;
     let insecure_skip_verify = cl
         .insecure_skip_verify
         .or(g.ignore_ssl_verify)
         .unwrap_or(false);
-    let r = cl.retry;
+    Ok(CloudSettings {
+        connect_timeout,
+        request_timeout,
+        max_concurrency,
+        ca_file,
+        insecure_skip_verify,
+        retry: build_retry(cl.retry)?,
+        rate_limit: build_rate_limits(cl.rate_limit)?,
+    })
+}
+
+fn build_retry(r: RawRetry) -> Result<RetrySettings, ConfigError> {
     let retry = RetrySettings {
         max_attempts: positive("cloud.retry.max_attempts", r.max_attempts, 4, 20)? as u32,
         initial_backoff: dur("cloud.retry.initial_backoff", r.initial_backoff)?
@@ -348,30 +493,22 @@ pub(super) fn build(
             "must be above 0 and at most cloud.retry.max_backoff",
         ));
     }
-    let rl = cl.rate_limit;
-    let rate_limit = RateLimits {
-        iam_per_minute: positive(
-            "cloud.rate_limit.iam_per_minute",
-            rl.iam_per_minute,
-            60,
-            10_000,
-        )? as u32,
-        elb_per_minute: positive(
-            "cloud.rate_limit.elb_per_minute",
-            rl.elb_per_minute,
-            300,
-            10_000,
-        )? as u32,
-        ces_per_minute: positive(
-            "cloud.rate_limit.ces_per_minute",
-            rl.ces_per_minute,
-            300,
-            10_000,
-        )? as u32,
-    };
+    Ok(retry)
+}
 
-    // log
-    let level = raw.log.level.unwrap_or_else(|| "info".into());
+fn build_rate_limits(rl: RawRateLimit) -> Result<RateLimits, ConfigError> {
+    let per_minute = |field: &str, v: Option<i64>, default: i64| {
+        positive(field, v, default, 10_000).map(|n| n as u32)
+    };
+    Ok(RateLimits {
+        iam_per_minute: per_minute("cloud.rate_limit.iam_per_minute", rl.iam_per_minute, 60)?,
+        elb_per_minute: per_minute("cloud.rate_limit.elb_per_minute", rl.elb_per_minute, 300)?,
+        ces_per_minute: per_minute("cloud.rate_limit.ces_per_minute", rl.ces_per_minute, 300)?,
+    })
+}
+
+fn build_log(l: RawLog) -> Result<LogSettings, ConfigError> {
+    let level = l.level.unwrap_or_else(|| "info".into());
     if !matches!(
         level.as_str(),
         "error" | "warn" | "info" | "debug" | "trace"
@@ -382,7 +519,7 @@ pub(super) fn build(
             "must be one of error, warn, info, debug, trace",
         ));
     }
-    let format = match raw.log.format.as_deref().unwrap_or("text") {
+    let format = match l.format.as_deref().unwrap_or("text") {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => {
@@ -393,140 +530,22 @@ pub(super) fn build(
             ));
         }
     };
-
-    let web = build_web(raw.web)?;
-    for (field, v) in [
-        ("auth.access_key", Some(access_key.as_str())),
-        (
-            "auth.security_token",
-            security_token.as_ref().map(|t| t.expose()),
-        ),
-    ] {
-        // These travel in HTTP headers: control characters would make every request fail.
-        if let Some(v) = v
-            && v.bytes().any(|b| !(0x20..0x7f).contains(&b))
-        {
-            return Err(ConfigError::invalid(
-                field,
-                "[redacted]",
-                "must be printable ASCII",
-            ));
-        }
-    }
-
-    let leader_election = build_leader_election(raw.leader_election, env, &|| {
-        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE).ok()
-    })?;
-
-    Ok(Config {
-        listen,
-        metric_path,
-        prefix,
-        scrape_batch_size: batch as usize,
-        auth: Auth {
-            auth_url,
-            region,
-            project_name,
-            project_id,
-            domain_id,
-            credentials_reload,
-            credentials: Credentials {
-                access_key,
-                secret_key,
-                security_token,
-            },
-        },
-        endpoints,
-        discovery: Discovery {
-            annotation,
-            namespaces,
-            listener_refresh,
-            ingresses: d.ingresses.unwrap_or(true),
-        },
-        collection: Collection {
-            interval,
-            lookback,
-            filter,
-            metrics,
-            stale_intervals,
-            absent_as_zero: c.absent_as_zero.unwrap_or(false),
-            pool_metrics,
-            align: c.align.unwrap_or(true),
-        },
-        cloud: CloudSettings {
-            connect_timeout,
-            request_timeout,
-            max_concurrency,
-            ca_file,
-            insecure_skip_verify,
-            retry,
-            rate_limit,
-        },
-        log: LogSettings { level, format },
-        web,
-        leader_election,
-        ignored_keys: ignored,
-    })
+    Ok(LogSettings { level, format })
 }
 
-pub(super) fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
-    let file = |field: &str, v: Option<String>| -> Result<Option<PathBuf>, ConfigError> {
-        match non_empty(v) {
-            None => Ok(None),
-            Some(p) if Path::new(&p).is_file() => Ok(Some(PathBuf::from(p))),
-            Some(p) => Err(ConfigError::invalid(field, p, "file does not exist")),
-        }
-    };
-    let cert = file("web.tls_cert_file", w.tls_cert_file)?;
-    let key = file("web.tls_key_file", w.tls_key_file)?;
-    let tls = match (cert, key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::invalid(
-                "web.tls_key_file",
-                "",
-                "required with web.tls_cert_file",
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::invalid(
-                "web.tls_cert_file",
-                "",
-                "required with web.tls_key_file",
-            ));
-        }
-    };
-    let mut users = Vec::new();
-    for (user, hash) in w.basic_auth_users.unwrap_or_default() {
-        let field = format!("web.basic_auth_users.{user}");
-        if user.is_empty() || user.contains(':') {
-            return Err(ConfigError::invalid(
-                &field,
-                &user,
-                "a user name must be non-empty and without ':'",
-            ));
-        }
-        bcrypt_cost(&field, hash.expose())?;
-        users.push((user, hash));
+/// A path that must name an existing file, when set.
+fn existing_file(field: &str, v: Option<String>) -> Result<Option<PathBuf>, ConfigError> {
+    match non_empty(v) {
+        None => Ok(None),
+        Some(p) if Path::new(&p).is_file() => Ok(Some(PathBuf::from(p))),
+        Some(p) => Err(ConfigError::invalid(field, p, "file does not exist")),
     }
-    let bearer_token = match file("web.bearer_token_file", w.bearer_token_file)? {
-        None => None,
-        Some(p) => {
-            let t = std::fs::read_to_string(&p).map_err(|e| {
-                ConfigError::invalid("web.bearer_token_file", p.display(), e.to_string())
-            })?;
-            let t = t.trim();
-            if t.is_empty() {
-                return Err(ConfigError::invalid(
-                    "web.bearer_token_file",
-                    p.display(),
-                    "the file is empty",
-                ));
-            }
-            Some(Secret::new(t))
-        }
-    };
+}
+
+fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
+    let tls = build_tls(w.tls_cert_file, w.tls_key_file)?;
+    let basic_auth_users = build_basic_auth_users(w.basic_auth_users.unwrap_or_default())?;
+    let bearer_token = read_bearer_token(w.bearer_token_file)?;
     let read_header_timeout = dur("web.read_header_timeout", w.read_header_timeout)?
         .unwrap_or(DEFAULT_READ_HEADER_TIMEOUT);
     if read_header_timeout < Duration::from_millis(100)
@@ -554,7 +573,7 @@ pub(super) fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
     )? as usize;
     Ok(WebSettings {
         tls,
-        basic_auth_users: users,
+        basic_auth_users,
         bearer_token,
         read_header_timeout,
         idle_timeout,
@@ -562,9 +581,69 @@ pub(super) fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
     })
 }
 
+/// `web.tls_cert_file` and `web.tls_key_file`: both or neither.
+fn build_tls(
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    let cert = existing_file("web.tls_cert_file", cert)?;
+    let key = existing_file("web.tls_key_file", key)?;
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::invalid(
+            "web.tls_key_file",
+            "",
+            "required with web.tls_cert_file",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "web.tls_cert_file",
+            "",
+            "required with web.tls_key_file",
+        )),
+    }
+}
+
+fn build_basic_auth_users(
+    users: std::collections::BTreeMap<String, Secret>,
+) -> Result<Vec<(String, Secret)>, ConfigError> {
+    let mut checked = Vec::new();
+    for (user, hash) in users {
+        let field = format!("web.basic_auth_users.{user}");
+        if user.is_empty() || user.contains(':') {
+            return Err(ConfigError::invalid(
+                &field,
+                &user,
+                "a user name must be non-empty and without ':'",
+            ));
+        }
+        bcrypt_cost(&field, hash.expose())?;
+        checked.push((user, hash));
+    }
+    Ok(checked)
+}
+
+/// The token in `web.bearer_token_file`, trimmed; an empty file is an error.
+fn read_bearer_token(file: Option<String>) -> Result<Option<Secret>, ConfigError> {
+    let Some(p) = existing_file("web.bearer_token_file", file)? else {
+        return Ok(None);
+    };
+    let t = std::fs::read_to_string(&p)
+        .map_err(|e| ConfigError::invalid("web.bearer_token_file", p.display(), e.to_string()))?;
+    let t = t.trim();
+    if t.is_empty() {
+        return Err(ConfigError::invalid(
+            "web.bearer_token_file",
+            p.display(),
+            "the file is empty",
+        ));
+    }
+    Ok(Some(Secret::new(t)))
+}
+
 /// `leader_election`'s three durations, in the order client-go requires: the lease in whole seconds (the
 /// Lease stores seconds), a shorter renew deadline, a shorter retry period.
-pub(super) fn leader_timing(
+fn leader_timing(
     lease_duration: Option<String>,
     renew_deadline: Option<String>,
     retry_period: Option<String>,
@@ -623,7 +702,7 @@ pub(super) fn leader_timing(
 /// `leader_election`. Defaults follow client-go (15s/10s/2s) and the pod's downward API: the namespace
 /// from `POD_NAMESPACE`, else the service account's namespace file (`sa_namespace`); the identity from
 /// `POD_NAME`, else the hostname. Disabled, nothing is resolved or checked beyond the types.
-pub(super) fn build_leader_election(
+fn build_leader_election(
     l: RawLeaderElection,
     env: &dyn Fn(&str) -> Option<String>,
     sa_namespace: &dyn Fn() -> Option<String>,
@@ -689,7 +768,7 @@ pub(super) fn build_leader_election(
     }))
 }
 
-pub(super) fn hostname() -> Option<String> {
+fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -308,7 +308,6 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
-/// The default metric set (PRODUCT.md).
 /// `collection.pool_metrics` by default: the pool L7 metrics an HPA and a dashboard want.
 pub const DEFAULT_POOL_METRICS: &[&str] = &[
     "mb_l7_qps",
@@ -319,6 +318,7 @@ pub const DEFAULT_POOL_METRICS: &[&str] = &[
     "m16_l7_upstream_5xx",
 ];
 
+/// The default metric set (PRODUCT.md).
 pub const DEFAULT_METRICS: &[&str] = &[
     "m1_cps",
     "m1e_server_rps",
