@@ -163,9 +163,9 @@ fn build_auth(
         }
     }
     let domain_id = non_empty(a.domain_id).unwrap_or_default();
-    let credentials_reload = bounded(
+    let credentials_reload = bounded_duration(
         "auth.credentials_reload",
-        dur("auth.credentials_reload", a.credentials_reload)?,
+        a.credentials_reload,
         Duration::from_secs(10),
         Duration::from_secs(1),
         HOUR,
@@ -357,9 +357,8 @@ fn build_discovery(
         ),
         (None, None) => Duration::from_secs(300),
     };
-    let listener_refresh = bounded(
+    let listener_refresh = within(
         "discovery.listener_refresh",
-        Some(listener_refresh),
         listener_refresh,
         Duration::from_secs(10),
         24 * HOUR,
@@ -373,9 +372,9 @@ fn build_discovery(
 }
 
 fn build_collection(c: RawCollection) -> Result<Collection, ConfigError> {
-    let interval = bounded(
+    let interval = bounded_duration(
         "collection.interval",
-        dur("collection.interval", c.interval)?,
+        c.interval,
         Duration::from_secs(60),
         Duration::from_secs(1),
         HOUR,
@@ -471,16 +470,16 @@ fn build_retry(r: RawRetry) -> Result<RetrySettings, ConfigError> {
         max_attempts: positive("cloud.retry.max_attempts", r.max_attempts, 4, 20)? as u32,
         initial_backoff: dur("cloud.retry.initial_backoff", r.initial_backoff)?
             .unwrap_or(Duration::from_secs(1)),
-        max_backoff: bounded(
+        max_backoff: bounded_duration(
             "cloud.retry.max_backoff",
-            dur("cloud.retry.max_backoff", r.max_backoff)?,
+            r.max_backoff,
             Duration::from_secs(30),
             Duration::from_millis(1),
             10 * MINUTE,
         )?,
-        max_elapsed: bounded(
+        max_elapsed: bounded_duration(
             "cloud.retry.max_elapsed",
-            dur("cloud.retry.max_elapsed", r.max_elapsed)?,
+            r.max_elapsed,
             Duration::from_secs(120),
             Duration::from_secs(1),
             HOUR,
@@ -546,17 +545,13 @@ fn build_web(w: RawWeb) -> Result<WebSettings, ConfigError> {
     let tls = build_tls(w.tls_cert_file, w.tls_key_file)?;
     let basic_auth_users = build_basic_auth_users(w.basic_auth_users.unwrap_or_default())?;
     let bearer_token = read_bearer_token(w.bearer_token_file)?;
-    let read_header_timeout = dur("web.read_header_timeout", w.read_header_timeout)?
-        .unwrap_or(DEFAULT_READ_HEADER_TIMEOUT);
-    if read_header_timeout < Duration::from_millis(100)
-        || read_header_timeout > Duration::from_secs(300)
-    {
-        return Err(ConfigError::invalid(
-            "web.read_header_timeout",
-            format_duration(read_header_timeout),
-            "must be between 100ms and 5m",
-        ));
-    }
+    let read_header_timeout = bounded_duration(
+        "web.read_header_timeout",
+        w.read_header_timeout,
+        DEFAULT_READ_HEADER_TIMEOUT,
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    )?;
     let idle_timeout = dur("web.idle_timeout", w.idle_timeout)?.unwrap_or(DEFAULT_IDLE_TIMEOUT);
     if idle_timeout < read_header_timeout || idle_timeout > Duration::from_secs(3600) {
         return Err(ConfigError::invalid(
@@ -648,9 +643,9 @@ fn leader_timing(
     renew_deadline: Option<String>,
     retry_period: Option<String>,
 ) -> Result<(Duration, Duration, Duration), ConfigError> {
-    let lease_duration = bounded(
+    let lease_duration = bounded_duration(
         "leader_election.lease_duration",
-        dur("leader_election.lease_duration", lease_duration)?,
+        lease_duration,
         Duration::from_secs(15),
         Duration::from_secs(1),
         HOUR,
@@ -662,9 +657,9 @@ fn leader_timing(
             "must be whole seconds (the Lease stores leaseDurationSeconds)",
         ));
     }
-    let renew_deadline = bounded(
+    let renew_deadline = bounded_duration(
         "leader_election.renew_deadline",
-        dur("leader_election.renew_deadline", renew_deadline)?,
+        renew_deadline,
         Duration::from_secs(10),
         Duration::from_millis(200),
         HOUR,
@@ -679,9 +674,9 @@ fn leader_timing(
             ),
         ));
     }
-    let retry_period = bounded(
+    let retry_period = bounded_duration(
         "leader_election.retry_period",
-        dur("leader_election.retry_period", retry_period)?,
+        retry_period,
         Duration::from_secs(2),
         Duration::from_millis(50),
         HOUR,

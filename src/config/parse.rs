@@ -86,16 +86,25 @@ pub(super) fn dur(field: &str, v: Option<String>) -> Result<Option<Duration>, Co
     }
 }
 
-/// A duration field within [min, max]: tokio timers and `Instant` arithmetic panic on overflow, so no
-/// value reaches them unbounded.
-pub(super) fn bounded(
+/// A duration field, `default` when absent, within [min, max].
+pub(super) fn bounded_duration(
     field: &str,
-    v: Option<Duration>,
+    v: Option<String>,
     default: Duration,
     min: Duration,
     max: Duration,
 ) -> Result<Duration, ConfigError> {
-    let d = v.unwrap_or(default);
+    within(field, dur(field, v)?.unwrap_or(default), min, max)
+}
+
+/// A duration within [min, max]: tokio timers and `Instant` arithmetic panic on overflow, so no value
+/// reaches them unbounded.
+pub(super) fn within(
+    field: &str,
+    d: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
     if d < min || d > max {
         return Err(ConfigError::invalid(
             field,
