@@ -40,6 +40,31 @@ fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
 /// `check`: one pass of discovery, listener resolution and a CES probe; prints what would be collected.
 pub async fn check(cfg: Config) -> Result<(), CliError> {
     let mut problems: Vec<String> = Vec::new();
+    print_config(&cfg);
+    let telemetry = Telemetry::new();
+    let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone()).map_err(app::AppError::from)?);
+    print_project(&cfg, cloud.as_ref()).await?;
+    let kube = kube_client().await?;
+    if let Err(p) = print_leader(&cfg, &kube).await {
+        problems.push(p);
+    }
+    let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
+    print_services(&cfg, &targets, &mut problems);
+    print_ingresses(&targets, &mut problems);
+    let listeners = distinct_listeners(&targets);
+    probe_ces(&cfg, cloud.as_ref(), &listeners, &mut problems).await;
+    print_plan(
+        &cfg,
+        &targets,
+        listeners.len(),
+        cloud.ces_batch_limit(),
+        &mut problems,
+    );
+    print_problems(problems)
+}
+
+/// The config verdict, with the keys that have no effect and the settings that weaken the transport.
+fn print_config(cfg: &Config) {
     println!("config: ok");
     for k in &cfg.ignored_keys {
         println!("  note: {k} is a cloudeye-exporter key with no effect here");
@@ -51,8 +76,10 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     {
         println!("  warning: {w}");
     }
-    let telemetry = Telemetry::new();
-    let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone()).map_err(app::AppError::from)?);
+}
+
+/// The project, configured or resolved through IAM; a failed lookup ends the check.
+async fn print_project<C: CloudApi>(cfg: &Config, cloud: &C) -> Result<(), CliError> {
     match cloud.project_id().await {
         Ok(id) if cfg.auth.project_id.is_empty() => println!(
             "project: {} -> {id} (resolved through IAM at {})",
@@ -65,12 +92,11 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             return Err(CliError::Check(format!("project lookup failed: {e}")));
         }
     }
-    let kube = kube_client().await?;
-    if let Err(p) = print_leader(&cfg, &kube).await {
-        problems.push(p);
-    }
-    let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
+    Ok(())
+}
 
+/// The Service → listener table; a Service's problems and a refused namespace go to `problems`.
+fn print_services(cfg: &Config, targets: &Targets, problems: &mut Vec<String>) {
     println!(
         "\n{:<20} {:<24} {:<38} {:<4} {:<38} {:>5} {:<17} NAME",
         "NAMESPACE", "SERVICE", "ELB", "API", "LISTENER", "PORT", "PROTOCOL"
@@ -122,29 +148,46 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             cfg.discovery.annotation
         );
     }
+}
 
-    print_ingresses(&targets, &mut problems);
-    // The first batch of a cycle proves the AK may read metrics (ces:metricData:list) and finds out
-    // whether this cloud takes batches of that size.
-    let listeners = distinct_listeners(&targets);
-    if let Some(q) = first_batch(&cfg, &listeners) {
-        let (_, listener) = &listeners[0];
-        match cloud.batch_query(&q).await {
-            Ok(r) => println!(
-                "ces: ok ({} metrics in one call; {} for listener {listener}: {})",
-                q.metrics.len(),
-                cfg.collection.metrics[0],
-                r.newest
-                    .first()
-                    .copied()
-                    .flatten()
-                    .map(|d| d.value.to_string())
-                    .unwrap_or_else(|| "no datapoint in the window".into())
-            ),
-            Err(e) => problems.push(format!("CES probe failed: {e}")),
-        }
+/// The first batch of a cycle proves the AK may read metrics (ces:metricData:list) and finds out
+/// whether this cloud takes batches of that size.
+async fn probe_ces<C: CloudApi>(
+    cfg: &Config,
+    cloud: &C,
+    listeners: &[(Arc<str>, Arc<str>)],
+    problems: &mut Vec<String>,
+) {
+    let Some(q) = first_batch(cfg, listeners) else {
+        return;
+    };
+    let (_, listener) = &listeners[0];
+    match cloud.batch_query(&q).await {
+        Ok(r) => println!(
+            "ces: ok ({} metrics in one call; {} for listener {listener}: {})",
+            q.metrics.len(),
+            cfg.collection.metrics[0],
+            r.newest
+                .first()
+                .copied()
+                .flatten()
+                .map(|d| d.value.to_string())
+                .unwrap_or_else(|| "no datapoint in the window".into())
+        ),
+        Err(e) => problems.push(format!("CES probe failed: {e}")),
     }
-    let batch = match cloud.ces_batch_limit() {
+}
+
+/// The CES calls a cycle needs at the batch size this cloud takes (`ces_limit`: what the probe found);
+/// a plan over the rate limit is a problem.
+fn print_plan(
+    cfg: &Config,
+    targets: &Targets,
+    listeners: usize,
+    ces_limit: Option<usize>,
+    problems: &mut Vec<String>,
+) {
+    let batch = match ces_limit {
         Some(limit) if limit < cfg.effective_batch_size() => {
             println!(
                 "ces: batch size {limit}: CES refused a larger batch and accepted {limit} metrics per call (the limit of Open Telekom Cloud and some Huawei regions)"
@@ -153,11 +196,11 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         }
         _ => cfg.effective_batch_size(),
     };
-    let pools = distinct_pools(&targets);
+    let pools = distinct_pools(targets);
     let metrics = cfg.collection.metrics.len();
     let pool_metrics = cfg.collection.pool_metrics.len();
     // Listener and pool series are packed into the same batches.
-    let series = listeners.len() * metrics + pools.len() * pool_metrics;
+    let series = listeners * metrics + pools.len() * pool_metrics;
     let calls = calls_per_cycle(series, 1, batch);
     let per_min = calls as f64 * 60.0 / cfg.collection.interval.as_secs_f64();
     // Pools only when there are some: the line stays as it was for Service-only clusters.
@@ -168,7 +211,7 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     };
     println!(
         "\nplan: {} listeners x {} metrics{pool_part} = {} series -> {} CES batch call(s) per {} interval (batch size {}), {:.1} calls/minute (limit {}/minute); {} ELB(s) re-listed every {}",
-        listeners.len(),
+        listeners,
         metrics,
         series,
         calls,
@@ -192,6 +235,10 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             format_duration(cfg.collection.interval),
         ));
     }
+}
+
+/// `check: ok`, or the problems found and an error that makes the exit code non-zero.
+fn print_problems(problems: Vec<String>) -> Result<(), CliError> {
     if problems.is_empty() {
         println!("\ncheck: ok");
         Ok(())
