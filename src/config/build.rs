@@ -664,16 +664,11 @@ fn leader_timing(
         Duration::from_millis(200),
         HOUR,
     )?;
-    if renew_deadline >= lease_duration {
-        return Err(ConfigError::invalid(
-            "leader_election.renew_deadline",
-            format_duration(renew_deadline),
-            format!(
-                "must be shorter than leader_election.lease_duration ({}), so a leader stops before others may take over",
-                format_duration(lease_duration)
-            ),
-        ));
-    }
+    shorter_than(
+        ("leader_election.renew_deadline", renew_deadline),
+        ("leader_election.lease_duration", lease_duration),
+        "so a leader stops before others may take over",
+    )?;
     let retry_period = bounded_duration(
         "leader_election.retry_period",
         retry_period,
@@ -681,17 +676,31 @@ fn leader_timing(
         Duration::from_millis(50),
         HOUR,
     )?;
-    if retry_period >= renew_deadline {
+    shorter_than(
+        ("leader_election.retry_period", retry_period),
+        ("leader_election.renew_deadline", renew_deadline),
+        "so a leader gets more than one try to renew",
+    )?;
+    Ok((lease_duration, renew_deadline, retry_period))
+}
+
+/// A duration field that must stay below another one; `why` ends the message.
+fn shorter_than(
+    (field, d): (&str, Duration),
+    (limit_field, limit): (&str, Duration),
+    why: &str,
+) -> Result<(), ConfigError> {
+    if d >= limit {
         return Err(ConfigError::invalid(
-            "leader_election.retry_period",
-            format_duration(retry_period),
+            field,
+            format_duration(d),
             format!(
-                "must be shorter than leader_election.renew_deadline ({}), so a leader gets more than one try to renew",
-                format_duration(renew_deadline)
+                "must be shorter than {limit_field} ({}), {why}",
+                format_duration(limit)
             ),
         ));
     }
-    Ok((lease_duration, renew_deadline, retry_period))
+    Ok(())
 }
 
 /// `leader_election`. Defaults follow client-go (15s/10s/2s) and the pod's downward API: the namespace

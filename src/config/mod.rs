@@ -560,49 +560,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn absent_as_zero_is_opt_in_and_typed() {
+    /// A boolean `collection` key: `default` when absent, `true` and `false` taken, a non-boolean
+    /// refused naming the key.
+    fn collection_flag(key: &str, get: fn(&Config) -> bool, default: bool) {
         let base = "auth: {auth_url: 'https://iam.cn-east-3.myhuaweicloud.com/v3', region: cn-east-3, \
                     project_id: p, access_key: a, secret_key: s}\n";
         let none = |_: &str| None;
-        let c = Config::from_yaml(base, &none).expect("loads");
-        assert!(!c.collection.absent_as_zero);
-        let on = format!("{base}collection: {{absent_as_zero: true}}\n");
-        assert!(
-            Config::from_yaml(&on, &none)
-                .expect("loads")
-                .collection
-                .absent_as_zero
+        assert_eq!(
+            get(&Config::from_yaml(base, &none).expect("loads")),
+            default
         );
-        let bad = format!("{base}collection: {{absent_as_zero: sometimes}}\n");
+        for v in [true, false] {
+            let text = format!("{base}collection: {{{key}: {v}}}\n");
+            assert_eq!(get(&Config::from_yaml(&text, &none).expect("loads")), v);
+        }
+        let bad = format!("{base}collection: {{{key}: 1m}}\n");
         let err = Config::from_yaml(&bad, &none)
             .expect_err("not a boolean")
             .to_string();
-        assert!(err.contains("absent_as_zero"), "{err}");
+        assert!(err.contains(key), "{err}");
+    }
+
+    #[test]
+    fn absent_as_zero_is_opt_in_and_typed() {
+        collection_flag("absent_as_zero", |c| c.collection.absent_as_zero, false);
     }
 
     #[test]
     fn align_defaults_on_and_is_typed() {
-        let base = "auth: {auth_url: 'https://iam.cn-east-3.myhuaweicloud.com/v3', region: cn-east-3, \
-                    project_id: p, access_key: a, secret_key: s}\n";
-        let none = |_: &str| None;
-        assert!(
-            Config::from_yaml(base, &none)
-                .expect("loads")
-                .collection
-                .align
-        );
-        let off = format!("{base}collection: {{align: false}}\n");
-        assert!(
-            !Config::from_yaml(&off, &none)
-                .expect("loads")
-                .collection
-                .align
-        );
-        let bad = format!("{base}collection: {{align: 1m}}\n");
-        let err = Config::from_yaml(&bad, &none)
-            .expect_err("not a boolean")
-            .to_string();
-        assert!(err.contains("align"), "{err}");
+        collection_flag("align", |c| c.collection.align, true);
     }
 }
