@@ -23,6 +23,7 @@ pub mod demo;
 pub mod discovery;
 pub mod exposition;
 pub mod leader;
+pub mod logging;
 pub mod memory;
 pub mod schedule;
 pub mod server;

@@ -1,165 +1,19 @@
-//! Command line: run the exporter, `check` a configuration against the cloud and cluster, or run the
-//! `demo` on the built-in simulated cloud and cluster.
+//! `check`: one pass of discovery, listener resolution and a CES probe, printed as a report.
 
+use super::{CliError, kube_client};
 use crate::app;
 use crate::cloud::client::HttpCloud;
 use crate::cloud::{BatchQuery, CloudApi, Lane, MetricQuery};
 use crate::collector::{CyclePlan, NAMESPACE, calls_per_cycle, distinct_listeners, distinct_pools};
-use crate::config::{Config, ConfigError, LogFormat, format_duration};
+use crate::config::{Config, format_duration};
 use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::pools::PoolStage;
 use crate::discovery::{self, DiscoveryEvent, Observed, observe};
 use crate::telemetry::Telemetry;
-use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::Service;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// Huawei Cloud ELB listener metrics from Cloud Eye, labelled with Kubernetes Services, for Prometheus.
-#[derive(Debug, Parser)]
-#[command(name = "elb-exporter", version, about, long_about = None)]
-pub struct Cli {
-    /// Configuration file (cloudeye-exporter compatible clouds.yml).
-    #[arg(long, global = true, default_value = "clouds.yml", value_name = "FILE")]
-    pub config: PathBuf,
-    /// Listen address, overriding global.port (e.g. 0.0.0.0:8087, :8087, 127.0.0.1:0).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    #[command(subcommand)]
-    #[allow(missing_docs)] // A doc comment here would change the `--help` text.
-    pub command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-#[allow(missing_docs)] // A doc comment here would change the `--help` text.
-pub enum Command {
-    /// Validate the config, resolve the project, list discovered Services → ELB → listeners and the
-    /// planned CES calls per interval; exit non-zero on any problem.
-    Check,
-    /// Run against a built-in simulated cloud and cluster, serving /metrics on 127.0.0.1:8087.
-    #[cfg(feature = "sim")]
-    Demo {
-        /// Listen address for the demo exporter.
-        #[arg(long, default_value = "127.0.0.1:8087", value_name = "ADDR")]
-        listen: String,
-        /// The public cloud to simulate: huawei-cn, huawei-eu or otc (10-metric CES batches).
-        #[arg(long, default_value = "huawei-cn", value_name = "NAME", value_parser = crate::demo::parse_profile)]
-        profile: crate::sim::cloud::SimProfile,
-    },
-}
-
-/// Exit codes: 0 fine, 1 runtime problem, 2 bad flags or configuration.
-pub const EXIT_CONFIG: u8 = 2;
-
-/// Errors at the command line boundary.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The configuration was refused (exit code 2).
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The exporter could not start or stopped.
-    #[error(transparent)]
-    App(#[from] app::AppError),
-    /// The Kubernetes client could not be built.
-    #[error("kubernetes client: {0}")]
-    Kube(String),
-    /// `check` found problems (the report says which).
-    #[error("{0}")]
-    Check(String),
-    /// The demo could not run.
-    #[cfg(feature = "sim")]
-    #[error(transparent)]
-    Demo(#[from] crate::demo::DemoError),
-}
-
-impl CliError {
-    /// The process exit code for this error: 2 for configuration, 1 for runtime problems.
-    pub fn exit_code(&self) -> ExitCode {
-        match self {
-            CliError::Config(_) => ExitCode::from(EXIT_CONFIG),
-            CliError::App(app::AppError::Client(_)) => ExitCode::from(EXIT_CONFIG),
-            #[cfg(feature = "sim")]
-            CliError::Demo(crate::demo::DemoError::Config(_)) => ExitCode::from(EXIT_CONFIG),
-            _ => ExitCode::from(1),
-        }
-    }
-}
-
-/// Loads the config, applying `--listen`.
-pub fn load_config(path: &Path, listen: Option<&str>) -> Result<Config, ConfigError> {
-    let mut cfg = Config::load(path)?;
-    if let Some(l) = listen {
-        cfg.listen = crate::config::parse_listen(l).map_err(|e| match e {
-            ConfigError::Invalid { value, reason, .. } => ConfigError::Invalid {
-                field: "--listen".into(),
-                value,
-                reason,
-            },
-            other => other,
-        })?;
-    }
-    Ok(cfg)
-}
-
-/// Installs the log subscriber (stderr). `RUST_LOG` wins over the configured level.
-pub fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!(
-            "{level},hyper=warn,hyper_util=warn,h2=warn,rustls=warn,tower=warn,kube_client=warn"
-        ))
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
-/// Runs the exporter from a loaded config (`path`: where it came from, watched for rotated credentials).
-pub async fn run(cfg: Config, path: PathBuf) -> Result<(), CliError> {
-    for w in cfg.transport_warnings() {
-        tracing::warn!(warning = %w, "insecure transport to the cloud");
-    }
-    if let Some(w) = cfg.batch_size_warning() {
-        tracing::warn!(warning = %w, "small CES batches");
-    }
-    let kube = kube_client().await?;
-    let listener = app::bind(&cfg.listen).await?;
-    announce(&listener, &cfg.metric_path);
-    app::run(
-        cfg,
-        Some(path),
-        kube,
-        listener,
-        crate::server::shutdown_signal(),
-    )
-    .await?;
-    Ok(())
-}
-
-/// The Kubernetes client (in-cluster or KUBECONFIG). The client's own retry of 429/503 is off: the watcher
-/// retries with its backoff and counts each error, so an outage shows in the metrics instead of hiding
-/// behind up to 15 silent retries.
-pub async fn kube_client() -> Result<kube::Client, CliError> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(|e| CliError::Kube(e.to_string()))?;
-    config.default_retry = false;
-    kube::Client::try_from(config).map_err(|e| CliError::Kube(e.to_string()))
-}
-
-fn announce(listener: &tokio::net::TcpListener, path: &str) {
-    if let Ok(a) = listener.local_addr() {
-        // On stdout, so scripts and tests can find a port chosen by the OS.
-        println!("listening on http://{a}{path}");
-    }
-}
 
 /// Text from the cloud (listener names, error messages) with control characters and bidirectional
 /// overrides escaped (`\u{1b}`, `\n`), so it cannot move the cursor, clear or reorder the terminal.
@@ -186,6 +40,31 @@ fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
 /// `check`: one pass of discovery, listener resolution and a CES probe; prints what would be collected.
 pub async fn check(cfg: Config) -> Result<(), CliError> {
     let mut problems: Vec<String> = Vec::new();
+    print_config(&cfg);
+    let telemetry = Telemetry::new();
+    let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone()).map_err(app::AppError::from)?);
+    print_project(&cfg, cloud.as_ref()).await?;
+    let kube = kube_client().await?;
+    if let Err(p) = print_leader(&cfg, &kube).await {
+        problems.push(p);
+    }
+    let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
+    print_services(&cfg, &targets, &mut problems);
+    print_ingresses(&targets, &mut problems);
+    let listeners = distinct_listeners(&targets);
+    probe_ces(&cfg, cloud.as_ref(), &listeners, &mut problems).await;
+    print_plan(
+        &cfg,
+        &targets,
+        listeners.len(),
+        cloud.ces_batch_limit(),
+        &mut problems,
+    );
+    print_problems(problems)
+}
+
+/// The config verdict, with the keys that have no effect and the settings that weaken the transport.
+fn print_config(cfg: &Config) {
     println!("config: ok");
     for k in &cfg.ignored_keys {
         println!("  note: {k} is a cloudeye-exporter key with no effect here");
@@ -197,8 +76,10 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     {
         println!("  warning: {w}");
     }
-    let telemetry = Telemetry::new();
-    let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone()).map_err(app::AppError::from)?);
+}
+
+/// The project, configured or resolved through IAM; a failed lookup ends the check.
+async fn print_project<C: CloudApi>(cfg: &Config, cloud: &C) -> Result<(), CliError> {
     match cloud.project_id().await {
         Ok(id) if cfg.auth.project_id.is_empty() => println!(
             "project: {} -> {id} (resolved through IAM at {})",
@@ -211,12 +92,11 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             return Err(CliError::Check(format!("project lookup failed: {e}")));
         }
     }
-    let kube = kube_client().await?;
-    if let Err(p) = print_leader(&cfg, &kube).await {
-        problems.push(p);
-    }
-    let targets = resolve_once(&cfg, cloud.clone(), kube, &telemetry).await?;
+    Ok(())
+}
 
+/// The Service → listener table; a Service's problems and a refused namespace go to `problems`.
+fn print_services(cfg: &Config, targets: &Targets, problems: &mut Vec<String>) {
     println!(
         "\n{:<20} {:<24} {:<38} {:<4} {:<38} {:>5} {:<17} NAME",
         "NAMESPACE", "SERVICE", "ELB", "API", "LISTENER", "PORT", "PROTOCOL"
@@ -268,29 +148,46 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             cfg.discovery.annotation
         );
     }
+}
 
-    print_ingresses(&targets, &mut problems);
-    // The first batch of a cycle proves the AK may read metrics (ces:metricData:list) and finds out
-    // whether this cloud takes batches of that size.
-    let listeners = distinct_listeners(&targets);
-    if let Some(q) = first_batch(&cfg, &listeners) {
-        let (_, listener) = &listeners[0];
-        match cloud.batch_query(&q).await {
-            Ok(r) => println!(
-                "ces: ok ({} metrics in one call; {} for listener {listener}: {})",
-                q.metrics.len(),
-                cfg.collection.metrics[0],
-                r.newest
-                    .first()
-                    .copied()
-                    .flatten()
-                    .map(|d| d.value.to_string())
-                    .unwrap_or_else(|| "no datapoint in the window".into())
-            ),
-            Err(e) => problems.push(format!("CES probe failed: {e}")),
-        }
+/// The first batch of a cycle proves the AK may read metrics (ces:metricData:list) and finds out
+/// whether this cloud takes batches of that size.
+async fn probe_ces<C: CloudApi>(
+    cfg: &Config,
+    cloud: &C,
+    listeners: &[(Arc<str>, Arc<str>)],
+    problems: &mut Vec<String>,
+) {
+    let Some(q) = first_batch(cfg, listeners) else {
+        return;
+    };
+    let (_, listener) = &listeners[0];
+    match cloud.batch_query(&q).await {
+        Ok(r) => println!(
+            "ces: ok ({} metrics in one call; {} for listener {listener}: {})",
+            q.metrics.len(),
+            cfg.collection.metrics[0],
+            r.newest
+                .first()
+                .copied()
+                .flatten()
+                .map(|d| d.value.to_string())
+                .unwrap_or_else(|| "no datapoint in the window".into())
+        ),
+        Err(e) => problems.push(format!("CES probe failed: {e}")),
     }
-    let batch = match cloud.ces_batch_limit() {
+}
+
+/// The CES calls a cycle needs at the batch size this cloud takes (`ces_limit`: what the probe found);
+/// a plan over the rate limit is a problem.
+fn print_plan(
+    cfg: &Config,
+    targets: &Targets,
+    listeners: usize,
+    ces_limit: Option<usize>,
+    problems: &mut Vec<String>,
+) {
+    let batch = match ces_limit {
         Some(limit) if limit < cfg.effective_batch_size() => {
             println!(
                 "ces: batch size {limit}: CES refused a larger batch and accepted {limit} metrics per call (the limit of Open Telekom Cloud and some Huawei regions)"
@@ -299,11 +196,11 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
         }
         _ => cfg.effective_batch_size(),
     };
-    let pools = distinct_pools(&targets);
+    let pools = distinct_pools(targets);
     let metrics = cfg.collection.metrics.len();
     let pool_metrics = cfg.collection.pool_metrics.len();
     // Listener and pool series are packed into the same batches.
-    let series = listeners.len() * metrics + pools.len() * pool_metrics;
+    let series = listeners * metrics + pools.len() * pool_metrics;
     let calls = calls_per_cycle(series, 1, batch);
     let per_min = calls as f64 * 60.0 / cfg.collection.interval.as_secs_f64();
     // Pools only when there are some: the line stays as it was for Service-only clusters.
@@ -314,7 +211,7 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
     };
     println!(
         "\nplan: {} listeners x {} metrics{pool_part} = {} series -> {} CES batch call(s) per {} interval (batch size {}), {:.1} calls/minute (limit {}/minute); {} ELB(s) re-listed every {}",
-        listeners.len(),
+        listeners,
         metrics,
         series,
         calls,
@@ -338,6 +235,10 @@ pub async fn check(cfg: Config) -> Result<(), CliError> {
             format_duration(cfg.collection.interval),
         ));
     }
+}
+
+/// `check: ok`, or the problems found and an error that makes the exit code non-zero.
+fn print_problems(problems: Vec<String>) -> Result<(), CliError> {
     if problems.is_empty() {
         println!("\ncheck: ok");
         Ok(())
@@ -581,50 +482,4 @@ async fn resolve_once<C: CloudApi>(
         .map_err(|_| CliError::Check("pool lookups did not finish in time".into()))?;
     let resolved = out.borrow().clone();
     Ok(resolved)
-}
-
-/// Entry point used by the binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    crate::memory::tune_allocator();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("elb-exporter: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let result = match cli.command {
-        #[cfg(feature = "sim")]
-        Some(Command::Demo { listen, profile }) => {
-            init_logging("info", LogFormat::Text);
-            runtime
-                .block_on(crate::demo::run(&listen, profile))
-                .map_err(CliError::from)
-        }
-        command => {
-            let cfg = match load_config(&cli.config, cli.listen.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("elb-exporter: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            init_logging(&cfg.log.level, cfg.log.format);
-            match command {
-                Some(Command::Check) => runtime.block_on(check(cfg)),
-                _ => runtime.block_on(run(cfg, cli.config.clone())),
-            }
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("elb-exporter: {e}");
-            e.exit_code()
-        }
-    }
 }
