@@ -7,7 +7,7 @@
 //! Ingress none of these binds is reported `ingress_unbound` and retried.
 
 use super::{DiscoveryEvent, ELB_CLASS_ANNOTATION, ElbClass, Problem, Scope, forbidden_message};
-use crate::cloud::{CloudApi, Lane, Listener, LoadBalancer};
+use crate::cloud::{CloudApi, ElbVersion, Lane, Listener, LoadBalancer};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
@@ -523,8 +523,12 @@ impl<C: CloudApi> Binder<C> {
 
     async fn relist(&mut self) {
         self.listed = Some(Instant::now());
-        match self.cloud.list_loadbalancers(Lane::Priority).await {
-            Ok(lbs) => self.lbs = lbs,
+        let listing = self
+            .cloud
+            .list_loadbalancers(ElbVersion::V3, None, Lane::Priority, u32::MAX)
+            .await;
+        match listing {
+            Ok(l) => self.lbs = l.lbs,
             Err(e) => {
                 warn!(error = %e, "load balancer listing failed; unbound ingresses are retried")
             }
