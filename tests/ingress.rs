@@ -187,9 +187,17 @@ async fn ingresses_on_dedicated_and_shared_elbs_get_listener_series() {
     // Only the attributed listeners: not the dedicated ELB's port 80, nothing for the nginx class.
     assert!(!body.contains(L_DED_80), "{body}");
     assert!(!body.contains("ingress=\"other\""), "{body}");
+    // listener_info adds the Ingress's uid and the ELB's name (the simulator's default name).
+    let web_uid = w
+        .cluster
+        .ingresses()
+        .into_iter()
+        .find(|i| i.metadata.name.as_deref() == Some("web"))
+        .and_then(|i| i.metadata.uid)
+        .expect("the apiserver sets a uid");
     assert!(
         body.contains(&format!(
-            "elb_exporter_listener_info{{{}}} 1",
+            "elb_exporter_listener_info{{{},uid=\"{web_uid}\",elb_name=\"sim-elb-{}\"}} 1",
             listener_labels(
                 "shop",
                 "web",
@@ -198,7 +206,8 @@ async fn ingresses_on_dedicated_and_shared_elbs_get_listener_series() {
                 "k8s_HTTPS_443",
                 443,
                 "HTTPS"
-            )
+            ),
+            &DEDICATED[..8]
         )),
         "{body}"
     );
@@ -493,7 +502,8 @@ async fn each_backend_gets_its_own_pool_series_behind_a_shared_listener() {
     assert!(!body.contains("service=\"ghost\""), "{body}");
     assert!(
         body.contains(&format!(
-            "elb_exporter_pool_info{{namespace=\"shop\",service=\"cart\",ingress=\"web\",lbaas_instance_id=\"{DEDICATED}\",lbaas_pool_id=\"{cart}\",pool_name=\"k8s_shop_cart-8080_HTTP-80\",port=\"80\",uid=\"{web_uid}\"}} 1"
+            "elb_exporter_pool_info{{namespace=\"shop\",service=\"cart\",ingress=\"web\",lbaas_instance_id=\"{DEDICATED}\",lbaas_pool_id=\"{cart}\",pool_name=\"k8s_shop_cart-8080_HTTP-80\",port=\"80\",uid=\"{web_uid}\",elb_name=\"sim-elb-{}\"}} 1",
+            &DEDICATED[..8]
         )),
         "{body}"
     );

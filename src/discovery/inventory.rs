@@ -17,8 +17,9 @@
 //! publishes one new target set.
 
 use super::ingress::{IngressBook, IngressEvent};
+use super::names::{NameJob, NameQuery, Names};
 use super::{DiscoveryEvent, ElbClass, Observed, Owner, Problem, Scope, ServiceKey};
-use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, Listener, Listing};
+use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, LbListing, Listener, Listing};
 use crate::telemetry::{Api, Telemetry};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -62,6 +63,10 @@ pub struct Target {
     pub listener_name: Arc<str>,
     pub port: u16,
     pub protocol: Arc<str>,
+    /// The Service's or Ingress's `metadata.uid` (`elb_exporter_listener_info` only).
+    pub uid: Arc<str>,
+    /// The ELB's name, empty while unknown (`elb_exporter_listener_info` only).
+    pub elb_name: Arc<str>,
 }
 
 /// The state of one annotated Service, for `check` and logs.
@@ -242,8 +247,10 @@ pub struct Inventory<C: CloudApi> {
     initial_pending: Option<HashSet<Arc<str>>>,
     /// Services that appeared or changed after the initial sync, and when.
     new_services: HashMap<ServiceKey, Instant>,
-    /// (when, API, calls) of finished listings within the last `listener_refresh`.
-    calls: VecDeque<(Instant, ElbVersion, u32)>,
+    /// (when, cloud call, ELB API, calls) of finished listings within the last `listener_refresh`.
+    calls: VecDeque<(Instant, Api, ElbVersion, u32)>,
+    /// ELB names (`elb_name`), looked up by load balancer listings.
+    names: Names,
     started: Instant,
     generation: u64,
     logged: HashMap<ServiceKey, Vec<String>>,
@@ -266,6 +273,7 @@ impl<C: CloudApi> Inventory<C> {
     ) -> (Self, watch::Receiver<Arc<Targets>>) {
         let (tx, rx) = watch::channel(Arc::new(Targets::default()));
         let now = Instant::now();
+        let names = Names::new(settings.listener_refresh);
         let api = || ApiState {
             size: ProjectSize::Unknown,
             listing: false,
@@ -285,6 +293,7 @@ impl<C: CloudApi> Inventory<C> {
                 initial_pending: None,
                 new_services: HashMap::new(),
                 calls: VecDeque::new(),
+                names,
                 started: now,
                 generation: 0,
                 logged: HashMap::new(),
@@ -302,6 +311,7 @@ impl<C: CloudApi> Inventory<C> {
             background: Arc::new(Semaphore::new(BACKGROUND_CONCURRENCY)),
         };
         let mut lookups: JoinSet<Done> = JoinSet::new();
+        let mut name_lookups: JoinSet<(NameJob, Result<LbListing, CloudError>)> = JoinSet::new();
         let mut dirty = false;
         let mut publish_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -320,6 +330,16 @@ impl<C: CloudApi> Inventory<C> {
                         dirty = true;
                     }
                 }
+                Some(done) = name_lookups.join_next(), if !name_lookups.is_empty() => {
+                    if let Ok((job, result)) = done {
+                        if let Ok(l) = &result {
+                            self.count_calls(Api::ElbListLoadbalancers, job.version, l.calls);
+                        }
+                        // Published even when no name changed: readiness may wait for it.
+                        self.names.record(&job, result, Instant::now());
+                        dirty = true;
+                    }
+                }
                 _ = tick.tick() => {}
                 _ = sleep_until_opt(publish_at) => {
                     publish_at = None;
@@ -330,6 +350,7 @@ impl<C: CloudApi> Inventory<C> {
                 && self.ingresses.answered.len() >= self.settings.ingress_scopes;
             if all_scopes || self.started.elapsed() >= INITIAL_HOLD {
                 self.schedule(Instant::now(), &mut lookups, &lanes);
+                self.schedule_names(Instant::now(), &mut name_lookups, &lanes);
             }
             if dirty && publish_at.is_none() {
                 publish_at = Some(Instant::now() + COALESCE);
@@ -557,7 +578,7 @@ impl<C: CloudApi> Inventory<C> {
                 return;
             }
         };
-        self.count_calls(version, listing.calls);
+        self.count_calls(Api::ElbListListeners, version, listing.calls);
         if project_wide {
             let api = &mut self.apis[api_index(version)];
             if !listing.complete {
@@ -585,10 +606,67 @@ impl<C: CloudApi> Inventory<C> {
         }
     }
 
-    fn count_calls(&mut self, version: ElbVersion, calls: u32) {
+    fn count_calls(&mut self, api: Api, version: ElbVersion, calls: u32) {
         let now = Instant::now();
-        self.calls.push_back((now, version, calls));
+        self.calls.push_back((now, api, version, calls));
         self.update_calls_gauge(now);
+    }
+
+    /// The ELBs with listeners on `version` (those that get a name).
+    fn listed_elbs(&self, version: ElbVersion) -> Vec<Arc<str>> {
+        let mut elbs: Vec<Arc<str>> = self
+            .elbs
+            .iter()
+            .filter(|(_, st)| st.status == ElbStatus::Ok && st.version == Some(version))
+            .map(|(id, _)| id.clone())
+            .collect();
+        elbs.sort();
+        elbs
+    }
+
+    /// Some ELB with listeners still waits for its first name listing.
+    fn names_pending(&self) -> bool {
+        [ElbVersion::V2, ElbVersion::V3]
+            .into_iter()
+            .any(|v| self.names.pending(v, &self.listed_elbs(v)))
+    }
+
+    /// Starts the ELB name listings that are due (see [`super::names`]).
+    fn schedule_names(
+        &mut self,
+        now: Instant,
+        lookups: &mut JoinSet<(NameJob, Result<LbListing, CloudError>)>,
+        lanes: &Lanes,
+    ) {
+        for version in [ElbVersion::V3, ElbVersion::V2] {
+            let elbs = self.listed_elbs(version);
+            let busy = self.elbs.values().any(|st| {
+                st.api() == version
+                    && st.urgent
+                    && (st.in_flight || st.status == ElbStatus::Pending)
+            });
+            let Some(job) = self.names.due(version, &elbs, busy, now) else {
+                continue;
+            };
+            let (cloud, permits) = (self.cloud.clone(), lanes.of(job.lane));
+            lookups.spawn(async move {
+                let _permit = permits.acquire_owned().await.ok();
+                let result = match &job.query {
+                    NameQuery::ProjectWide { budget } => {
+                        cloud
+                            .list_loadbalancers(job.version, None, job.lane, *budget)
+                            .await
+                    }
+                    NameQuery::Ids(ids) => {
+                        let ids: Vec<&str> = ids.iter().map(|id| &**id).collect();
+                        cloud
+                            .list_loadbalancers(job.version, Some(&ids), job.lane, u32::MAX)
+                            .await
+                    }
+                };
+                (job, result)
+            });
+        }
     }
 
     fn update_calls_gauge(&mut self, now: Instant) {
@@ -596,21 +674,23 @@ impl<C: CloudApi> Inventory<C> {
         while self
             .calls
             .front()
-            .is_some_and(|(t, _, _)| now.duration_since(*t) > window)
+            .is_some_and(|(t, ..)| now.duration_since(*t) > window)
         {
             self.calls.pop_front();
         }
-        for v in [ElbVersion::V2, ElbVersion::V3] {
-            let n: u32 = self
-                .calls
-                .iter()
-                .filter(|(_, cv, _)| *cv == v)
-                .map(|(_, _, c)| c)
-                .sum();
-            self.telemetry
-                .inventory_calls
-                .with_label_values(&[Api::ElbListListeners.as_str(), v.as_str()])
-                .set(i64::from(n));
+        for api in [Api::ElbListListeners, Api::ElbListLoadbalancers] {
+            for v in [ElbVersion::V2, ElbVersion::V3] {
+                let n: u32 = self
+                    .calls
+                    .iter()
+                    .filter(|(_, ca, cv, _)| *ca == api && *cv == v)
+                    .map(|(.., c)| c)
+                    .sum();
+                self.telemetry
+                    .inventory_calls
+                    .with_label_values(&[api.as_str(), v.as_str()])
+                    .set(i64::from(n));
+            }
         }
     }
 
@@ -758,6 +838,8 @@ impl<C: CloudApi> Inventory<C> {
             .chain(self.ingresses.elbs().map(|(id, _)| id))
             .collect();
         self.elbs.retain(|id, _| used.contains(id));
+        let elbs = &self.elbs;
+        self.names.retain(|id| elbs.contains_key(id));
     }
 
     /// Records what a complete listing said of one ELB (`listeners` empty: it has none on `asked`).
@@ -932,6 +1014,8 @@ impl<C: CloudApi> Inventory<C> {
                                     listener_name: l.name.as_str().into(),
                                     port: l.port,
                                     protocol: l.protocol.as_str().into(),
+                                    uid: t.uid.clone(),
+                                    elb_name: self.names.name(&t.elb_id),
                                 });
                             }
                             if !found && st.status == ElbStatus::Ok {
@@ -971,14 +1055,23 @@ impl<C: CloudApi> Inventory<C> {
             problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
         }
         let (ingress_problems, routes) = self.ingress_targets(&mut targets, &mut problems);
-        let synced =
-            self.all_answered() && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
+        let synced = self.all_answered()
+            && self.initial_pending.as_ref().is_some_and(|p| p.is_empty())
+            && !self.names_pending();
         let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
         let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
         self.telemetry
             .planned_calls
             .with_label_values(&[Api::ElbListListeners.as_str()])
             .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
+        let names_per_refresh: usize = [ElbVersion::V2, ElbVersion::V3]
+            .into_iter()
+            .map(|v| self.names.planned_calls(v, self.listed_elbs(v).len()))
+            .sum();
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Api::ElbListLoadbalancers.as_str()])
+            .set((names_per_refresh as f64 * refresh_per_min).ceil() as i64);
         self.update_calls_gauge(now);
         self.schedule_port_retries(port_retries);
         let t = Targets {
@@ -1063,6 +1156,8 @@ impl<C: CloudApi> Inventory<C> {
                 listener_name: o.listener.name.as_str().into(),
                 port: o.listener.port,
                 protocol: o.listener.protocol.as_str().into(),
+                uid: o.ingress.uid.clone(),
+                elb_name: self.names.name(&o.ingress.elb_id),
             });
         }
         targets[start..].sort_by(|x, y| {
@@ -1100,6 +1195,7 @@ impl<C: CloudApi> Inventory<C> {
                 Some(super::pools::IngressRoute {
                     elb_id: elb.clone(),
                     version: self.elbs.get(elb).and_then(|st| st.version),
+                    elb_name: self.names.name(elb),
                     listener_id: r.listener.id.as_str().into(),
                     port: r.listener.port,
                     ingresses: r
@@ -1301,6 +1397,7 @@ mod tests {
         Observed::Target(ServiceTarget {
             namespace: "ns".into(),
             name: name.into(),
+            uid: "".into(),
             elb_id: elb.into(),
             class: ElbClass::Dedicated,
             ports: vec![80],

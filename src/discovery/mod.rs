@@ -4,6 +4,7 @@
 
 pub mod ingress;
 pub mod inventory;
+pub mod names;
 pub mod pools;
 
 use futures::{Stream, StreamExt};
@@ -35,6 +36,8 @@ pub type ServiceKey = (Arc<str>, Arc<str>);
 pub struct ServiceTarget {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
+    /// `metadata.uid` (`elb_exporter_listener_info` only).
+    pub uid: Arc<str>,
     pub elb_id: Arc<str>,
     pub class: ElbClass,
     /// `spec.ports[].port`, sorted, deduplicated.
@@ -228,6 +231,7 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
     Observed::Target(ServiceTarget {
         namespace,
         name,
+        uid: svc.metadata.uid.as_deref().unwrap_or("").into(),
         elb_id: id.into(),
         class,
         ports,

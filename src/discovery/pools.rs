@@ -47,6 +47,8 @@ pub struct IngressRoute {
     pub elb_id: Arc<str>,
     /// The API that knows the ELB (its pools are listed there).
     pub version: Option<ElbVersion>,
+    /// The ELB's name, empty while unknown (`elb_exporter_pool_info` only).
+    pub elb_name: Arc<str>,
     pub listener_id: Arc<str>,
     pub port: u16,
     pub ingresses: Vec<RouteIngress>,
@@ -62,6 +64,8 @@ pub struct PoolTarget {
     pub ingress: Arc<str>,
     /// That Ingress's uid (`elb_exporter_pool_info` only).
     pub uid: Arc<str>,
+    /// The ELB's name, empty while unknown (`elb_exporter_pool_info` only).
+    pub elb_name: Arc<str>,
     pub elb_id: Arc<str>,
     pub pool_id: Arc<str>,
     pub pool_name: Arc<str>,
@@ -141,6 +145,7 @@ pub fn attribute_pools(
                     service: svc.into(),
                     ingress: ing.name.clone(),
                     uid: ing.uid.clone(),
+                    elb_name: route.elb_name.clone(),
                     elb_id: route.elb_id.clone(),
                     pool_id: pool.id.as_str().into(),
                     pool_name: pool.name.as_str().into(),
@@ -419,6 +424,7 @@ mod tests {
         let route = |backends: &[(&str, u16)]| IngressRoute {
             elb_id: "elb1".into(),
             version: Some(ElbVersion::V3),
+            elb_name: "".into(),
             listener_id: "l1".into(),
             port: 80,
             ingresses: vec![RouteIngress {
@@ -503,6 +509,7 @@ mod tests {
         let route = IngressRoute {
             elb_id: "elb".into(),
             version: Some(ElbVersion::V3),
+            elb_name: "".into(),
             listener_id: "l80".into(),
             port: 80,
             // Oldest first: "web" also routes to cart, so cart's pool is attributed to it.

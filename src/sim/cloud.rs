@@ -542,6 +542,13 @@ impl CloudSim {
         self.inner.state().policy.push(action.to_string());
     }
 
+    /// Replaces the caller's policies with a custom policy allowing exactly these actions
+    /// (`service:resource:verb`, `*` for any part), as an administrator attaching a custom policy
+    /// instead of the system ones does; it applies to the next request.
+    pub fn set_policy(&self, actions: &[&str]) {
+        self.inner.state().policy = actions.iter().map(|a| a.to_string()).collect();
+    }
+
     /// Queues a fault for the next well-signed calls of `api`.
     pub fn inject(&self, api: SimApi, fault: Fault) {
         self.inner
