@@ -869,3 +869,73 @@ async fn an_oversized_pool_answer_is_refused() {
     assert!(matches!(err, CloudError::Malformed(..)), "{err}");
     assert!(err.to_string().contains("over"), "{err}");
 }
+
+/// Turns the Ingress's backends of `named` Services into `port.name` references.
+fn name_ports(ing: &mut k8s_openapi::api::networking::v1::Ingress, named: &[(&str, &str)]) {
+    let spec = ing.spec.as_mut().expect("spec");
+    for rule in spec.rules.iter_mut().flatten() {
+        for path in rule.http.iter_mut().flat_map(|h| h.paths.iter_mut()) {
+            let Some(svc) = path.backend.service.as_mut() else {
+                continue;
+            };
+            if let Some((_, name)) = named.iter().find(|(s, _)| *s == svc.name) {
+                svc.port = Some(k8s_openapi::api::networking::v1::ServiceBackendPort {
+                    name: Some(name.to_string()),
+                    number: None,
+                });
+            }
+        }
+    }
+}
+
+/// A backend naming its Service port (`backend.service.port.name`) is resolved to the port's number
+/// through that Service's `spec.ports[]` — a plain backend Service, without the ELB annotation — so
+/// CCE's pool (named by the number) is attributed. A named port no watched Service has stays
+/// `pool_unmatched`, and `check` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_naming_its_service_port_is_resolved_through_the_service() {
+    let w = fixture().await;
+    // Port 8080 is named "p8080" (demo::service names each port p<number>).
+    w.cluster.apply(service("shop", "cart", &[], &[8080]));
+    let mut ing = ingress(
+        "shop",
+        "named",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[("cart", 0), ("nosvc", 0)],
+    );
+    name_ports(&mut ing, &[("cart", "p8080"), ("nosvc", "http")]);
+    let ing = w.cluster.apply_ingress(ing);
+    let uid = ing.metadata.uid.clone().expect("uid");
+    let cart = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "cart", 8080, &uid);
+    let nosvc = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "nosvc", 80, &uid);
+    let e = w.exporter(POOL_METRICS);
+    e.wait_ready().await;
+    let cart_qps = pool_series(
+        "mb_l7_qps",
+        "cart",
+        "named",
+        DEDICATED,
+        &cart,
+        "k8s_shop_cart-8080_HTTP-80",
+        80,
+    );
+    let unmatched = "elb_exporter_discovery_problems{reason=\"pool_unmatched\"}";
+    let (ok, body) = scrape_until(&e, WAIT, |b| {
+        sample(b, &cart_qps).is_some() && sample(b, unmatched) == Some(1.0)
+    })
+    .await;
+    assert!(ok, "{body}\n{}", e.logs());
+    assert!(!body.contains(&nosvc), "{body}");
+    let (code, out, err) = w.run(POOL_METRICS, &["check"]);
+    let text = format!("{out}{err}");
+    assert_ne!(code, 0, "an unmatched pool is a problem:\n{text}");
+    assert!(
+        text.contains("ingress shop/named names port \"http\" of Service nosvc"),
+        "{text}"
+    );
+    assert!(!text.contains("of Service cart"), "{text}");
+}

@@ -45,8 +45,11 @@ pub struct IngressTarget {
     /// `<namespace>/<name>` of the listener master CCE named on this Ingress, if any.
     pub master: Option<String>,
     /// Backend Services (name, numeric port) of `spec.rules[].http.paths[]` and `defaultBackend`,
-    /// sorted, deduplicated. A port given by name cannot match CCE's pool name and is left out.
+    /// sorted, deduplicated.
     pub backends: Vec<(Arc<str>, u16)>,
+    /// Backends that name their Service port (`port.name`): (Service, port name), sorted,
+    /// deduplicated. The inventory resolves them through the Service's `spec.ports[]`.
+    pub named_backends: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl IngressTarget {
@@ -214,6 +217,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         Some("performance") => ElbClass::Dedicated,
         _ => ElbClass::Unspecified,
     };
+    let (backends, named_backends) = backends(ing);
     let target = IngressTarget {
         namespace,
         name,
@@ -229,7 +233,8 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         master: get(MASTER_ANNOTATION)
             .filter(|m| !m.is_empty())
             .map(str::to_owned),
-        backends: backends(ing),
+        backends,
+        named_backends,
     };
     match binding {
         None => ObservedIngress::Target(target),
@@ -237,10 +242,12 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
     }
 }
 
-/// The Ingress's own backend Services with numeric ports.
-pub fn backends(ing: &Ingress) -> Vec<(Arc<str>, u16)> {
+/// The Ingress's own backend Services: those with numeric ports, and those naming their port.
+#[allow(clippy::type_complexity)]
+pub fn backends(ing: &Ingress) -> (Vec<(Arc<str>, u16)>, Vec<(Arc<str>, Arc<str>)>) {
+    let (mut numbered, mut named) = (Vec::new(), Vec::new());
     let Some(spec) = ing.spec.as_ref() else {
-        return Vec::new();
+        return (numbered, named);
     };
     let paths = spec
         .rules
@@ -248,17 +255,29 @@ pub fn backends(ing: &Ingress) -> Vec<(Arc<str>, u16)> {
         .flatten()
         .filter_map(|r| r.http.as_ref())
         .flat_map(|h| h.paths.iter().map(|p| &p.backend));
-    let mut out: Vec<(Arc<str>, u16)> = paths
+    for s in paths
         .chain(spec.default_backend.as_ref())
         .filter_map(|b| b.service.as_ref())
-        .filter_map(|s| {
-            let port = s.port.as_ref()?.number?;
-            Some((Arc::from(s.name.as_str()), u16::try_from(port).ok()?))
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+    {
+        let Some(port) = s.port.as_ref() else {
+            continue;
+        };
+        let service = Arc::from(s.name.as_str());
+        match (port.number, port.name.as_deref()) {
+            (Some(n), _) => {
+                if let Ok(n) = u16::try_from(n) {
+                    numbered.push((service, n));
+                }
+            }
+            (None, Some(name)) if !name.is_empty() => named.push((service, Arc::from(name))),
+            _ => {}
+        }
+    }
+    numbered.sort();
+    numbered.dedup();
+    named.sort();
+    named.dedup();
+    (numbered, named)
 }
 
 /// The Ingresses known to the inventory, by key.
@@ -686,6 +705,7 @@ mod tests {
             ports: vec![80],
             master: master.map(str::to_owned),
             backends: Vec::new(),
+            named_backends: Vec::new(),
         })
     }
 

@@ -18,7 +18,7 @@
 
 use super::ingress::{IngressBook, IngressEvent};
 use super::names::{NameJob, NameQuery, Names};
-use super::{DiscoveryEvent, ElbClass, Observed, Owner, Problem, Scope, ServiceKey};
+use super::{DiscoveryEvent, ElbClass, Observed, Owner, PortNames, Problem, Scope, ServiceKey};
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, LbListing, Listener, Listing};
 use crate::telemetry::{Api, Telemetry};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -238,6 +238,8 @@ pub struct Inventory<C: CloudApi> {
     settings: InventorySettings,
     telemetry: Telemetry,
     services: HashMap<ServiceKey, Observed>,
+    /// Named ports of every watched Service (see [`Self::set_port_names`]).
+    port_names: HashMap<ServiceKey, PortNames>,
     elbs: HashMap<Arc<str>, ElbState>,
     apis: [ApiState; 2],
     scopes_synced: HashSet<Scope>,
@@ -286,6 +288,7 @@ impl<C: CloudApi> Inventory<C> {
                 settings,
                 telemetry,
                 services: HashMap::new(),
+                port_names: HashMap::new(),
                 elbs: HashMap::new(),
                 apis: [api(), api()],
                 scopes_synced: HashSet::new(),
@@ -699,7 +702,8 @@ impl<C: CloudApi> Inventory<C> {
         match ev {
             DiscoveryEvent::Upsert(o) => self.upsert(o),
             DiscoveryEvent::Delete(key) => {
-                let removed = self.services.remove(&key).is_some();
+                let named = self.port_names.remove(&key).is_some();
+                let removed = self.services.remove(&key).is_some() || named;
                 if removed {
                     info!(namespace = %key.0, service = %key.1, "service gone");
                     self.new_services.remove(&key);
@@ -709,10 +713,12 @@ impl<C: CloudApi> Inventory<C> {
             }
             DiscoveryEvent::Resync { scope, observed } => {
                 let keep: HashSet<ServiceKey> = observed.iter().map(observed_key).collect();
-                self.services.retain(|k, _| {
+                let stays = |k: &ServiceKey| {
                     let in_scope = scope.as_ref().is_none_or(|ns| *ns == k.0);
                     !in_scope || keep.contains(k)
-                });
+                };
+                self.services.retain(|k, _| stays(k));
+                self.port_names.retain(|k, _| stays(k));
                 for o in observed {
                     self.upsert(o);
                 }
@@ -778,17 +784,18 @@ impl<C: CloudApi> Inventory<C> {
 
     fn upsert(&mut self, o: Observed) -> bool {
         let key = observed_key(&o);
-        if let Observed::Ignored(_) = o {
+        let names_changed = self.set_port_names(&key, o.port_names());
+        if let Observed::Ignored(..) = o {
             let removed = self.services.remove(&key).is_some();
             if removed {
                 info!(namespace = %key.0, service = %key.1, "service lost its ELB annotation");
                 self.new_services.remove(&key);
                 self.gc_elbs();
             }
-            return removed;
+            return removed || names_changed;
         }
         if self.services.get(&key) == Some(&o) {
-            return false;
+            return names_changed;
         }
         if let Observed::Target(t) = &o {
             self.ensure_elb(&t.elb_id, t.class);
@@ -799,6 +806,23 @@ impl<C: CloudApi> Inventory<C> {
         }
         self.services.insert(key, o);
         self.gc_elbs();
+        true
+    }
+
+    /// Keeps the named ports of every watched Service (annotated or not) for Ingress backends that
+    /// name their Service port; returns whether they changed.
+    fn set_port_names(&mut self, key: &ServiceKey, names: &[(Arc<str>, u16)]) -> bool {
+        if names.is_empty() {
+            return self.port_names.remove(key).is_some();
+        }
+        if self
+            .port_names
+            .get(key)
+            .is_some_and(|n| n.as_slice() == names)
+        {
+            return false;
+        }
+        self.port_names.insert(key.clone(), names.to_vec());
         true
     }
 
@@ -972,7 +996,7 @@ impl<C: CloudApi> Inventory<C> {
                 listeners: 0,
             };
             match &self.services[key] {
-                Observed::Ignored(_) => continue,
+                Observed::Ignored(..) => continue,
                 Observed::Invalid { problem, .. } => {
                     *problems.entry(*problem).or_default() += 1;
                     report.problems.push(problem.describe().to_string());
@@ -1198,20 +1222,36 @@ impl<C: CloudApi> Inventory<C> {
                     elb_name: self.names.name(elb),
                     listener_id: r.listener.id.as_str().into(),
                     port: r.listener.port,
-                    ingresses: r
-                        .ingresses
-                        .iter()
-                        .map(|i| super::pools::RouteIngress {
-                            namespace: i.namespace.clone(),
-                            name: i.name.clone(),
-                            uid: i.uid.clone(),
-                            backends: i.backends.clone(),
-                        })
-                        .collect(),
+                    ingresses: r.ingresses.iter().map(|i| self.route_ingress(i)).collect(),
                 })
             })
             .collect();
         (words, routes)
+    }
+}
+
+impl<C: CloudApi> Inventory<C> {
+    /// An Ingress as pool attribution needs it: backends naming their Service port resolved to its
+    /// number through that Service's `spec.ports[]` (CCE's pool name holds the number).
+    fn route_ingress(&self, i: &super::ingress::IngressTarget) -> super::pools::RouteIngress {
+        let mut backends = i.backends.clone();
+        let mut unresolved = Vec::new();
+        for (svc, port) in &i.named_backends {
+            let names = self.port_names.get(&(i.namespace.clone(), svc.clone()));
+            match names.and_then(|n| n.iter().find(|(name, _)| name == port)) {
+                Some((_, number)) => backends.push((svc.clone(), *number)),
+                None => unresolved.push((svc.clone(), port.clone())),
+            }
+        }
+        backends.sort();
+        backends.dedup();
+        super::pools::RouteIngress {
+            namespace: i.namespace.clone(),
+            name: i.name.clone(),
+            uid: i.uid.clone(),
+            backends,
+            unresolved,
+        }
     }
 }
 
@@ -1258,7 +1298,7 @@ impl Plan {
 fn observed_key(o: &Observed) -> ServiceKey {
     match o {
         Observed::Target(t) => t.key(),
-        Observed::Invalid { key, .. } | Observed::Ignored(key) => key.clone(),
+        Observed::Invalid { key, .. } | Observed::Ignored(key, _) => key.clone(),
     }
 }
 
@@ -1401,6 +1441,7 @@ mod tests {
             elb_id: elb.into(),
             class: ElbClass::Dedicated,
             ports: vec![80],
+            port_names: Vec::new(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! Kubernetes discovery: watch Services carrying the ELB annotation and turn each into a compact
 //! [`ServiceTarget`] (no Kubernetes object is kept). The [`inventory`] resolves each ELB's listeners and
-//! attributes them to Service ports.
+//! attributes them to Service ports. Of every other Service only its named ports are kept (Ingress
+//! backends may name a Service port, CCE's pool names hold its number).
 
 pub mod ingress;
 pub mod inventory;
@@ -31,6 +32,10 @@ pub enum ElbClass {
 /// (namespace, name) of a Service.
 pub type ServiceKey = (Arc<str>, Arc<str>);
 
+/// A Service's named ports, `spec.ports[]` (name, port), sorted: an Ingress backend may name its
+/// Service port by name, and CCE's pool name holds the number.
+pub type PortNames = Vec<(Arc<str>, u16)>;
+
 /// What the exporter keeps of an annotated Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceTarget {
@@ -42,6 +47,7 @@ pub struct ServiceTarget {
     pub class: ElbClass,
     /// `spec.ports[].port`, sorted, deduplicated.
     pub ports: Vec<u16>,
+    pub port_names: PortNames,
 }
 
 impl ServiceTarget {
@@ -185,9 +191,46 @@ pub enum Observed {
     /// Annotated and usable.
     Target(ServiceTarget),
     /// Annotated, but the annotation is unusable.
-    Invalid { key: ServiceKey, problem: Problem },
-    /// Not annotated: not ours (or no longer).
-    Ignored(ServiceKey),
+    Invalid {
+        key: ServiceKey,
+        problem: Problem,
+        port_names: PortNames,
+    },
+    /// Not annotated: not ours (or no longer). Its named ports still resolve Ingress backends.
+    Ignored(ServiceKey, PortNames),
+}
+
+impl Observed {
+    pub fn port_names(&self) -> &[(Arc<str>, u16)] {
+        match self {
+            Observed::Target(t) => &t.port_names,
+            Observed::Invalid { port_names, .. } | Observed::Ignored(_, port_names) => port_names,
+        }
+    }
+
+    /// Whether a (re-)list keeps it: annotated, or with named ports an Ingress backend may use.
+    pub fn worth_keeping(&self) -> bool {
+        !matches!(self, Observed::Ignored(_, names) if names.is_empty())
+    }
+}
+
+/// The Service's named ports.
+fn port_names(svc: &Service) -> PortNames {
+    let mut out: PortNames = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| {
+                    let name = p.name.as_deref().filter(|n| !n.is_empty())?;
+                    Some((Arc::from(name), u16::try_from(p.port).ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 /// Reads the annotation and ports of a Service.
@@ -201,12 +244,17 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
     let name: Arc<str> = svc.metadata.name.as_deref().unwrap_or("").into();
     let key = (namespace.clone(), name.clone());
     let annotations = svc.metadata.annotations.as_ref();
+    let port_names = port_names(svc);
     let Some(raw) = annotations.and_then(|a| a.get(annotation)) else {
-        return Observed::Ignored(key);
+        return Observed::Ignored(key, port_names);
     };
     let id = raw.trim();
     if let Some(problem) = elb_id_problem(id) {
-        return Observed::Invalid { key, problem };
+        return Observed::Invalid {
+            key,
+            problem,
+            port_names,
+        };
     }
     let class = match annotations
         .and_then(|a| a.get(ELB_CLASS_ANNOTATION))
@@ -235,6 +283,7 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
         elb_id: id.into(),
         class,
         ports,
+        port_names,
     })
 }
 
@@ -330,7 +379,7 @@ fn scoped_events(
                 }
                 Ok(watcher::Event::InitApply(svc)) => {
                     let o = observe(&svc, &annotation);
-                    if !matches!(o, Observed::Ignored(_)) {
+                    if o.worth_keeping() {
                         buffer.get_or_insert_with(Vec::new).push(o);
                     }
                     None
@@ -460,6 +509,9 @@ mod tests {
                 ..
             }
         ));
-        assert!(matches!(observe(&svc(&[], &[80]), A), Observed::Ignored(_)));
+        assert!(matches!(
+            observe(&svc(&[], &[80]), A),
+            Observed::Ignored(..)
+        ));
     }
 }

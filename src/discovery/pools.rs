@@ -37,8 +37,11 @@ pub struct RouteIngress {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
     pub uid: Arc<str>,
-    /// (Service, numeric port), sorted.
+    /// (Service, numeric port), sorted: named ports resolved through the Service's `spec.ports[]`.
     pub backends: Vec<(Arc<str>, u16)>,
+    /// (Service, port name) of backends whose named port could not be resolved (the Service is not
+    /// watched, or has no port of that name): its pool is `pool_unmatched`, with this as the reason.
+    pub unresolved: Vec<(Arc<str>, Arc<str>)>,
 }
 
 /// An Ingress listener and the Ingresses routed through it, oldest first.
@@ -151,10 +154,7 @@ pub fn attribute_pools(
                     pool_name: pool.name.as_str().into(),
                     port: route.port,
                 }),
-                None => unmatched.push(format!(
-                    "pool {} ({:?}) behind listener {} (port {}) matches no backend of its Ingresses",
-                    pool.id, pool.name, route.listener_id, route.port
-                )),
+                None => unmatched.push(unmatched_reason(route, pool)),
             }
         }
     }
@@ -167,6 +167,30 @@ pub fn attribute_pools(
         ))
     });
     (out, unmatched)
+}
+
+/// Why a pool behind `route` matches no backend, in words.
+fn unmatched_reason(route: &IngressRoute, pool: &Pool) -> String {
+    let head = format!(
+        "pool {} ({:?}) behind listener {} (port {})",
+        pool.id, pool.name, route.listener_id, route.port
+    );
+    let named = parse_pool_name(&pool.name).and_then(|(ns, svc, ..)| {
+        route.ingresses.iter().find_map(|i| {
+            let (_, port) = i
+                .unresolved
+                .iter()
+                .find(|(s, _)| *i.namespace == *ns && **s == *svc)?;
+            Some((i, svc, port))
+        })
+    });
+    match named {
+        Some((i, svc, port)) => format!(
+            "{head} matches no backend of its Ingresses: ingress {}/{} names port {port:?} of Service {svc}, which the exporter cannot resolve to a number (the Service is not in a watched namespace, or has no port of that name)",
+            i.namespace, i.name
+        ),
+        None => format!("{head} matches no backend of its Ingresses"),
+    }
 }
 
 #[derive(Debug)]
@@ -432,6 +456,7 @@ mod tests {
                 name: "web".into(),
                 uid: "uid-1".into(),
                 backends: backends.iter().map(|(s, p)| ((*s).into(), *p)).collect(),
+                unresolved: Vec::new(),
             }],
         };
         let targets = |r: IngressRoute| {
@@ -501,6 +526,7 @@ mod tests {
             name: name.into(),
             uid: format!("uid-{name}").into(),
             backends: backends.iter().map(|(s, p)| (Arc::from(*s), *p)).collect(),
+            unresolved: Vec::new(),
         }
     }
 
