@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use elb_exporter::demo::{ingress, service};
-use elb_exporter::sim::cloud::{LbKind, SimConfig, SimListener, datapoint_value};
+use elb_exporter::sim::cloud::{Fault, LbKind, SimApi, SimConfig, SimListener, datapoint_value};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
 
@@ -507,14 +507,15 @@ async fn each_backend_gets_its_own_pool_series_behind_a_shared_listener() {
         )),
         "{body}"
     );
-    // Pool and policy listings are counted under their own api label.
+    // Pool and policy listings are counted under their own api label: one each per ELB (2), not again
+    // when the ELB names arrive (a name is not a route change).
     for api in ["elb_list_pools", "elb_list_l7policies"] {
         let n = sample(
             &body,
             &format!("elb_exporter_cloud_requests_total{{api=\"{api}\"}}"),
         )
         .unwrap_or(0.0);
-        assert!(n >= 2.0, "{api}: {n}\n{body}");
+        assert_eq!(n, 2.0, "{api}: {n}\n{body}");
     }
     check_exposition(&body).expect("valid exposition");
 
@@ -938,4 +939,49 @@ async fn a_backend_naming_its_service_port_is_resolved_through_the_service() {
         "{text}"
     );
     assert!(!text.contains("of Service cart"), "{text}");
+}
+
+/// An ELB name that arrives after its Ingress's listeners (a slow load balancer listing) reaches
+/// pool_info without listing the pools again: a name is not a route change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_elb_name_reaches_pool_info_without_listing_pools_again() {
+    let w = fixture().await;
+    let e = w.exporter(&format!(
+        "{POOL_METRICS}discovery:\n  listener_refresh: \"5m\"\n"
+    ));
+    e.wait_ready().await;
+    // The dedicated ELB is new: its v3 listener lookup and then its name listing answer 1.5 s late,
+    // so its listeners (and pools) are published before its name.
+    w.sim.inject(
+        SimApi::ElbV3,
+        Fault::Delay {
+            delay: Duration::from_millis(1500),
+            count: 2,
+        },
+    );
+    let web = w.cluster.apply_ingress(ingress(
+        "shop",
+        "web",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[("cart", 8080)],
+    ));
+    let uid = web.metadata.uid.clone().expect("uid");
+    let cart = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "cart", 8080, &uid);
+    let named = format!("lbaas_pool_id=\"{cart}\"");
+    let (ok, body) = scrape_until(&e, WAIT, |b| {
+        family_lines(b, "elb_exporter_pool_info")
+            .iter()
+            .any(|l| l.contains(&named) && l.contains(",elb_name=\"sim-elb-11111111\""))
+    })
+    .await;
+    assert!(ok, "{body}\n{}", e.logs());
+    let pool_listings: Vec<_> = w
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/elb/pools") && r.query.contains(DEDICATED))
+        .collect();
+    assert_eq!(pool_listings.len(), 1, "{pool_listings:?}");
 }

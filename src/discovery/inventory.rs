@@ -1219,7 +1219,6 @@ impl<C: CloudApi> Inventory<C> {
                 Some(super::pools::IngressRoute {
                     elb_id: elb.clone(),
                     version: self.elbs.get(elb).and_then(|st| st.version),
-                    elb_name: self.names.name(elb),
                     listener_id: r.listener.id.as_str().into(),
                     port: r.listener.port,
                     ingresses: r.ingresses.iter().map(|i| self.route_ingress(i)).collect(),

@@ -50,8 +50,6 @@ pub struct IngressRoute {
     pub elb_id: Arc<str>,
     /// The API that knows the ELB (its pools are listed there).
     pub version: Option<ElbVersion>,
-    /// The ELB's name, empty while unknown (`elb_exporter_pool_info` only).
-    pub elb_name: Arc<str>,
     pub listener_id: Arc<str>,
     pub port: u16,
     pub ingresses: Vec<RouteIngress>,
@@ -148,7 +146,8 @@ pub fn attribute_pools(
                     service: svc.into(),
                     ingress: ing.name.clone(),
                     uid: ing.uid.clone(),
-                    elb_name: route.elb_name.clone(),
+                    // Filled from the listener targets when published: a name is not a route.
+                    elb_name: "".into(),
                     elb_id: route.elb_id.clone(),
                     pool_id: pool.id.as_str().into(),
                     pool_name: pool.name.as_str().into(),
@@ -389,8 +388,18 @@ impl<C: CloudApi> PoolStage<C> {
             .iter()
             .filter_map(|(id, c)| c.listing.clone().map(|l| (id.clone(), l)))
             .collect();
-        let (pools, unmatched) = attribute_pools(&input.routes, &listings);
+        let (mut pools, unmatched) = attribute_pools(&input.routes, &listings);
         self.retry_missing(&input.routes, &pools);
+        let names: HashMap<&str, &Arc<str>> = input
+            .targets
+            .iter()
+            .map(|t| (&*t.elb_id, &t.elb_name))
+            .collect();
+        for p in &mut pools {
+            if let Some(name) = names.get(&*p.elb_id) {
+                p.elb_name = Arc::clone(name);
+            }
+        }
         let mut problems = input.problems.clone();
         let mut words: Vec<(Problem, String)> = input.ingress_problems.clone();
         if !unmatched.is_empty() {
@@ -448,7 +457,6 @@ mod tests {
         let route = |backends: &[(&str, u16)]| IngressRoute {
             elb_id: "elb1".into(),
             version: Some(ElbVersion::V3),
-            elb_name: "".into(),
             listener_id: "l1".into(),
             port: 80,
             ingresses: vec![RouteIngress {
@@ -535,7 +543,6 @@ mod tests {
         let route = IngressRoute {
             elb_id: "elb".into(),
             version: Some(ElbVersion::V3),
-            elb_name: "".into(),
             listener_id: "l80".into(),
             port: 80,
             // Oldest first: "web" also routes to cart, so cart's pool is attributed to it.
