@@ -142,6 +142,18 @@ async fn cold_start_and_refresh_page_through_the_project() {
         "gauge counts the cold start"
     );
     assert_eq!(inventory_calls(&body, "v3"), Some(1.0));
+    for v in ["v2", "v3"] {
+        assert_eq!(
+            sample(
+                &body,
+                &format!(
+                    "elb_exporter_inventory_calls{{api=\"elb_list_loadbalancers\",version=\"{v}\"}}"
+                ),
+            ),
+            Some(1.0),
+            "the name listings are counted apart: {v}"
+        );
+    }
 
     // A new Service is looked up at once, by one filtered call, not by another project-wide listing.
     w.sim.clear_requests();
