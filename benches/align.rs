@@ -125,6 +125,8 @@ fn world(n: usize, cfg: &Config) -> (Arc<FakeCloud>, Arc<Targets>) {
                 listener_name: format!("k8s_TCP_{}", 80 + i % 5).into(),
                 port: 80 + (i % 5) as u16,
                 protocol: "TCP".into(),
+                uid: format!("uid-{}", i / 5).into(),
+                elb_name: format!("elb-name-{}", i / 5).into(),
             }
         })
         .collect();

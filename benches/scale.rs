@@ -689,11 +689,12 @@ fn only_names(r: &SimRequest, skip: &[&str]) -> bool {
     named > 0 && named == skip.iter().filter(|s| r.query.contains(*s)).count()
 }
 
-/// ELB listing calls in the log: (v2, v3), leaving out lookups of only the `skip` ELBs (new Services').
+/// ELB listener listing calls in the log: (v2, v3), leaving out lookups of only the `skip` ELBs (new
+/// Services'). Load balancer listings (the ELB names) are not listener listings: not counted here.
 fn elb_calls(reqs: &[SimRequest], skip: &[&str]) -> (usize, usize) {
     let mut n = (0, 0);
     for r in reqs {
-        if only_names(r, skip) {
+        if only_names(r, skip) || !r.path.ends_with("/listeners") {
             continue;
         }
         match r.api {
@@ -1559,8 +1560,11 @@ fn refresh_phase(
     let tag = format!("[{}]", row.listeners);
     let refresh_elb = elb_id(900_001);
     let skip = [idle_new_elb, refresh_elb.as_str()];
-    let is_refresh_call =
-        |r: &SimRequest| matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && !only_names(r, &skip);
+    let is_refresh_call = |r: &SimRequest| {
+        matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3)
+            && r.path.ends_with("/listeners")
+            && !only_names(r, &skip)
+    };
     // The log only grows (it is capped far above what a run sends): the refresh is what follows `base`.
     let base = sim.requests().len();
     let wait = (DEFAULT_REFRESH + Duration::from_secs(60)).saturating_sub(started.elapsed());

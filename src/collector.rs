@@ -1186,6 +1186,8 @@ mod tests {
                     listener_name: "k8s_TCP_80".into(),
                     port: 80,
                     protocol: "TCP".into(),
+                    uid: format!("uid-{i}").into(),
+                    elb_name: "".into(),
                 }
             })
             .collect();
@@ -1400,6 +1402,7 @@ mod tests {
             service: "backend".into(),
             ingress: "web".into(),
             uid: "uid-1".into(),
+            elb_name: "".into(),
             elb_id: "elb0".into(),
             pool_id: "p1".into(),
             pool_name: "k8s_default_backend-80_HTTP-80".into(),

@@ -302,9 +302,14 @@ impl Renderer {
             (now, stale_after),
         );
         if !targets.listeners.is_empty() {
-            acc.sink.buf.push_str("# HELP elb_exporter_listener_info ELB listeners attributed to a Kubernetes Service port or Ingress; always 1.\n# TYPE elb_exporter_listener_info gauge\n");
-            for l in &labels {
-                let _ = writeln!(acc.sink.buf, "elb_exporter_listener_info{{{l}}} 1");
+            acc.sink.buf.push_str("# HELP elb_exporter_listener_info ELB listeners attributed to a Kubernetes Service port or Ingress (uid: the Service's or Ingress's; elb_name: empty until known); always 1.\n# TYPE elb_exporter_listener_info gauge\n");
+            for (l, t) in labels.iter().zip(&targets.listeners) {
+                let _ = write!(acc.sink.buf, "elb_exporter_listener_info{{{l},");
+                push_labels(
+                    &mut acc.sink.buf,
+                    &[("uid", &t.uid), ("elb_name", &t.elb_name)],
+                );
+                acc.sink.buf.push_str("} 1\n");
                 acc.sink.flush_if_full();
             }
         }
@@ -320,13 +325,14 @@ impl Renderer {
             (now, stale_after),
         );
         if !targets.pools.is_empty() {
-            acc.sink.buf.push_str("# HELP elb_exporter_pool_info ELB backend server groups behind Ingress listeners attributed to their backend Service (uid: the Ingress's); always 1.\n# TYPE elb_exporter_pool_info gauge\n");
+            acc.sink.buf.push_str("# HELP elb_exporter_pool_info ELB backend server groups behind Ingress listeners attributed to their backend Service (uid: the Ingress's; elb_name: empty until known); always 1.\n# TYPE elb_exporter_pool_info gauge\n");
             for (l, p) in pool_labels.iter().zip(&targets.pools) {
-                let _ = writeln!(
-                    acc.sink.buf,
-                    "elb_exporter_pool_info{{{l},uid=\"{}\"}} 1",
-                    escape_label(&p.uid)
+                let _ = write!(acc.sink.buf, "elb_exporter_pool_info{{{l},");
+                push_labels(
+                    &mut acc.sink.buf,
+                    &[("uid", &p.uid), ("elb_name", &p.elb_name)],
                 );
+                acc.sink.buf.push_str("} 1\n");
                 acc.sink.flush_if_full();
             }
         }
@@ -531,6 +537,8 @@ mod tests {
             listener_name: "n".into(),
             port: 80,
             protocol: "TCP".into(),
+            uid: "u".into(),
+            elb_name: "".into(),
         };
         let targets = Targets {
             services: 1,

@@ -1429,3 +1429,131 @@ async fn shared_lb_listeners_fall_back_to_the_openstack_path_and_remember_it() {
             .all(|r| r.path.starts_with("/v2/"))
     );
 }
+
+/// Open Telekom Cloud documents shared-LB pools and forwarding policies only at `/v2.0/lbaas/pools` and
+/// `/v2.0/lbaas/l7policies`: both listings fall back there (same filters), and once one has, the other
+/// v2 listings go straight to the OpenStack paths. Huawei Cloud never sees them.
+#[tokio::test]
+async fn shared_lb_pools_and_policies_fall_back_to_the_openstack_paths() {
+    for profile in [SimProfile::Otc, SimProfile::HuaweiCn] {
+        let (sim, url) = start(profile.config()).await;
+        sim.add_loadbalancer(SHARED_LB, LbKind::Shared);
+        let listener = listener_id(0x0d, 1);
+        sim.add_listener(
+            SHARED_LB,
+            SimListener::new(listener.clone(), "k8s_HTTP_80", "HTTP", 80),
+        );
+        let pool = sim.add_cce_route(SHARED_LB, &listener, 80, "shop", "cart", 8080, "uid-1");
+        let (cloud, telemetry) = client_with_project(&sim, &url);
+        for _ in 0..2 {
+            let pools = bounded(cloud.list_pools(ElbVersion::V2, SHARED_LB, Lane::Priority))
+                .await
+                .expect("pools listed");
+            assert_eq!(
+                pools.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+                [pool.as_str()],
+                "{profile:?}"
+            );
+            let policies =
+                bounded(cloud.list_l7policies(ElbVersion::V2, &[&listener], Lane::Priority))
+                    .await
+                    .expect("policies listed");
+            assert_eq!(policies.len(), 1, "{profile:?}");
+            assert_eq!(policies[0].redirect_pool_id.as_deref(), Some(pool.as_str()));
+        }
+        let paths: Vec<(String, u16)> = of(&sim, SimApi::ElbV2)
+            .into_iter()
+            .map(|r| (r.path.replace(&sim.config().project_id, "P"), r.status))
+            .collect();
+        let want: Vec<(String, u16)> = match profile {
+            SimProfile::Otc => [
+                "/v2.0/lbaas/pools",
+                "/v2.0/lbaas/l7policies",
+                "/v2.0/lbaas/pools",
+                "/v2.0/lbaas/l7policies",
+            ]
+            .map(|p| (p.to_string(), 200))
+            .to_vec(),
+            _ => [
+                "/v2/P/elb/pools",
+                "/v2/P/elb/l7policies",
+                "/v2/P/elb/pools",
+                "/v2/P/elb/l7policies",
+            ]
+            .map(|p| (p.to_string(), 200))
+            .to_vec(),
+        };
+        assert_eq!(paths, want, "{profile:?}");
+        // The gateway does not log unknown routes: the one 404 shows in the failure counter.
+        let not_found = |api: &str| {
+            telemetry
+                .cloud_failures
+                .with_label_values(&[api, "404"])
+                .get()
+        };
+        let asked_once = u64::from(profile == SimProfile::Otc);
+        assert_eq!(
+            (
+                not_found("elb_list_pools"),
+                not_found("elb_list_l7policies")
+            ),
+            (asked_once, 0),
+            "{profile:?}: the Huawei route is asked once, then the choice is remembered"
+        );
+        let last = of(&sim, SimApi::ElbV2).pop().unwrap();
+        assert!(
+            last.query.contains(&format!("listener_id={listener}")),
+            "{last:?}"
+        );
+    }
+}
+
+/// A v3 forwarding-policy listing the cloud refuses (400) because one listener id is malformed is split
+/// until that id is alone: the other listeners keep their policies.
+#[tokio::test]
+async fn a_400_for_a_v3_policy_listing_is_split_to_isolate_the_malformed_id() {
+    let (sim, url) = start(SimConfig {
+        v3_rejects_malformed_ids: true,
+        ..SimConfig::default()
+    })
+    .await;
+    sim.add_loadbalancer(DEDICATED_LB, LbKind::Dedicated);
+    let listeners: Vec<String> = (0..5).map(|i| listener_id(0x3b, i)).collect();
+    let mut pools = Vec::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let port = 80 + i as u16;
+        sim.add_listener(
+            DEDICATED_LB,
+            SimListener::new(l.clone(), format!("k8s_HTTP_{port}"), "HTTP", port),
+        );
+        pools.push(sim.add_cce_route(DEDICATED_LB, l, port, "shop", "cart", 8080, "uid-1"));
+    }
+    let mut ids: Vec<&str> = listeners.iter().map(String::as_str).collect();
+    ids.insert(3, "not-a-uuid");
+    let (cloud, _) = client_with_project(&sim, &url);
+    let policies = bounded(cloud.list_l7policies(ElbVersion::V3, &ids, Lane::Priority))
+        .await
+        .expect("the good ids are listed");
+    let mut found: Vec<&str> = policies
+        .iter()
+        .filter_map(|p| p.redirect_pool_id.as_deref())
+        .collect();
+    found.sort();
+    pools.sort();
+    assert_eq!(found, pools.iter().map(String::as_str).collect::<Vec<_>>());
+    let refused = of(&sim, SimApi::ElbV3)
+        .iter()
+        .filter(|r| r.status == 400)
+        .count();
+    // 6 ids -> [3 good | bad + 2] -> [bad | 2] -> [bad]: three refusals.
+    assert_eq!(refused, 3, "{:?}", of(&sim, SimApi::ElbV3));
+    // A listing of the malformed id alone stays an error; so does a v3 pool listing for it.
+    let err = bounded(cloud.list_l7policies(ElbVersion::V3, &["not-a-uuid"], Lane::Priority))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CloudError::BadRequest(..)), "{err:?}");
+    let err = bounded(cloud.list_pools(ElbVersion::V3, "not-a-uuid", Lane::Priority))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CloudError::BadRequest(..)), "{err:?}");
+}

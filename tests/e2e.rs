@@ -68,6 +68,8 @@ async fn fixture_with(cfg: SimConfig) -> World {
     w.sim.add_loadbalancer(DEDICATED, LbKind::Dedicated);
     w.sim.add_loadbalancer(SHARED, LbKind::Shared);
     w.sim.add_loadbalancer(SHOP, LbKind::Dedicated);
+    // The others keep the simulator's default name, `sim-elb-<first 8 characters of the id>`.
+    w.sim.set_loadbalancer_name(SHARED, "shared-api");
     for (elb, id, name, proto, port) in LISTENERS {
         w.sim
             .add_listener(elb, SimListener::new(*id, *name, *proto, *port));
@@ -170,9 +172,21 @@ async fn exposition_lines_are_exact_for_the_fixture() {
         1
     );
 
+    // listener_info adds the Service's uid and the ELB's name (read from the load balancer listings).
     let info: Vec<String> = expected_targets()
         .into_iter()
-        .map(|(ns, svc, l)| format!("elb_exporter_listener_info{{{}}} 1", labels(ns, svc, l)))
+        .map(|(ns, svc, l)| {
+            let uid = w.cluster.get(ns, svc).and_then(|s| s.metadata.uid);
+            let uid = uid.expect("the apiserver sets a uid");
+            let elb_name = match l.0 {
+                SHARED => "shared-api".to_string(),
+                other => format!("sim-elb-{}", &other[..8]),
+            };
+            format!(
+                "elb_exporter_listener_info{{{},uid=\"{uid}\",elb_name=\"{elb_name}\"}} 1",
+                labels(ns, svc, l)
+            )
+        })
         .collect();
     assert_eq!(family_lines(&body, "elb_exporter_listener_info"), info);
 
@@ -218,6 +232,36 @@ async fn exposition_lines_are_exact_for_the_fixture() {
     let (status, with_params) = e.get("/metrics?services=SYS.ELB").await;
     assert_eq!(status, 200);
     assert!(with_params.contains("huaweicloud_sys_elb_listener_m7_in_Bps{"));
+}
+
+/// A user whose policy allows listing listeners but not load balancers: the ELB names cannot be read,
+/// so every listener_info line stays, with an empty `elb_name`, and the refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_info_stays_with_an_empty_elb_name_when_names_cannot_be_listed() {
+    let w = fixture().await;
+    w.sim.set_policy(&[
+        "iam:projects:list",
+        "elb:listeners:list",
+        "ces:metricData:list",
+    ]);
+    let e = w.exporter(METRICS);
+    e.wait_ready().await;
+    let body = e.metrics().await;
+    let info = family_lines(&body, "elb_exporter_listener_info");
+    assert_eq!(info.len(), expected_targets().len(), "{body}");
+    assert!(
+        info.iter().all(|l| l.ends_with(",elb_name=\"\"} 1")),
+        "{info:#?}"
+    );
+    assert!(
+        sample(
+            &body,
+            "elb_exporter_cloud_request_failures_total{api=\"elb_list_loadbalancers\",code=\"403\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    assert_eq!(sample(&body, "elb_exporter_up "), Some(1.0), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -822,6 +866,14 @@ async fn profile_run(cfg: SimConfig, project_id: bool) {
         5,
         "{ctx}\n{body}"
     );
+    // ELB names come from each cloud's load balancer listings (Open Telekom Cloud: the OpenStack path).
+    for line in family_lines(&body, "elb_exporter_listener_info") {
+        assert!(
+            line.contains(",elb_name=\"sim-elb-"),
+            "{ctx}: {line}\n{}",
+            e.logs()
+        );
+    }
     for svc in ["nginx", "api", "cart", "checkout"] {
         let prefix = "huaweicloud_sys_elb_listener_m7_in_Bps{namespace=";
         assert!(

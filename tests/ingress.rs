@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use elb_exporter::demo::{ingress, service};
-use elb_exporter::sim::cloud::{LbKind, SimConfig, SimListener, datapoint_value};
+use elb_exporter::sim::cloud::{Fault, LbKind, SimApi, SimConfig, SimListener, datapoint_value};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
 
@@ -187,9 +187,17 @@ async fn ingresses_on_dedicated_and_shared_elbs_get_listener_series() {
     // Only the attributed listeners: not the dedicated ELB's port 80, nothing for the nginx class.
     assert!(!body.contains(L_DED_80), "{body}");
     assert!(!body.contains("ingress=\"other\""), "{body}");
+    // listener_info adds the Ingress's uid and the ELB's name (the simulator's default name).
+    let web_uid = w
+        .cluster
+        .ingresses()
+        .into_iter()
+        .find(|i| i.metadata.name.as_deref() == Some("web"))
+        .and_then(|i| i.metadata.uid)
+        .expect("the apiserver sets a uid");
     assert!(
         body.contains(&format!(
-            "elb_exporter_listener_info{{{}}} 1",
+            "elb_exporter_listener_info{{{},uid=\"{web_uid}\",elb_name=\"sim-elb-{}\"}} 1",
             listener_labels(
                 "shop",
                 "web",
@@ -198,7 +206,8 @@ async fn ingresses_on_dedicated_and_shared_elbs_get_listener_series() {
                 "k8s_HTTPS_443",
                 443,
                 "HTTPS"
-            )
+            ),
+            &DEDICATED[..8]
         )),
         "{body}"
     );
@@ -493,18 +502,20 @@ async fn each_backend_gets_its_own_pool_series_behind_a_shared_listener() {
     assert!(!body.contains("service=\"ghost\""), "{body}");
     assert!(
         body.contains(&format!(
-            "elb_exporter_pool_info{{namespace=\"shop\",service=\"cart\",ingress=\"web\",lbaas_instance_id=\"{DEDICATED}\",lbaas_pool_id=\"{cart}\",pool_name=\"k8s_shop_cart-8080_HTTP-80\",port=\"80\",uid=\"{web_uid}\"}} 1"
+            "elb_exporter_pool_info{{namespace=\"shop\",service=\"cart\",ingress=\"web\",lbaas_instance_id=\"{DEDICATED}\",lbaas_pool_id=\"{cart}\",pool_name=\"k8s_shop_cart-8080_HTTP-80\",port=\"80\",uid=\"{web_uid}\",elb_name=\"sim-elb-{}\"}} 1",
+            &DEDICATED[..8]
         )),
         "{body}"
     );
-    // Pool and policy listings are counted under their own api label.
+    // Pool and policy listings are counted under their own api label: one each per ELB (2), not again
+    // when the ELB names arrive (a name is not a route change).
     for api in ["elb_list_pools", "elb_list_l7policies"] {
         let n = sample(
             &body,
             &format!("elb_exporter_cloud_requests_total{{api=\"{api}\"}}"),
         )
         .unwrap_or(0.0);
-        assert!(n >= 2.0, "{api}: {n}\n{body}");
+        assert_eq!(n, 2.0, "{api}: {n}\n{body}");
     }
     check_exposition(&body).expect("valid exposition");
 
@@ -858,4 +869,119 @@ async fn an_oversized_pool_answer_is_refused() {
     .expect_err("an answer over the cap");
     assert!(matches!(err, CloudError::Malformed(..)), "{err}");
     assert!(err.to_string().contains("over"), "{err}");
+}
+
+/// Turns the Ingress's backends of `named` Services into `port.name` references.
+fn name_ports(ing: &mut k8s_openapi::api::networking::v1::Ingress, named: &[(&str, &str)]) {
+    let spec = ing.spec.as_mut().expect("spec");
+    for rule in spec.rules.iter_mut().flatten() {
+        for path in rule.http.iter_mut().flat_map(|h| h.paths.iter_mut()) {
+            let Some(svc) = path.backend.service.as_mut() else {
+                continue;
+            };
+            if let Some((_, name)) = named.iter().find(|(s, _)| *s == svc.name) {
+                svc.port = Some(k8s_openapi::api::networking::v1::ServiceBackendPort {
+                    name: Some(name.to_string()),
+                    number: None,
+                });
+            }
+        }
+    }
+}
+
+/// A backend naming its Service port (`backend.service.port.name`) is resolved to the port's number
+/// through that Service's `spec.ports[]` — a plain backend Service, without the ELB annotation — so
+/// CCE's pool (named by the number) is attributed. A named port no watched Service has stays
+/// `pool_unmatched`, and `check` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_naming_its_service_port_is_resolved_through_the_service() {
+    let w = fixture().await;
+    // Port 8080 is named "p8080" (demo::service names each port p<number>).
+    w.cluster.apply(service("shop", "cart", &[], &[8080]));
+    let mut ing = ingress(
+        "shop",
+        "named",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[("cart", 0), ("nosvc", 0)],
+    );
+    name_ports(&mut ing, &[("cart", "p8080"), ("nosvc", "http")]);
+    let ing = w.cluster.apply_ingress(ing);
+    let uid = ing.metadata.uid.clone().expect("uid");
+    let cart = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "cart", 8080, &uid);
+    let nosvc = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "nosvc", 80, &uid);
+    let e = w.exporter(POOL_METRICS);
+    e.wait_ready().await;
+    let cart_qps = pool_series(
+        "mb_l7_qps",
+        "cart",
+        "named",
+        DEDICATED,
+        &cart,
+        "k8s_shop_cart-8080_HTTP-80",
+        80,
+    );
+    let unmatched = "elb_exporter_discovery_problems{reason=\"pool_unmatched\"}";
+    let (ok, body) = scrape_until(&e, WAIT, |b| {
+        sample(b, &cart_qps).is_some() && sample(b, unmatched) == Some(1.0)
+    })
+    .await;
+    assert!(ok, "{body}\n{}", e.logs());
+    assert!(!body.contains(&nosvc), "{body}");
+    let (code, out, err) = w.run(POOL_METRICS, &["check"]);
+    let text = format!("{out}{err}");
+    assert_ne!(code, 0, "an unmatched pool is a problem:\n{text}");
+    assert!(
+        text.contains("ingress shop/named names port \"http\" of Service nosvc"),
+        "{text}"
+    );
+    assert!(!text.contains("of Service cart"), "{text}");
+}
+
+/// An ELB name that arrives after its Ingress's listeners (a slow load balancer listing) reaches
+/// pool_info without listing the pools again: a name is not a route change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_elb_name_reaches_pool_info_without_listing_pools_again() {
+    let w = fixture().await;
+    let e = w.exporter(&format!(
+        "{POOL_METRICS}discovery:\n  listener_refresh: \"5m\"\n"
+    ));
+    e.wait_ready().await;
+    // The dedicated ELB is new: its v3 listener lookup and then its name listing answer 1.5 s late,
+    // so its listeners (and pools) are published before its name.
+    w.sim.inject(
+        SimApi::ElbV3,
+        Fault::Delay {
+            delay: Duration::from_millis(1500),
+            count: 2,
+        },
+    );
+    let web = w.cluster.apply_ingress(ingress(
+        "shop",
+        "web",
+        &[(ID, DEDICATED), (CLASS, "performance")],
+        &[("cart", 8080)],
+    ));
+    let uid = web.metadata.uid.clone().expect("uid");
+    let cart = w
+        .sim
+        .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "cart", 8080, &uid);
+    let named = format!("lbaas_pool_id=\"{cart}\"");
+    let (ok, body) = scrape_until(&e, WAIT, |b| {
+        family_lines(b, "elb_exporter_pool_info")
+            .iter()
+            .any(|l| l.contains(&named) && l.contains(",elb_name=\"sim-elb-11111111\""))
+    })
+    .await;
+    assert!(ok, "{body}\n{}", e.logs());
+    let pool_listings: Vec<_> = w
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/elb/pools") && r.query.contains(DEDICATED))
+        .collect();
+    assert_eq!(pool_listings.len(), 1, "{pool_listings:?}");
 }

@@ -50,11 +50,20 @@ fn add_elb(w: &World, kind: LbKind, i: usize, annotated: bool) -> String {
     id
 }
 
-/// ELB listing requests: (api, whether filtered by load balancer, query).
+/// ELB listener listing requests: (api, whether filtered by load balancer, query).
 fn elb_calls(reqs: &[SimRequest]) -> Vec<(SimApi, bool, String)> {
+    calls_to(reqs, "/listeners", "loadbalancer_id=")
+}
+
+/// ELB load balancer listing requests (the ELB names): (api, whether filtered by id, query).
+fn lb_calls(reqs: &[SimRequest]) -> Vec<(SimApi, bool, String)> {
+    calls_to(reqs, "/loadbalancers", "id=")
+}
+
+fn calls_to(reqs: &[SimRequest], path: &str, filter: &str) -> Vec<(SimApi, bool, String)> {
     reqs.iter()
-        .filter(|r| matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3))
-        .map(|r| (r.api, r.query.contains("loadbalancer_id="), r.query.clone()))
+        .filter(|r| matches!(r.api, SimApi::ElbV2 | SimApi::ElbV3) && r.path.ends_with(path))
+        .map(|r| (r.api, r.query.contains(filter), r.query.clone()))
         .collect()
 }
 
@@ -109,6 +118,18 @@ async fn cold_start_and_refresh_page_through_the_project() {
         (2, 1, 3),
         "cold start: 2 v2 pages + 1 v3 page, nothing filtered: {calls:?}"
     );
+    // The ELB names: one project-wide load balancer page per API (150 shared, 75 dedicated), after
+    // the listener listings, before readiness.
+    let lbs = lb_calls(&w.sim.requests());
+    assert_eq!(
+        (
+            count(&lbs, SimApi::ElbV2, false),
+            count(&lbs, SimApi::ElbV3, false),
+            lbs.len()
+        ),
+        (1, 1, 2),
+        "cold start names: {lbs:?}"
+    );
     assert!(
         calls.iter().all(|(_, _, q)| q.contains("limit=")),
         "{calls:?}"
@@ -121,6 +142,18 @@ async fn cold_start_and_refresh_page_through_the_project() {
         "gauge counts the cold start"
     );
     assert_eq!(inventory_calls(&body, "v3"), Some(1.0));
+    for v in ["v2", "v3"] {
+        assert_eq!(
+            sample(
+                &body,
+                &format!(
+                    "elb_exporter_inventory_calls{{api=\"elb_list_loadbalancers\",version=\"{v}\"}}"
+                ),
+            ),
+            Some(1.0),
+            "the name listings are counted apart: {v}"
+        );
+    }
 
     // A new Service is looked up at once, by one filtered call, not by another project-wide listing.
     w.sim.clear_requests();
@@ -140,6 +173,20 @@ async fn cold_start_and_refresh_page_through_the_project() {
         calls[0].0 == SimApi::ElbV2 && calls[0].2.contains(&new_elb),
         "{calls:?}"
     );
+    // Its name: one v2 load balancer call filtered by its id (1 page either way; filtered is not
+    // costlier), not another project-wide listing.
+    assert!(
+        wait_for(Duration::from_secs(3), || async {
+            !lb_calls(&w.sim.requests()).is_empty()
+        })
+        .await
+    );
+    let lbs = lb_calls(&w.sim.requests());
+    assert_eq!(lbs.len(), 1, "{lbs:?}");
+    assert!(
+        lbs[0].0 == SimApi::ElbV2 && lbs[0].1 && lbs[0].2.contains(&new_elb),
+        "{lbs:?}"
+    );
 
     // The refresh (10 s after cold start): the same 2 + 1 pages, no per-ELB call.
     w.sim.clear_requests();
@@ -152,6 +199,16 @@ async fn cold_start_and_refresh_page_through_the_project() {
         ),
         (2, 1, 3),
         "refresh: 2 v2 pages + 1 v3 page: {calls:?}"
+    );
+    let lbs = lb_calls(&w.sim.requests());
+    assert_eq!(
+        (
+            count(&lbs, SimApi::ElbV2, false),
+            count(&lbs, SimApi::ElbV3, false),
+            lbs.len()
+        ),
+        (1, 1, 2),
+        "refresh names: one project-wide page per API: {lbs:?}"
     );
 }
 
@@ -181,6 +238,18 @@ async fn a_large_project_with_few_annotated_elbs_is_not_paged_through() {
         (2, 2, 1, 5),
         "cold start: 2 budgeted v2 pages, then 2 filtered v2 calls and 1 filtered v3 call: {calls:?}"
     );
+    // Names: the 302 shared load balancers fit one v2 page (cheaper than 2 filtered calls); the
+    // dedicated one is asked by id (1 call either way).
+    let lbs = lb_calls(&w.sim.requests());
+    assert_eq!(
+        (
+            count(&lbs, SimApi::ElbV2, false),
+            count(&lbs, SimApi::ElbV3, true),
+            lbs.len()
+        ),
+        (1, 1, 2),
+        "cold start names: {lbs:?}"
+    );
     let body = e.metrics().await;
     assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 12);
 
@@ -194,6 +263,16 @@ async fn a_large_project_with_few_annotated_elbs_is_not_paged_through() {
         ),
         (2, 1, 3),
         "refresh: filtered only: {calls:?}"
+    );
+    let lbs = lb_calls(&w.sim.requests());
+    assert_eq!(
+        (
+            count(&lbs, SimApi::ElbV2, false),
+            count(&lbs, SimApi::ElbV3, true),
+            lbs.len()
+        ),
+        (1, 1, 2),
+        "refresh names: {lbs:?}"
     );
 }
 

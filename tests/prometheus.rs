@@ -934,11 +934,14 @@ async fn guide_pipeline_against_real_prometheus() {
                  minutes {minutes:?}: {sim:?}"
             );
             check_dashboard(&http, &prom_base, &dashboard).await;
+            let readme = readme_queries();
+            check_readme_joins(&http, &prom_base, &metrics_url, &readme, before).await;
             eprintln!(
                 "prometheus test: value {before} agrees everywhere (2 scrape paths, {} adapter queries, {} \
-                 dashboard queries); took {:.1} s",
+                 dashboard queries, {} README queries); took {:.1} s",
                 hpa_queries.len(),
                 dashboard.len(),
+                readme.len(),
                 started.elapsed().as_secs_f64()
             );
             sd_task.abort();
@@ -1132,6 +1135,77 @@ const MAY_BE_EMPTY: [&str; 2] = [
     "Cloud request failures/s by code",
     "Calls paused after rejected credentials",
 ];
+
+/// The PromQL examples of README.md (its ```promql blocks).
+fn readme_queries() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut out = Vec::new();
+    let mut block: Option<String> = None;
+    for line in text.lines() {
+        match (block.as_mut(), line.trim()) {
+            (None, "```promql") => block = Some(String::new()),
+            (Some(_), "```") => out.extend(block.take()),
+            (Some(b), _) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    assert!(!out.is_empty(), "README.md has no promql example");
+    out
+}
+
+/// One label's value in an exposition line.
+fn label_value<'a>(line: &'a str, label: &str) -> Option<&'a str> {
+    let start = line.find(&format!(",{label}=\""))? + label.len() + 3;
+    line[start..].split('"').next()
+}
+
+/// Every README query (the join of a traffic series with `elb_exporter_listener_info`) runs on the real
+/// Prometheus scraping the exporter twice and gives the nginx listener once, with the uid and ELB name
+/// of the exporter's own listener_info line and the traffic series' value.
+async fn check_readme_joins(
+    http: &reqwest::Client,
+    base: &str,
+    metrics_url: &str,
+    queries: &[String],
+    before: f64,
+) {
+    let body = get(http, metrics_url).await.expect("/metrics").1;
+    let info = body
+        .lines()
+        .find(|l| {
+            l.starts_with("elb_exporter_listener_info{")
+                && l.contains(&format!("lbaas_listener_id=\"{NGINX_LISTENER}\""))
+        })
+        .unwrap_or_else(|| panic!("no listener_info for {NGINX_LISTENER}:\n{body}"));
+    let want: Vec<&str> = ["uid", "elb_name"]
+        .iter()
+        .map(|l| label_value(info, l).unwrap_or_else(|| panic!("no {l} in {info}")))
+        .collect();
+    assert!(want.iter().all(|v| !v.is_empty()), "{info}");
+    let now = exporter_nginx_value(&body);
+    for q in queries {
+        let r = prom_query(http, base, q).await;
+        let nginx: Vec<_> = r
+            .iter()
+            .filter(|(l, _)| l.get("lbaas_listener_id").map(String::as_str) == Some(NGINX_LISTENER))
+            .collect();
+        assert_eq!(nginx.len(), 1, "{q}: one nginx sample: {r:?}");
+        let (labels, v) = nginx[0];
+        let got: Vec<&str> = ["uid", "elb_name"]
+            .iter()
+            .map(|l| labels.get(*l).map_or("", String::as_str))
+            .collect();
+        assert_eq!(got, want, "{q}: {labels:?}");
+        assert!(
+            *v == before || *v == now,
+            "{q}: {v}, exporter {before} / {now}"
+        );
+    }
+}
 
 fn dashboard_json() -> Json {
     let path = format!("{DEPLOY}/{DASHBOARD}");

@@ -1511,12 +1511,15 @@ fn render_case() -> impl Strategy<Value = RenderCase> {
                     .map(|(ns, svc, elb, li, name, port, proto)| Target {
                         owner: elb_exporter::discovery::Owner::Service,
                         namespace: ns.into(),
-                        service: svc.into(),
+                        service: svc.as_str().into(),
                         elb_id: elb.into(),
                         listener_id: ls[li.index(ls.len())].as_str().into(),
-                        listener_name: name.into(),
+                        listener_name: name.as_str().into(),
                         port,
                         protocol: proto.into(),
+                        uid: format!("uid-{svc}").into(),
+                        // Any label value, escaped like the others (empty while unknown).
+                        elb_name: name.into(),
                     })
                     .collect();
                 let mut samples = Vec::new();
@@ -1618,7 +1621,10 @@ proptest! {
         }
         let cloud_series = want.len();
         for t in &case.targets {
-            want.push(("elb_exporter_listener_info".into(), labels_of(t), 1f64.to_bits()));
+            let mut labels = labels_of(t);
+            labels.push(("uid".into(), t.uid.to_string()));
+            labels.push(("elb_name".into(), t.elb_name.to_string()));
+            want.push(("elb_exporter_listener_info".into(), labels, 1f64.to_bits()));
         }
         if !case.targets.is_empty() {
             families.push("elb_exporter_listener_info".into());

@@ -454,7 +454,7 @@ async fn resolve_once<C: CloudApi>(
             .items
             .iter()
             .map(|s| observe(s, &cfg.discovery.annotation))
-            .filter(|o| !matches!(o, Observed::Ignored(_)))
+            .filter(Observed::worth_keeping)
             .collect();
         let _ = tx.send(DiscoveryEvent::Resync { scope, observed }).await;
     }

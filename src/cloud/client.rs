@@ -5,7 +5,7 @@ use super::auth::{AuthGate, Ticket, Verdict};
 use super::retry::{RateLimiter, backoff};
 use super::{
     BatchQuery, BatchResult, CES_SMALL_BATCH, CloudApi, CloudError, ElbVersion, ErrorBody,
-    L7Policy, Lane, Listing, LoadBalancer, Pool, parse,
+    L7Policy, Lane, LbListing, Listing, LoadBalancer, Pool, parse,
 };
 use crate::cloud::Operation;
 use crate::config::{Config, Credentials, Endpoint, RetrySettings};
@@ -75,12 +75,13 @@ pub struct HttpCloud {
     auth: AuthGate,
     /// `CES_SMALL_BATCH` once CES refused a larger batch and accepted that many; 0 before.
     ces_limit: AtomicUsize,
-    /// Shared-LB listeners answered at `V2_LBAAS_PATH` where the Huawei v2 route does not exist.
+    /// Shared-LB objects answered under `V2_LBAAS_PREFIX` where the Huawei v2 routes do not exist.
     v2_lbaas: AtomicBool,
 }
 
-/// Where Open Telekom Cloud documents shared-LB listeners (same filters and paging as v2).
-const V2_LBAAS_PATH: &str = "/v2.0/lbaas/listeners";
+/// Where Open Telekom Cloud documents shared-LB listeners, pools and forwarding policies (same filters
+/// and paging as v2).
+const V2_LBAAS_PREFIX: &str = "/v2.0/lbaas/";
 
 /// The project id resolved through IAM, for one access key (the region is the client's): rotated
 /// credentials may belong to another account, so the cache goes with them.
@@ -527,35 +528,27 @@ impl HttpCloud {
         Ok(acc)
     }
 
-    /// Lists the listeners of `ids`; a 400 for several ids is split in halves until the id the cloud
-    /// refuses is alone, so one malformed id does not fail the others (it is left out: no listener).
-    /// A listing of one id that is refused stays an error.
+    /// Lists the listeners of `ids`, isolating an id the cloud refuses (see [`isolating`]).
     async fn list_isolating(
         &self,
         version: ElbVersion,
         ids: &[&str],
         lane: Lane,
-        split: bool,
     ) -> Result<Listing, CloudError> {
-        match self
-            .list_paged(version, Some(ids), lane, MAX_PAGES as u32, Duration::ZERO)
-            .await
-        {
-            Err(CloudError::BadRequest(_, body)) if ids.len() == 1 && split => {
-                warn!(elb = %ids[0], error = %body, "the ELB API refuses this load balancer id; it has no listeners here");
-                Ok(Listing::default())
+        let list = |ids: &[&str]| {
+            let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+            async move {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                self.list_paged(version, Some(&ids), lane, MAX_PAGES as u32, Duration::ZERO)
+                    .await
             }
-            Err(CloudError::BadRequest(..)) if ids.len() > 1 => {
-                let (a, b) = ids.split_at(ids.len() / 2);
-                let mut out = Box::pin(self.list_isolating(version, a, lane, true)).await?;
-                let part = Box::pin(self.list_isolating(version, b, lane, true)).await?;
-                out.by_lb.extend(part.by_lb);
-                out.seen += part.seen;
-                out.calls += part.calls;
-                Ok(out)
-            }
-            other => other,
-        }
+        };
+        let merge = |out: &mut Listing, part: Listing| {
+            out.by_lb.extend(part.by_lb);
+            out.seen += part.seen;
+            out.calls += part.calls;
+        };
+        isolating(ids, false, &list, &merge).await
     }
 
     /// Lists the listeners of `ids` (one id on v2), or of the whole project when `ids` is `None`,
@@ -572,22 +565,39 @@ impl HttpCloud {
         let at = |path: String| {
             self.list_paged_at(version, path, &project, ids, lane, max_pages, page_gap)
         };
+        self.with_v2_fallback(version, "listeners", &project, at)
+            .await
+    }
+
+    /// Asks `at` the Huawei path of an ELB collection; on v2, where that route does not exist (404),
+    /// the OpenStack path Open Telekom Cloud documents shared-LB objects at
+    /// (`/v2.0/lbaas/<collection>`, same filters and paging), and keeps asking that one once it answers.
+    async fn with_v2_fallback<T, F, Fut>(
+        &self,
+        version: ElbVersion,
+        collection: &str,
+        project: &str,
+        at: F,
+    ) -> Result<T, CloudError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CloudError>>,
+    {
+        let lbaas = format!("{V2_LBAAS_PREFIX}{collection}");
         if version == ElbVersion::V2 && self.v2_lbaas.load(Ordering::Relaxed) {
-            return at(V2_LBAAS_PATH.to_string()).await;
+            return at(lbaas).await;
         }
-        let result = at(format!("/{}/{project}/elb/listeners", version.as_str())).await;
+        let result = at(format!("/{}/{project}/elb/{collection}", version.as_str())).await;
         match result {
-            // Open Telekom Cloud documents shared-LB listeners only at the OpenStack path: when the
-            // Huawei route does not exist there, ask that one, and keep asking it once it answers.
             Err(CloudError::NotFound(..)) if version == ElbVersion::V2 => {
-                let fallback = at(V2_LBAAS_PATH.to_string()).await;
+                let fallback = at(lbaas.clone()).await;
                 if fallback.is_err() {
                     return result;
                 }
                 if !self.v2_lbaas.swap(true, Ordering::Relaxed) {
                     info!(
-                        path = V2_LBAAS_PATH,
-                        "shared-LB listeners are listed at the OpenStack path: /v2/{{project_id}}/elb/listeners does not exist on this cloud"
+                        path = %lbaas,
+                        "shared-LB objects are listed at the OpenStack paths: /v2/{{project_id}}/elb/{collection} does not exist on this cloud"
                     );
                 }
                 fallback
@@ -688,29 +698,51 @@ impl HttpCloud {
         ))
     }
 
-    /// Lists every item of an ELB collection matching `filters`, following pages as
-    /// [`Self::list_paged`] does, each answer capped at the collection's bytes per item asked for; items
-    /// its parser rejects are counted as skipped.
+    /// Lists every item of an ELB collection matching `filters` (v2 at the OpenStack path where the
+    /// Huawei one does not exist), following pages as [`Self::list_paged`] does, at most `max_pages`.
     async fn list_collection<T>(
         &self,
         c: &Collection<T>,
         version: ElbVersion,
         filters: &[(&str, &str)],
         lane: Lane,
-    ) -> Result<Vec<T>, CloudError> {
+        max_pages: usize,
+    ) -> Result<Collected<T>, CloudError> {
+        let project = self.project_id().await?;
+        let at = |path: String| {
+            self.list_collection_at(c, version, path, &project, filters, lane, max_pages)
+        };
+        self.with_v2_fallback(version, c.name, &project, at).await
+    }
+
+    /// One collection listing at `path`: each answer capped at the collection's bytes per item asked
+    /// for; items its parser rejects are counted as skipped.
+    #[allow(clippy::too_many_arguments)]
+    async fn list_collection_at<T>(
+        &self,
+        c: &Collection<T>,
+        version: ElbVersion,
+        path: String,
+        project: &str,
+        filters: &[(&str, &str)],
+        lane: Lane,
+        max_pages: usize,
+    ) -> Result<Collected<T>, CloudError> {
         let Collection {
             api,
             name: collection,
             item_bytes,
             parse,
         } = *c;
-        let project = self.project_id().await?;
         let limit = version.page_size();
-        let path = format!("/{}/{project}/elb/{collection}", version.as_str());
-        let mut out = Vec::new();
+        let mut out = Collected {
+            items: Vec::new(),
+            complete: false,
+            calls: 0,
+        };
         let mut markers: HashSet<String> = HashSet::new();
         let mut marker: Option<String> = None;
-        for _ in 0..MAX_PAGES {
+        for _ in 0..max_pages.min(MAX_PAGES) {
             let mut query: Vec<(String, String)> = filters
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -726,7 +758,7 @@ impl HttpCloud {
                 path: path.clone(),
                 query,
                 body: Vec::new(),
-                project: Some(&project),
+                project: Some(project),
                 max_body: limit * item_bytes + BODY_SLACK,
                 lane,
             };
@@ -735,14 +767,16 @@ impl HttpCloud {
                     parse::item_page(body, collection, limit, parse)
                 })
                 .await?;
+            out.calls += 1;
             if page.skipped > 0 {
                 self.telemetry
                     .skipped
                     .with_label_values(&["invalid_elb_item"])
                     .inc_by(page.skipped as u64);
             }
-            out.extend(page.items);
+            out.items.extend(page.items);
             if page.raw_count < limit {
+                out.complete = true;
                 return Ok(out);
             }
             let next = page.next_marker.or(page.last_id).ok_or_else(|| {
@@ -757,10 +791,49 @@ impl HttpCloud {
             }
             marker = Some(next);
         }
+        if max_pages < MAX_PAGES {
+            // The caller's budget, not a paging bug.
+            return Ok(out);
+        }
         Err(CloudError::Malformed(
             api,
             format!("more than {MAX_PAGES} pages of {collection}"),
         ))
+    }
+
+    /// Every item of a collection whose `key` is one of `ids`, `per_call` ids per listing (a
+    /// multi-valued filter: repeated keys). A listing the cloud refuses (400: a malformed id) is split
+    /// to isolate that id, as for listener listings.
+    async fn list_by_ids<T>(
+        &self,
+        c: &Collection<T>,
+        version: ElbVersion,
+        ids: &[&str],
+        key: &str,
+        per_call: usize,
+        lane: Lane,
+    ) -> Result<Collected<T>, CloudError> {
+        let list = |ids: &[&str]| {
+            let filters: Vec<(String, String)> = ids
+                .iter()
+                .map(|id| (key.to_string(), id.to_string()))
+                .collect();
+            async move {
+                let filters: Vec<(&str, &str)> = filters
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                self.list_collection(c, version, &filters, lane, MAX_PAGES)
+                    .await
+            }
+        };
+        let mut out = Collected::default();
+        for chunk in ids.chunks(per_call.max(1)) {
+            let part = isolating(chunk, false, &list, &Collected::absorb).await?;
+            out.absorb(part);
+        }
+        out.complete = true;
+        Ok(out)
     }
 
     /// The project id of `project_name`: by name (`iam:projects:list`), else, when that is refused,
@@ -855,6 +928,30 @@ impl HttpCloud {
     }
 }
 
+/// What a collection listing found, and whether it went through every page.
+struct Collected<T> {
+    items: Vec<T>,
+    complete: bool,
+    calls: u32,
+}
+
+impl<T> Default for Collected<T> {
+    fn default() -> Self {
+        Collected {
+            items: Vec::new(),
+            complete: false,
+            calls: 0,
+        }
+    }
+}
+
+impl<T> Collected<T> {
+    fn absorb(&mut self, part: Collected<T>) {
+        self.items.extend(part.items);
+        self.calls += part.calls;
+    }
+}
+
 /// An ELB collection other than listeners: its API, name, answer cap per item and item parser.
 struct Collection<T> {
     api: Operation,
@@ -902,6 +999,36 @@ struct Call<'a> {
     /// The largest answer this request can legitimately get.
     max_body: usize,
     lane: Lane,
+}
+
+/// Lists `ids` with `list`; a 400 for several ids is split in halves until the id the cloud refuses is
+/// alone, so one malformed id does not fail the others (it is left out: nothing listed for it). A
+/// listing of one id that is refused stays an error unless it came out of a split.
+async fn isolating<T, F, Fut>(
+    ids: &[&str],
+    split: bool,
+    list: &F,
+    merge: &impl Fn(&mut T, T),
+) -> Result<T, CloudError>
+where
+    T: Default,
+    F: Fn(&[&str]) -> Fut,
+    Fut: std::future::Future<Output = Result<T, CloudError>>,
+{
+    match list(ids).await {
+        Err(CloudError::BadRequest(_, body)) if ids.len() == 1 && split => {
+            warn!(id = %ids[0], error = %body, "the ELB API refuses this id in a filter; nothing is listed for it");
+            Ok(T::default())
+        }
+        Err(CloudError::BadRequest(..)) if ids.len() > 1 => {
+            let (a, b) = ids.split_at(ids.len() / 2);
+            let mut out = Box::pin(isolating(a, true, list, merge)).await?;
+            let part = Box::pin(isolating(b, true, list, merge)).await?;
+            merge(&mut out, part);
+            Ok(out)
+        }
+        other => other,
+    }
 }
 
 /// The largest valid CES answer to `q`: one entry per metric and at most `CES_MAX_POINTS` datapoints
@@ -1043,7 +1170,7 @@ impl CloudApi for HttpCloud {
             ..Listing::default()
         };
         for chunk in loadbalancer_ids.chunks(per_call) {
-            let part = self.list_isolating(version, chunk, lane, false).await?;
+            let part = self.list_isolating(version, chunk, lane).await?;
             out.by_lb.extend(part.by_lb);
             out.seen += part.seen;
             out.calls += part.calls;
@@ -1068,13 +1195,44 @@ impl CloudApi for HttpCloud {
         loadbalancer_id: &str,
         lane: Lane,
     ) -> Result<Vec<Pool>, CloudError> {
+        // One id per listing: nothing to split when the cloud refuses it.
         let filters = [("loadbalancer_id", loadbalancer_id)];
-        self.list_collection(&POOLS, version, &filters, lane).await
+        let listed = self
+            .list_collection(&POOLS, version, &filters, lane, MAX_PAGES)
+            .await?;
+        Ok(listed.items)
     }
 
-    async fn list_loadbalancers(&self, lane: Lane) -> Result<Vec<LoadBalancer>, CloudError> {
-        self.list_collection(&LOADBALANCERS, ElbVersion::V3, &[], lane)
-            .await
+    async fn list_loadbalancers(
+        &self,
+        version: ElbVersion,
+        ids: Option<&[&str]>,
+        lane: Lane,
+        max_pages: u32,
+    ) -> Result<LbListing, CloudError> {
+        let listed = match ids {
+            None => {
+                self.list_collection(&LOADBALANCERS, version, &[], lane, max_pages as usize)
+                    .await?
+            }
+            // `id` is multi-valued on v3 (repeated keys), one id on v2, as for listener listings.
+            Some(ids) => {
+                self.list_by_ids(
+                    &LOADBALANCERS,
+                    version,
+                    ids,
+                    "id",
+                    version.ids_per_listing(),
+                    lane,
+                )
+                .await?
+            }
+        };
+        Ok(LbListing {
+            lbs: listed.items,
+            complete: listed.complete,
+            calls: listed.calls,
+        })
     }
 
     async fn list_l7policies(
@@ -1083,16 +1241,17 @@ impl CloudApi for HttpCloud {
         listener_ids: &[&str],
         lane: Lane,
     ) -> Result<Vec<L7Policy>, CloudError> {
-        let mut out = Vec::new();
-        // Filters are multi-valued (repeated keys); a chunk keeps the URL short.
-        for chunk in listener_ids.chunks(POLICY_IDS_PER_CALL) {
-            let filters: Vec<(&str, &str)> = chunk.iter().map(|id| ("listener_id", *id)).collect();
-            out.extend(
-                self.list_collection(&L7POLICIES, version, &filters, lane)
-                    .await?,
-            );
-        }
-        Ok(out)
+        let listed = self
+            .list_by_ids(
+                &L7POLICIES,
+                version,
+                listener_ids,
+                "listener_id",
+                POLICY_IDS_PER_CALL,
+                lane,
+            )
+            .await?;
+        Ok(listed.items)
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {

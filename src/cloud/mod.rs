@@ -88,6 +88,17 @@ pub struct LoadBalancer {
     pub guaranteed: Option<bool>,
 }
 
+/// The answer to a load balancer listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LbListing {
+    /// The load balancers found.
+    pub lbs: Vec<LoadBalancer>,
+    /// False when a project-wide listing stopped at its page budget.
+    pub complete: bool,
+    /// Listing requests that returned a page.
+    pub calls: u32,
+}
+
 /// A forwarding policy (`l7policies[]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct L7Policy {
@@ -214,9 +225,20 @@ pub trait CloudApi: Send + Sync + 'static {
     ) -> Result<Vec<Pool>, CloudError> {
         Ok(Vec::new())
     }
-    /// Every load balancer the v3 API lists. The default (for fakes without them) has none.
-    async fn list_loadbalancers(&self, _lane: Lane) -> Result<Vec<LoadBalancer>, CloudError> {
-        Ok(Vec::new())
+    /// Load balancers on one API: those with the given ids (v3 takes up to 50 per listing, v2 one), or
+    /// every one of the project when `ids` is `None`, then at most `max_pages` pages (`complete:
+    /// false` when stopped there). The default (for fakes without them) has none.
+    async fn list_loadbalancers(
+        &self,
+        _version: ElbVersion,
+        _ids: Option<&[&str]>,
+        _lane: Lane,
+        _max_pages: u32,
+    ) -> Result<LbListing, CloudError> {
+        Ok(LbListing {
+            complete: true,
+            ..LbListing::default()
+        })
     }
     /// Every forwarding policy of the listeners. The default (for fakes without pools) has none.
     async fn list_l7policies(

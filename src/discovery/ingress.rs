@@ -8,7 +8,7 @@
 
 use super::{DiscoveryEvent, ElbClass, Problem, Scope, forbidden_message};
 use crate::annotations;
-use crate::cloud::{CloudApi, Lane, Listener, LoadBalancer};
+use crate::cloud::{CloudApi, ElbVersion, Lane, Listener, LoadBalancer};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
@@ -46,8 +46,11 @@ pub struct IngressTarget {
     /// `<namespace>/<name>` of the listener master CCE named on this Ingress, if any.
     pub master: Option<String>,
     /// Backend Services (name, numeric port) of `spec.rules[].http.paths[]` and `defaultBackend`,
-    /// sorted, deduplicated. A port given by name cannot match CCE's pool name and is left out.
+    /// sorted, deduplicated.
     pub backends: Vec<(Arc<str>, u16)>,
+    /// Backends that name their Service port (`port.name`): (Service, port name), sorted,
+    /// deduplicated. The inventory resolves them through the Service's `spec.ports[]`.
+    pub named_backends: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl IngressTarget {
@@ -226,6 +229,7 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         Some("performance") => ElbClass::Dedicated,
         _ => ElbClass::Unspecified,
     };
+    let (backends, named_backends) = backends(ing);
     let target = IngressTarget {
         namespace,
         name,
@@ -241,7 +245,8 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
         master: get(annotations::ELB_LISTENER_MASTER_INGRESS)
             .filter(|m| !m.is_empty())
             .map(str::to_owned),
-        backends: backends(ing),
+        backends,
+        named_backends,
     };
     match binding {
         None => ObservedIngress::Target(target),
@@ -249,10 +254,12 @@ pub fn observe(ing: &Ingress) -> ObservedIngress {
     }
 }
 
-/// The Ingress's own backend Services with numeric ports.
-pub fn backends(ing: &Ingress) -> Vec<(Arc<str>, u16)> {
+/// The Ingress's own backend Services: those with numeric ports, and those naming their port.
+#[allow(clippy::type_complexity)]
+pub fn backends(ing: &Ingress) -> (Vec<(Arc<str>, u16)>, Vec<(Arc<str>, Arc<str>)>) {
+    let (mut numbered, mut named) = (Vec::new(), Vec::new());
     let Some(spec) = ing.spec.as_ref() else {
-        return Vec::new();
+        return (numbered, named);
     };
     let paths = spec
         .rules
@@ -260,17 +267,29 @@ pub fn backends(ing: &Ingress) -> Vec<(Arc<str>, u16)> {
         .flatten()
         .filter_map(|r| r.http.as_ref())
         .flat_map(|h| h.paths.iter().map(|p| &p.backend));
-    let mut out: Vec<(Arc<str>, u16)> = paths
+    for s in paths
         .chain(spec.default_backend.as_ref())
         .filter_map(|b| b.service.as_ref())
-        .filter_map(|s| {
-            let port = s.port.as_ref()?.number?;
-            Some((Arc::from(s.name.as_str()), u16::try_from(port).ok()?))
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+    {
+        let Some(port) = s.port.as_ref() else {
+            continue;
+        };
+        let service = Arc::from(s.name.as_str());
+        match (port.number, port.name.as_deref()) {
+            (Some(n), _) => {
+                if let Ok(n) = u16::try_from(n) {
+                    numbered.push((service, n));
+                }
+            }
+            (None, Some(name)) if !name.is_empty() => named.push((service, Arc::from(name))),
+            _ => {}
+        }
+    }
+    numbered.sort();
+    numbered.dedup();
+    named.sort();
+    named.dedup();
+    (numbered, named)
 }
 
 /// The Ingresses known to the inventory, by key.
@@ -544,8 +563,12 @@ impl<C: CloudApi> Binder<C> {
 
     async fn relist(&mut self) {
         self.listed = Some(Instant::now());
-        match self.cloud.list_loadbalancers(Lane::Priority).await {
-            Ok(lbs) => self.lbs = lbs,
+        let listing = self
+            .cloud
+            .list_loadbalancers(ElbVersion::V3, None, Lane::Priority, u32::MAX)
+            .await;
+        match listing {
+            Ok(l) => self.lbs = l.lbs,
             Err(e) => {
                 warn!(error = %e, "load balancer listing failed; unbound ingresses are retried")
             }
@@ -706,6 +729,7 @@ mod tests {
             ports: vec![80],
             master: master.map(str::to_owned),
             backends: Vec::new(),
+            named_backends: Vec::new(),
         })
     }
 

@@ -17,9 +17,10 @@
 //! publishes one new target set.
 
 use super::ingress::{IngressBook, IngressEvent};
-use super::{DiscoveryEvent, ElbClass, Observed, Owner, Problem, Scope, ServiceKey};
+use super::names::{NameJob, NameQuery, Names};
+use super::{DiscoveryEvent, ElbClass, Observed, Owner, PortNames, Problem, Scope, ServiceKey};
 use crate::cloud::Operation;
-use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, Listener, Listing};
+use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, LbListing, Listener, Listing};
 use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -70,6 +71,10 @@ pub struct Target {
     pub port: u16,
     /// The listener's protocol.
     pub protocol: Arc<str>,
+    /// The Service's or Ingress's `metadata.uid` (`elb_exporter_listener_info` only).
+    pub uid: Arc<str>,
+    /// The ELB's name, empty while unknown (`elb_exporter_listener_info` only).
+    pub elb_name: Arc<str>,
 }
 
 /// The state of one annotated Service, for `check` and logs.
@@ -259,6 +264,8 @@ pub struct Inventory<C: CloudApi> {
     settings: InventorySettings,
     telemetry: Telemetry,
     services: HashMap<ServiceKey, Observed>,
+    /// Named ports of every watched Service (see [`Self::set_port_names`]).
+    port_names: HashMap<ServiceKey, PortNames>,
     elbs: HashMap<Arc<str>, ElbState>,
     apis: [ApiState; 2],
     scopes_synced: HashSet<Scope>,
@@ -268,8 +275,10 @@ pub struct Inventory<C: CloudApi> {
     initial_pending: Option<HashSet<Arc<str>>>,
     /// Services that appeared or changed after the initial sync, and when.
     new_services: HashMap<ServiceKey, Instant>,
-    /// (when, API, calls) of finished listings within the last `listener_refresh`.
-    calls: VecDeque<(Instant, ElbVersion, u32)>,
+    /// (when, cloud call, ELB API, calls) of finished listings within the last `listener_refresh`.
+    calls: VecDeque<(Instant, Operation, ElbVersion, u32)>,
+    /// ELB names (`elb_name`), looked up by load balancer listings.
+    names: Names,
     started: Instant,
     generation: u64,
     logged: HashMap<ServiceKey, Vec<String>>,
@@ -293,6 +302,7 @@ impl<C: CloudApi> Inventory<C> {
     ) -> (Self, watch::Receiver<Arc<Targets>>) {
         let (tx, rx) = watch::channel(Arc::new(Targets::default()));
         let now = Instant::now();
+        let names = Names::new(settings.listener_refresh);
         let api = || ApiState {
             size: ProjectSize::Unknown,
             listing: false,
@@ -305,6 +315,7 @@ impl<C: CloudApi> Inventory<C> {
                 settings,
                 telemetry,
                 services: HashMap::new(),
+                port_names: HashMap::new(),
                 elbs: HashMap::new(),
                 apis: [api(), api()],
                 scopes_synced: HashSet::new(),
@@ -312,6 +323,7 @@ impl<C: CloudApi> Inventory<C> {
                 initial_pending: None,
                 new_services: HashMap::new(),
                 calls: VecDeque::new(),
+                names,
                 started: now,
                 generation: 0,
                 logged: HashMap::new(),
@@ -329,6 +341,7 @@ impl<C: CloudApi> Inventory<C> {
             background: Arc::new(Semaphore::new(BACKGROUND_CONCURRENCY)),
         };
         let mut lookups: JoinSet<Done> = JoinSet::new();
+        let mut name_lookups: JoinSet<(NameJob, Result<LbListing, CloudError>)> = JoinSet::new();
         let mut dirty = false;
         let mut publish_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -347,6 +360,16 @@ impl<C: CloudApi> Inventory<C> {
                         dirty = true;
                     }
                 }
+                Some(done) = name_lookups.join_next(), if !name_lookups.is_empty() => {
+                    if let Ok((job, result)) = done {
+                        if let Ok(l) = &result {
+                            self.count_calls(Operation::ElbListLoadbalancers, job.version, l.calls);
+                        }
+                        // Published even when no name changed: readiness may wait for it.
+                        self.names.record(&job, result, Instant::now());
+                        dirty = true;
+                    }
+                }
                 _ = tick.tick() => {}
                 _ = sleep_until_opt(publish_at) => {
                     publish_at = None;
@@ -357,6 +380,7 @@ impl<C: CloudApi> Inventory<C> {
                 && self.ingresses.answered.len() >= self.settings.ingress_scopes;
             if all_scopes || self.started.elapsed() >= INITIAL_HOLD {
                 self.schedule(Instant::now(), &mut lookups, &lanes);
+                self.schedule_names(Instant::now(), &mut name_lookups, &lanes);
             }
             if dirty && publish_at.is_none() {
                 publish_at = Some(Instant::now() + COALESCE);
@@ -584,7 +608,7 @@ impl<C: CloudApi> Inventory<C> {
                 return;
             }
         };
-        self.count_calls(version, listing.calls);
+        self.count_calls(Operation::ElbListListeners, version, listing.calls);
         if project_wide {
             let api = &mut self.apis[api_index(version)];
             if !listing.complete {
@@ -612,10 +636,67 @@ impl<C: CloudApi> Inventory<C> {
         }
     }
 
-    fn count_calls(&mut self, version: ElbVersion, calls: u32) {
+    fn count_calls(&mut self, api: Operation, version: ElbVersion, calls: u32) {
         let now = Instant::now();
-        self.calls.push_back((now, version, calls));
+        self.calls.push_back((now, api, version, calls));
         self.update_calls_gauge(now);
+    }
+
+    /// The ELBs with listeners on `version` (those that get a name).
+    fn listed_elbs(&self, version: ElbVersion) -> Vec<Arc<str>> {
+        let mut elbs: Vec<Arc<str>> = self
+            .elbs
+            .iter()
+            .filter(|(_, st)| st.status == ElbStatus::Ok && st.version == Some(version))
+            .map(|(id, _)| id.clone())
+            .collect();
+        elbs.sort();
+        elbs
+    }
+
+    /// Some ELB with listeners still waits for its first name listing.
+    fn names_pending(&self) -> bool {
+        [ElbVersion::V2, ElbVersion::V3]
+            .into_iter()
+            .any(|v| self.names.pending(v, &self.listed_elbs(v)))
+    }
+
+    /// Starts the ELB name listings that are due (see [`super::names`]).
+    fn schedule_names(
+        &mut self,
+        now: Instant,
+        lookups: &mut JoinSet<(NameJob, Result<LbListing, CloudError>)>,
+        lanes: &Lanes,
+    ) {
+        for version in [ElbVersion::V3, ElbVersion::V2] {
+            let elbs = self.listed_elbs(version);
+            let busy = self.elbs.values().any(|st| {
+                st.api() == version
+                    && st.urgent
+                    && (st.in_flight || st.status == ElbStatus::Pending)
+            });
+            let Some(job) = self.names.due(version, &elbs, busy, now) else {
+                continue;
+            };
+            let (cloud, permits) = (self.cloud.clone(), lanes.of(job.lane));
+            lookups.spawn(async move {
+                let _permit = permits.acquire_owned().await.ok();
+                let result = match &job.query {
+                    NameQuery::ProjectWide { budget } => {
+                        cloud
+                            .list_loadbalancers(job.version, None, job.lane, *budget)
+                            .await
+                    }
+                    NameQuery::Ids(ids) => {
+                        let ids: Vec<&str> = ids.iter().map(|id| &**id).collect();
+                        cloud
+                            .list_loadbalancers(job.version, Some(&ids), job.lane, u32::MAX)
+                            .await
+                    }
+                };
+                (job, result)
+            });
+        }
     }
 
     fn update_calls_gauge(&mut self, now: Instant) {
@@ -623,21 +704,23 @@ impl<C: CloudApi> Inventory<C> {
         while self
             .calls
             .front()
-            .is_some_and(|(t, _, _)| now.duration_since(*t) > window)
+            .is_some_and(|(t, ..)| now.duration_since(*t) > window)
         {
             self.calls.pop_front();
         }
-        for v in [ElbVersion::V2, ElbVersion::V3] {
-            let n: u32 = self
-                .calls
-                .iter()
-                .filter(|(_, cv, _)| *cv == v)
-                .map(|(_, _, c)| c)
-                .sum();
-            self.telemetry
-                .inventory_calls
-                .with_label_values(&[Operation::ElbListListeners.as_str(), v.as_str()])
-                .set(i64::from(n));
+        for api in [Operation::ElbListListeners, Operation::ElbListLoadbalancers] {
+            for v in [ElbVersion::V2, ElbVersion::V3] {
+                let n: u32 = self
+                    .calls
+                    .iter()
+                    .filter(|(_, ca, cv, _)| *ca == api && *cv == v)
+                    .map(|(.., c)| c)
+                    .sum();
+                self.telemetry
+                    .inventory_calls
+                    .with_label_values(&[api.as_str(), v.as_str()])
+                    .set(i64::from(n));
+            }
         }
     }
 
@@ -646,7 +729,8 @@ impl<C: CloudApi> Inventory<C> {
         match ev {
             DiscoveryEvent::Upsert(o) => self.upsert(o),
             DiscoveryEvent::Delete(key) => {
-                let removed = self.services.remove(&key).is_some();
+                let named = self.port_names.remove(&key).is_some();
+                let removed = self.services.remove(&key).is_some() || named;
                 if removed {
                     info!(namespace = %key.0, service = %key.1, "service gone");
                     self.new_services.remove(&key);
@@ -656,10 +740,12 @@ impl<C: CloudApi> Inventory<C> {
             }
             DiscoveryEvent::Resync { scope, observed } => {
                 let keep: HashSet<ServiceKey> = observed.iter().map(observed_key).collect();
-                self.services.retain(|k, _| {
+                let stays = |k: &ServiceKey| {
                     let in_scope = scope.as_ref().is_none_or(|ns| *ns == k.0);
                     !in_scope || keep.contains(k)
-                });
+                };
+                self.services.retain(|k, _| stays(k));
+                self.port_names.retain(|k, _| stays(k));
                 for o in observed {
                     self.upsert(o);
                 }
@@ -722,17 +808,18 @@ impl<C: CloudApi> Inventory<C> {
 
     fn upsert(&mut self, o: Observed) -> bool {
         let key = observed_key(&o);
-        if let Observed::Ignored(_) = o {
+        let names_changed = self.set_port_names(&key, o.port_names());
+        if let Observed::Ignored(..) = o {
             let removed = self.services.remove(&key).is_some();
             if removed {
                 info!(namespace = %key.0, service = %key.1, "service lost its ELB annotation");
                 self.new_services.remove(&key);
                 self.gc_elbs();
             }
-            return removed;
+            return removed || names_changed;
         }
         if self.services.get(&key) == Some(&o) {
-            return false;
+            return names_changed;
         }
         if let Observed::Target(t) = &o {
             self.ensure_elb(&t.elb_id, t.class);
@@ -743,6 +830,23 @@ impl<C: CloudApi> Inventory<C> {
         }
         self.services.insert(key, o);
         self.gc_elbs();
+        true
+    }
+
+    /// Keeps the named ports of every watched Service (annotated or not) for Ingress backends that
+    /// name their Service port; returns whether they changed.
+    fn set_port_names(&mut self, key: &ServiceKey, names: &[(Arc<str>, u16)]) -> bool {
+        if names.is_empty() {
+            return self.port_names.remove(key).is_some();
+        }
+        if self
+            .port_names
+            .get(key)
+            .is_some_and(|n| n.as_slice() == names)
+        {
+            return false;
+        }
+        self.port_names.insert(key.clone(), names.to_vec());
         true
     }
 
@@ -782,6 +886,8 @@ impl<C: CloudApi> Inventory<C> {
             .chain(self.ingresses.elbs().map(|(id, _)| id))
             .collect();
         self.elbs.retain(|id, _| used.contains(id));
+        let elbs = &self.elbs;
+        self.names.retain(|id| elbs.contains_key(id));
     }
 
     /// Records what a complete listing said of one ELB (`listeners` empty: it has none on `asked`).
@@ -914,7 +1020,7 @@ impl<C: CloudApi> Inventory<C> {
                 listeners: 0,
             };
             match &self.services[key] {
-                Observed::Ignored(_) => continue,
+                Observed::Ignored(..) => continue,
                 Observed::Invalid { problem, .. } => {
                     *problems.entry(*problem).or_default() += 1;
                     report.problems.push(problem.describe().to_string());
@@ -956,6 +1062,8 @@ impl<C: CloudApi> Inventory<C> {
                                     listener_name: l.name.as_str().into(),
                                     port: l.port,
                                     protocol: l.protocol.as_str().into(),
+                                    uid: t.uid.clone(),
+                                    elb_name: self.names.name(&t.elb_id),
                                 });
                             }
                             if !found && st.status == ElbStatus::Ok {
@@ -995,14 +1103,23 @@ impl<C: CloudApi> Inventory<C> {
             problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
         }
         let (ingress_problems, routes) = self.ingress_targets(&mut targets, &mut problems);
-        let synced =
-            self.all_answered() && self.initial_pending.as_ref().is_some_and(|p| p.is_empty());
+        let synced = self.all_answered()
+            && self.initial_pending.as_ref().is_some_and(|p| p.is_empty())
+            && !self.names_pending();
         let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
         let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
         self.telemetry
             .planned_calls
             .with_label_values(&[Operation::ElbListListeners.as_str()])
             .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
+        let names_per_refresh: usize = [ElbVersion::V2, ElbVersion::V3]
+            .into_iter()
+            .map(|v| self.names.planned_calls(v, self.listed_elbs(v).len()))
+            .sum();
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Operation::ElbListLoadbalancers.as_str()])
+            .set((names_per_refresh as f64 * refresh_per_min).ceil() as i64);
         self.update_calls_gauge(now);
         self.schedule_port_retries(port_retries);
         let t = Targets {
@@ -1087,6 +1204,8 @@ impl<C: CloudApi> Inventory<C> {
                 listener_name: o.listener.name.as_str().into(),
                 port: o.listener.port,
                 protocol: o.listener.protocol.as_str().into(),
+                uid: o.ingress.uid.clone(),
+                elb_name: self.names.name(&o.ingress.elb_id),
             });
         }
         targets[start..].sort_by(|x, y| {
@@ -1126,20 +1245,36 @@ impl<C: CloudApi> Inventory<C> {
                     version: self.elbs.get(elb).and_then(|st| st.version),
                     listener_id: r.listener.id.as_str().into(),
                     port: r.listener.port,
-                    ingresses: r
-                        .ingresses
-                        .iter()
-                        .map(|i| super::pools::RouteIngress {
-                            namespace: i.namespace.clone(),
-                            name: i.name.clone(),
-                            uid: i.uid.clone(),
-                            backends: i.backends.clone(),
-                        })
-                        .collect(),
+                    ingresses: r.ingresses.iter().map(|i| self.route_ingress(i)).collect(),
                 })
             })
             .collect();
         (words, routes)
+    }
+}
+
+impl<C: CloudApi> Inventory<C> {
+    /// An Ingress as pool attribution needs it: backends naming their Service port resolved to its
+    /// number through that Service's `spec.ports[]` (CCE's pool name holds the number).
+    fn route_ingress(&self, i: &super::ingress::IngressTarget) -> super::pools::RouteIngress {
+        let mut backends = i.backends.clone();
+        let mut unresolved = Vec::new();
+        for (svc, port) in &i.named_backends {
+            let names = self.port_names.get(&(i.namespace.clone(), svc.clone()));
+            match names.and_then(|n| n.iter().find(|(name, _)| name == port)) {
+                Some((_, number)) => backends.push((svc.clone(), *number)),
+                None => unresolved.push((svc.clone(), port.clone())),
+            }
+        }
+        backends.sort();
+        backends.dedup();
+        super::pools::RouteIngress {
+            namespace: i.namespace.clone(),
+            name: i.name.clone(),
+            uid: i.uid.clone(),
+            backends,
+            unresolved,
+        }
     }
 }
 
@@ -1186,7 +1321,7 @@ impl Plan {
 fn observed_key(o: &Observed) -> ServiceKey {
     match o {
         Observed::Target(t) => t.key(),
-        Observed::Invalid { key, .. } | Observed::Ignored(key) => key.clone(),
+        Observed::Invalid { key, .. } | Observed::Ignored(key, _) => key.clone(),
     }
 }
 
@@ -1325,9 +1460,11 @@ mod tests {
         Observed::Target(ServiceTarget {
             namespace: "ns".into(),
             name: name.into(),
+            uid: "".into(),
             elb_id: elb.into(),
             class: ElbClass::Dedicated,
             ports: vec![80],
+            port_names: Vec::new(),
         })
     }
 

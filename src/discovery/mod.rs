@@ -1,9 +1,11 @@
 //! Kubernetes discovery: watch Services carrying the ELB annotation and turn each into a compact
 //! [`ServiceTarget`] (no Kubernetes object is kept). The [`inventory`] resolves each ELB's listeners and
-//! attributes them to Service ports.
+//! attributes them to Service ports. Of every other Service only its named ports are kept (Ingress
+//! backends may name a Service port, CCE's pool names hold its number).
 
 pub mod ingress;
 pub mod inventory;
+pub mod names;
 pub mod pools;
 
 use crate::annotations;
@@ -29,6 +31,10 @@ pub enum ElbClass {
 /// (namespace, name) of a Service.
 pub type ServiceKey = (Arc<str>, Arc<str>);
 
+/// A Service's named ports, `spec.ports[]` (name, port), sorted: an Ingress backend may name its
+/// Service port by name, and CCE's pool name holds the number.
+pub type PortNames = Vec<(Arc<str>, u16)>;
+
 /// What the exporter keeps of an annotated Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceTarget {
@@ -36,12 +42,16 @@ pub struct ServiceTarget {
     pub namespace: Arc<str>,
     /// The Service's name.
     pub name: Arc<str>,
+    /// `metadata.uid` (`elb_exporter_listener_info` only).
+    pub uid: Arc<str>,
     /// The annotated ELB id, trimmed.
     pub elb_id: Arc<str>,
     /// From `kubernetes.io/elb.class`: which listener API to ask first.
     pub class: ElbClass,
     /// `spec.ports[].port`, sorted, deduplicated.
     pub ports: Vec<u16>,
+    /// `spec.ports[]` names to numbers, for Ingress backends that name a port.
+    pub port_names: PortNames,
 }
 
 impl ServiceTarget {
@@ -197,9 +207,45 @@ pub enum Observed {
         key: ServiceKey,
         /// What is wrong with the annotation.
         problem: Problem,
+        /// Its named ports, which still resolve Ingress backends.
+        port_names: PortNames,
     },
-    /// Not annotated: not ours (or no longer).
-    Ignored(ServiceKey),
+    /// Not annotated: not ours (or no longer). Its named ports still resolve Ingress backends.
+    Ignored(ServiceKey, PortNames),
+}
+
+impl Observed {
+    /// The Service's named ports, whatever its annotation says.
+    pub fn port_names(&self) -> &[(Arc<str>, u16)] {
+        match self {
+            Observed::Target(t) => &t.port_names,
+            Observed::Invalid { port_names, .. } | Observed::Ignored(_, port_names) => port_names,
+        }
+    }
+
+    /// Whether a (re-)list keeps it: annotated, or with named ports an Ingress backend may use.
+    pub fn worth_keeping(&self) -> bool {
+        !matches!(self, Observed::Ignored(_, names) if names.is_empty())
+    }
+}
+
+/// The Service's named ports.
+fn port_names(svc: &Service) -> PortNames {
+    let mut out: PortNames = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| {
+                    let name = p.name.as_deref().filter(|n| !n.is_empty())?;
+                    Some((Arc::from(name), u16::try_from(p.port).ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 /// Reads the annotation and ports of a Service.
@@ -213,12 +259,17 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
     let name: Arc<str> = svc.metadata.name.as_deref().unwrap_or("").into();
     let key = (namespace.clone(), name.clone());
     let annotations = svc.metadata.annotations.as_ref();
+    let port_names = port_names(svc);
     let Some(raw) = annotations.and_then(|a| a.get(annotation)) else {
-        return Observed::Ignored(key);
+        return Observed::Ignored(key, port_names);
     };
     let id = raw.trim();
     if let Some(problem) = elb_id_problem(id) {
-        return Observed::Invalid { key, problem };
+        return Observed::Invalid {
+            key,
+            problem,
+            port_names,
+        };
     }
     let class = match annotations
         .and_then(|a| a.get(annotations::ELB_CLASS))
@@ -243,9 +294,11 @@ pub fn observe(svc: &Service, annotation: &str) -> Observed {
     Observed::Target(ServiceTarget {
         namespace,
         name,
+        uid: svc.metadata.uid.as_deref().unwrap_or("").into(),
         elb_id: id.into(),
         class,
         ports,
+        port_names,
     })
 }
 
@@ -350,7 +403,7 @@ fn scoped_events(
                 }
                 Ok(watcher::Event::InitApply(svc)) => {
                     let o = observe(&svc, &annotation);
-                    if !matches!(o, Observed::Ignored(_)) {
+                    if o.worth_keeping() {
                         buffer.get_or_insert_with(Vec::new).push(o);
                     }
                     None
@@ -480,6 +533,9 @@ mod tests {
                 ..
             }
         ));
-        assert!(matches!(observe(&svc(&[], &[80]), A), Observed::Ignored(_)));
+        assert!(matches!(
+            observe(&svc(&[], &[80]), A),
+            Observed::Ignored(..)
+        ));
     }
 }

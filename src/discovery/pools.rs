@@ -40,8 +40,11 @@ pub struct RouteIngress {
     pub name: Arc<str>,
     /// The Ingress's uid.
     pub uid: Arc<str>,
-    /// (Service, numeric port), sorted.
+    /// (Service, numeric port), sorted: named ports resolved through the Service's `spec.ports[]`.
     pub backends: Vec<(Arc<str>, u16)>,
+    /// (Service, port name) of backends whose named port could not be resolved (the Service is not
+    /// watched, or has no port of that name): its pool is `pool_unmatched`, with this as the reason.
+    pub unresolved: Vec<(Arc<str>, Arc<str>)>,
 }
 
 /// An Ingress listener and the Ingresses routed through it, oldest first.
@@ -70,6 +73,8 @@ pub struct PoolTarget {
     pub ingress: Arc<str>,
     /// That Ingress's uid (`elb_exporter_pool_info` only).
     pub uid: Arc<str>,
+    /// The ELB's name, empty while unknown (`elb_exporter_pool_info` only).
+    pub elb_name: Arc<str>,
     /// The ELB of the pool.
     pub elb_id: Arc<str>,
     /// CES dimension `lbaas_pool_id`.
@@ -154,15 +159,14 @@ pub fn attribute_pools(
                     service: svc.into(),
                     ingress: ing.name.clone(),
                     uid: ing.uid.clone(),
+                    // Filled from the listener targets when published: a name is not a route.
+                    elb_name: "".into(),
                     elb_id: route.elb_id.clone(),
                     pool_id: pool.id.as_str().into(),
                     pool_name: pool.name.as_str().into(),
                     port: route.port,
                 }),
-                None => unmatched.push(format!(
-                    "pool {} ({:?}) behind listener {} (port {}) matches no backend of its Ingresses",
-                    pool.id, pool.name, route.listener_id, route.port
-                )),
+                None => unmatched.push(unmatched_reason(route, pool)),
             }
         }
     }
@@ -175,6 +179,30 @@ pub fn attribute_pools(
         ))
     });
     (out, unmatched)
+}
+
+/// Why a pool behind `route` matches no backend, in words.
+fn unmatched_reason(route: &IngressRoute, pool: &Pool) -> String {
+    let head = format!(
+        "pool {} ({:?}) behind listener {} (port {})",
+        pool.id, pool.name, route.listener_id, route.port
+    );
+    let named = parse_pool_name(&pool.name).and_then(|(ns, svc, ..)| {
+        route.ingresses.iter().find_map(|i| {
+            let (_, port) = i
+                .unresolved
+                .iter()
+                .find(|(s, _)| *i.namespace == *ns && **s == *svc)?;
+            Some((i, svc, port))
+        })
+    });
+    match named {
+        Some((i, svc, port)) => format!(
+            "{head} matches no backend of its Ingresses: ingress {}/{} names port {port:?} of Service {svc}, which the exporter cannot resolve to a number (the Service is not in a watched namespace, or has no port of that name)",
+            i.namespace, i.name
+        ),
+        None => format!("{head} matches no backend of its Ingresses"),
+    }
 }
 
 #[derive(Debug)]
@@ -374,8 +402,18 @@ impl<C: CloudApi> PoolStage<C> {
             .iter()
             .filter_map(|(id, c)| c.listing.clone().map(|l| (id.clone(), l)))
             .collect();
-        let (pools, unmatched) = attribute_pools(&input.routes, &listings);
+        let (mut pools, unmatched) = attribute_pools(&input.routes, &listings);
         self.retry_missing(&input.routes, &pools);
+        let names: HashMap<&str, &Arc<str>> = input
+            .listeners
+            .iter()
+            .map(|t| (&*t.elb_id, &t.elb_name))
+            .collect();
+        for p in &mut pools {
+            if let Some(name) = names.get(&*p.elb_id) {
+                p.elb_name = Arc::clone(name);
+            }
+        }
         let mut problems = input.problems.clone();
         let mut words: Vec<(Problem, String)> = input.ingress_problems.clone();
         if !unmatched.is_empty() {
@@ -440,6 +478,7 @@ mod tests {
                 name: "web".into(),
                 uid: "uid-1".into(),
                 backends: backends.iter().map(|(s, p)| ((*s).into(), *p)).collect(),
+                unresolved: Vec::new(),
             }],
         };
         let targets = |r: IngressRoute| {
@@ -509,6 +548,7 @@ mod tests {
             name: name.into(),
             uid: format!("uid-{name}").into(),
             backends: backends.iter().map(|(s, p)| (Arc::from(*s), *p)).collect(),
+            unresolved: Vec::new(),
         }
     }
 

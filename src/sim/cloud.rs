@@ -135,12 +135,16 @@ impl SimProfile {
             || (global && host.eq_ignore_ascii_case(&format!("iam.{}", self.domain())))
     }
 
-    /// Whether the cloud's gateway has this route: Open Telekom Cloud documents shared-LB listeners only
-    /// at `/v2.0/lbaas/listeners`, Huawei Cloud only at `/v2/{project_id}/elb/listeners`.
+    /// Whether the cloud's gateway has this route: Open Telekom Cloud documents shared-LB listeners,
+    /// pools and forwarding policies (and load balancers) only at the OpenStack paths
+    /// `/v2.0/lbaas/<collection>`, Huawei Cloud only at `/v2/{project_id}/elb/<collection>`.
     fn publishes(self, ep: &Endpoint) -> bool {
         match ep {
-            Endpoint::ListenersV2(_) => self != SimProfile::Otc,
-            Endpoint::ListenersLbaas => self == SimProfile::Otc,
+            Endpoint::ListenersV2(_)
+            | Endpoint::LoadBalancers(false, _)
+            | Endpoint::Pools(false, _)
+            | Endpoint::L7Policies(false, _) => self != SimProfile::Otc,
+            Endpoint::Lbaas(_) => self == SimProfile::Otc,
             _ => true,
         }
     }
@@ -539,6 +543,13 @@ impl CloudSim {
         self.inner.state().policy.push(action.to_string());
     }
 
+    /// Replaces the caller's policies with a custom policy allowing exactly these actions
+    /// (`service:resource:verb`, `*` for any part), as an administrator attaching a custom policy
+    /// instead of the system ones does; it applies to the next request.
+    pub fn set_policy(&self, actions: &[&str]) {
+        self.inner.state().policy = actions.iter().map(|a| a.to_string()).collect();
+    }
+
     /// Queues a fault for the next well-signed calls of `api`.
     pub fn inject(&self, api: SimApi, fault: Fault) {
         self.inner
@@ -582,14 +593,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------------------------
 // Dispatch
 
+/// The shared-LB collections Open Telekom Cloud serves at `/v2.0/lbaas/<collection>`.
+#[derive(Clone, Copy)]
+enum LbaasCollection {
+    Listeners,
+    LoadBalancers,
+    Pools,
+    L7Policies,
+}
+
+impl LbaasCollection {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "listeners" => Self::Listeners,
+            "loadbalancers" => Self::LoadBalancers,
+            "pools" => Self::Pools,
+            "l7policies" => Self::L7Policies,
+            _ => return None,
+        })
+    }
+}
+
 enum Endpoint {
     Projects,
     AuthProjects,
-    /// `/v2.0/lbaas/listeners`: shared-LB listeners, OpenStack style (the project from `X-Project-Id`).
-    ListenersLbaas,
+    /// `/v2.0/lbaas/<collection>`: shared-LB objects, OpenStack style (the project from `X-Project-Id`).
+    Lbaas(LbaasCollection),
     ListenersV2(String),
     ListenersV3(String),
-    LoadBalancersV3(String),
+    /// Load balancers: `(v3, project id)`.
+    LoadBalancers(bool, String),
     BatchQuery(String),
     /// Pools and l7policies: `(v3, project id)`.
     Pools(bool, String),
@@ -611,12 +644,16 @@ impl Endpoint {
         match self {
             Endpoint::Projects => Some("iam:projects:list"),
             Endpoint::AuthProjects => None,
-            Endpoint::ListenersV2(_) | Endpoint::ListenersV3(_) | Endpoint::ListenersLbaas => {
-                Some("elb:listeners:list")
+            Endpoint::ListenersV2(_)
+            | Endpoint::ListenersV3(_)
+            | Endpoint::Lbaas(LbaasCollection::Listeners) => Some("elb:listeners:list"),
+            Endpoint::LoadBalancers(..) | Endpoint::Lbaas(LbaasCollection::LoadBalancers) => {
+                Some("elb:loadbalancers:list")
             }
-            Endpoint::LoadBalancersV3(_) => Some("elb:loadbalancers:list"),
-            Endpoint::Pools(..) => Some("elb:pools:list"),
-            Endpoint::L7Policies(..) => Some("elb:l7policies:list"),
+            Endpoint::Pools(..) | Endpoint::Lbaas(LbaasCollection::Pools) => Some("elb:pools:list"),
+            Endpoint::L7Policies(..) | Endpoint::Lbaas(LbaasCollection::L7Policies) => {
+                Some("elb:l7policies:list")
+            }
             Endpoint::BatchQuery(_) => Some("ces:metricData:list"),
         }
     }
@@ -624,8 +661,10 @@ impl Endpoint {
     fn api(&self) -> SimApi {
         match self {
             Endpoint::Projects | Endpoint::AuthProjects => SimApi::Iam,
-            Endpoint::ListenersV2(_) | Endpoint::ListenersLbaas => SimApi::ElbV2,
-            Endpoint::ListenersV3(_) | Endpoint::LoadBalancersV3(_) => SimApi::ElbV3,
+            Endpoint::ListenersV2(_) | Endpoint::Lbaas(_) => SimApi::ElbV2,
+            Endpoint::ListenersV3(_) => SimApi::ElbV3,
+            Endpoint::LoadBalancers(v3, _) if *v3 => SimApi::ElbV3,
+            Endpoint::LoadBalancers(..) => SimApi::ElbV2,
             Endpoint::BatchQuery(_) => SimApi::Ces,
             Endpoint::Pools(v3, _) | Endpoint::L7Policies(v3, _) => {
                 if *v3 {
@@ -648,15 +687,17 @@ fn route(method: &Method, path: &str) -> Option<Endpoint> {
     let ep = match segs.as_slice() {
         ["", "v3", "projects"] if method == Method::GET => Endpoint::Projects,
         ["", "v3", "auth", "projects"] if method == Method::GET => Endpoint::AuthProjects,
-        ["", "v2.0", "lbaas", "listeners"] if method == Method::GET => Endpoint::ListenersLbaas,
+        ["", "v2.0", "lbaas", c] if method == Method::GET => {
+            Endpoint::Lbaas(LbaasCollection::parse(c)?)
+        }
         ["", "v2", pid, "elb", "listeners"] if method == Method::GET => {
             Endpoint::ListenersV2(pid.to_string())
         }
         ["", "v3", pid, "elb", "listeners"] if method == Method::GET => {
             Endpoint::ListenersV3(pid.to_string())
         }
-        ["", "v3", pid, "elb", "loadbalancers"] if method == Method::GET => {
-            Endpoint::LoadBalancersV3(pid.to_string())
+        ["", v @ ("v2" | "v3"), pid, "elb", "loadbalancers"] if method == Method::GET => {
+            Endpoint::LoadBalancers(*v == "v3", pid.to_string())
         }
         ["", "V1.0", pid, "batch-query-metric-data"] if method == Method::POST => {
             Endpoint::BatchQuery(pid.to_string())
@@ -672,7 +713,7 @@ fn route(method: &Method, path: &str) -> Option<Endpoint> {
     match &ep {
         Endpoint::ListenersV2(p)
         | Endpoint::ListenersV3(p)
-        | Endpoint::LoadBalancersV3(p)
+        | Endpoint::LoadBalancers(_, p)
         | Endpoint::BatchQuery(p)
         | Endpoint::Pools(_, p)
         | Endpoint::L7Policies(_, p)
@@ -938,14 +979,27 @@ impl Inner {
             Endpoint::ListenersV2(pid) => {
                 self.list_listeners(false, pid, headers, &query, host, rid)
             }
-            Endpoint::ListenersLbaas => {
+            Endpoint::Lbaas(c) => {
                 let pid = header_str(headers, "x-project-id").unwrap_or("").trim();
-                self.list_listeners(false, pid, headers, &query, host, rid)
+                match c {
+                    LbaasCollection::Listeners => {
+                        self.list_listeners(false, pid, headers, &query, host, rid)
+                    }
+                    LbaasCollection::LoadBalancers => {
+                        self.list_loadbalancers(false, pid, headers, &query, rid)
+                    }
+                    LbaasCollection::Pools => self.list_pools(false, pid, headers, &query, rid),
+                    LbaasCollection::L7Policies => {
+                        self.list_l7policies(false, pid, headers, &query, rid)
+                    }
+                }
             }
             Endpoint::ListenersV3(pid) => {
                 self.list_listeners(true, pid, headers, &query, host, rid)
             }
-            Endpoint::LoadBalancersV3(pid) => self.list_loadbalancers(pid, headers, &query, rid),
+            Endpoint::LoadBalancers(v3, pid) => {
+                self.list_loadbalancers(*v3, pid, headers, &query, rid)
+            }
             Endpoint::BatchQuery(pid) => self.batch_query(pid, headers, &body, rid, rec),
             Endpoint::Pools(v3, pid) => self.list_pools(*v3, pid, headers, &query, rid),
             Endpoint::L7Policies(v3, pid) => self.list_l7policies(*v3, pid, headers, &query, rid),
@@ -1318,10 +1372,7 @@ impl Inner {
             Ok(f) => f,
             Err(e) => return e,
         };
-        if v3
-            && self.cfg.v3_rejects_malformed_ids
-            && let Some(bad) = filter.lb_ids.iter().find(|id| !is_uuid(id))
-        {
+        if let Some(bad) = self.malformed_id(v3, &filter.lb_ids) {
             return elb_bad_input(&format!("loadbalancer_id: {bad:?} is not a UUID"), rid);
         }
         let in_project = pid == self.cfg.project_id;
@@ -1397,24 +1448,32 @@ impl Inner {
         }
     }
 
+    /// `GET /v{2,3}/{project_id}/elb/loadbalancers` (and `/v2.0/lbaas/loadbalancers`): v2 lists shared
+    /// load balancers, v3 dedicated ones (and shared ones where `v3_lists_shared`); `id` and `name`
+    /// filters are multi-valued.
     fn list_loadbalancers(
         &self,
+        v3: bool,
         pid: &str,
         headers: &HeaderMap,
         query: &[(String, String)],
         rid: &str,
     ) -> Reply {
-        if let Err(e) = self.project_check(SimApi::ElbV3, pid, headers, rid) {
+        let api = if v3 { SimApi::ElbV3 } else { SimApi::ElbV2 };
+        if let Err(e) = self.project_check(api, pid, headers, rid) {
             return e;
         }
-        let paging = match Paging::parse(true, query, rid) {
+        let paging = match Paging::parse(v3, query, rid) {
             Ok(p) => p,
             Err(e) => return e,
         };
         let ids = all(query, "id");
         let names = all(query, "name");
+        if let Some(bad) = self.malformed_id(v3, &ids) {
+            return elb_bad_input(&format!("id: {bad:?} is not a UUID"), rid);
+        }
         let in_project = pid == self.cfg.project_id;
-        let (page, _) = {
+        let (page, more) = {
             let st = self.state();
             let marker_seq = match &paging.marker {
                 None => None,
@@ -1432,7 +1491,10 @@ impl Inner {
                 .lbs
                 .iter()
                 .filter(|_| in_project)
-                .filter(|(_, lb)| lb.kind == LbKind::Dedicated || self.cfg.v3_lists_shared)
+                .filter(|(_, lb)| match lb.kind {
+                    LbKind::Shared => !v3 || self.cfg.v3_lists_shared,
+                    LbKind::Dedicated => v3,
+                })
                 .filter(|(id, _)| ids.is_empty() || ids.contains(&id.as_str()))
                 .filter(|(id, lb)| {
                     names.is_empty() || names.contains(&lb_display_name(id, lb).as_str())
@@ -1446,18 +1508,33 @@ impl Inner {
                         .collect();
                     listeners.sort();
                     let listeners: Vec<&String> = listeners.into_iter().map(|(_, l)| l).collect();
-                    let mut v = loadbalancer_json(id, lb.kind, &listeners, pid);
+                    let mut v = loadbalancer_json(id, lb.kind, &listeners, pid, v3);
                     v["name"] = Value::String(lb_display_name(id, lb));
                     (lb.seq, v)
                 })
                 .collect();
             paging.apply(candidates, marker_seq)
         };
-        Reply::ok(&json!({
-            "request_id": rid,
-            "page_info": page_info(&page, |v| v["id"].as_str()),
-            "loadbalancers": page,
-        }))
+        if v3 {
+            return Reply::ok(&json!({
+                "request_id": rid,
+                "page_info": page_info(&page, |v| v["id"].as_str()),
+                "loadbalancers": page,
+            }));
+        }
+        let mut body = json!({"loadbalancers": page});
+        if let (true, Some(last)) = (more, page.last().and_then(|v| v["id"].as_str())) {
+            body["loadbalancers_links"] = json!([{"rel": "next",
+                "href": format!("/v2/{pid}/elb/loadbalancers?marker={last}")}]);
+        }
+        Reply::ok(&body)
+    }
+
+    /// The first id of a v3 filter that is not a UUID, when this cloud refuses the whole listing for it.
+    pub(super) fn malformed_id<'q>(&self, v3: bool, ids: &[&'q str]) -> Option<&'q str> {
+        (v3 && self.cfg.v3_rejects_malformed_ids)
+            .then(|| ids.iter().find(|id| !is_uuid(id)).copied())
+            .flatten()
     }
 
     // -----------------------------------------------------------------------------------------------------
@@ -2005,9 +2082,11 @@ fn lb_name(id: &str) -> String {
     format!("sim-elb-{}", id.chars().take(8).collect::<String>())
 }
 
-fn loadbalancer_json(id: &str, kind: LbKind, listeners: &[&String], pid: &str) -> Value {
+/// A load balancer as v3 (`v3`) or v2 lists it: v2 objects have no `guaranteed`, flavors or zones,
+/// and carry `tenant_id`.
+fn loadbalancer_json(id: &str, kind: LbKind, listeners: &[&String], pid: &str, v3: bool) -> Value {
     let created = created_secs(id);
-    json!({
+    let mut v = json!({
         "id": id,
         "name": lb_name(id),
         "description": "",
@@ -2037,7 +2116,28 @@ fn loadbalancer_json(id: &str, kind: LbKind, listeners: &[&String], pid: &str) -
         "billing_info": Value::Null,
         "created_at": iso8601(created),
         "updated_at": iso8601(created + 86_400),
-    })
+    });
+    if !v3 {
+        if let Some(o) = v.as_object_mut() {
+            for k in [
+                "guaranteed",
+                "availability_zone_list",
+                "l4_flavor_id",
+                "l7_flavor_id",
+                "elb_virsubnet_ids",
+                "ip_target_enable",
+                "deletion_protection_enable",
+                "billing_info",
+                "publicips",
+                "eips",
+                "ipv6_vip_address",
+            ] {
+                o.remove(k);
+            }
+        }
+        v["tenant_id"] = Value::String(pid.to_string());
+    }
+    v
 }
 
 fn created_secs(id: &str) -> u64 {

@@ -230,6 +230,10 @@ impl Inner {
             all(query, "id"),
             all(query, "name"),
         );
+        let filtered: Vec<&str> = lbs.iter().chain(&listeners).copied().collect();
+        if let Some(bad) = self.malformed_id(v3, &filtered) {
+            return elb_bad_input(&format!("{bad:?} is not a UUID"), rid);
+        }
         let in_project = pid == self.cfg.project_id;
         let page = {
             let st = self.state();
@@ -299,6 +303,10 @@ impl Inner {
             all(query, "id"),
             all(query, "action"),
         );
+        let filtered: Vec<&str> = listeners.iter().chain(&pools).copied().collect();
+        if let Some(bad) = self.malformed_id(v3, &filtered) {
+            return elb_bad_input(&format!("{bad:?} is not a UUID"), rid);
+        }
         let in_project = pid == self.cfg.project_id;
         let page = {
             let st = self.state();
