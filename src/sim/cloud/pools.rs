@@ -5,7 +5,9 @@
 //! listener in `listeners[]`, so a `listener_id` filter does not find it — join through
 //! `l7policies[].redirect_pool_id`, as the reference warns.
 
-use super::{Inner, LbKind, Paging, Reply, SimApi, all, elb_bad_input, json, page_info, uuid_from};
+use super::data::uuid_from;
+use super::elb::{Paging, elb_bad_input, page_info};
+use super::{Inner, LbKind, Reply, SimApi, all, json};
 use axum::http::HeaderMap;
 use serde_json::Value;
 use std::collections::BTreeMap;
