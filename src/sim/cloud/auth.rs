@@ -314,32 +314,7 @@ impl Inner {
         };
         let (mut previous, mut next) = (Value::Null, Value::Null);
         if let (Some(page), Some(per_page)) = (page, per_page) {
-            let total = all.len() as u64;
-            let start = (page - 1).saturating_mul(per_page);
-            all = all
-                .into_iter()
-                .skip(usize::try_from(start).unwrap_or(usize::MAX))
-                .take(usize::try_from(per_page).unwrap_or(usize::MAX))
-                .collect();
-            let link = |p: u64| {
-                let mut pairs: Vec<(String, String)> = query
-                    .iter()
-                    .filter(|(k, _)| k != "page" && k != "per_page")
-                    .cloned()
-                    .collect();
-                pairs.push(("page".to_string(), p.to_string()));
-                pairs.push(("per_page".to_string(), per_page.to_string()));
-                Value::String(format!(
-                    "{base}/v3/projects?{}",
-                    signer::canonical_query(&pairs)
-                ))
-            };
-            if page > 1 {
-                previous = link(page - 1);
-            }
-            if page.saturating_mul(per_page) < total {
-                next = link(page + 1);
-            }
+            (all, previous, next) = project_page(all, page, per_page, query, &base);
         }
         let self_link = if raw_query.is_empty() {
             format!("{base}/v3/projects")
@@ -351,6 +326,47 @@ impl Inner {
             "projects": all,
         }))
     }
+}
+
+/// Page `page` of `per_page` projects, with keystone's `previous` and `next` links (null at the ends).
+fn project_page(
+    all: Vec<Value>,
+    page: u64,
+    per_page: u64,
+    query: &[(String, String)],
+    base: &str,
+) -> (Vec<Value>, Value, Value) {
+    let total = all.len() as u64;
+    let start = (page - 1).saturating_mul(per_page);
+    let shown = all
+        .into_iter()
+        .skip(usize::try_from(start).unwrap_or(usize::MAX))
+        .take(usize::try_from(per_page).unwrap_or(usize::MAX))
+        .collect();
+    let link = |p: u64| {
+        let mut pairs: Vec<(String, String)> = query
+            .iter()
+            .filter(|(k, _)| k != "page" && k != "per_page")
+            .cloned()
+            .collect();
+        pairs.push(("page".to_string(), p.to_string()));
+        pairs.push(("per_page".to_string(), per_page.to_string()));
+        Value::String(format!(
+            "{base}/v3/projects?{}",
+            signer::canonical_query(&pairs)
+        ))
+    };
+    let previous = if page > 1 {
+        link(page - 1)
+    } else {
+        Value::Null
+    };
+    let next = if page.saturating_mul(per_page) < total {
+        link(page + 1)
+    } else {
+        Value::Null
+    };
+    (shown, previous, next)
 }
 
 struct ParsedAuth<'a> {

@@ -67,27 +67,10 @@ impl Inner {
         if let Err(e) = self.project_check(SimApi::Ces, pid, headers, rid) {
             return e;
         }
-        if body.len() > CES_MAX_BODY {
-            return ces_body_error(&format!(
-                "request body is {} bytes, the limit is {CES_MAX_BODY} bytes (512 KB)",
-                body.len()
-            ));
-        }
-        let q = match serde_json::from_slice::<Value>(body)
-            .map_err(|e| format!("request body is not valid JSON: {e}"))
-            .and_then(|v| parse_ces_query(&v))
-        {
+        let q = match self.valid_query(body) {
             Ok(q) => q,
-            Err(detail) => return ces_body_error(&detail),
+            Err(reply) => return reply,
         };
-        if q.metrics.len() > self.cfg.ces_max_metrics {
-            return ces_body_error(&format!(
-                "metrics: must contain 1 to {} items, got {}",
-                self.cfg.ces_max_metrics,
-                q.metrics.len()
-            ));
-        }
-
         let n = q.metrics.len() as i64;
         let mut from = q.from;
         if n.saturating_mul(q.to - from) > CES_MAX_POINTS.saturating_mul(q.period_ms) {
@@ -95,40 +78,81 @@ impl Inner {
             rec.budget_from = Some(from);
         }
         let from = from.div_euclid(q.period_ms) * q.period_ms;
-        let now = now_ms();
-        let newest = self.newest_minute(now);
-        let published = |t: i64| self.cfg.publication.is_published(t, now);
+        let targets = self.resolve_targets(pid, &q.metrics);
+        let series = self.series(&q, &targets, from);
+        let entries: Vec<Value> = q
+            .metrics
+            .iter()
+            .zip(series)
+            .map(|(m, s)| metric_entry(m, s, &q.filter))
+            .collect();
+        let order = response_order(&q.metrics);
+        let mut slots: Vec<Option<Value>> = entries.into_iter().map(Some).collect();
+        let shuffled: Vec<Value> = order
+            .into_iter()
+            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+            .collect();
+        Reply::ok(&json!({"metrics": shuffled}))
+    }
 
-        // Resolve listeners under the lock, generate data outside it.
-        let targets: Vec<Option<String>> = {
-            let st = self.state();
-            q.metrics
-                .iter()
-                .map(|m| {
-                    if let Some((lb, pool)) = m.pool_target() {
-                        // Pools have the L7 metrics only, and only when they are HTTP(S).
-                        let protocol = st.pools.pool_protocol(lb, pool)?;
-                        let spec = metric_spec(&m.metric_name)?;
-                        let ok = pid == self.cfg.project_id
-                            && m.namespace == "SYS.ELB"
-                            && st.lbs.contains_key(lb)
-                            && matches!(spec.family, Family::L7 | Family::PoolOnly)
-                            && is_l7(protocol);
-                        return ok.then(|| pool.to_string());
-                    }
-                    let (lb, listener) = m.listener_target()?;
-                    let known = st.listeners.get(listener)?;
+    /// The body's query, within the size and metric-count limits; else the `ces.0014` reply.
+    fn valid_query(&self, body: &[u8]) -> Result<CesQuery, Reply> {
+        if body.len() > CES_MAX_BODY {
+            return Err(ces_body_error(&format!(
+                "request body is {} bytes, the limit is {CES_MAX_BODY} bytes (512 KB)",
+                body.len()
+            )));
+        }
+        let q = serde_json::from_slice::<Value>(body)
+            .map_err(|e| format!("request body is not valid JSON: {e}"))
+            .and_then(|v| parse_ces_query(&v))
+            .map_err(|detail| ces_body_error(&detail))?;
+        if q.metrics.len() > self.cfg.ces_max_metrics {
+            return Err(ces_body_error(&format!(
+                "metrics: must contain 1 to {} items, got {}",
+                self.cfg.ces_max_metrics,
+                q.metrics.len()
+            )));
+        }
+        Ok(q)
+    }
+
+    /// The listener (or pool) each metric's data comes from; `None` where CES has no data for it.
+    /// Resolved under the lock; the data is generated outside it.
+    fn resolve_targets(&self, pid: &str, metrics: &[MetricQuery]) -> Vec<Option<String>> {
+        let st = self.state();
+        metrics
+            .iter()
+            .map(|m| {
+                if let Some((lb, pool)) = m.pool_target() {
+                    // Pools have the L7 metrics only, and only when they are HTTP(S).
+                    let protocol = st.pools.pool_protocol(lb, pool)?;
                     let spec = metric_spec(&m.metric_name)?;
                     let ok = pid == self.cfg.project_id
                         && m.namespace == "SYS.ELB"
-                        && known.lb_id == lb
                         && st.lbs.contains_key(lb)
-                        && spec.family.applies_to(&known.listener.protocol);
-                    ok.then(|| listener.to_string())
-                })
-                .collect()
-        };
+                        && matches!(spec.family, Family::L7 | Family::PoolOnly)
+                        && is_l7(protocol);
+                    return ok.then(|| pool.to_string());
+                }
+                let (lb, listener) = m.listener_target()?;
+                let known = st.listeners.get(listener)?;
+                let spec = metric_spec(&m.metric_name)?;
+                let ok = pid == self.cfg.project_id
+                    && m.namespace == "SYS.ELB"
+                    && known.lb_id == lb
+                    && st.lbs.contains_key(lb)
+                    && spec.family.applies_to(&known.listener.protocol);
+                ok.then(|| listener.to_string())
+            })
+            .collect()
+    }
 
+    /// Each metric's datapoints from `from`, published ones only, trimmed to the point budget.
+    fn series(&self, q: &CesQuery, targets: &[Option<String>], from: i64) -> Vec<Vec<(i64, f64)>> {
+        let now = now_ms();
+        let newest = self.newest_minute(now);
+        let published = |t: i64| self.cfg.publication.is_published(t, now);
         let mut series: Vec<Vec<(i64, f64)>> = targets
             .iter()
             .zip(&q.metrics)
@@ -147,55 +171,45 @@ impl Inner {
         let total: usize = series.iter().map(Vec::len).sum();
         if total as i64 > CES_MAX_POINTS {
             // Trim the oldest points evenly so every series keeps its newest data.
-            let quota = usize::try_from(CES_MAX_POINTS / n).unwrap_or(0);
+            let quota = usize::try_from(CES_MAX_POINTS / q.metrics.len() as i64).unwrap_or(0);
             for s in &mut series {
                 if s.len() > quota {
                     s.drain(..s.len() - quota);
                 }
             }
         }
-
-        let entries: Vec<Value> = q
-            .metrics
-            .iter()
-            .zip(series)
-            .map(|(m, s)| {
-                let mut e = Map::new();
-                e.insert("namespace".into(), Value::String(m.namespace.clone()));
-                e.insert("metric_name".into(), Value::String(m.metric_name.clone()));
-                e.insert(
-                    "dimensions".into(),
-                    Value::Array(
-                        m.dimensions
-                            .iter()
-                            .map(|(k, v)| json!({"name": k, "value": v}))
-                            .collect(),
-                    ),
-                );
-                if let Some(spec) = metric_spec(&m.metric_name) {
-                    e.insert("unit".into(), Value::String(spec.unit.to_string()));
-                }
-                let dps = s
-                    .into_iter()
-                    .map(|(t, v)| {
-                        let mut dp = Map::new();
-                        dp.insert(q.filter.clone(), json!(v));
-                        dp.insert("timestamp".into(), json!(t));
-                        Value::Object(dp)
-                    })
-                    .collect();
-                e.insert("datapoints".into(), Value::Array(dps));
-                Value::Object(e)
-            })
-            .collect();
-        let order = response_order(&q.metrics);
-        let mut slots: Vec<Option<Value>> = entries.into_iter().map(Some).collect();
-        let shuffled: Vec<Value> = order
-            .into_iter()
-            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
-            .collect();
-        Reply::ok(&json!({"metrics": shuffled}))
+        series
     }
+}
+
+/// One `metrics[]` entry of the answer: the query's identity, the unit and the datapoints.
+fn metric_entry(m: &MetricQuery, points: Vec<(i64, f64)>, filter: &str) -> Value {
+    let mut e = Map::new();
+    e.insert("namespace".into(), Value::String(m.namespace.clone()));
+    e.insert("metric_name".into(), Value::String(m.metric_name.clone()));
+    e.insert(
+        "dimensions".into(),
+        Value::Array(
+            m.dimensions
+                .iter()
+                .map(|(k, v)| json!({"name": k, "value": v}))
+                .collect(),
+        ),
+    );
+    if let Some(spec) = metric_spec(&m.metric_name) {
+        e.insert("unit".into(), Value::String(spec.unit.to_string()));
+    }
+    let dps = points
+        .into_iter()
+        .map(|(t, v)| {
+            let mut dp = Map::new();
+            dp.insert(filter.to_string(), json!(v));
+            dp.insert("timestamp".into(), json!(t));
+            Value::Object(dp)
+        })
+        .collect();
+    e.insert("datapoints".into(), Value::Array(dps));
+    Value::Object(e)
 }
 
 pub(super) fn note_ces_body(body: &[u8], rec: &mut SimRequest) {
@@ -263,68 +277,11 @@ fn parse_ces_query(v: &Value) -> Result<CesQuery, String> {
             metrics.len()
         ));
     }
-    let mut parsed = Vec::with_capacity(metrics.len());
-    for (i, m) in metrics.iter().enumerate() {
-        let field = |name: &str| format!("metrics[{i}].{name}");
-        let m = m
-            .as_object()
-            .ok_or_else(|| format!("metrics[{i}]: must be an object"))?;
-        let namespace = m
-            .get("namespace")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("{}: required string", field("namespace")))?;
-        if !valid_namespace(namespace) {
-            return Err(format!(
-                "{}: {namespace:?} must be service.item, 3 to 32 characters of [0-9A-Za-z_], each part starting with a letter",
-                field("namespace")
-            ));
-        }
-        let metric_name = m
-            .get("metric_name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("{}: required string", field("metric_name")))?;
-        if !valid_metric_name(metric_name) {
-            return Err(format!(
-                "{}: {metric_name:?} must be 1 to 96 characters of [0-9A-Za-z_-] starting with a letter",
-                field("metric_name")
-            ));
-        }
-        let dims = m
-            .get("dimensions")
-            .and_then(Value::as_array)
-            .ok_or_else(|| format!("{}: required array", field("dimensions")))?;
-        if !(1..=4).contains(&dims.len()) {
-            return Err(format!(
-                "{}: must contain 1 to 4 items, got {}",
-                field("dimensions"),
-                dims.len()
-            ));
-        }
-        let mut dimensions = Vec::with_capacity(dims.len());
-        for (j, d) in dims.iter().enumerate() {
-            let at = format!("metrics[{i}].dimensions[{j}]");
-            let name = d
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("{at}.name: required string"))?;
-            let value = d
-                .get("value")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("{at}.value: required string"))?;
-            if !(1..=32).contains(&name.chars().count()) {
-                return Err(format!("{at}.name: must be 1 to 32 characters"));
-            }
-            if !(1..=256).contains(&value.chars().count()) {
-                return Err(format!("{at}.value: must be 1 to 256 characters"));
-            }
-            dimensions.push((name.to_string(), value.to_string()));
-        }
-        parsed.push(MetricQuery {
-            namespace: namespace.to_string(),
-            metric_name: metric_name.to_string(),
-            dimensions,
-        });
-    }
+    let parsed = metrics
+        .iter()
+        .enumerate()
+        .map(|(i, m)| parse_metric(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
     let period = obj
         .get("period")
         .and_then(Value::as_str)
@@ -372,6 +329,74 @@ fn parse_ces_query(v: &Value) -> Result<CesQuery, String> {
         period_ms,
         filter: filter.to_string(),
     })
+}
+
+/// `metrics[i]`: namespace, metric name and 1 to 4 dimensions.
+fn parse_metric(i: usize, m: &Value) -> Result<MetricQuery, String> {
+    let field = |name: &str| format!("metrics[{i}].{name}");
+    let m = m
+        .as_object()
+        .ok_or_else(|| format!("metrics[{i}]: must be an object"))?;
+    let namespace = m
+        .get("namespace")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{}: required string", field("namespace")))?;
+    if !valid_namespace(namespace) {
+        return Err(format!(
+            "{}: {namespace:?} must be service.item, 3 to 32 characters of [0-9A-Za-z_], each part starting with a letter",
+            field("namespace")
+        ));
+    }
+    let metric_name = m
+        .get("metric_name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{}: required string", field("metric_name")))?;
+    if !valid_metric_name(metric_name) {
+        return Err(format!(
+            "{}: {metric_name:?} must be 1 to 96 characters of [0-9A-Za-z_-] starting with a letter",
+            field("metric_name")
+        ));
+    }
+    let dims = m
+        .get("dimensions")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{}: required array", field("dimensions")))?;
+    if !(1..=4).contains(&dims.len()) {
+        return Err(format!(
+            "{}: must contain 1 to 4 items, got {}",
+            field("dimensions"),
+            dims.len()
+        ));
+    }
+    let dimensions = dims
+        .iter()
+        .enumerate()
+        .map(|(j, d)| parse_dimension(&format!("metrics[{i}].dimensions[{j}]"), d))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MetricQuery {
+        namespace: namespace.to_string(),
+        metric_name: metric_name.to_string(),
+        dimensions,
+    })
+}
+
+/// One dimension at path `at`: a name of 1 to 32 and a value of 1 to 256 characters.
+fn parse_dimension(at: &str, d: &Value) -> Result<(String, String), String> {
+    let name = d
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{at}.name: required string"))?;
+    let value = d
+        .get("value")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{at}.value: required string"))?;
+    if !(1..=32).contains(&name.chars().count()) {
+        return Err(format!("{at}.name: must be 1 to 32 characters"));
+    }
+    if !(1..=256).contains(&value.chars().count()) {
+        return Err(format!("{at}.value: must be 1 to 256 characters"));
+    }
+    Ok((name.to_string(), value.to_string()))
 }
 
 fn valid_namespace(ns: &str) -> bool {

@@ -1,7 +1,7 @@
 //! The simulated ELB: v2/v3 listener and load balancer listings, their paging, filters and JSON.
 
 use super::{
-    Inner, LbKind, LbRecord, ListenerRecord, Reply, SimApi, all,
+    Inner, LbKind, LbRecord, ListenerRecord, Reply, SimApi, SimState, all,
     data::{created_secs, derived_hex, hash_u64, iso8601, uuid_from},
     first,
 };
@@ -38,11 +38,7 @@ impl Inner {
         host: &str,
         rid: &str,
     ) -> Reply {
-        let api = if v3 { SimApi::ElbV3 } else { SimApi::ElbV2 };
-        if let Err(e) = self.project_check(api, pid, headers, rid) {
-            return e;
-        }
-        let paging = match Paging::parse(v3, query, rid) {
+        let paging = match self.open_listing(v3, pid, headers, query, rid) {
             Ok(p) => p,
             Err(e) => return e,
         };
@@ -59,17 +55,10 @@ impl Inner {
         let in_project = pid == self.cfg.project_id;
         let (page, more) = {
             let st = self.state();
-            let marker_seq = match &paging.marker {
-                None => None,
-                Some(m) => match st.listeners.get(m) {
-                    Some(l) if in_project => Some(l.seq),
-                    _ => {
-                        return elb_bad_input(
-                            &format!("marker: listener {m} could not be found"),
-                            rid,
-                        );
-                    }
-                },
+            let seq = |m: &str| st.listeners.get(m).map(|l| l.seq);
+            let marker_seq = match paging.marker_seq(in_project, "listener", seq, rid) {
+                Ok(s) => s,
+                Err(e) => return e,
             };
             let candidates: Vec<(u64, &ListenerRecord)> = st
                 .listeners
@@ -77,11 +66,7 @@ impl Inner {
                 .filter(|_| in_project)
                 .filter_map(|l| {
                     let lb = st.lbs.get(&l.lb_id)?;
-                    let visible = match lb.kind {
-                        LbKind::Shared => !v3 || self.cfg.v3_lists_shared,
-                        LbKind::Dedicated => v3,
-                    };
-                    (visible && filter.matches(l)).then_some((l.seq, l))
+                    (self.lists(lb.kind, v3) && filter.matches(l)).then_some((l.seq, l))
                 })
                 .collect();
             // Only the page is rendered: a project-wide listing pages through every listener.
@@ -90,107 +75,158 @@ impl Inner {
             (page, more)
         };
         if v3 {
-            Reply::ok(&json!({
-                "request_id": rid,
-                "page_info": page_info(&page, |v| v["id"].as_str()),
-                "listeners": page,
-            }))
+            listing_reply(true, rid, "listeners", page)
         } else {
-            let mut body = json!({});
-            let mut links = Vec::new();
-            let href = |marker: &str, reverse: bool| {
-                let mut pairs = vec![("marker".to_string(), marker.to_string())];
-                if let Some(limit) = paging.limit {
-                    pairs.push(("limit".to_string(), limit.to_string()));
-                }
-                if reverse {
-                    pairs.push(("page_reverse".to_string(), "true".to_string()));
-                }
-                format!(
-                    "http://{host}/v2/{pid}/elb/listeners?{}",
-                    signer::canonical_query(&pairs)
-                )
-            };
-            if let Some(last) = page.last().and_then(|v| v["id"].as_str())
-                && more
-            {
-                links.push(json!({"href": href(last, paging.reverse), "rel": "next"}));
-            }
-            if let Some(first) = page.first().and_then(|v| v["id"].as_str())
-                && paging.marker.is_some()
-            {
-                links.push(json!({"href": href(first, !paging.reverse), "rel": "previous"}));
-            }
-            body["listeners"] = Value::Array(page);
-            if !links.is_empty() {
-                body["listeners_links"] = Value::Array(links);
-            }
-            Reply::ok(&body)
+            Reply::ok(&v2_listeners_body(page, more, &paging, host, pid))
         }
     }
 
-    pub(super) fn list_loadbalancers(
+    pub(super) fn list_loadbalancers(&self, call: ListCall<'_>) -> Reply {
+        let (_, pid, _, query, _) = call;
+        let ids = all(query, "id");
+        let names = all(query, "name");
+        self.listing(
+            call,
+            ("loadbalancers", "loadbalancer"),
+            |st, m| st.lbs.get(m).map(|lb| lb.seq),
+            |st| {
+                st.lbs
+                    .iter()
+                    .filter(|(_, lb)| self.lists(lb.kind, true))
+                    .filter(|(id, _)| ids.is_empty() || ids.contains(&id.as_str()))
+                    .filter(|(id, lb)| {
+                        names.is_empty() || names.contains(&lb_display_name(id, lb).as_str())
+                    })
+                    .map(|(id, lb)| {
+                        let mut listeners: Vec<(&u64, &String)> = st
+                            .listeners
+                            .values()
+                            .filter(|l| &l.lb_id == id)
+                            .map(|l| (&l.seq, &l.listener.id))
+                            .collect();
+                        listeners.sort();
+                        let listeners: Vec<&String> =
+                            listeners.into_iter().map(|(_, l)| l).collect();
+                        let mut v = loadbalancer_json(id, lb.kind, &listeners, pid);
+                        v["name"] = Value::String(lb_display_name(id, lb));
+                        (lb.seq, v)
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    /// A v2/v3 listing of `key` items (`what` names one in the marker error): the project check, the
+    /// paging, and the page after the marker (`seq` looks an id up) of the project's `candidates`.
+    pub(super) fn listing(
         &self,
+        (v3, pid, headers, query, rid): ListCall<'_>,
+        (key, what): (&str, &str),
+        seq: impl Fn(&SimState, &str) -> Option<u64>,
+        candidates: impl FnOnce(&SimState) -> Vec<(u64, Value)>,
+    ) -> Reply {
+        let paging = match self.open_listing(v3, pid, headers, query, rid) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let in_project = pid == self.cfg.project_id;
+        let page = {
+            let st = self.state();
+            let marker_seq = match paging.marker_seq(in_project, what, |m| seq(&st, m), rid) {
+                Ok(s) => s,
+                Err(e) => return e,
+            };
+            let items = if in_project {
+                candidates(&st)
+            } else {
+                Vec::new()
+            };
+            paging.apply(items, marker_seq).0
+        };
+        listing_reply(v3, rid, key, page)
+    }
+
+    /// The project check and the paging of an ELB listing (v2 or v3).
+    pub(super) fn open_listing(
+        &self,
+        v3: bool,
         pid: &str,
         headers: &HeaderMap,
         query: &[(String, String)],
         rid: &str,
-    ) -> Reply {
-        if let Err(e) = self.project_check(SimApi::ElbV3, pid, headers, rid) {
-            return e;
-        }
-        let paging = match Paging::parse(true, query, rid) {
-            Ok(p) => p,
-            Err(e) => return e,
-        };
-        let ids = all(query, "id");
-        let names = all(query, "name");
-        let in_project = pid == self.cfg.project_id;
-        let (page, _) = {
-            let st = self.state();
-            let marker_seq = match &paging.marker {
-                None => None,
-                Some(m) => match st.lbs.get(m) {
-                    Some(lb) if in_project => Some(lb.seq),
-                    _ => {
-                        return elb_bad_input(
-                            &format!("marker: loadbalancer {m} could not be found"),
-                            rid,
-                        );
-                    }
-                },
-            };
-            let candidates: Vec<(u64, Value)> = st
-                .lbs
-                .iter()
-                .filter(|_| in_project)
-                .filter(|(_, lb)| lb.kind == LbKind::Dedicated || self.cfg.v3_lists_shared)
-                .filter(|(id, _)| ids.is_empty() || ids.contains(&id.as_str()))
-                .filter(|(id, lb)| {
-                    names.is_empty() || names.contains(&lb_display_name(id, lb).as_str())
-                })
-                .map(|(id, lb)| {
-                    let mut listeners: Vec<(&u64, &String)> = st
-                        .listeners
-                        .values()
-                        .filter(|l| &l.lb_id == id)
-                        .map(|l| (&l.seq, &l.listener.id))
-                        .collect();
-                    listeners.sort();
-                    let listeners: Vec<&String> = listeners.into_iter().map(|(_, l)| l).collect();
-                    let mut v = loadbalancer_json(id, lb.kind, &listeners, pid);
-                    v["name"] = Value::String(lb_display_name(id, lb));
-                    (lb.seq, v)
-                })
-                .collect();
-            paging.apply(candidates, marker_seq)
-        };
-        Reply::ok(&json!({
-            "request_id": rid,
-            "page_info": page_info(&page, |v| v["id"].as_str()),
-            "loadbalancers": page,
-        }))
+    ) -> Result<Paging, Reply> {
+        let api = if v3 { SimApi::ElbV3 } else { SimApi::ElbV2 };
+        self.project_check(api, pid, headers, rid)?;
+        Paging::parse(v3, query, rid)
     }
+
+    /// Whether the v2 or v3 API lists load balancers (and what hangs off them) of this kind.
+    pub(super) fn lists(&self, kind: LbKind, v3: bool) -> bool {
+        match kind {
+            LbKind::Shared => !v3 || self.cfg.v3_lists_shared,
+            LbKind::Dedicated => v3,
+        }
+    }
+}
+
+/// A listing call as routed: (v3, project id, headers, query, request id).
+pub(super) type ListCall<'a> = (
+    bool,
+    &'a str,
+    &'a HeaderMap,
+    &'a [(String, String)],
+    &'a str,
+);
+
+/// A listing page: v3 `{request_id, page_info, <key>: page}`, v2 `{<key>: page}`.
+pub(super) fn listing_reply(v3: bool, rid: &str, key: &str, page: Vec<Value>) -> Reply {
+    let mut body = Map::new();
+    if v3 {
+        body.insert("request_id".into(), json!(rid));
+        body.insert("page_info".into(), page_info(&page, |v| v["id"].as_str()));
+    }
+    body.insert(key.into(), Value::Array(page));
+    Reply::ok(&Value::Object(body))
+}
+
+/// A v2 listener page: `listeners` and, where there is more, neutron's `listeners_links`.
+fn v2_listeners_body(
+    page: Vec<Value>,
+    more: bool,
+    paging: &Paging,
+    host: &str,
+    pid: &str,
+) -> Value {
+    let mut body = json!({});
+    let mut links = Vec::new();
+    let href = |marker: &str, reverse: bool| {
+        let mut pairs = vec![("marker".to_string(), marker.to_string())];
+        if let Some(limit) = paging.limit {
+            pairs.push(("limit".to_string(), limit.to_string()));
+        }
+        if reverse {
+            pairs.push(("page_reverse".to_string(), "true".to_string()));
+        }
+        format!(
+            "http://{host}/v2/{pid}/elb/listeners?{}",
+            signer::canonical_query(&pairs)
+        )
+    };
+    if let Some(last) = page.last().and_then(|v| v["id"].as_str())
+        && more
+    {
+        links.push(json!({"href": href(last, paging.reverse), "rel": "next"}));
+    }
+    if let Some(first) = page.first().and_then(|v| v["id"].as_str())
+        && paging.marker.is_some()
+    {
+        links.push(json!({"href": href(first, !paging.reverse), "rel": "previous"}));
+    }
+    body["listeners"] = Value::Array(page);
+    if !links.is_empty() {
+        body["listeners_links"] = Value::Array(links);
+    }
+    body
 }
 
 pub(super) struct Paging {
@@ -201,6 +237,27 @@ pub(super) struct Paging {
 }
 
 impl Paging {
+    /// The sequence number of the item `marker` names (`seq` looks it up); one the project does not
+    /// hold is ELB.8902 `marker: <what> <id> could not be found`.
+    pub(super) fn marker_seq(
+        &self,
+        in_project: bool,
+        what: &str,
+        seq: impl Fn(&str) -> Option<u64>,
+        rid: &str,
+    ) -> Result<Option<u64>, Reply> {
+        let Some(m) = &self.marker else {
+            return Ok(None);
+        };
+        match seq(m) {
+            Some(s) if in_project => Ok(Some(s)),
+            _ => Err(elb_bad_input(
+                &format!("marker: {what} {m} could not be found"),
+                rid,
+            )),
+        }
+    }
+
     pub(super) fn parse(v3: bool, query: &[(String, String)], rid: &str) -> Result<Self, Reply> {
         let limit = match first(query, "limit") {
             None if v3 => Some(V3_MAX_LIMIT as usize),

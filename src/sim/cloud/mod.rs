@@ -839,51 +839,57 @@ impl Inner {
             return auth_error(&detail, rid);
         }
 
-        let mut malformed = false;
-        match self.take_fault(ep.api()) {
-            Some(Fault::Status { status, body, .. }) => {
-                // Only the code is read (other fields are skipped unparsed): bodies may be huge.
-                #[derive(serde::Deserialize)]
-                struct Code {
-                    error_code: Option<String>,
-                }
-                let code = (status >= 400)
-                    .then(|| serde_json::from_str::<Code>(&body).ok())
-                    .flatten()
-                    .and_then(|c| c.error_code);
-                return Reply {
-                    status: StatusCode::from_u16(status)
-                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    body: Bytes::from(body),
-                    error_code: code,
-                    retry_after: None,
-                };
-            }
+        let malformed = match self.apply_fault(ep.api(), rid).await {
+            Ok(malformed) => malformed,
+            Err(reply) => return reply,
+        };
+        if let Some(denied) = self.forbidden(ep, rid) {
+            return denied;
+        }
+        let reply = self.answer(ep, headers, &body, rid, rec);
+        if malformed { truncated(&reply) } else { reply }
+    }
+
+    /// Consumes the API's next queued fault: `Err` is the reply that replaces the call's, `Ok(true)`
+    /// asks for the call's answer to be cut short (a delay has already been slept).
+    async fn apply_fault(&self, api: SimApi, rid: &str) -> Result<bool, Reply> {
+        match self.take_fault(api) {
+            Some(Fault::Status { status, body, .. }) => Err(injected_status(status, body)),
             Some(Fault::Throttle {
                 retry_after_secs, ..
             }) => {
-                let mut reply = throttled(ep.api(), rid);
+                let mut reply = throttled(api, rid);
                 reply.retry_after = retry_after_secs;
-                return reply;
+                Err(reply)
             }
             Some(Fault::Unavailable {
                 retry_after_secs, ..
             }) => {
-                let mut reply = unavailable(ep.api(), rid);
+                let mut reply = unavailable(api, rid);
                 reply.retry_after = retry_after_secs;
-                return reply;
+                Err(reply)
             }
-            Some(Fault::Delay { delay, .. }) => tokio::time::sleep(delay).await,
-            Some(Fault::Malformed { .. }) => malformed = true,
-            None => {}
+            Some(Fault::Delay { delay, .. }) => {
+                tokio::time::sleep(delay).await;
+                Ok(false)
+            }
+            Some(Fault::Malformed { .. }) => Ok(true),
+            None => Ok(false),
         }
+    }
 
-        if let Some(denied) = self.forbidden(ep, rid) {
-            return denied;
-        }
+    /// The routing table: each endpoint to its handler.
+    fn answer(
+        &self,
+        ep: &Endpoint,
+        headers: &HeaderMap,
+        body: &[u8],
+        rid: &str,
+        rec: &mut SimRequest,
+    ) -> Reply {
         let query = parse_query(&rec.query);
         let host = header_str(headers, "host").unwrap_or("localhost");
-        let reply = match ep {
+        match ep {
             Endpoint::Projects => self.list_projects(&query, &rec.query, host),
             Endpoint::AuthProjects => self.list_projects(&[], &rec.query, host),
             Endpoint::ListenersV2(pid) => {
@@ -896,26 +902,13 @@ impl Inner {
             Endpoint::ListenersV3(pid) => {
                 self.list_listeners(true, pid, headers, &query, host, rid)
             }
-            Endpoint::LoadBalancersV3(pid) => self.list_loadbalancers(pid, headers, &query, rid),
-            Endpoint::BatchQuery(pid) => self.batch_query(pid, headers, &body, rid, rec),
-            Endpoint::Pools(v3, pid) => self.list_pools(*v3, pid, headers, &query, rid),
-            Endpoint::L7Policies(v3, pid) => self.list_l7policies(*v3, pid, headers, &query, rid),
-        };
-        if malformed {
-            let cut = (reply.body.len() / 2).max(1);
-            let body = if reply.body.len() > 1 {
-                reply.body.slice(..cut)
-            } else {
-                Bytes::from_static(b"{")
-            };
-            return Reply {
-                status: StatusCode::OK,
-                body,
-                error_code: None,
-                retry_after: None,
-            };
+            Endpoint::LoadBalancersV3(pid) => {
+                self.list_loadbalancers((true, pid, headers, &query, rid))
+            }
+            Endpoint::BatchQuery(pid) => self.batch_query(pid, headers, body, rid, rec),
+            Endpoint::Pools(v3, pid) => self.list_pools((*v3, pid, headers, &query, rid)),
+            Endpoint::L7Policies(v3, pid) => self.list_l7policies((*v3, pid, headers, &query, rid)),
         }
-        reply
     }
 
     fn take_fault(&self, api: SimApi) -> Option<Fault> {
@@ -935,6 +928,41 @@ impl Inner {
             }
             return Some(fault);
         }
+    }
+}
+
+/// The reply of a `Fault::Status`: its status and body as given.
+fn injected_status(status: u16, body: String) -> Reply {
+    // Only the code is read (other fields are skipped unparsed): bodies may be huge.
+    #[derive(serde::Deserialize)]
+    struct Code {
+        error_code: Option<String>,
+    }
+    let code = (status >= 400)
+        .then(|| serde_json::from_str::<Code>(&body).ok())
+        .flatten()
+        .and_then(|c| c.error_code);
+    Reply {
+        status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        body: Bytes::from(body),
+        error_code: code,
+        retry_after: None,
+    }
+}
+
+/// A `Fault::Malformed` answer: 200 with the first half of the real body (at least one byte).
+fn truncated(reply: &Reply) -> Reply {
+    let cut = (reply.body.len() / 2).max(1);
+    let body = if reply.body.len() > 1 {
+        reply.body.slice(..cut)
+    } else {
+        Bytes::from_static(b"{")
+    };
+    Reply {
+        status: StatusCode::OK,
+        body,
+        error_code: None,
+        retry_after: None,
     }
 }
 

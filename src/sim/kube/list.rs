@@ -67,6 +67,13 @@ pub(super) struct ListOptions {
     pub(super) send_initial_events: Option<bool>,
 }
 
+/// One cause of a 422: (field, reason, message).
+type FieldError = (&'static str, &'static str, String);
+
+fn forbidden(field: &'static str, detail: &str) -> FieldError {
+    (field, "FieldValueForbidden", format!("Forbidden: {detail}"))
+}
+
 impl ListOptions {
     pub(super) fn parse(params: &Params, watch_path: bool) -> Result<Self, ApiError> {
         let boolean = |key: &str| -> Result<Option<bool>, ApiError> {
@@ -127,84 +134,11 @@ impl ListOptions {
 
     /// Upstream `ValidateListOptions`, reported as a 422 on `ListOptions.meta.k8s.io`.
     fn validate(&self, watch_list_enabled: bool) -> Result<(), ApiError> {
-        let mut errs: Vec<(&str, &str, String)> = Vec::new();
-        let forbidden = |field: &'static str, detail: &str| {
-            (field, "FieldValueForbidden", format!("Forbidden: {detail}"))
-        };
-        let m = self.rv_match.as_deref();
-        if self.watch {
-            if self.send_initial_events.is_some() {
-                if m != Some("NotOlderThan") {
-                    errs.push(forbidden(
-                        "resourceVersionMatch",
-                        "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
-                    ));
-                }
-                if !watch_list_enabled {
-                    errs.push(forbidden(
-                        "sendInitialEvents",
-                        "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
-                    ));
-                }
-            }
-            if let Some(m) = m {
-                if self.send_initial_events.is_none() {
-                    errs.push(forbidden(
-                        "resourceVersionMatch",
-                        "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
-                    ));
-                }
-                if m != "NotOlderThan" {
-                    errs.push((
-                        "resourceVersionMatch",
-                        "FieldValueNotSupported",
-                        format!("Unsupported value: \"{m}\": supported values: \"NotOlderThan\""),
-                    ));
-                }
-                if self.continue_token.is_some() {
-                    errs.push(forbidden(
-                        "resourceVersionMatch",
-                        "resourceVersionMatch is forbidden when continue is provided",
-                    ));
-                }
-            }
+        let errs = if self.watch {
+            self.watch_errors(watch_list_enabled)
         } else {
-            if let Some(m) = m {
-                if self.resource_version.is_none() {
-                    errs.push(forbidden(
-                        "resourceVersionMatch",
-                        "resourceVersionMatch is forbidden unless resourceVersion is provided",
-                    ));
-                }
-                if self.continue_token.is_some() {
-                    errs.push(forbidden(
-                        "resourceVersionMatch",
-                        "resourceVersionMatch is forbidden when continue is provided",
-                    ));
-                }
-                if m != "Exact" && m != "NotOlderThan" {
-                    errs.push((
-                        "resourceVersionMatch",
-                        "FieldValueNotSupported",
-                        format!(
-                            "Unsupported value: \"{m}\": supported values: \"Exact\", \"NotOlderThan\", \"\""
-                        ),
-                    ));
-                }
-                if m == "Exact" && self.resource_version.as_deref() == Some("0") {
-                    errs.push(forbidden(
-                        "resourceVersionMatch",
-                        "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
-                    ));
-                }
-            }
-            if self.send_initial_events.is_some() {
-                errs.push(forbidden(
-                    "sendInitialEvents",
-                    "sendInitialEvents is forbidden for list",
-                ));
-            }
-        }
+            self.list_errors()
+        };
         if errs.is_empty() {
             return Ok(());
         }
@@ -226,6 +160,90 @@ impl ListOptions {
                 format!("ListOptions.meta.k8s.io \"\" is invalid: {joined}"),
             )
         })
+    }
+
+    /// The validation errors of a watch: (field, reason, message).
+    fn watch_errors(&self, watch_list_enabled: bool) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let m = self.rv_match.as_deref();
+        if self.send_initial_events.is_some() {
+            if m != Some("NotOlderThan") {
+                errs.push(forbidden(
+                    "resourceVersionMatch",
+                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                ));
+            }
+            if !watch_list_enabled {
+                errs.push(forbidden(
+                    "sendInitialEvents",
+                    "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+                ));
+            }
+        }
+        if let Some(m) = m {
+            if self.send_initial_events.is_none() {
+                errs.push(forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+                ));
+            }
+            if m != "NotOlderThan" {
+                errs.push((
+                    "resourceVersionMatch",
+                    "FieldValueNotSupported",
+                    format!("Unsupported value: \"{m}\": supported values: \"NotOlderThan\""),
+                ));
+            }
+            if self.continue_token.is_some() {
+                errs.push(forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+        }
+        errs
+    }
+
+    /// The validation errors of a list: (field, reason, message).
+    fn list_errors(&self) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let m = self.rv_match.as_deref();
+        if let Some(m) = m {
+            if self.resource_version.is_none() {
+                errs.push(forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                ));
+            }
+            if self.continue_token.is_some() {
+                errs.push(forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+            if m != "Exact" && m != "NotOlderThan" {
+                errs.push((
+                    "resourceVersionMatch",
+                    "FieldValueNotSupported",
+                    format!(
+                        "Unsupported value: \"{m}\": supported values: \"Exact\", \"NotOlderThan\", \"\""
+                    ),
+                ));
+            }
+            if m == "Exact" && self.resource_version.as_deref() == Some("0") {
+                errs.push(forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                ));
+            }
+        }
+        if self.send_initial_events.is_some() {
+            errs.push(forbidden(
+                "sendInitialEvents",
+                "sendInitialEvents is forbidden for list",
+            ));
+        }
+        errs
     }
 }
 

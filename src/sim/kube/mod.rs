@@ -561,52 +561,14 @@ async fn route(
             "the server does not allow this method on the requested resource",
         ));
     }
-    if let ["api", "v1", "namespaces", ns, "services", ..]
-    | ["api", "v1", "watch", "namespaces", ns, "services", ..] = segs.as_slice()
-        && lock(&server.inner.forbidden).contains(*ns)
-    {
-        let verb = match (
-            segs.len(),
-            segs.get(2) == Some(&"watch")
-                || params
-                    .get("watch")
-                    .is_some_and(|v| parse_bool(v) == Some(true)),
-        ) {
-            (_, true) => "watch",
-            (6, _) => "get",
-            _ => "list",
-        };
-        return Err(ApiError::forbidden(verb, ns));
+    if let Some(err) = rbac_refusal(server, &segs, params) {
+        return Err(err);
     }
     match segs.as_slice() {
         ["version"] => Ok(json_response(StatusCode::OK, &version_info())),
-        ["api"] => Ok(json_response(
-            StatusCode::OK,
-            &json!({
-                "kind": "APIVersions",
-                "versions": ["v1"],
-                "serverAddressByClientCIDRs": [{
-                    "clientCIDR": "0.0.0.0/0",
-                    "serverAddress": server.addr().map(|a| a.to_string()).unwrap_or_default(),
-                }],
-            }),
-        )),
+        ["api"] => Ok(json_response(StatusCode::OK, &api_versions(server))),
         ["apis"] => Ok(json_response(StatusCode::OK, &lease_group_list())),
-        ["api", "v1"] => Ok(json_response(
-            StatusCode::OK,
-            &json!({
-                "kind": "APIResourceList",
-                "groupVersion": "v1",
-                "resources": [{
-                    "name": "services",
-                    "singularName": "service",
-                    "namespaced": true,
-                    "kind": "Service",
-                    "verbs": ["get", "list", "watch"],
-                    "shortNames": ["svc"],
-                }],
-            }),
-        )),
+        ["api", "v1"] => Ok(json_response(StatusCode::OK, &core_v1_resources())),
         ["healthz" | "readyz" | "livez"] => Ok((StatusCode::OK, "ok").into_response()),
         ["api", "v1", "namespaces", ns, "services", name] => get_one(server, ns, name),
         ["api", "v1", "services"] => collection(server, None, false, params).await,
@@ -619,6 +581,58 @@ async fn route(
         }
         _ => Err(ApiError::not_found()),
     }
+}
+
+/// The 403 of a namespace refused by RBAC ([`FakeApiServer::set_forbidden`]), for its verb.
+fn rbac_refusal(server: &FakeApiServer, segs: &[&str], params: &Params) -> Option<ApiError> {
+    let (["api", "v1", "namespaces", ns, "services", ..]
+    | ["api", "v1", "watch", "namespaces", ns, "services", ..]) = segs
+    else {
+        return None;
+    };
+    if !lock(&server.inner.forbidden).contains(*ns) {
+        return None;
+    }
+    let verb = match (
+        segs.len(),
+        segs.get(2) == Some(&"watch")
+            || params
+                .get("watch")
+                .is_some_and(|v| parse_bool(v) == Some(true)),
+    ) {
+        (_, true) => "watch",
+        (6, _) => "get",
+        _ => "list",
+    };
+    Some(ApiError::forbidden(verb, ns))
+}
+
+/// `GET /api`.
+fn api_versions(server: &FakeApiServer) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{
+            "clientCIDR": "0.0.0.0/0",
+            "serverAddress": server.addr().map(|a| a.to_string()).unwrap_or_default(),
+        }],
+    })
+}
+
+/// `GET /api/v1`: the one resource served.
+fn core_v1_resources() -> Value {
+    json!({
+        "kind": "APIResourceList",
+        "groupVersion": "v1",
+        "resources": [{
+            "name": "services",
+            "singularName": "service",
+            "namespaced": true,
+            "kind": "Service",
+            "verbs": ["get", "list", "watch"],
+            "shortNames": ["svc"],
+        }],
+    })
 }
 
 fn version_info() -> Value {

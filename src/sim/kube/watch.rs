@@ -5,7 +5,7 @@ use super::{
     list::{ListOptions, Rv, parse_rv},
     lock,
     selectors::Filter,
-    store::{Change, ChangeKind},
+    store::{Change, ChangeKind, Store},
     to_value,
 };
 use axum::body::Body;
@@ -78,6 +78,40 @@ pub(super) fn render_change(change: &Change, filter: &Filter) -> Option<Bytes> {
     }
 }
 
+/// What a new watch sends before live events, and the RV it starts at: the synthetic `ADDED` events (and
+/// the initial-events-end bookmark) of a streaming list or an RV unset/`0`, else the history replayed
+/// after the requested RV; `Err` when that RV is compacted.
+fn initial_lines(
+    st: &Store,
+    opts: &ListOptions,
+    rv: Rv,
+    filter: &Filter,
+) -> Result<(VecDeque<Bytes>, u64), ApiError> {
+    let mut pre = VecDeque::new();
+    match (opts.send_initial_events, rv) {
+        (Some(true), _) | (None, Rv::Unset | Rv::Zero) => {
+            for svc in st.objects.values().filter(|s| filter.matches(s)) {
+                pre.push_back(event_line("ADDED", svc));
+            }
+            if opts.send_initial_events == Some(true) && opts.allow_bookmarks {
+                pre.push_back(bookmark_line(st.rv, true));
+            }
+        }
+        (Some(false), _) => {}
+        (None, Rv::At(n)) => {
+            if n < st.oldest_valid {
+                return Err(ApiError::too_old(n, st.oldest_valid));
+            }
+            for c in st.history.iter().filter(|c| c.rv > n) {
+                if let Some(line) = render_change(c, filter) {
+                    pre.push_back(line);
+                }
+            }
+        }
+    }
+    Ok((pre, st.rv))
+}
+
 pub(super) async fn start_watch(
     server: &FakeApiServer,
     filter: Filter,
@@ -92,33 +126,15 @@ pub(super) async fn start_watch(
     let (kill_tx, kill_rx) = oneshot::channel();
 
     let mut st = lock(&server.inner.store);
-    let mut pre = VecDeque::new();
-    let start_rv = match (opts.send_initial_events, rv) {
-        (Some(true), _) | (None, Rv::Unset | Rv::Zero) => {
-            for svc in st.objects.values().filter(|s| filter.matches(s)) {
-                pre.push_back(event_line("ADDED", svc));
-            }
-            if opts.send_initial_events == Some(true) && opts.allow_bookmarks {
-                pre.push_back(bookmark_line(st.rv, true));
-            }
-            st.rv
-        }
-        (Some(false), _) => st.rv,
-        (None, Rv::At(n)) => {
-            if n < st.oldest_valid {
-                let err = ApiError::too_old(n, st.oldest_valid);
-                drop(st);
-                let body = futures::stream::once(async move {
-                    Ok::<_, std::io::Error>(watch_error_line(&err))
-                });
-                return Ok(watch_response(Body::from_stream(body)));
-            }
-            for c in st.history.iter().filter(|c| c.rv > n) {
-                if let Some(line) = render_change(c, &filter) {
-                    pre.push_back(line);
-                }
-            }
-            st.rv
+    let (pre, start_rv) = match initial_lines(&st, opts, rv, &filter) {
+        Ok(initial) => initial,
+        Err(err) => {
+            drop(st);
+            let body =
+                futures::stream::once(
+                    async move { Ok::<_, std::io::Error>(watch_error_line(&err)) },
+                );
+            return Ok(watch_response(Body::from_stream(body)));
         }
     };
     st.next_watch_id += 1;
