@@ -33,6 +33,9 @@
 //!
 //! Prometheus scrapes with `Accept-Encoding: gzip`, so the scrape also covers the exporter's gzip body.
 
+mod common;
+
+use common::{now_ms, samples_where};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -119,16 +122,6 @@ fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_millis(),
-    )
-    .expect("ms fit i64")
 }
 
 /// A port free right now on `ip` (bound and released).
@@ -339,27 +332,25 @@ async fn prom_query(
 
 /// The value of the exporter's own nginx series, read from its /metrics text.
 fn exporter_nginx_value(metrics: &str) -> f64 {
-    let values: Vec<f64> = metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{SERIES}{{")))
-        .filter(|l| l.contains("namespace=\"default\"") && l.contains("service=\"nginx\""))
-        .map(|l| {
-            assert!(
-                l.contains(&format!("lbaas_listener_id=\"{NGINX_LISTENER}\"")),
-                "unexpected nginx listener in {l}"
-            );
-            l.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no value in {l}"))
-        })
-        .collect();
+    let samples = samples_where(
+        metrics,
+        SERIES,
+        &[("namespace", "default"), ("service", "nginx")],
+    );
+    for (_, labels, _) in &samples {
+        assert!(
+            labels
+                .iter()
+                .any(|(k, v)| k == "lbaas_listener_id" && v == NGINX_LISTENER),
+            "unexpected nginx listener in {labels:?}"
+        );
+    }
     assert_eq!(
-        values.len(),
+        samples.len(),
         1,
         "the demo's Service default/nginx should have exactly one listener in /metrics:\n{metrics}"
     );
-    values[0]
+    samples[0].2
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1031,13 +1022,13 @@ impl HpaQuery {
     /// What the query must return: the sum of the exporter's own series of the described object (each
     /// listener or pool once), from its /metrics text; `None` when it has none.
     fn exporter_value(&self, metrics: &str) -> Option<f64> {
-        let ns = format!("namespace=\"{}\"", self.namespace);
-        let obj = format!(",{}=\"{}\",", self.label, self.name);
-        let values: Vec<f64> = metrics
-            .lines()
-            .filter(|l| l.starts_with(&format!("{}{{", self.series)))
-            .filter(|l| l.contains(&ns) && l.contains(&obj))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+        let with = [
+            ("namespace", self.namespace.as_str()),
+            (self.label.as_str(), self.name.as_str()),
+        ];
+        let values: Vec<f64> = samples_where(metrics, &self.series, &with)
+            .into_iter()
+            .map(|(_, _, v)| v)
             .collect();
         (!values.is_empty()).then(|| values.iter().sum())
     }
