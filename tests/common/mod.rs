@@ -169,6 +169,16 @@ impl Exporter {
         kubeconfig: &std::path::Path,
         env: &[(&str, &str)],
     ) -> Exporter {
+        Exporter::try_spawn(c, kubeconfig, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Exporter::spawn_env`], but `Err` (with its stderr) when the process ends or stays silent
+    /// for 20 s instead of announcing its address, e.g. because the address to listen on is taken.
+    pub fn try_spawn(
+        c: &mut Command,
+        kubeconfig: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Result<Exporter, String> {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let (file, path) = log.keep().expect("keep log");
         cmd(c, kubeconfig);
@@ -204,8 +214,12 @@ impl Exporter {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                     let log = std::fs::read_to_string(&path).unwrap_or_default();
-                    panic!("exporter did not announce its address; stderr:\n{log}");
+                    let _ = std::fs::remove_file(&path);
+                    return Err(format!(
+                        "exporter did not announce its address ({status}); stderr:\n{log}"
+                    ));
                 }
             }
         };
@@ -213,13 +227,13 @@ impl Exporter {
             .trim_end_matches("/metrics")
             .trim_end_matches('/')
             .to_string();
-        Exporter {
+        Ok(Exporter {
             child,
             metrics_url: url,
             base,
             stderr_path: Some(path),
             stdout: captured,
-        }
+        })
     }
 
     /// Everything the process printed on stdout so far.
