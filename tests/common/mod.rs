@@ -308,7 +308,16 @@ pub async fn get(url: &str) -> (u16, String) {
 }
 
 /// Polls `check` every 100 ms until it holds or `limit` passes.
-pub async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> bool
+pub async fn wait_for<F, Fut>(limit: Duration, check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_for_every(limit, Duration::from_millis(100), check).await
+}
+
+/// Polls `check` every `every` until it holds or `limit` passes.
+pub async fn wait_for_every<F, Fut>(limit: Duration, every: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -321,8 +330,26 @@ where
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+/// The number of CES calls of each collection cycle, in order: the calls split where more than 1 s
+/// passes between two (cycles are seconds apart and take milliseconds). The first and last groups
+/// may be cut by the observation window.
+pub fn calls_per_cycle(ces: &[elb_exporter::sim::cloud::SimRequest]) -> Vec<usize> {
+    let mut groups: Vec<usize> = Vec::new();
+    let mut last: Option<i64> = None;
+    for r in ces {
+        if last.is_none_or(|t| r.time_ms - t > 1000) {
+            groups.push(0);
+        }
+        if let Some(g) = groups.last_mut() {
+            *g += 1;
+        }
+        last = Some(r.time_ms);
+    }
+    groups
 }
 
 /// Current Unix time in ms.
