@@ -28,7 +28,7 @@ use elb_exporter::sim::cloud::{CloudSim, LbKind, SimApi, SimConfig, SimListener,
 use elb_exporter::sim::kube::FakeApiServer;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod drivers;
@@ -453,45 +453,22 @@ struct Row {
 fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     let tag = format!("[{listeners}]");
     let interval = opts.interval_for(listeners);
-    let mut row = Row {
-        listeners,
-        interval_s: interval,
-        ces_min: (listeners * METRICS).div_ceil(BATCH),
-        ces_steady_min: ((listeners + 1 + usize::from(opts.fixture == Fixture::Realistic))
-            * METRICS)
-            .div_ceil(BATCH),
-        fixture: Some(opts.fixture),
-        load: (loadavg(), 0.0),
-        ..Row::default()
-    };
+    let mut row = new_row(opts, listeners, interval);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let sim = CloudSim::new(SimConfig {
-        ces_latency: CES_LATENCY,
-        // The legacy fixture lifted every limit; the realistic one keeps the simulator's (500 per minute,
-        // above the exporter's default 300).
-        ces_calls_per_minute: match opts.fixture {
-            Fixture::Legacy => 100_000,
-            Fixture::Realistic => SimConfig::default().ces_calls_per_minute,
-        },
-        ..SimConfig::default()
-    });
+    let sim = CloudSim::new(sim_config(opts.fixture));
     let cluster = FakeApiServer::new();
     (row.elbs, row.shared) = seed(&sim, &cluster, listeners, opts.fixture);
-    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let sim_addr = rt.block_on(sim.serve(loopback))?;
-    rt.block_on(cluster.serve(loopback))?;
     let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("clouds.yml");
-    let extra = opts.extra_config(interval);
-    std::fs::write(
-        &cfg,
-        config_for(&sim, &format!("http://{sim_addr}"), &extra),
+    let (cfg, kubeconfig) = serve(
+        &rt,
+        &sim,
+        &cluster,
+        dir.path(),
+        &opts.extra_config(interval),
     )?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    cluster.write_kubeconfig(&kubeconfig)?;
 
     // Start → ready: Service list, every ELB's listeners, the first full collection cycle, the render.
     eprintln!(
@@ -510,11 +487,117 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     )?;
     let mut rss = RssSampler::start(exp.pid());
     let mut http = Http::new(&exp.addr);
+    wait_ready(&mut exp, &mut http, started)?;
+    row.ready_s = started.elapsed().as_secs_f64();
+    row.all_series_s = wait_all_series(&mut exp, &mut http, started, listeners * METRICS)?;
+    rss.mark("scrapes");
+    let first_ces_ms = first_cycle(&sim, &exp, &mut http, &mut row, &tag)?;
+
+    let plain = scrapes(opts, &exp, &mut http, &mut rss, &mut row, &tag)?;
+    exp.check_alive()?;
+
+    // A new annotated Service on a new ELB: its listener_info, then its first cloud series.
+    rss.mark("new Service");
+    let new_elb = new_service(&sim, &cluster, &exp, &mut http, &mut row);
+    eprintln!(
+        "{tag} new Service: listener_info after {:?}s, first series after {:?}s",
+        row.new_info_s, row.new_series_s
+    );
+    if opts.fixture == Fixture::Realistic {
+        rss.mark("refresh");
+        refresh_phase(
+            &mut row, &sim, &cluster, &mut exp, &mut http, started, &new_elb,
+        )?;
+    }
+
+    let k = wait_for_cycle(first_ces_ms, interval, &mut rss, &tag);
+    row.steady_cycle_no = k as u64;
+    rss.mark("cycle");
+    exp.check_alive()?;
+    steady_cycle(&sim, &exp, &mut http, &mut row, clk, interval, &tag)?;
+    row.peak_rss_kib = proc_status_kib(exp.pid(), "VmHWM:");
+    row.rss_phases = rss.finish();
+    row.rss_kib = proc_status_kib(exp.pid(), "VmRSS:");
+    eprintln!(
+        "{tag} cycle {k}: {:?}s, {:?} CES calls, {:?} CPU s; peak RSS {:?} KiB",
+        row.cycle_steady_s, row.ces_steady, row.cpu_per_cycle_s, row.peak_rss_kib
+    );
+    drop(http);
+    drop(exp);
+    rt.shutdown_timeout(Duration::from_secs(2));
+
+    row.load.1 = loadavg();
+    row.naive = naive_figures(plain, &tag);
+    Ok(row)
+}
+
+/// The naive design on the same data (the exporter is stopped: the bench process has the CPU).
+fn naive_figures(plain: Vec<u8>, tag: &str) -> Option<Naive> {
+    eprintln!("{tag} naive design: GaugeVec + TextEncoder per scrape");
+    let text = String::from_utf8_lossy(&plain).into_owned();
+    drop(plain);
+    match naive(&text) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("{tag} naive: {e:#}");
+            None
+        }
+    }
+}
+
+/// A size's row before measuring: its parameters and the CES call minimums.
+fn new_row(opts: &BenchOpts, listeners: usize, interval: u64) -> Row {
+    Row {
+        listeners,
+        interval_s: interval,
+        ces_min: (listeners * METRICS).div_ceil(BATCH),
+        ces_steady_min: ((listeners + 1 + usize::from(opts.fixture == Fixture::Realistic))
+            * METRICS)
+            .div_ceil(BATCH),
+        fixture: Some(opts.fixture),
+        load: (loadavg(), 0.0),
+        ..Row::default()
+    }
+}
+
+fn sim_config(fixture: Fixture) -> SimConfig {
+    SimConfig {
+        ces_latency: CES_LATENCY,
+        // The legacy fixture lifted every limit; the realistic one keeps the simulator's (500 per minute,
+        // above the exporter's default 300).
+        ces_calls_per_minute: match fixture {
+            Fixture::Legacy => 100_000,
+            Fixture::Realistic => SimConfig::default().ces_calls_per_minute,
+        },
+        ..SimConfig::default()
+    }
+}
+
+/// Serves the simulators on loopback; writes the exporter's config and kubeconfig into `dir`.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    sim: &CloudSim,
+    cluster: &FakeApiServer,
+    dir: &Path,
+    extra: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let sim_addr = rt.block_on(sim.serve(loopback))?;
+    rt.block_on(cluster.serve(loopback))?;
+    let cfg = dir.join("clouds.yml");
+    std::fs::write(&cfg, config_for(sim, &format!("http://{sim_addr}"), extra))?;
+    let kubeconfig = dir.join("kubeconfig");
+    cluster.write_kubeconfig(&kubeconfig)?;
+    Ok((cfg, kubeconfig))
+}
+
+/// Waits (15 min at most) until /readyz answers 200.
+fn wait_ready(exp: &mut Exporter, http: &mut Http, started: Instant) -> Result<()> {
     let deadline = started + Duration::from_secs(900);
     loop {
         exp.check_alive()?;
         if let Ok(200) = http.get("/readyz", false) {
-            break;
+            return Ok(());
         }
         if Instant::now() >= deadline {
             bail!(
@@ -524,23 +607,39 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
         }
         std::thread::sleep(POLL);
     }
-    row.ready_s = started.elapsed().as_secs_f64();
-    // Start → every series: usually the first cycle, which readiness waits for, has them all.
-    let want = listeners * METRICS;
+}
+
+/// Start → every series (`want` cloud series), in seconds; usually the first cycle, which readiness
+/// waits for, has them all.
+fn wait_all_series(
+    exp: &mut Exporter,
+    http: &mut Http,
+    started: Instant,
+    want: usize,
+) -> Result<Option<f64>> {
     while started.elapsed() < Duration::from_secs(900) {
         let n = exp
-            .scrape(&mut http)
+            .scrape(http)
             .map(|b| b.lines().filter(|l| l.starts_with(PREFIX)).count())
             .unwrap_or(0);
         if n >= want {
-            row.all_series_s = Some(started.elapsed().as_secs_f64());
-            break;
+            return Ok(Some(started.elapsed().as_secs_f64()));
         }
         exp.check_alive()?;
         std::thread::sleep(Duration::from_millis(100));
     }
-    rss.mark("scrapes");
-    let body = exp.scrape(&mut http)?;
+    Ok(None)
+}
+
+/// The first cycle's figures: series, its duration, ELB and CES calls; returns its first CES call's time.
+fn first_cycle(
+    sim: &CloudSim,
+    exp: &Exporter,
+    http: &mut Http,
+    row: &mut Row,
+    tag: &str,
+) -> Result<i64> {
+    let body = exp.scrape(http)?;
     row.cycle_first_s = sample(&body, "elb_exporter_collection_duration_seconds");
     row.series = body.lines().filter(|l| l.starts_with(PREFIX)).count();
     let reqs = sim.requests();
@@ -551,19 +650,30 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     row.mpc_first =
         ces.iter().map(|r| r.ces_metrics).sum::<usize>() as f64 / ces.len().max(1) as f64;
     let first_ces_ms = ces.iter().map(|r| r.time_ms).min().unwrap_or_else(now_ms);
-    if row.series != listeners * METRICS {
+    if row.series != row.listeners * METRICS {
         eprintln!(
             "{tag} warning: {} cloud series exported, expected {}",
             row.series,
-            listeners * METRICS
+            row.listeners * METRICS
         );
     }
     eprintln!(
         "{tag} ready in {:.2}s; first cycle {:?}s, {} CES calls (min {}), {} ELB calls",
         row.ready_s, row.cycle_first_s, row.ces_first, row.ces_min, row.elb_calls
     );
+    Ok(first_ces_ms)
+}
 
-    // The bodies, byte for byte as served.
+/// The bodies byte for byte as served, then one scraper and 50 (wrk), exporter and nginx on the same
+/// bytes; returns the plain body.
+fn scrapes(
+    opts: &BenchOpts,
+    exp: &Exporter,
+    http: &mut Http,
+    rss: &mut RssSampler,
+    row: &mut Row,
+    tag: &str,
+) -> Result<Vec<u8>> {
     http.get(&exp.path, false)?;
     let plain = http.body().to_vec();
     http.get(&exp.path, true)?;
@@ -571,7 +681,6 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     row.body_plain = plain.len();
     row.body_gzip = gzip.len();
 
-    // One scraper, then 50 (wrk), exporter and nginx on the same bytes.
     let seq_time = Duration::from_secs(15);
     eprintln!(
         "{tag} one scraper: {} sequential GETs per case",
@@ -618,10 +727,18 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
         }
     }
     drop(nginx);
-    exp.check_alive()?;
+    Ok(plain)
+}
 
-    // A new annotated Service on a new ELB: its listener_info, then its first cloud series.
-    rss.mark("new Service");
+/// Applies a new annotated Service on a new ELB and times its listener_info and first cloud series
+/// (60 s at most); returns the new ELB's id.
+fn new_service(
+    sim: &CloudSim,
+    cluster: &FakeApiServer,
+    exp: &Exporter,
+    http: &mut Http,
+    row: &mut Row,
+) -> String {
     let new_elb = elb_id(900_000);
     sim.add_loadbalancer(&new_elb, LbKind::Dedicated);
     sim.add_listener(
@@ -641,7 +758,7 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     ));
     let limit = Duration::from_secs(60);
     while t0.elapsed() < limit {
-        if let Ok(b) = exp.scrape(&mut http) {
+        if let Ok(b) = exp.scrape(http) {
             if row.new_info_s.is_none() && b.contains(&info_needle) {
                 row.new_info_s = Some(t0.elapsed().as_secs_f64());
             }
@@ -653,25 +770,18 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
         }
         std::thread::sleep(POLL);
     }
-    eprintln!(
-        "{tag} new Service: listener_info after {:?}s, first series after {:?}s",
-        row.new_info_s, row.new_series_s
-    );
-    if opts.fixture == Fixture::Realistic {
-        rss.mark("refresh");
-        refresh_phase(
-            &mut row, &sim, &cluster, &mut exp, &mut http, started, &new_elb,
-        )?;
-    }
+    new_elb
+}
 
-    // CPU per steady-state cycle: the next full cycle that starts after now, measured with the exporter
-    // otherwise idle. Cycle k starts about (k-1) intervals after the first cycle's first CES call.
+/// Sleeps until shortly before the next full cycle that starts after now, so that its CPU is measured
+/// with the exporter otherwise idle; returns its number. Cycle k starts about (k-1) intervals after
+/// the first cycle's first CES call.
+fn wait_for_cycle(first_ces_ms: i64, interval: u64, rss: &mut RssSampler, tag: &str) -> i64 {
     let interval_ms = interval as i64 * 1000;
     let mut k: i64 = 2;
     while first_ces_ms + (k - 1) * interval_ms - 1500 <= now_ms() && k < 100 {
         k += 1;
     }
-    row.steady_cycle_no = k as u64;
     if k > 2 {
         eprintln!("{tag} note: cycle 2 overlapped the scrape measurements; measuring cycle {k}");
     }
@@ -683,40 +793,23 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     );
     rss.mark("idle");
     std::thread::sleep(wait.min(Duration::from_secs(interval + 5)));
-    rss.mark("cycle");
-    exp.check_alive()?;
-    let before_body = exp.scrape(&mut http)?;
-    let collections_before = sample(
-        &before_body,
-        "elb_exporter_collections_total{result=\"success\"}",
-    )
-    .unwrap_or(0.0)
-        + sample(
-            &before_body,
-            "elb_exporter_collections_total{result=\"failure\"}",
-        )
-        .unwrap_or(0.0);
-    drop(before_body);
-    // Let the scrape's own CPU settle before the baseline.
-    std::thread::sleep(Duration::from_millis(200));
-    let ces_before = ces_requests(&sim).len();
-    let cpu0 = proc_stat_cpu_ticks(exp.pid());
-    let deadline = Instant::now() + Duration::from_secs(interval + 120);
-    let mut ces_after = ces_before;
-    while Instant::now() < deadline {
-        ces_after = ces_requests(&sim).len();
-        if ces_after >= ces_before + row.ces_first.max(1) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The cycle's last answers arrived; wait until the exporter's CPU time stops moving (render, gzip).
-    let mut last = proc_stat_cpu_ticks(exp.pid());
+    k
+}
+
+/// Collections so far (successful and failed), from a body.
+fn collections(body: &str) -> f64 {
+    sample(body, "elb_exporter_collections_total{result=\"success\"}").unwrap_or(0.0)
+        + sample(body, "elb_exporter_collections_total{result=\"failure\"}").unwrap_or(0.0)
+}
+
+/// The exporter's CPU ticks once they stop moving (five 100 ms samples alike, 60 s at most).
+fn settled_cpu_ticks(pid: u32) -> Option<u64> {
+    let mut last = proc_stat_cpu_ticks(pid);
     let mut still = 0;
     let settle_deadline = Instant::now() + Duration::from_secs(60);
     while still < 5 && Instant::now() < settle_deadline {
         std::thread::sleep(Duration::from_millis(100));
-        let now = proc_stat_cpu_ticks(exp.pid());
+        let now = proc_stat_cpu_ticks(pid);
         if now == last {
             still += 1;
         } else {
@@ -724,25 +817,44 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
             last = now;
         }
     }
-    let cpu1 = last;
-    let after_body = exp.scrape(&mut http)?;
-    let collections_after = sample(
-        &after_body,
-        "elb_exporter_collections_total{result=\"success\"}",
-    )
-    .unwrap_or(0.0)
-        + sample(
-            &after_body,
-            "elb_exporter_collections_total{result=\"failure\"}",
-        )
-        .unwrap_or(0.0);
+    last
+}
+
+/// One steady-state cycle: its duration, CES calls, metrics per call and CPU time.
+fn steady_cycle(
+    sim: &CloudSim,
+    exp: &Exporter,
+    http: &mut Http,
+    row: &mut Row,
+    clk: f64,
+    interval: u64,
+    tag: &str,
+) -> Result<()> {
+    let collections_before = collections(&exp.scrape(http)?);
+    // Let the scrape's own CPU settle before the baseline.
+    std::thread::sleep(Duration::from_millis(200));
+    let ces_before = ces_requests(sim).len();
+    let cpu0 = proc_stat_cpu_ticks(exp.pid());
+    let deadline = Instant::now() + Duration::from_secs(interval + 120);
+    let mut ces_after = ces_before;
+    while Instant::now() < deadline {
+        ces_after = ces_requests(sim).len();
+        if ces_after >= ces_before + row.ces_first.max(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The cycle's last answers arrived; wait until the exporter's CPU time stops moving (render, gzip).
+    let cpu1 = settled_cpu_ticks(exp.pid());
+    let after_body = exp.scrape(http)?;
+    let collections_after = collections(&after_body);
     if collections_after > collections_before {
         row.cycle_steady_s = sample(&after_body, "elb_exporter_collection_duration_seconds");
         let cycles = collections_after - collections_before;
         if let (Some(a), Some(b)) = (cpu0, cpu1) {
             row.cpu_per_cycle_s = Some((b - a) as f64 / clk / cycles);
         }
-        let reqs = ces_requests(&sim);
+        let reqs = ces_requests(sim);
         let cyc = &reqs[ces_before.min(reqs.len())..];
         row.ces_steady = Some(cyc.len());
         row.mpc_steady =
@@ -750,28 +862,7 @@ fn bench_size(opts: &BenchOpts, listeners: usize, clk: f64) -> Result<Row> {
     } else {
         eprintln!("{tag} warning: no full cycle observed (CES calls {ces_before} → {ces_after})");
     }
-    drop(after_body);
-    row.peak_rss_kib = proc_status_kib(exp.pid(), "VmHWM:");
-    row.rss_phases = rss.finish();
-    row.rss_kib = proc_status_kib(exp.pid(), "VmRSS:");
-    eprintln!(
-        "{tag} cycle {k}: {:?}s, {:?} CES calls, {:?} CPU s; peak RSS {:?} KiB",
-        row.cycle_steady_s, row.ces_steady, row.cpu_per_cycle_s, row.peak_rss_kib
-    );
-    drop(http);
-    drop(exp);
-    rt.shutdown_timeout(Duration::from_secs(2));
-
-    row.load.1 = loadavg();
-    // The naive design on the same data (the exporter is stopped: the bench process has the CPU).
-    eprintln!("{tag} naive design: GaugeVec + TextEncoder per scrape");
-    let text = String::from_utf8_lossy(&plain).into_owned();
-    drop(plain);
-    match naive(&text) {
-        Ok(n) => row.naive = Some(n),
-        Err(e) => eprintln!("{tag} naive: {e:#}"),
-    }
-    Ok(row)
+    Ok(())
 }
 
 /// Waits for the first periodic refresh (default `listener_refresh`, counted from start), applies a new
