@@ -53,7 +53,10 @@ pub fn check_exposition(body: &str) -> Result<usize, String> {
 }
 
 /// A parsed sample line: name, labels (name, unescaped value) in order, value.
-pub type ParsedSample = (String, Vec<(String, String)>, f64);
+pub type ParsedSample = (String, Labels, f64);
+
+/// Labels as (name, unescaped value), in order.
+pub type Labels = Vec<(String, String)>;
 
 /// Parses one sample line `name{label="value",...} value` (labels optional, no timestamp): a valid
 /// metric name, valid label names each once, label values unescaped (`\\`, `\"` and `\n` only), one
@@ -78,8 +81,8 @@ pub fn parse_sample(line: &str) -> Result<ParsedSample, String> {
 }
 
 /// The labels after `{`, up to its `}`; returns them and what follows.
-fn parse_labels(mut rest: &str) -> Result<(Vec<(String, String)>, &str), String> {
-    let mut labels: Vec<(String, String)> = Vec::new();
+fn parse_labels(mut rest: &str) -> Result<(Labels, &str), String> {
+    let mut labels = Labels::new();
     loop {
         if let Some(r) = rest.strip_prefix('}') {
             return Ok((labels, r));
