@@ -68,63 +68,10 @@ impl Http {
             }
         );
         conn.get_mut().write_all(req.as_bytes())?;
-        let mut line = String::new();
-        if conn.read_line(&mut line)? == 0 {
-            return Err(Error::new(ErrorKind::UnexpectedEof, "connection closed"));
-        }
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::new(ErrorKind::InvalidData, format!("status line {line:?}")))?;
-        let (mut length, mut chunked, mut close) = (None::<usize>, false, false);
-        for _ in 0..200 {
-            line.clear();
-            if conn.read_line(&mut line)? == 0 {
-                return Err(Error::new(ErrorKind::UnexpectedEof, "in headers"));
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                let v = v.trim();
-                match k.trim().to_ascii_lowercase().as_str() {
-                    "content-length" => length = v.parse().ok(),
-                    "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
-                    "connection" => close = v.eq_ignore_ascii_case("close"),
-                    _ => {}
-                }
-            }
-        }
-        let ensure = |buf: &mut Vec<u8>, n: usize| {
-            if buf.len() < n {
-                buf.resize(n, 0);
-            }
-        };
+        let (status, length, chunked, mut close) = read_head(conn)?;
         self.len = 0;
         if chunked {
-            for _ in 0..1_000_000 {
-                line.clear();
-                conn.read_line(&mut line)?;
-                let hex = line.trim().split(';').next().unwrap_or("").trim();
-                let size = usize::from_str_radix(hex, 16)
-                    .map_err(|_| Error::new(ErrorKind::InvalidData, "chunk size"))?;
-                if size == 0 {
-                    for _ in 0..100 {
-                        line.clear();
-                        if conn.read_line(&mut line)? == 0 || line.trim().is_empty() {
-                            break;
-                        }
-                    }
-                    break;
-                }
-                ensure(&mut self.buf, self.len + size);
-                conn.read_exact(&mut self.buf[self.len..self.len + size])?;
-                self.len += size;
-                line.clear();
-                conn.read_line(&mut line)?;
-            }
+            read_chunked(conn, &mut self.buf, &mut self.len)?;
         } else if let Some(n) = length {
             ensure(&mut self.buf, n);
             conn.read_exact(&mut self.buf[..n])?;
@@ -140,6 +87,79 @@ impl Http {
             self.conn = None;
         }
         Ok(status)
+    }
+}
+
+/// The status line and headers of a response: (status, Content-Length, chunked, Connection: close).
+fn read_head(conn: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Option<usize>, bool, bool)> {
+    use std::io::{Error, ErrorKind};
+    let mut line = String::new();
+    if conn.read_line(&mut line)? == 0 {
+        return Err(Error::new(ErrorKind::UnexpectedEof, "connection closed"));
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, format!("status line {line:?}")))?;
+    let (mut length, mut chunked, mut close) = (None::<usize>, false, false);
+    for _ in 0..200 {
+        line.clear();
+        if conn.read_line(&mut line)? == 0 {
+            return Err(Error::new(ErrorKind::UnexpectedEof, "in headers"));
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            let v = v.trim();
+            match k.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = v.parse().ok(),
+                "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
+                "connection" => close = v.eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+    }
+    Ok((status, length, chunked, close))
+}
+
+/// A chunked body, appended to `buf[..len]` (trailers skipped).
+fn read_chunked(
+    conn: &mut BufReader<TcpStream>,
+    buf: &mut Vec<u8>,
+    len: &mut usize,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let mut line = String::new();
+    for _ in 0..1_000_000 {
+        line.clear();
+        conn.read_line(&mut line)?;
+        let hex = line.trim().split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(hex, 16)
+            .map_err(|_| Error::new(ErrorKind::InvalidData, "chunk size"))?;
+        if size == 0 {
+            for _ in 0..100 {
+                line.clear();
+                if conn.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                    break;
+                }
+            }
+            break;
+        }
+        ensure(buf, *len + size);
+        conn.read_exact(&mut buf[*len..*len + size])?;
+        *len += size;
+        line.clear();
+        conn.read_line(&mut line)?;
+    }
+    Ok(())
+}
+
+fn ensure(buf: &mut Vec<u8>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0);
     }
 }
 

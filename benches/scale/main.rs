@@ -161,57 +161,72 @@ fn default_exporter() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release/elb-exporter"))
 }
 
-impl BenchOpts {
-    fn parse() -> Result<BenchOpts> {
-        let mut sizes = env_or("BENCH_SIZES");
-        let mut exporter = env_or("ELB_EXPORTER_BIN");
-        let mut wrk = env_or("WRK");
-        let mut nginx = env_or("NGINX");
-        let mut wrk_secs = env_or("BENCH_WRK_SECS");
-        let mut concurrency = env_or("BENCH_CONCURRENCY");
-        let mut interval = env_or("BENCH_INTERVAL_SECS");
-        let mut requests = env_or("BENCH_REQUESTS");
-        let mut out = env_or("BENCH_OUT");
-        let mut fixture = env_or("BENCH_FIXTURE");
-        let mut args = std::env::args().skip(1);
-        while let Some(a) = args.next() {
-            let (key, inline) = match a.split_once('=') {
-                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                None => (a.clone(), None),
-            };
-            let slot = match key.as_str() {
-                "--sizes" => &mut sizes,
-                "--exporter" => &mut exporter,
-                "--wrk" => &mut wrk,
-                "--nginx" => &mut nginx,
-                "--wrk-secs" => &mut wrk_secs,
-                "--concurrency" => &mut concurrency,
-                "--interval" => &mut interval,
-                "--requests" => &mut requests,
-                "--out" => &mut out,
-                "--fixture" => &mut fixture,
-                // Passed by `cargo bench`.
-                "--bench" => continue,
-                "-h" | "--help" => {
-                    println!(
-                        "usage: scale [--sizes 100,1000,10000] [--exporter PATH] [--wrk PATH] [--nginx PATH] \
-                         [--wrk-secs 10] [--concurrency N] [--interval SECS] [--requests 200] [--out FILE] \
-                         [--fixture realistic|legacy]"
-                    );
-                    std::process::exit(0);
-                }
-                other if other.starts_with('-') => bail!("unknown option {other} (see --help)"),
-                // A positional argument (cargo bench's filter): sizes.
-                _ => {
-                    sizes = Some(a.clone());
+/// The options and the environment variables that stand for them, in `BenchOpts::parse`'s order.
+const OPTIONS: [(&str, &str); 10] = [
+    ("--sizes", "BENCH_SIZES"),
+    ("--exporter", "ELB_EXPORTER_BIN"),
+    ("--wrk", "WRK"),
+    ("--nginx", "NGINX"),
+    ("--wrk-secs", "BENCH_WRK_SECS"),
+    ("--concurrency", "BENCH_CONCURRENCY"),
+    ("--interval", "BENCH_INTERVAL_SECS"),
+    ("--requests", "BENCH_REQUESTS"),
+    ("--out", "BENCH_OUT"),
+    ("--fixture", "BENCH_FIXTURE"),
+];
+
+/// Each option's raw value: the environment's, overridden by the command line (`--key value` or
+/// `--key=value`; a positional argument, cargo bench's filter, is the sizes).
+fn raw_options() -> Result<[Option<String>; 10]> {
+    let mut raw = OPTIONS.map(|(_, env)| env_or(env));
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let (key, inline) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        };
+        let slot = match key.as_str() {
+            // Passed by `cargo bench`.
+            "--bench" => continue,
+            "-h" | "--help" => {
+                println!(
+                    "usage: scale [--sizes 100,1000,10000] [--exporter PATH] [--wrk PATH] [--nginx PATH] \
+                     [--wrk-secs 10] [--concurrency N] [--interval SECS] [--requests 200] [--out FILE] \
+                     [--fixture realistic|legacy]"
+                );
+                std::process::exit(0);
+            }
+            k => match OPTIONS.iter().position(|(o, _)| *o == k) {
+                Some(i) => i,
+                None if k.starts_with('-') => bail!("unknown option {k} (see --help)"),
+                None => {
+                    raw[0] = Some(a.clone());
                     continue;
                 }
-            };
-            *slot = Some(match inline {
-                Some(v) => v,
-                None => args.next().ok_or_else(|| anyhow!("{key} needs a value"))?,
-            });
-        }
+            },
+        };
+        raw[slot] = Some(match inline {
+            Some(v) => v,
+            None => args.next().ok_or_else(|| anyhow!("{key} needs a value"))?,
+        });
+    }
+    Ok(raw)
+}
+
+impl BenchOpts {
+    fn parse() -> Result<BenchOpts> {
+        let [
+            sizes,
+            exporter,
+            wrk,
+            nginx,
+            wrk_secs,
+            concurrency,
+            interval,
+            requests,
+            out,
+            fixture,
+        ] = raw_options()?;
         let num = |v: Option<String>, what: &str, default: u64| -> Result<u64> {
             v.map(|s| {
                 s.parse::<u64>()
@@ -745,32 +760,60 @@ fn new_service(
         &new_elb,
         SimListener::new(listener_id(900_000, 0), "k8s_TCP_80", "TCP", 80),
     );
-    let info_needle = format!("elb_exporter_listener_info{{namespace=\"{NEW_NS}\",");
+    (row.new_info_s, row.new_series_s) =
+        time_new_service(cluster, exp, http, NEW_NS, &new_elb, "performance");
+    new_elb
+}
+
+/// Applies Service `<ns>/new-svc` (annotated with `elb` and `class`, port 80) and times, from then on,
+/// its listener_info and its first cloud series (60 s at most).
+fn time_new_service(
+    cluster: &FakeApiServer,
+    exp: &Exporter,
+    http: &mut Http,
+    ns: &str,
+    elb: &str,
+    class: &str,
+) -> (Option<f64>, Option<f64>) {
+    let info_needle = format!("elb_exporter_listener_info{{namespace=\"{ns}\",");
+    let (mut info, mut series) = (None, None);
     let t0 = Instant::now();
     cluster.apply(service(
-        NEW_NS,
+        ns,
         NEW_SVC,
-        &[
-            (ELB_ID_ANNOTATION, new_elb.as_str()),
-            (ELB_CLASS_ANNOTATION, "performance"),
-        ],
+        &[(ELB_ID_ANNOTATION, elb), (ELB_CLASS_ANNOTATION, class)],
         &[80],
     ));
-    let limit = Duration::from_secs(60);
-    while t0.elapsed() < limit {
+    while t0.elapsed() < Duration::from_secs(60) {
         if let Ok(b) = exp.scrape(http) {
-            if row.new_info_s.is_none() && b.contains(&info_needle) {
-                row.new_info_s = Some(t0.elapsed().as_secs_f64());
+            if info.is_none() && b.contains(&info_needle) {
+                info = Some(t0.elapsed().as_secs_f64());
             }
-            if has_cloud_series(&b, NEW_NS) {
-                row.new_series_s = Some(t0.elapsed().as_secs_f64());
-                row.new_info_s.get_or_insert(t0.elapsed().as_secs_f64());
+            if has_cloud_series(&b, ns) {
+                series = Some(t0.elapsed().as_secs_f64());
+                info.get_or_insert(t0.elapsed().as_secs_f64());
                 break;
             }
         }
         std::thread::sleep(POLL);
     }
-    new_elb
+    (info, series)
+}
+
+/// Waits until no ELB listing call (but lookups of the `skip` ELBs) arrived for 5 s (120 s at most):
+/// the refresh is over.
+fn wait_quiet(sim: &CloudSim, skip: &[&str]) {
+    let mut last = elb_calls(&sim.requests(), skip);
+    let mut quiet_since = Instant::now();
+    let quiet_deadline = Instant::now() + Duration::from_secs(120);
+    while quiet_since.elapsed() < Duration::from_secs(5) && Instant::now() < quiet_deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = elb_calls(&sim.requests(), skip);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
 }
 
 /// Sleeps until shortly before the next full cycle that starts after now, so that its CPU is measured
@@ -907,43 +950,9 @@ fn refresh_phase(
         &refresh_elb,
         SimListener::new(new_listener.clone(), "k8s_TCP_80", "TCP", 80),
     );
-    let info_needle = format!("elb_exporter_listener_info{{namespace=\"{NEW_NS_REFRESH}\",");
-    let t0 = Instant::now();
-    cluster.apply(service(
-        NEW_NS_REFRESH,
-        NEW_SVC,
-        &[
-            (ELB_ID_ANNOTATION, refresh_elb.as_str()),
-            (ELB_CLASS_ANNOTATION, "union"),
-        ],
-        &[80],
-    ));
-    while t0.elapsed() < Duration::from_secs(60) {
-        if let Ok(b) = exp.scrape(http) {
-            if row.refresh_new_info_s.is_none() && b.contains(&info_needle) {
-                row.refresh_new_info_s = Some(t0.elapsed().as_secs_f64());
-            }
-            if has_cloud_series(&b, NEW_NS_REFRESH) {
-                row.refresh_new_series_s = Some(t0.elapsed().as_secs_f64());
-                row.refresh_new_info_s
-                    .get_or_insert(t0.elapsed().as_secs_f64());
-                break;
-            }
-        }
-        std::thread::sleep(POLL);
-    }
-    // The refresh is over once no refresh call arrived for 5 s.
-    let mut last = elb_calls(&sim.requests(), &skip);
-    let mut quiet_since = Instant::now();
-    let quiet_deadline = Instant::now() + Duration::from_secs(120);
-    while quiet_since.elapsed() < Duration::from_secs(5) && Instant::now() < quiet_deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = elb_calls(&sim.requests(), &skip);
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
+    (row.refresh_new_info_s, row.refresh_new_series_s) =
+        time_new_service(cluster, exp, http, NEW_NS_REFRESH, &refresh_elb, "union");
+    wait_quiet(sim, &skip);
     let reqs = sim.requests();
     let refresh: Vec<&SimRequest> = reqs[base..].iter().filter(|r| is_refresh_call(r)).collect();
     let lookup_ms = reqs
