@@ -379,17 +379,9 @@ async fn ces_calls_per_cycle_are_the_minimum() {
         .into_iter()
         .filter(|r| matches!(r.api, SimApi::Ces))
         .collect();
-    // Cycles are 2 s apart and take milliseconds: split the log at gaps over 1 s. The first and last
-    // groups may be cut by the observation window; every whole cycle in between must be exactly 6.
-    let mut groups: Vec<usize> = Vec::new();
-    let mut last: Option<i64> = None;
-    for r in &ces {
-        if last.is_none_or(|t| r.time_ms - t > 1000) {
-            groups.push(0);
-        }
-        *groups.last_mut().unwrap() += 1;
-        last = Some(r.time_ms);
-    }
+    // Cycles are 2 s apart and take milliseconds; every whole cycle between the first and the last
+    // group (cut by the observation window) must be exactly 6.
+    let groups = calls_per_cycle(&ces);
     assert!(
         groups.len() >= 3,
         "at least one whole cycle observed: {groups:?}"

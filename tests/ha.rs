@@ -146,21 +146,12 @@ async fn complete(r: &Replica, since: Instant, limit: Duration) -> Duration {
 }
 
 /// Like `wait_for`, polling every 20 ms (the failover times are the figure here).
-async fn wait_for_fast<F, Fut>(limit: Duration, mut check: F) -> bool
+async fn wait_for_fast<F, Fut>(limit: Duration, check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_every(limit, Duration::from_millis(20), check).await
 }
 
 /// The leader's and the follower's index, once exactly one leads.

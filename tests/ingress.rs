@@ -581,17 +581,7 @@ async fn ces_calls_per_cycle_pack_listener_and_pool_series() {
         .into_iter()
         .filter(|r| r.path.contains("batch-query-metric-data"))
         .collect();
-    let mut groups: Vec<usize> = Vec::new();
-    let mut last: Option<i64> = None;
-    for r in &ces {
-        if last.is_none_or(|t| r.time_ms - t > 1000) {
-            groups.push(0);
-        }
-        if let Some(g) = groups.last_mut() {
-            *g += 1;
-        }
-        last = Some(r.time_ms);
-    }
+    let groups = calls_per_cycle(&ces);
     assert!(groups.len() >= 3, "{groups:?}");
     assert!(
         groups[1..groups.len() - 1].iter().all(|&n| n == 4),

@@ -33,18 +33,19 @@
 //!
 //! Prometheus scrapes with `Accept-Encoding: gzip`, so the scrape also covers the exporter's gzip body.
 
+mod common;
+
+use common::{Exporter, now_ms, samples_where};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use elb_exporter::clock::now_ms;
 use elb_exporter::sim::cloud::datapoint_value;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
@@ -85,16 +86,7 @@ impl Proc {
     /// The end of the process's log, for failure messages.
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        let start = (start..text.len())
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(text.len());
-        format!(
-            "--- {} log ({}) ---\n{}",
-            self.name,
-            self.log.display(),
-            &text[start..]
-        )
+        tail(self.name, &self.log.display().to_string(), &text)
     }
 }
 
@@ -132,7 +124,7 @@ fn free_port(ip: Ipv4Addr) -> u16 {
 
 /// Starts `elb-exporter demo --listen <ip>:8087`: first on random 127.x.y.z addresses, then on 127.0.0.1.
 /// Returns the process and the address it serves (the one printed on its first stdout line).
-fn start_exporter(dir: &Path) -> (Proc, SocketAddr) {
+fn start_exporter() -> (Exporter, SocketAddr) {
     let seed = random_u64();
     let mut candidates: Vec<Ipv4Addr> = (0..5u64)
         .map(|k| {
@@ -144,74 +136,83 @@ fn start_exporter(dir: &Path) -> (Proc, SocketAddr) {
         .collect();
     candidates.push(Ipv4Addr::LOCALHOST);
     let mut failures = Vec::new();
-    for (i, ip) in candidates.into_iter().enumerate() {
+    for ip in candidates {
         let listen = SocketAddr::from((ip, GUIDE_PORT));
-        let log = dir.join(format!("exporter-{i}.log"));
-        let mut child = Command::new(EXPORTER)
-            .args(["demo", "--listen", &listen.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).expect("create exporter log"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {EXPORTER}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut proc = Proc {
-            name: "elb-exporter",
-            child,
-            log,
-        };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            // Keep draining so the exporter never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let first = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => break Some(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "elb-exporter printed nothing within 20 s\n{}",
-                    proc.log_tail()
-                );
+        let started = Exporter::try_spawn(
+            Command::new(EXPORTER).args(["demo", "--listen", &listen.to_string()]),
+            Path::new("/nonexistent-kubeconfig"),
+            &[],
+        );
+        // An error: the address or port is not available; try the next one.
+        let exporter = match started {
+            Ok(e) => e,
+            Err(e) => {
+                failures.push(format!("{listen}: {e}"));
+                continue;
             }
         };
-        let Some(first) = first else {
-            // Exited without serving: the address or port is not available; try the next one.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while proc.exited().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            failures.push(format!(
-                "{listen}: {:?}\n{}",
-                proc.exited(),
-                proc.log_tail()
-            ));
-            continue;
-        };
-        let url = first
-            .strip_prefix("elb-exporter demo: serving ")
-            .unwrap_or_else(|| panic!("unexpected first stdout line of the demo: {first:?}"));
-        let addr: SocketAddr = url
+        let first = exporter.stdout();
+        let first = first.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("elb-exporter demo: serving "),
+            "unexpected first stdout line of the demo: {first:?}"
+        );
+        let addr: SocketAddr = exporter
+            .base
             .strip_prefix("http://")
-            .and_then(|r| r.strip_suffix("/metrics"))
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no http://ADDR/metrics in {first:?}"));
         assert_eq!(addr, listen, "the demo serves another address than asked");
-        return (proc, addr);
+        return (exporter, addr);
     }
     panic!(
         "could not start the exporter on port {GUIDE_PORT} of any loopback address:\n{}",
         failures.join("\n")
     );
+}
+
+/// A child process whose readiness [`wait_ok`] waits for: whether it has exited, the end of its log.
+trait Watched {
+    fn name(&self) -> &str;
+    fn exited(&mut self) -> Option<ExitStatus>;
+    fn log_tail(&self) -> String;
+}
+
+impl Watched for Proc {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        Proc::exited(self)
+    }
+
+    fn log_tail(&self) -> String {
+        Proc::log_tail(self)
+    }
+}
+
+impl Watched for Exporter {
+    fn name(&self) -> &str {
+        "elb-exporter"
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn log_tail(&self) -> String {
+        tail("elb-exporter", "stderr", &self.logs())
+    }
+}
+
+/// The end of a log (its last 4,000 bytes), for failure messages.
+fn tail(name: &str, what: &str, text: &str) -> String {
+    let start = text.len().saturating_sub(4000);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    format!("--- {name} log ({what}) ---\n{}", &text[start..])
 }
 
 /// Runs `promtool ARGS`, with `stdin` as its standard input; returns (status, stdout, stderr).
@@ -260,7 +261,7 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, String), Strin
 }
 
 /// Waits until `url` answers 200; panics after `limit` (or when `proc` exits) with its log.
-async fn wait_ok(client: &reqwest::Client, url: &str, limit: Duration, proc: &mut Proc) {
+async fn wait_ok(client: &reqwest::Client, url: &str, limit: Duration, proc: &mut impl Watched) {
     let deadline = Instant::now() + limit;
     loop {
         let last = match get(client, url).await {
@@ -271,7 +272,7 @@ async fn wait_ok(client: &reqwest::Client, url: &str, limit: Duration, proc: &mu
         if let Some(status) = proc.exited() {
             panic!(
                 "{} exited ({status}) before {url} was ready\n{}",
-                proc.name,
+                proc.name(),
                 proc.log_tail()
             );
         }
@@ -330,27 +331,25 @@ async fn prom_query(
 
 /// The value of the exporter's own nginx series, read from its /metrics text.
 fn exporter_nginx_value(metrics: &str) -> f64 {
-    let values: Vec<f64> = metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{SERIES}{{")))
-        .filter(|l| l.contains("namespace=\"default\"") && l.contains("service=\"nginx\""))
-        .map(|l| {
-            assert!(
-                l.contains(&format!("lbaas_listener_id=\"{NGINX_LISTENER}\"")),
-                "unexpected nginx listener in {l}"
-            );
-            l.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no value in {l}"))
-        })
-        .collect();
+    let samples = samples_where(
+        metrics,
+        SERIES,
+        &[("namespace", "default"), ("service", "nginx")],
+    );
+    for (_, labels, _) in &samples {
+        assert!(
+            labels
+                .iter()
+                .any(|(k, v)| k == "lbaas_listener_id" && v == NGINX_LISTENER),
+            "unexpected nginx listener in {labels:?}"
+        );
+    }
     assert_eq!(
-        values.len(),
+        samples.len(),
         1,
         "the demo's Service default/nginx should have exactly one listener in /metrics:\n{metrics}"
     );
-    values[0]
+    samples[0].2
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -610,7 +609,7 @@ async fn guide_pipeline_against_real_prometheus() {
     let http = client();
 
     // --- the exporter, on port 8087 of a loopback "pod ip"
-    let (mut exporter, exporter_addr) = start_exporter(dir.path());
+    let (mut exporter, exporter_addr) = start_exporter();
     let exporter_base = format!("http://{exporter_addr}");
     wait_ok(
         &http,
@@ -1025,13 +1024,13 @@ impl HpaQuery {
     /// What the query must return: the sum of the exporter's own series of the described object (each
     /// listener or pool once), from its /metrics text; `None` when it has none.
     fn exporter_value(&self, metrics: &str) -> Option<f64> {
-        let ns = format!("namespace=\"{}\"", self.namespace);
-        let obj = format!(",{}=\"{}\",", self.label, self.name);
-        let values: Vec<f64> = metrics
-            .lines()
-            .filter(|l| l.starts_with(&format!("{}{{", self.series)))
-            .filter(|l| l.contains(&ns) && l.contains(&obj))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+        let with = [
+            ("namespace", self.namespace.as_str()),
+            (self.label.as_str(), self.name.as_str()),
+        ];
+        let values: Vec<f64> = samples_where(metrics, &self.series, &with)
+            .into_iter()
+            .map(|(_, _, v)| v)
             .collect();
         (!values.is_empty()).then(|| values.iter().sum())
     }

@@ -11,6 +11,9 @@
 //!
 //! Case counts are modest (256) and failures are not persisted to files.
 
+mod common;
+
+use common::{parse_sample, parse_value};
 use elb_exporter::cloud::parse::{batch_result, error_fields, listener_page, projects};
 use elb_exporter::cloud::{Listener, MetricQuery};
 use elb_exporter::collector::{Sample, SeriesKey, Snapshot};
@@ -1322,34 +1325,6 @@ proptest! {
 // 6. Rendering
 // ---------------------------------------------------------------------------------------------------
 
-fn is_metric_name(s: &str) -> bool {
-    let mut b = s.bytes();
-    matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_' || c == b':')
-        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b':')
-}
-
-fn is_label_name(s: &str) -> bool {
-    let mut b = s.bytes();
-    matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_')
-        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
-}
-
-/// The exposition value: `+Inf`, `-Inf`, `NaN`, or a plain decimal float.
-fn parse_value(s: &str) -> Option<f64> {
-    match s {
-        "+Inf" => Some(f64::INFINITY),
-        "-Inf" => Some(f64::NEG_INFINITY),
-        "NaN" => Some(f64::NAN),
-        s if !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+')) =>
-        {
-            s.parse().ok()
-        }
-        _ => None,
-    }
-}
-
 /// Bits, with every NaN the same.
 fn canonical_bits(x: f64) -> u64 {
     if x.is_nan() {
@@ -1359,56 +1334,8 @@ fn canonical_bits(x: f64) -> u64 {
     }
 }
 
+/// A sample with its value as canonical bits, so that samples compare and sort (NaN included).
 type Series = (String, Vec<(String, String)>, u64);
-
-/// A small exposition sample-line parser: `name{k="v",...} value`.
-fn parse_sample(line: &str) -> Result<Series, String> {
-    let brace = line.find('{').ok_or("no `{`")?;
-    let name = &line[..brace];
-    if !is_metric_name(name) {
-        return Err(format!("bad metric name {name:?}"));
-    }
-    let mut rest = &line[brace + 1..];
-    let mut labels: Vec<(String, String)> = Vec::new();
-    loop {
-        if let Some(r) = rest.strip_prefix('}') {
-            rest = r;
-            break;
-        }
-        if !labels.is_empty() {
-            rest = rest.strip_prefix(',').ok_or("expected `,`")?;
-        }
-        let eq = rest.find('=').ok_or("no `=`")?;
-        let key = &rest[..eq];
-        if !is_label_name(key) {
-            return Err(format!("bad label name {key:?}"));
-        }
-        rest = rest[eq + 1..].strip_prefix('"').ok_or("no opening quote")?;
-        let mut value = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            match chars.next() {
-                None => return Err("unterminated label value".into()),
-                Some((i, '"')) => break i,
-                Some((_, '\\')) => match chars.next() {
-                    Some((_, '\\')) => value.push('\\'),
-                    Some((_, '"')) => value.push('"'),
-                    Some((_, 'n')) => value.push('\n'),
-                    other => return Err(format!("bad escape {other:?}")),
-                },
-                Some((_, c)) => value.push(c),
-            }
-        };
-        rest = &rest[end + 1..];
-        if labels.iter().any(|(k, _)| k == key) {
-            return Err(format!("label {key} twice"));
-        }
-        labels.push((key.to_string(), value));
-    }
-    let value = rest.strip_prefix(' ').ok_or("no space before the value")?;
-    let v = parse_value(value).ok_or_else(|| format!("bad value {value:?}"))?;
-    Ok((name.to_string(), labels, canonical_bits(v)))
-}
 
 const KNOWN_METRICS: &[&str] = &[
     "m1_cps",
@@ -1653,7 +1580,9 @@ proptest! {
                 current = Some(name.to_string());
             } else {
                 prop_assert!(!line.starts_with('#'), "unknown comment {:?}", line);
-                let s = parse_sample(line).map_err(|e| TestCaseError::fail(format!("{e}: {line:?}")))?;
+                let s = parse_sample(line)
+                    .map(|(name, labels, v)| (name, labels, canonical_bits(v)))
+                    .map_err(|e| TestCaseError::fail(format!("{e}: {line:?}")))?;
                 prop_assert_eq!(Some(&s.0), current.as_ref(), "sample outside its family");
                 got.push(s);
             }

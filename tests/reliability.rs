@@ -135,12 +135,10 @@ fn ces(sim: &CloudSim) -> Vec<SimRequest> {
 }
 
 fn value_of(body: &str, metric: &str, listener: &str) -> Option<f64> {
-    let family = format!("huaweicloud_sys_elb_listener_{metric}{{");
-    let needle = format!("lbaas_listener_id=\"{listener}\"");
-    body.lines()
-        .find(|l| l.starts_with(&family) && l.contains(&needle))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    let family = format!("huaweicloud_sys_elb_listener_{metric}");
+    samples_where(body, &family, &[("lbaas_listener_id", listener)])
+        .first()
+        .map(|(_, _, v)| *v)
 }
 
 /// Whether `v` is what the simulator serves for this listener and metric in the newest minute (or the

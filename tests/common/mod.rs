@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod exposition;
+pub use exposition::*;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_elb-exporter");
 
 pub fn loopback() -> SocketAddr {
@@ -166,6 +169,16 @@ impl Exporter {
         kubeconfig: &std::path::Path,
         env: &[(&str, &str)],
     ) -> Exporter {
+        Exporter::try_spawn(c, kubeconfig, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Exporter::spawn_env`], but `Err` (with its stderr) when the process ends or stays silent
+    /// for 20 s instead of announcing its address, e.g. because the address to listen on is taken.
+    pub fn try_spawn(
+        c: &mut Command,
+        kubeconfig: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Result<Exporter, String> {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let (file, path) = log.keep().expect("keep log");
         cmd(c, kubeconfig);
@@ -201,8 +214,12 @@ impl Exporter {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                     let log = std::fs::read_to_string(&path).unwrap_or_default();
-                    panic!("exporter did not announce its address; stderr:\n{log}");
+                    let _ = std::fs::remove_file(&path);
+                    return Err(format!(
+                        "exporter did not announce its address ({status}); stderr:\n{log}"
+                    ));
                 }
             }
         };
@@ -210,13 +227,13 @@ impl Exporter {
             .trim_end_matches("/metrics")
             .trim_end_matches('/')
             .to_string();
-        Exporter {
+        Ok(Exporter {
             child,
             metrics_url: url,
             base,
             stderr_path: Some(path),
             stdout: captured,
-        }
+        })
     }
 
     /// Everything the process printed on stdout so far.
@@ -291,7 +308,16 @@ pub async fn get(url: &str) -> (u16, String) {
 }
 
 /// Polls `check` every 100 ms until it holds or `limit` passes.
-pub async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> bool
+pub async fn wait_for<F, Fut>(limit: Duration, check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_for_every(limit, Duration::from_millis(100), check).await
+}
+
+/// Polls `check` every `every` until it holds or `limit` passes.
+pub async fn wait_for_every<F, Fut>(limit: Duration, every: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -304,128 +330,27 @@ where
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
-/// The value of the first sample line starting with `prefix` (name plus labels), if any.
-pub fn sample(body: &str, prefix: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// Sample lines of a family (exact name match before `{` or space).
-pub fn family_lines<'a>(body: &'a str, family: &str) -> Vec<&'a str> {
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(family)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .collect()
+/// The number of CES calls of each collection cycle, in order: the calls split where more than 1 s
+/// passes between two (cycles are seconds apart and take milliseconds). The first and last groups
+/// may be cut by the observation window.
+pub fn calls_per_cycle(ces: &[elb_exporter::sim::cloud::SimRequest]) -> Vec<usize> {
+    let mut groups: Vec<usize> = Vec::new();
+    let mut last: Option<i64> = None;
+    for r in ces {
+        if last.is_none_or(|t| r.time_ms - t > 1000) {
+            groups.push(0);
+        }
+        if let Some(g) = groups.last_mut() {
+            *g += 1;
+        }
+        last = Some(r.time_ms);
+    }
+    groups
 }
 
 #[allow(unused_imports)] // Like the helpers above: each test file uses a part.
 pub use elb_exporter::clock::now_ms;
-
-/// Checks a text exposition body line by line: every line is a `# HELP`/`# TYPE` comment or a sample
-/// `name{label="value",...} value` with correctly escaped label values. Returns the first bad line.
-pub fn check_exposition(body: &str) -> Result<usize, String> {
-    let mut samples = 0;
-    for (i, line) in body.lines().enumerate() {
-        if line.is_empty() {
-            return Err(format!("line {}: empty line", i + 1));
-        }
-        if let Some(rest) = line.strip_prefix('#') {
-            let ok = rest.starts_with(" HELP ") || rest.starts_with(" TYPE ");
-            if !ok {
-                return Err(format!("line {}: unknown comment {line:?}", i + 1));
-            }
-            continue;
-        }
-        parse_sample(line).map_err(|e| format!("line {}: {e}: {line:?}", i + 1))?;
-        samples += 1;
-    }
-    Ok(samples)
-}
-
-/// A parsed sample line: name, labels (name, unescaped value) in order, value.
-pub type ParsedSample = (String, Vec<(String, String)>, f64);
-
-/// Parses one sample line into (name, [(label, unescaped value)], value).
-pub fn parse_sample(line: &str) -> Result<ParsedSample, String> {
-    let mut chars = line.char_indices().peekable();
-    let mut name = String::new();
-    while let Some(&(_, c)) = chars.peek() {
-        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
-            name.push(c);
-            chars.next();
-        } else {
-            break;
-        }
-    }
-    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
-        return Err("bad metric name".into());
-    }
-    let mut labels = Vec::new();
-    if let Some(&(_, '{')) = chars.peek() {
-        chars.next();
-        loop {
-            let mut key = String::new();
-            while let Some(&(_, c)) = chars.peek() {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    key.push(c);
-                    chars.next();
-                } else {
-                    break;
-                }
-            }
-            if key.is_empty() {
-                if let Some(&(_, '}')) = chars.peek() {
-                    chars.next();
-                    break;
-                }
-                return Err("bad label name".into());
-            }
-            if chars.next().map(|c| c.1) != Some('=') || chars.next().map(|c| c.1) != Some('"') {
-                return Err(format!("label {key}: expected =\""));
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next().map(|c| c.1) {
-                    None => return Err(format!("label {key}: unterminated value")),
-                    Some('"') => break,
-                    Some('\\') => match chars.next().map(|c| c.1) {
-                        Some('\\') => value.push('\\'),
-                        Some('"') => value.push('"'),
-                        Some('n') => value.push('\n'),
-                        other => return Err(format!("label {key}: bad escape {other:?}")),
-                    },
-                    Some('\n') => return Err(format!("label {key}: raw newline")),
-                    Some(c) => value.push(c),
-                }
-            }
-            labels.push((key, value));
-            match chars.next().map(|c| c.1) {
-                Some(',') => continue,
-                Some('}') => break,
-                other => return Err(format!("after a label: {other:?}")),
-            }
-        }
-    }
-    if chars.next().map(|c| c.1) != Some(' ') {
-        return Err("expected one space before the value".into());
-    }
-    let rest: String = chars.map(|c| c.1).collect();
-    let value = match rest.as_str() {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        "NaN" => f64::NAN,
-        v => v
-            .parse::<f64>()
-            .map_err(|_| format!("bad value {v:?} (no timestamps expected)"))?,
-    };
-    Ok((name, labels, value))
-}

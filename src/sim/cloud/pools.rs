@@ -5,8 +5,9 @@
 //! listener in `listeners[]`, so a `listener_id` filter does not find it — join through
 //! `l7policies[].redirect_pool_id`, as the reference warns.
 
-use super::{Inner, LbKind, Paging, Reply, SimApi, all, elb_bad_input, json, page_info, uuid_from};
-use axum::http::HeaderMap;
+use super::data::uuid_from;
+use super::elb::ListCall;
+use super::{Inner, Reply, all, json};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -208,152 +209,83 @@ fn policy_json(rec: &PolicyRecord, pid: &str) -> Value {
 
 impl Inner {
     /// `GET /v{2,3}/{project_id}/elb/pools`.
-    pub(super) fn list_pools(
-        &self,
-        v3: bool,
-        pid: &str,
-        headers: &HeaderMap,
-        query: &[(String, String)],
-        rid: &str,
-    ) -> Reply {
-        let api = if v3 { SimApi::ElbV3 } else { SimApi::ElbV2 };
-        if let Err(e) = self.project_check(api, pid, headers, rid) {
-            return e;
-        }
-        let paging = match Paging::parse(v3, query, rid) {
-            Ok(p) => p,
-            Err(e) => return e,
-        };
+    pub(super) fn list_pools(&self, call: ListCall<'_>) -> Reply {
+        let (v3, pid, _, query, _) = call;
         let (lbs, listeners, ids, names) = (
             all(query, "loadbalancer_id"),
             all(query, "listener_id"),
             all(query, "id"),
             all(query, "name"),
         );
-        let filtered: Vec<&str> = lbs.iter().chain(&listeners).copied().collect();
-        if let Some(bad) = self.malformed_id(v3, &filtered) {
-            return elb_bad_input(&format!("{bad:?} is not a UUID"), rid);
-        }
-        let in_project = pid == self.cfg.project_id;
-        let page = {
-            let st = self.state();
-            let marker_seq = match &paging.marker {
-                None => None,
-                Some(m) => match st.pools.pools.get(m) {
-                    Some(p) if in_project => Some(p.seq),
-                    _ => {
-                        return elb_bad_input(&format!("marker: pool {m} could not be found"), rid);
-                    }
-                },
-            };
-            let candidates: Vec<(u64, Value)> = st
-                .pools
-                .pools
-                .values()
-                .filter(|_| in_project)
-                .filter(|p| {
-                    st.lbs.get(&p.lb_id).is_some_and(|lb| match lb.kind {
-                        LbKind::Shared => !v3 || self.cfg.v3_lists_shared,
-                        LbKind::Dedicated => v3,
+        let checked: Vec<&str> = lbs.iter().chain(&listeners).copied().collect();
+        self.listing(
+            call,
+            ("pools", "pool"),
+            &checked,
+            |st, m| st.pools.pools.get(m).map(|p| p.seq),
+            |st| {
+                st.pools
+                    .pools
+                    .values()
+                    .filter(|p| {
+                        st.lbs
+                            .get(&p.lb_id)
+                            .is_some_and(|lb| self.lists(lb.kind, v3))
                     })
-                })
-                .filter(|p| lbs.is_empty() || lbs.contains(&p.lb_id.as_str()))
-                .filter(|p| {
-                    listeners.is_empty()
-                        || p.pool
-                            .listeners
-                            .iter()
-                            .any(|l| listeners.contains(&l.as_str()))
-                })
-                .filter(|p| ids.is_empty() || ids.contains(&p.pool.id.as_str()))
-                .filter(|p| names.is_empty() || names.contains(&p.pool.name.as_str()))
-                .map(|p| (p.seq, pool_json(p, pid, v3)))
-                .collect();
-            paging.apply(candidates, marker_seq).0
-        };
-        if v3 {
-            Reply::ok(
-                &json!({"request_id": rid, "page_info": page_info(&page, |v| v["id"].as_str()), "pools": page}),
-            )
-        } else {
-            Reply::ok(&json!({"pools": page}))
-        }
+                    .filter(|p| lbs.is_empty() || lbs.contains(&p.lb_id.as_str()))
+                    .filter(|p| {
+                        listeners.is_empty()
+                            || p.pool
+                                .listeners
+                                .iter()
+                                .any(|l| listeners.contains(&l.as_str()))
+                    })
+                    .filter(|p| ids.is_empty() || ids.contains(&p.pool.id.as_str()))
+                    .filter(|p| names.is_empty() || names.contains(&p.pool.name.as_str()))
+                    .map(|p| (p.seq, pool_json(p, pid, v3)))
+                    .collect()
+            },
+        )
     }
 
     /// `GET /v{2,3}/{project_id}/elb/l7policies`.
-    pub(super) fn list_l7policies(
-        &self,
-        v3: bool,
-        pid: &str,
-        headers: &HeaderMap,
-        query: &[(String, String)],
-        rid: &str,
-    ) -> Reply {
-        let api = if v3 { SimApi::ElbV3 } else { SimApi::ElbV2 };
-        if let Err(e) = self.project_check(api, pid, headers, rid) {
-            return e;
-        }
-        let paging = match Paging::parse(v3, query, rid) {
-            Ok(p) => p,
-            Err(e) => return e,
-        };
+    pub(super) fn list_l7policies(&self, call: ListCall<'_>) -> Reply {
+        let (v3, pid, _, query, _) = call;
         let (listeners, pools, ids, actions) = (
             all(query, "listener_id"),
             all(query, "redirect_pool_id"),
             all(query, "id"),
             all(query, "action"),
         );
-        let filtered: Vec<&str> = listeners.iter().chain(&pools).copied().collect();
-        if let Some(bad) = self.malformed_id(v3, &filtered) {
-            return elb_bad_input(&format!("{bad:?} is not a UUID"), rid);
-        }
-        let in_project = pid == self.cfg.project_id;
-        let page = {
-            let st = self.state();
-            let marker_seq = match &paging.marker {
-                None => None,
-                Some(m) => match st.pools.policies.get(m) {
-                    Some(p) if in_project => Some(p.seq),
-                    _ => {
-                        return elb_bad_input(
-                            &format!("marker: l7policy {m} could not be found"),
-                            rid,
-                        );
-                    }
-                },
-            };
-            let candidates: Vec<(u64, Value)> = st
-                .pools
-                .policies
-                .values()
-                .filter(|_| in_project)
-                .filter(|p| {
-                    // Listed by the API of the load balancer its listener belongs to.
-                    st.listeners
-                        .get(&p.policy.listener_id)
-                        .and_then(|l| st.lbs.get(&l.lb_id))
-                        .is_some_and(|lb| match lb.kind {
-                            LbKind::Shared => !v3 || self.cfg.v3_lists_shared,
-                            LbKind::Dedicated => v3,
-                        })
-                })
-                .filter(|p| {
-                    listeners.is_empty() || listeners.contains(&p.policy.listener_id.as_str())
-                })
-                .filter(|p| pools.is_empty() || pools.contains(&p.policy.redirect_pool_id.as_str()))
-                .filter(|p| ids.is_empty() || ids.contains(&p.policy.id.as_str()))
-                .filter(|_| actions.is_empty() || actions.contains(&"REDIRECT_TO_POOL"))
-                .map(|p| (p.seq, policy_json(p, pid)))
-                .collect();
-            paging.apply(candidates, marker_seq).0
-        };
-        if v3 {
-            Reply::ok(
-                &json!({"request_id": rid, "page_info": page_info(&page, |v| v["id"].as_str()), "l7policies": page}),
-            )
-        } else {
-            Reply::ok(&json!({"l7policies": page}))
-        }
+        let checked: Vec<&str> = listeners.iter().chain(&pools).copied().collect();
+        self.listing(
+            call,
+            ("l7policies", "l7policy"),
+            &checked,
+            |st, m| st.pools.policies.get(m).map(|p| p.seq),
+            |st| {
+                st.pools
+                    .policies
+                    .values()
+                    .filter(|p| {
+                        // Listed by the API of the load balancer its listener belongs to.
+                        st.listeners
+                            .get(&p.policy.listener_id)
+                            .and_then(|l| st.lbs.get(&l.lb_id))
+                            .is_some_and(|lb| self.lists(lb.kind, v3))
+                    })
+                    .filter(|p| {
+                        listeners.is_empty() || listeners.contains(&p.policy.listener_id.as_str())
+                    })
+                    .filter(|p| {
+                        pools.is_empty() || pools.contains(&p.policy.redirect_pool_id.as_str())
+                    })
+                    .filter(|p| ids.is_empty() || ids.contains(&p.policy.id.as_str()))
+                    .filter(|_| actions.is_empty() || actions.contains(&"REDIRECT_TO_POOL"))
+                    .map(|p| (p.seq, policy_json(p, pid)))
+                    .collect()
+            },
+        )
     }
 }
 

@@ -8,7 +8,8 @@
 //! which the apiserver's watch cache also does for `resourceVersion=0`), no selectors, no compaction,
 //! no bookmarks. The Service store's fidelity is what the list/watch tests exercise.
 
-use super::{ApiError, FakeApiServer, Params, json_line, json_response, lock, now, parse_bool};
+use super::list::{Params, parse_bool};
+use super::{ApiError, FakeApiServer, json_line, json_response, lock, now};
 use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -220,7 +221,7 @@ pub(super) fn route(
             _ => None,
         }
     });
-    Ok(super::watch_response(Body::from_stream(stream)))
+    Ok(super::watch::watch_response(Body::from_stream(stream)))
 }
 
 fn forbidden(verb: &str, namespace: Option<&str>) -> ApiError {
