@@ -381,6 +381,9 @@ pub fn distinct_listeners(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
         .collect()
 }
 
+/// Share of a cycle's deadline the aligned probe may take; the rest of the cycle has the remainder.
+const PROBE_SHARE: f64 = 0.6;
+
 pub struct Collector<C: CloudApi> {
     cloud: Arc<C>,
     settings: CollectorSettings,
@@ -756,10 +759,12 @@ impl<C: CloudApi> Collector<C> {
         let run = async {
             let all = || (0..plan.calls).collect::<Vec<usize>>();
             let rest = match st.target {
-                // The probe's re-asks never keep the rest of the cycle from its deadline.
+                // The probe's re-asks never keep the rest of the cycle from its deadline; they may
+                // span a lag that jitters over half a minute (first attempt near its low end, 8 s
+                // steps past its high end).
                 Some(m) if plan.calls > 0 => {
                     let probe = self.probe(work, &mut st, m, plan.calls);
-                    tokio::time::timeout(plan.deadline / 2, probe)
+                    tokio::time::timeout(plan.deadline.mul_f64(PROBE_SHARE), probe)
                         .await
                         .unwrap_or_else(|_| all())
                 }
@@ -1483,6 +1488,38 @@ mod tests {
             busiest_minute(&calls)
         );
         assert!(exposed.len() >= 20, "{exposed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_future_ces_stamp_does_not_steer_the_schedule() {
+        use crate::sim::publication::Publication;
+        let (cloud, targets) = world(40, 1.0);
+        cloud.set_publication(Publication::constant(Duration::from_secs(83)));
+        // One listener's datapoints come stamped an hour ahead: no minute Cloud Eye published.
+        cloud.shift_stamps(&listener(7), 3_600_000);
+        let start_ms = T0 + 35_000;
+        let clock = WallClock::virtual_from(start_ms);
+        let s = CollectorSettings {
+            align: true,
+            clock,
+            ..settings(12, 4)
+        };
+        let (_rx, telemetry) = spawn(cloud.clone(), s, targets);
+        tokio::time::sleep(Duration::from_secs(12 * 60)).await;
+        // Every minute still has its cycle, not parked an hour out, and the lag learnt is the real one.
+        let calls = cloud.calls();
+        let per_minute: Vec<usize> = (1..12)
+            .map(|k| {
+                let (from, to) = (start_ms + k * MIN, start_ms + (k + 1) * MIN);
+                calls
+                    .iter()
+                    .filter(|c| (from..to).contains(&c.to_ms))
+                    .count()
+            })
+            .collect();
+        assert!(per_minute.iter().all(|n| *n >= 10), "{per_minute:?}");
+        let lag = telemetry.ces_publication_lag.get();
+        assert!((80.0..90.0).contains(&lag), "{lag}");
     }
 
     #[test]
