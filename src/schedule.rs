@@ -376,6 +376,15 @@ impl Aligner {
         self.spend(1).then_some(asked_ms + step)
     }
 
+    /// Some series' new minute was not there at `asked_ms` while others' was: when to ask them again
+    /// in `calls` calls, paid from the budget; `None` when it cannot pay or the minute is given up.
+    pub fn reask_series(&mut self, minute_ms: i64, asked_ms: i64, calls: usize) -> Option<i64> {
+        if self.late(minute_ms, asked_ms) {
+            return None;
+        }
+        self.spend(calls).then_some(asked_ms + RETRY_MAX_MS)
+    }
+
     /// Whether a minute still missing at `asked_ms` is a late one (past the estimate by a margin).
     pub fn late(&self, minute_ms: i64, asked_ms: i64) -> bool {
         self.est
