@@ -18,6 +18,8 @@ const RETRY_MIN_MS: i64 = 1_000;
 const RETRY_MAX_MS: i64 = 5_000;
 /// A minute seen within this long of a miss has its lag pinned down.
 const PINNED_MS: i64 = 2 * RETRY_MAX_MS;
+/// A cycle whose first attempt missed without budget to ask again sends the rest this much later.
+const FALLBACK_MS: i64 = 3 * RETRY_MAX_MS;
 /// Missed this far past the estimate, a minute is a late one: stop re-asking, collect as usual.
 const GIVE_UP_MS: i64 = 15_000;
 /// After minutes seen at the first attempt, the next first attempt moves earlier by 2, 4, 8, 16 s, so a
@@ -392,13 +394,12 @@ impl Aligner {
             .is_some_and(|good| asked_ms - minute_ms >= good + GIVE_UP_MS)
     }
 
-    /// When to send the rest of a cycle whose first attempt missed and cannot be repeated: when the
-    /// minute is expected, within a few re-ask steps.
+    /// When to send the rest of a cycle whose first attempt missed and cannot be repeated: a few
+    /// re-ask steps later (the most a hit costs in delay), so the rest is not sent before the minute
+    /// and left to the next cycle, where a newer minute would overtake it; at once when it is late.
     pub fn fallback(&self, minute_ms: i64, asked_ms: i64) -> i64 {
-        match self.last_seen_ms.or(self.est.estimate_ms()) {
-            Some(good) if !self.late(minute_ms, asked_ms) => {
-                (minute_ms + good).clamp(asked_ms + RETRY_MIN_MS, asked_ms + 3 * RETRY_MAX_MS)
-            }
+        match self.est.estimate_ms() {
+            Some(_) if !self.late(minute_ms, asked_ms) => asked_ms + FALLBACK_MS,
             _ => asked_ms,
         }
     }
