@@ -42,10 +42,10 @@ const WIDE_MARGIN_MS: i64 = 2 * RETRY_MIN_MS;
 /// Settled minutes needed before the budgeted first attempt is trusted.
 const WIDE_SAMPLE: usize = 5;
 /// Share of the re-ask budget the budgeted first attempt plans to spend; the rest absorbs bad luck.
-const PLAN_SHARE: f64 = 0.9;
+const PLAN_SHARE: f64 = 0.8;
 /// How far a full bucket stretches the planned re-asks (minutes seen at once count at their first
 /// attempt, which overstates what an earlier one costs).
-const FILL_MAX: f64 = 1.5;
+const FILL_MAX: f64 = 1.25;
 /// Resolution of the budgeted first attempt's search.
 const SEARCH_STEP_MS: i64 = 250;
 
