@@ -364,15 +364,29 @@ struct Work<'a> {
     pools: &'a [(Arc<str>, Arc<str>)],
     per_listener: usize,
     per_pool: usize,
+    /// Only these series (flat numbers of the whole work), numbered in this order.
+    only: Option<&'a [usize]>,
 }
 
 impl<'a> Work<'a> {
     fn total(&self) -> usize {
-        self.listeners.len() * self.per_listener + self.pools.len() * self.per_pool
+        match self.only {
+            Some(only) => only.len(),
+            None => self.listeners.len() * self.per_listener + self.pools.len() * self.per_pool,
+        }
+    }
+
+    /// The same work cut down to series `only` (flat numbers), packed into as few batches as they fill.
+    fn only(self, only: &'a [usize]) -> Self {
+        Work {
+            only: Some(only),
+            ..self
+        }
     }
 
     /// (ELB, listener or pool id, its CES dimension, metric index of its series key) of series `i`.
     fn series(&self, i: usize) -> (&'a (Arc<str>, Arc<str>), &'static str, usize) {
+        let i = self.only.map_or(i, |only| only[i]);
         let in_listeners = self.listeners.len() * self.per_listener;
         if i < in_listeners {
             let l = &self.listeners[i / self.per_listener];
@@ -425,6 +439,9 @@ pub fn distinct_listeners(targets: &Targets) -> Vec<(Arc<str>, Arc<str>)> {
         .map(|t| (t.elb_id.clone(), t.listener_id.clone()))
         .collect()
 }
+
+/// Share of a cycle's deadline the aligned probe may take; the rest of the cycle has the remainder.
+const PROBE_SHARE: f64 = 0.6;
 
 /// Collects every attributed listener and pool from CES per interval (and new ones promptly), and
 /// publishes each result as a [`Snapshot`].
@@ -672,6 +689,7 @@ impl<C: CloudApi> Collector<C> {
             pools,
             per_listener: self.settings.metrics.len(),
             per_pool: self.settings.pool_metrics.len(),
+            only: None,
         }
     }
 
@@ -804,10 +822,12 @@ impl<C: CloudApi> Collector<C> {
         let run = async {
             let all = || (0..plan.calls).collect::<Vec<usize>>();
             let rest = match st.target {
-                // The probe's re-asks never keep the rest of the cycle from its deadline.
+                // The probe's re-asks never keep the rest of the cycle from its deadline; they may
+                // span a lag that jitters over half a minute (first attempt near its low end, 8 s
+                // steps past its high end).
                 Some(m) if plan.calls > 0 => {
                     let probe = self.probe(work, &mut st, m, plan.calls);
-                    tokio::time::timeout(plan.deadline / 2, probe)
+                    tokio::time::timeout(plan.deadline.mul_f64(PROBE_SHARE), probe)
                         .await
                         .unwrap_or_else(|_| all())
                 }
@@ -823,16 +843,95 @@ impl<C: CloudApi> Collector<C> {
             self.keep_unanswered(work, &mut st);
         }
         self.settle_alignment(&st);
+        let behind = self.behind(work, &st);
         let done = CycleDone {
             cycle: st.cycle,
             started,
             cut,
             stale_after: st.stale_after,
         };
-        let cycle_newest = st.cycle_newest;
+        let (cycle_newest, target) = (st.cycle_newest, st.target);
         self.finish_cycle(targets, work, done, st.values, st.out);
         self.note_exposure(cycle_newest);
+        if let Some(m) = target {
+            self.reask_behind(work, behind, m).await;
+        }
         (plan, aligned)
+    }
+
+    /// An aligned cycle that saw its minute: the series answered this cycle with the minute before it
+    /// (their new minute not there yet), by flat number. Series further behind are not late, they
+    /// stopped reporting.
+    fn behind(&self, work: Work<'_>, st: &CycleState) -> Vec<usize> {
+        let (Some(minute), Some(_)) = (st.target, st.seen_ms) else {
+            return Vec::new();
+        };
+        (0..work.total())
+            .filter(|i| {
+                let ((_, id), _, m) = work.series(*i);
+                st.values
+                    .get(&SeriesKey::new(id.clone(), m))
+                    .is_some_and(|v| {
+                        v.fetched >= st.started && v.timestamp_ms == minute - MINUTE_MS
+                    })
+            })
+            .collect()
+    }
+
+    /// Asks the series `behind` of `minute` again, packed, shortly after the cycle was published, while
+    /// the re-ask budget pays for it and the minute is not given up; each answer is published at once.
+    async fn reask_behind(&self, work: Work<'_>, mut behind: Vec<usize>, minute: i64) {
+        let size = self.settings.batch_size.max(1);
+        let limit = self.settings.ces_per_minute as usize;
+        let clock = self.settings.clock;
+        while !behind.is_empty() {
+            let calls = behind.len().div_ceil(size);
+            let asked = clock.now_ms();
+            let Some(at) = self.alignment().aligner.reask_series(minute, asked, calls) else {
+                break;
+            };
+            let at = self.rate().fits_at(clock.instant_at(at), calls, limit);
+            tokio::time::sleep_until(at).await;
+            let prev = self.tx.borrow().clone();
+            let mut extra: HashMap<SeriesKey, Sample> = (*prev.extra).clone();
+            let mut still = Vec::new();
+            let part = work.only(&behind);
+            self.query(
+                part,
+                (0..calls).collect(),
+                Lane::Background,
+                |b, keys, _, r| {
+                    // A failed re-ask leaves the cycle's values served.
+                    let Ok(points) = r else { return };
+                    for (j, p) in points.iter().enumerate() {
+                        if p.is_some_and(|p| p.timestamp_ms < minute) {
+                            still.extend(behind.get(b * size + j));
+                        }
+                    }
+                    let now_ms = clock.now_ms();
+                    let (fetched, cycle) = (Instant::now(), prev.cycle);
+                    merge(
+                        &mut extra,
+                        keys,
+                        points,
+                        fetched,
+                        cycle,
+                        &self.zeros,
+                        now_ms,
+                    );
+                },
+            )
+            .await;
+            self.tx.send_replace(Arc::new(Snapshot {
+                cycle: prev.cycle,
+                values: prev.values.clone(),
+                extra: Arc::new(extra),
+                first_cycle_done: prev.first_cycle_done,
+                up: prev.up,
+                stale_after: prev.stale_after,
+            }));
+            behind = still;
+        }
     }
 
     /// Records one batch's outcome in the cycle.
@@ -1535,6 +1634,99 @@ mod tests {
             busiest_minute(&calls)
         );
         assert!(exposed.len() >= 20, "{exposed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_future_ces_stamp_does_not_steer_the_schedule() {
+        use crate::sim::publication::Publication;
+        let (cloud, targets) = world(40, 1.0);
+        cloud.set_publication(Publication::constant(Duration::from_secs(83)));
+        // One listener's datapoints come stamped an hour ahead: no minute Cloud Eye published.
+        cloud.shift_stamps(&listener(7), 3_600_000);
+        let start_ms = T0 + 35_000;
+        let clock = WallClock::virtual_from(start_ms);
+        let s = CollectorSettings {
+            align: true,
+            clock,
+            ..settings(12, 4)
+        };
+        let (_rx, telemetry) = spawn(cloud.clone(), s, targets);
+        tokio::time::sleep(Duration::from_secs(12 * 60)).await;
+        // Every minute still has its cycle, not parked an hour out, and the lag learnt is the real one.
+        let calls = cloud.calls();
+        let per_minute: Vec<usize> = (1..12)
+            .map(|k| {
+                let (from, to) = (start_ms + k * MIN, start_ms + (k + 1) * MIN);
+                calls
+                    .iter()
+                    .filter(|c| (from..to).contains(&c.to_ms))
+                    .count()
+            })
+            .collect();
+        assert!(per_minute.iter().all(|n| *n >= 10), "{per_minute:?}");
+        let lag = telemetry.ces_publication_lag.get();
+        assert!((80.0..90.0).contains(&lag), "{lag}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn series_whose_minute_comes_later_are_asked_again_alone() {
+        use crate::sim::publication::Publication;
+        // 40 listeners x 3 metrics in batches of 12; l7's minutes come 5 s after everyone else's.
+        let (cloud, targets) = world(40, 1.0);
+        let lag = Publication::constant(Duration::from_secs(83));
+        let late = Publication::constant(Duration::from_secs(88));
+        cloud.set_publication(lag);
+        cloud.set_listener_publication(&listener(7), late);
+        let start_ms = T0 + 35_000;
+        let clock = WallClock::virtual_from(start_ms);
+        let s = CollectorSettings {
+            align: true,
+            clock,
+            ..settings(12, 4)
+        };
+        let (mut rx, _) = spawn(cloud.clone(), s, targets);
+        let l7: SeriesKey = SeriesKey::new(listener(7).into(), 0);
+        let other: SeriesKey = SeriesKey::new(listener(8).into(), 0);
+        // (minute, when l7 showed it, when l8 did).
+        let mut shown: HashMap<i64, (Option<i64>, Option<i64>)> = HashMap::new();
+        while clock.now_ms() < start_ms + 12 * MIN {
+            rx.changed().await.expect("collector runs");
+            let snap = rx.borrow_and_update().clone();
+            let now = clock.now_ms();
+            for (key, slot) in [(&l7, 0), (&other, 1)] {
+                if let Some(v) = snap.get(key) {
+                    let e = shown.entry(v.timestamp_ms).or_default();
+                    let at = if slot == 0 { &mut e.0 } else { &mut e.1 };
+                    at.get_or_insert(now);
+                }
+            }
+        }
+        for i in 6..12 {
+            let m = T0 + i * MIN;
+            let (Some(l7_at), Some(other_at)) = shown.get(&m).copied().unwrap_or_default() else {
+                panic!("minute {i} not shown: {shown:?}");
+            };
+            assert!(
+                other_at - lag.published_at(m) <= 3_000,
+                "minute {i}: {shown:?}"
+            );
+            assert!(
+                (0..=8_000).contains(&(l7_at - late.published_at(m))),
+                "minute {i}: l7 at {} s after its publication",
+                (l7_at - late.published_at(m)) / 1000
+            );
+        }
+        // The re-asks carry l7's series only, packed in one call.
+        let alone = cloud
+            .calls()
+            .iter()
+            .filter(|c| c.series.iter().all(|(l, _)| *l == listener(7)))
+            .map(|c| c.series.len())
+            .collect::<Vec<_>>();
+        assert!(
+            alone.len() >= 6 && alone.iter().all(|n| *n == METRICS.len()),
+            "{alone:?}"
+        );
     }
 
     #[test]

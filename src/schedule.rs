@@ -19,6 +19,8 @@ const RETRY_MIN_MS: i64 = 1_000;
 const RETRY_MAX_MS: i64 = 5_000;
 /// A minute seen within this long of a miss has its lag pinned down.
 const PINNED_MS: i64 = 2 * RETRY_MAX_MS;
+/// A cycle whose first attempt missed without budget to ask again sends the rest this much later.
+const FALLBACK_MS: i64 = 3 * RETRY_MAX_MS;
 /// Missed this far past the estimate, a minute is a late one: stop re-asking, collect as usual.
 const GIVE_UP_MS: i64 = 15_000;
 /// After minutes seen at the first attempt, the next first attempt moves earlier by 2, 4, 8, 16 s, so a
@@ -32,6 +34,21 @@ pub const EXTRA_SHARE: f64 = 0.10;
 /// The extra-call bucket holds this many minutes of budget and starts full, so learning the lag after a
 /// start does not wait for it to fill; the long-run rate stays the budget.
 const BUCKET_MINUTES: f64 = 10.0;
+/// Re-ask step while the lag jitters: a minute is seen within this long of its publication.
+const WIDE_STEP_MS: i64 = 8_000;
+/// A lag jitters when, among the last this many seen minutes, one was missed later than another one
+/// was seen.
+const SPREAD_MINUTES: usize = 10;
+const WIDE_MARGIN_MS: i64 = 2 * RETRY_MIN_MS;
+/// Settled minutes needed before the budgeted first attempt is trusted.
+const WIDE_SAMPLE: usize = 5;
+/// Share of the re-ask budget the budgeted first attempt plans to spend; the rest absorbs bad luck.
+const PLAN_SHARE: f64 = 0.8;
+/// How far a full bucket stretches the planned re-asks (minutes seen at once count at their first
+/// attempt, which overstates what an earlier one costs).
+const FILL_MAX: f64 = 1.25;
+/// Resolution of the budgeted first attempt's search.
+const SEARCH_STEP_MS: i64 = 250;
 
 /// What is known about one minute's lag: more than `above` (asked then, not there), at most `upto`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -139,6 +156,53 @@ impl LagEstimator {
             .map(|ms| Duration::from_millis(ms.max(0).unsigned_abs()))
     }
 
+    /// Recent minutes that are settled: (last miss, first hit) offsets; no hit for one overtaken by a
+    /// newer minute before it showed.
+    fn settled(&self) -> impl Iterator<Item = (Option<i64>, Option<i64>)> + '_ {
+        let newest = self.newest_seen.unwrap_or(i64::MIN);
+        self.minutes
+            .iter()
+            .filter(move |b| b.upto.is_some() || b.minute_ms < newest)
+            .map(|b| (b.above, b.upto))
+    }
+
+    /// Whether the lag jitters more than a re-ask step: among the last minutes, one was missed more
+    /// than `WIDE_MARGIN_MS` later than another one was seen. Minutes given up as late and never seen
+    /// do not count.
+    pub fn jitters(&self) -> bool {
+        let recent = self.recent_seen();
+        let Some(lowest_hit) = recent.iter().map(|(_, u)| *u).min() else {
+            return false;
+        };
+        recent
+            .iter()
+            .any(|(a, _)| a.is_some_and(|a| a > lowest_hit + WIDE_MARGIN_MS))
+    }
+
+    /// The last seen minutes' (last miss, first hit) offsets, oldest first.
+    fn recent_seen(&self) -> Vec<(Option<i64>, i64)> {
+        let mut recent: Vec<(Option<i64>, i64)> = self
+            .settled()
+            .filter_map(|(a, u)| u.map(|u| (a, u)))
+            .collect();
+        recent.drain(..recent.len().saturating_sub(SPREAD_MINUTES));
+        recent
+    }
+
+    /// Where one lag fits the newest minutes seen (two at least): above the latest miss, at most
+    /// the earliest hit among them. A constant lag narrows it minute by minute.
+    pub fn stable_bounds(&self) -> Option<(Option<i64>, i64)> {
+        let (mut above, mut upto, mut n) = (None, i64::MAX, 0);
+        for (a, u) in self.recent_seen().iter().rev() {
+            let (a2, u2) = (above.max(*a), upto.min(*u));
+            if a2.is_some_and(|a2| a2 >= u2) {
+                break;
+            }
+            (above, upto, n) = (a2, u2, n + 1);
+        }
+        (n >= 2).then_some((above, upto))
+    }
+
     /// The latest offset at which a minute from `minute_ms - FLOOR_MINUTES` on was missed.
     fn recent_floor(&self, minute_ms: i64) -> Option<i64> {
         self.minutes
@@ -223,24 +287,91 @@ impl Aligner {
         self.est.observe(asked_ms, newest_ms);
     }
 
-    /// When (Unix ms) to first ask for `minute_ms`; `None` while nothing is known.
+    /// When (Unix ms) to first ask for `minute_ms`; `None` while nothing is known: at the edge the
+    /// last minutes found (which moves earlier after minutes seen at once), and while the lag jitters no
+    /// later than the re-ask budget allows ([`Aligner::budgeted_offset`]).
     pub fn first_attempt(&self, minute_ms: i64) -> Option<i64> {
-        self.offset_ms
-            .or_else(|| self.est.estimate_ms())
-            .map(|o| minute_ms.saturating_add(o))
+        let edge = self.offset_ms.or_else(|| self.est.estimate_ms());
+        match (self.budgeted_offset(), edge) {
+            (Some(b), Some(e)) => Some(b.min(e)),
+            (b, e) => b.or(e),
+        }
+        .map(|o| minute_ms.saturating_add(o))
+    }
+
+    /// Where minutes still missing are given up as late ones (offset after their timestamp).
+    fn give_up_ms(&self) -> Option<i64> {
+        self.est.estimate_ms().map(|e| e + GIVE_UP_MS)
+    }
+
+    /// While the lag jitters (and re-asks are budgeted): the earliest first attempt whose re-asks, every
+    /// 8 s until the minute shows or is given up, would have fit the budget over the recent minutes.
+    /// A minute seen at its first attempt counts as if its lag were that attempt (all that is known:
+    /// at most that), so the offset only moves below where minutes were seen as far as the budget pays
+    /// for the worst case; moving there shows where their lags really were. A minute never seen costs
+    /// every re-ask until it is given up.
+    pub fn budgeted_offset(&self) -> Option<i64> {
+        if self.budget <= 0.0 || !self.est.jitters() {
+            return None;
+        }
+        let give_up = self.give_up_ms()?;
+        let hits: Vec<Option<i64>> = self.est.settled().map(|(_, u)| u).collect();
+        if hits.len() < WIDE_SAMPLE {
+            return None;
+        }
+        // The cost counts minutes seen at once at their first attempt, so it overstates what moving
+        // earlier costs: a bucket fuller than half says so, and lets the offset move further.
+        let fill = (self.tokens / (self.capacity() / 2.0)).clamp(0.5, FILL_MAX);
+        let target = self.budget * PLAN_SHARE * fill * hits.len() as f64;
+        let cost = |o: i64| -> f64 {
+            hits.iter()
+                .map(|h| reasks(o, *h, give_up) as f64)
+                .sum::<f64>()
+        };
+        let top = self.est.estimate_ms()?;
+        // Half a step below the earliest recent hit is as early as a first attempt can usefully go.
+        let floor = hits
+            .iter()
+            .flatten()
+            .min()
+            .map_or(top, |h| h - WIDE_STEP_MS / 2);
+        let mut best = top;
+        let mut o = top - SEARCH_STEP_MS;
+        while o >= floor && cost(o) <= target {
+            best = o;
+            o -= SEARCH_STEP_MS;
+        }
+        Some(best)
     }
 
     /// After an attempt at `asked_ms` missed `minute_ms`: when to ask again, spending one extra call;
     /// `None` when the budget is empty or the minute is late past the estimate.
     pub fn retry(&mut self, minute_ms: i64, asked_ms: i64) -> Option<i64> {
+        if self.late(minute_ms, asked_ms) {
+            return None;
+        }
+        if self.budgeted_offset().is_some() {
+            // Land on where the last minutes were seen rather than step past it, and where one lag
+            // fits the last minutes: its upper end, and its middle while wide (a bisection, so a lag
+            // that stopped jittering is met closely).
+            let (stable_mid, stable_top) = match self.est.stable_bounds() {
+                Some((Some(a), u)) if u - a > 2 * RETRY_MIN_MS => (Some(a / 2 + u / 2), Some(u)),
+                Some((_, u)) => (None, Some(u)),
+                None => (None, None),
+            };
+            let next = [stable_mid, stable_top, self.offset_ms, self.last_seen_ms]
+                .into_iter()
+                .flatten()
+                .map(|e| minute_ms + e)
+                .filter(|e| *e > asked_ms)
+                .fold(asked_ms + WIDE_STEP_MS, i64::min);
+            return self.spend(1).then_some(next);
+        }
         let missed = asked_ms - minute_ms;
         let good = self
             .last_seen_ms
             .or(self.est.estimate_ms())
             .unwrap_or(missed + RETRY_MAX_MS);
-        if self.late(minute_ms, asked_ms) {
-            return None;
-        }
         // Halve the way to where the last minute showed (reaching it, not creeping towards it); past
         // it, the lag grew: step by the most.
         let gap = good - missed;
@@ -252,6 +383,15 @@ impl Aligner {
         self.spend(1).then_some(asked_ms + step)
     }
 
+    /// Some series' new minute was not there at `asked_ms` while others' was: when to ask them again
+    /// in `calls` calls, paid from the budget; `None` when it cannot pay or the minute is given up.
+    pub fn reask_series(&mut self, minute_ms: i64, asked_ms: i64, calls: usize) -> Option<i64> {
+        if self.late(minute_ms, asked_ms) {
+            return None;
+        }
+        self.spend(calls).then_some(asked_ms + RETRY_MAX_MS)
+    }
+
     /// Whether a minute still missing at `asked_ms` is a late one (past the estimate by a margin).
     pub fn late(&self, minute_ms: i64, asked_ms: i64) -> bool {
         self.est
@@ -259,13 +399,12 @@ impl Aligner {
             .is_some_and(|good| asked_ms - minute_ms >= good + GIVE_UP_MS)
     }
 
-    /// When to send the rest of a cycle whose first attempt missed and cannot be repeated: when the
-    /// minute is expected, within a few re-ask steps.
+    /// When to send the rest of a cycle whose first attempt missed and cannot be repeated: a few
+    /// re-ask steps later (the most a hit costs in delay), so the rest is not sent before the minute
+    /// and left to the next cycle, where a newer minute would overtake it; at once when it is late.
     pub fn fallback(&self, minute_ms: i64, asked_ms: i64) -> i64 {
-        match self.last_seen_ms.or(self.est.estimate_ms()) {
-            Some(good) if !self.late(minute_ms, asked_ms) => {
-                (minute_ms + good).clamp(asked_ms + RETRY_MIN_MS, asked_ms + 3 * RETRY_MAX_MS)
-            }
+        match self.est.estimate_ms() {
+            Some(_) if !self.late(minute_ms, asked_ms) => asked_ms + FALLBACK_MS,
             _ => asked_ms,
         }
     }
@@ -307,6 +446,18 @@ impl Aligner {
                 self.down_ms = DOWN_FIRST_MS;
             }
         }
+    }
+}
+
+/// Re-asks a minute of lag `lag` (`None`: never seen) needs when first asked at offset `first`, then
+/// every [`WIDE_STEP_MS`] while the last miss was before `give_up`.
+fn reasks(first: i64, lag: Option<i64>, give_up: i64) -> i64 {
+    // Steps to cover a positive span.
+    let steps = |span: i64| (span.max(0) + WIDE_STEP_MS - 1) / WIDE_STEP_MS;
+    let most = steps(give_up - first);
+    match lag {
+        Some(l) => steps(l - first).min(most),
+        None => most,
     }
 }
 
@@ -391,11 +542,21 @@ mod tests {
     /// publication each minute was seen (ms; a minute not seen in its cycle counts a minute) and the extra
     /// calls spent.
     fn drive(a: &mut Aligner, lag: i64, minutes: std::ops::Range<i64>) -> (Vec<i64>, usize) {
+        drive_with(a, |_| lag, minutes)
+    }
+
+    /// [`drive`] with a lag per minute (`lag(minute_ms)`, ms).
+    fn drive_with(
+        a: &mut Aligner,
+        lag: impl Fn(i64) -> i64,
+        minutes: std::ops::Range<i64>,
+    ) -> (Vec<i64>, usize) {
         let mut delays = Vec::new();
         let mut extra = 0;
         for i in minutes {
             a.refill(1.0);
             let m = minute(i);
+            let lag = lag(m);
             let first = a.first_attempt(m).expect("known");
             let mut at = first;
             let seen = loop {
@@ -416,6 +577,64 @@ mod tests {
             a.settle(m, first, seen);
         }
         (delays, extra)
+    }
+
+    /// Issue 16's jittered lag: 68–98 s drawn per minute, about one minute in ten 60 s later still.
+    fn jittered(seed: u64) -> crate::sim::publication::Publication {
+        crate::sim::publication::Publication {
+            base: Duration::from_secs(68),
+            jitter: Duration::from_secs(30),
+            late_every: 10,
+            late_by: Duration::from_secs(60),
+            seed,
+        }
+    }
+
+    #[test]
+    fn a_jittered_lag_is_met_by_budgeted_re_asks() {
+        for seed in [16, 17, 18] {
+            let p = jittered(seed);
+            // A 26-call plan (1,000 listeners): 2.6 re-asks a minute.
+            let mut a = Aligner::default();
+            a.set_budget(26.0, 500.0);
+            a.observe(minute(1) + 35_000, minute(0));
+            let (_, warm) = drive_with(&mut a, |m| p.lag_ms(m), 1..13);
+            let (delays, extra) = drive_with(&mut a, |m| p.lag_ms(m), 13..73);
+            let mut on_time: Vec<i64> = (13..73)
+                .zip(&delays)
+                .filter(|(i, _)| !p.is_late(minute(*i)))
+                .map(|(_, d)| *d)
+                .collect();
+            on_time.sort_unstable();
+            let p90 = on_time[on_time.len() * 9 / 10];
+            assert!(p90 <= 8_000, "seed {seed}: p90 {p90} ms of {delays:?}");
+            // Never more than the budget: 2.6 a minute plus the bucket's 26 it starts with.
+            assert!(
+                (warm + extra) as f64 <= 2.6 * 72.0 + 26.0 + 1e-9,
+                "seed {seed}: {} re-asks in 72 minutes",
+                warm + extra
+            );
+        }
+    }
+
+    #[test]
+    fn re_asks_never_exceed_the_budget() {
+        for (calls, seed) in [(3.0, 16), (3.0, 17), (10.0, 18), (26.0, 19)] {
+            let p = jittered(seed);
+            let mut a = Aligner::default();
+            a.set_budget(calls, 500.0);
+            a.observe(minute(1) + 35_000, minute(0));
+            // The lag jitters, then holds, then jitters again.
+            let (_, e1) = drive_with(&mut a, |m| p.lag_ms(m), 1..31);
+            let (_, e2) = drive(&mut a, 83_000, 31..51);
+            let (_, e3) = drive_with(&mut a, |m| p.lag_ms(m), 51..91);
+            let extra = (e1 + e2 + e3) as f64;
+            let allowed = calls * EXTRA_SHARE * (90.0 + BUCKET_MINUTES);
+            assert!(
+                extra <= allowed + 1e-9,
+                "{calls} calls: {extra} re-asks, {allowed} allowed"
+            );
+        }
     }
 
     #[test]

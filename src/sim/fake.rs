@@ -44,6 +44,10 @@ struct State {
     pool_listings: Vec<(String, Lane)>,
     /// When set, the newest datapoint is the newest minute published at the asked time.
     publication: Option<Publication>,
+    /// A listener whose minutes are published on a model of their own (some series later than others).
+    listener_publication: HashMap<String, Publication>,
+    /// Added to the timestamps of a listener's datapoints (a clock-skewed or corrupt answer).
+    shifted: HashMap<String, i64>,
     /// Added to every CES answer.
     latency: Duration,
     /// Answer each datapoint's minute number (Unix minutes) instead of the set value.
@@ -84,6 +88,18 @@ impl FakeCloud {
     /// Datapoints follow Cloud Eye's publication lag from now on (by default the asked minute is there).
     pub fn set_publication(&self, p: Publication) {
         self.state().publication = Some(p);
+    }
+
+    /// `listener`'s datapoints follow `p` instead of the cloud-wide model from now on.
+    pub fn set_listener_publication(&self, listener: &str, p: Publication) {
+        self.state()
+            .listener_publication
+            .insert(listener.to_string(), p);
+    }
+
+    /// `listener`'s datapoints are stamped `ms` later than their minute from now on.
+    pub fn shift_stamps(&self, listener: &str, ms: i64) {
+        self.state().shifted.insert(listener.to_string(), ms);
     }
 
     /// Every CES call answers after `d` (network and service time).
@@ -220,18 +236,29 @@ impl CloudApi for FakeCloud {
             None => {}
         }
         let st = self.state();
-        let minute = match &st.publication {
-            Some(p) => p.newest(query.to_ms),
-            None => query.to_ms - query.to_ms % 60_000,
+        let newest_of = |listener: &str| {
+            let minute = match st
+                .listener_publication
+                .get(listener)
+                .or(st.publication.as_ref())
+            {
+                Some(p) => p.newest(query.to_ms),
+                None => query.to_ms - query.to_ms % 60_000,
+            };
+            (
+                minute,
+                minute + st.shifted.get(listener).copied().unwrap_or(0),
+            )
         };
         let newest = query
             .metrics
             .iter()
             .map(|m| {
+                let (minute, stamp) = newest_of(listener_of(m));
                 st.values
                     .get(&(listener_of(m).to_string(), m.metric_name.clone()))
                     .map(|v| Datapoint {
-                        timestamp_ms: minute,
+                        timestamp_ms: stamp,
                         value: if st.stamp {
                             (minute / 60_000) as f64
                         } else {
