@@ -19,7 +19,7 @@ mod common;
 
 use common::*;
 use elb_exporter::demo::service;
-use elb_exporter::leader::LAST_CYCLE_ANNOTATION;
+use elb_exporter::leader::{LAST_CYCLE_ANNOTATION, Record, record_of};
 use elb_exporter::sim::cloud::{LbKind, SimApi, SimConfig, SimListener};
 use std::path::PathBuf;
 use std::process::Command;
@@ -155,6 +155,11 @@ fn holder(w: &World) -> Option<String> {
         .and_then(|l| l.spec)
         .and_then(|s| s.holder_identity)
         .filter(|h| !h.is_empty())
+}
+
+/// The Lease as the protocol sees it.
+fn lease_record(w: &World) -> Record {
+    record_of(&w.cluster.lease(NS, LEASE_NAME).expect("lease"))
 }
 
 /// The leader's last cycle start (Unix ms) as recorded on the Lease.
@@ -396,17 +401,27 @@ async fn two_replicas_collect_once_and_fail_over_fast() {
     tokio::time::sleep(3 * INTERVAL).await;
 
     // 2. SIGKILL: the Lease expires for the follower after the lease duration, counted from the last
-    // renewal it saw: taken over no earlier than LEASE - RETRY after the kill, and seen at most two
+    // renewal it saw: taken over no earlier than LEASE after the last renewal, and seen at most two
     // retry periods late; then at most one interval to the first complete cycle.
     let (l, f) = roles(&w, &rs).await;
     let t0 = Instant::now();
     signal(&rs[l].exporter, libc::SIGKILL);
+    // A renewal in flight may still land: it only moves the bound later.
+    let renewed = lease_record(&w).renew_ms.expect("renewed");
     let took = takeover(&w, &rs[f].name, t0, Duration::from_secs(15)).await;
+    let acquired = lease_record(&w).acquire_ms.expect("acquired");
     let sigkill = complete(&rs[f], series, t0, Duration::from_secs(15)).await;
     println!(
         "SIGKILL: lease taken after {took:?}, new leader's {series} series complete after {sigkill:?} (bound: lease {LEASE:?} + 2 x retry {RETRY:?} + interval {INTERVAL:?})"
     );
-    assert!(took >= LEASE - RETRY, "taken before expiry: {took:?}");
+    let after = acquired - renewed;
+    println!(
+        "SIGKILL: the successor acquired the Lease {after} ms after the last renewal (lease {LEASE:?})"
+    );
+    assert!(
+        after >= LEASE.as_millis() as i64,
+        "taken {after} ms after the last renewal, before the lease expired"
+    );
     assert!(sigkill <= LEASE + 2 * RETRY + INTERVAL, "{sigkill:?}");
     replace(&w, shape, &mut rs, l, &state).await;
     tokio::time::sleep(3 * INTERVAL).await;
@@ -511,6 +526,10 @@ struct Handover {
     what: &'static str,
     /// When the signal went out, after the old leader's last cycle start.
     phase: f64,
+    /// The old leader's last renewal on the Lease (before the signal: negative).
+    renewed: f64,
+    /// The successor's acquireTime on the Lease.
+    acquired: f64,
     /// The Lease names the successor.
     taken: f64,
     /// The old leader's last cycle start + interval: the successor's earliest first cycle.
@@ -566,7 +585,9 @@ async fn measure_1000_listeners_default_timings() {
         tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
         let (t0, t0_ms) = (Instant::now(), now_ms());
         signal(&rs[l].exporter, sig);
+        let renewed = lease_record(&w).renew_ms.expect("renewed");
         let taken = takeover(&w, &rs[f].name, t0, DEFAULT_LEASE + 4 * DEFAULT_RETRY).await;
+        let acquired = lease_record(&w).acquire_ms.expect("acquired");
         let done = complete(&rs[f], series, t0, DEFAULT_INTERVAL + DEFAULT_LEASE).await;
         let first = first_ces_call(&w, t0_ms).expect("the successor called CES");
         if sig == libc::SIGTERM {
@@ -581,6 +602,8 @@ async fn measure_1000_listeners_default_timings() {
         let s = |ms: i64| (ms - t0_ms) as f64 / 1000.0;
         let row = Handover {
             what,
+            renewed: s(renewed),
+            acquired: s(acquired),
             phase: (t0_ms - tc) as f64 / 1000.0,
             taken: taken.as_secs_f64(),
             due: s(tc + interval_ms),
@@ -588,8 +611,10 @@ async fn measure_1000_listeners_default_timings() {
             complete: done.as_secs_f64(),
         };
         println!(
-            "{what}: signal {:.1} s after the cycle start; lease taken {:.2} s, first CES call {:.2} s (old start + interval: {:.2} s), series complete {:.2} s = takeover {:.2} + wait for start + interval {:.2} + cycle {:.2}",
+            "{what}: signal {:.1} s after the cycle start; last renewal {:.2} s, acquired {:.2} s, lease seen taken {:.2} s, first CES call {:.2} s (old start + interval: {:.2} s), series complete {:.2} s = takeover {:.2} + wait for start + interval {:.2} + cycle {:.2}",
             row.phase,
+            row.renewed,
+            row.acquired,
             row.taken,
             row.first_call,
             row.due,
@@ -688,6 +713,14 @@ async fn measure_1000_listeners_default_timings() {
                 "{}: Lease taken after {:.2} s",
                 r.what,
                 r.taken
+            );
+        }
+        if r.what.starts_with("SIGKILL") {
+            let after = r.acquired - r.renewed;
+            assert!(
+                after >= DEFAULT_LEASE.as_secs_f64(),
+                "{}: acquired {after:.2} s after the last renewal",
+                r.what
             );
         }
         if r.what == "SIGKILL late in the interval" {
