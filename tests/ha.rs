@@ -644,17 +644,19 @@ async fn measure_1000_listeners_default_timings() {
     stop.store(true, Ordering::Relaxed);
     scraping.await.expect("scraper");
 
-    let s = state.lock().unwrap();
-    println!(
-        "scrapes of both replicas every 200 ms: {} ticks, {} with both exporting",
-        s.ticks,
-        s.both.len()
-    );
-    assert!(
-        s.both.is_empty(),
-        "both replicas exported cloud series: {:?}",
-        s.both
-    );
+    {
+        let s = state.lock().unwrap();
+        println!(
+            "scrapes of both replicas every 200 ms: {} ticks, {} with both exporting",
+            s.ticks,
+            s.both.len()
+        );
+        assert!(
+            s.both.is_empty(),
+            "both replicas exported cloud series: {:?}",
+            s.both
+        );
+    }
 
     let per_cycle = shape.calls_per_cycle();
     let groups = cycles(&w, started_ms, interval_ms / 3);
