@@ -3,7 +3,7 @@
 //!
 //! `two_replicas_collect_once_and_fail_over_fast` (CI) uses short settings to stay fast: 20 listeners,
 //! interval 1 s, lease 3 s, renew deadline 2 s, retry 200 ms. `measure_1000_listeners_default_timings`
-//! (`#[ignore]`d, about 12 minutes) is the measurement: 1,000 listeners, the shipped defaults
+//! (`#[ignore]`d, about 10 minutes) is the measurement: 1,000 listeners, the shipped defaults
 //! (interval 60 s aligned, lease 15 s, renew deadline 10 s, retry 2 s), each signal sent right after a cycle
 //! start and late in the interval:
 //!
@@ -545,7 +545,7 @@ struct Handover {
 /// figures (docs/PERFORMANCE.md, *High availability*) and asserts the bounds where the design
 /// meets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement, about 12 minutes: cargo test --release --test ha measure_1000 -- --ignored --nocapture"]
+#[ignore = "measurement, about 10 minutes: cargo test --release --test ha measure_1000 -- --ignored --nocapture"]
 async fn measure_1000_listeners_default_timings() {
     let shape = &LARGE;
     let series = shape.series();
