@@ -283,7 +283,10 @@ impl Elector {
 
 /// How long after acquiring the first cycle must wait: until the previous cycle start plus `interval`,
 /// and never longer than one interval, so a start recorded in the future (a skewed clock, a hand-edited
-/// Lease) cannot park collection.
+/// Lease) cannot park collection. Collecting at once instead would re-read the minute the previous
+/// leader already had and double that minute's CES calls (over the account throttle at 10,000
+/// listeners); the price is a gap of up to one interval after a handover early in the interval
+/// (docs/PERFORMANCE.md, *High availability*).
 pub fn first_cycle_delay(last_cycle_ms: Option<i64>, interval: Duration, wall_ms: i64) -> Duration {
     let Some(last) = last_cycle_ms else {
         return Duration::ZERO;
