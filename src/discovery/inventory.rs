@@ -18,7 +18,9 @@
 
 use super::ingress::{IngressBook, IngressEvent};
 use super::names::{NameJob, NameQuery, Names};
-use super::{DiscoveryEvent, ElbClass, Observed, Owner, PortNames, Problem, Scope, ServiceKey};
+use super::{
+    DiscoveryEvent, ElbClass, Observed, Owner, PortNames, Problem, Scope, ServiceKey, ServiceTarget,
+};
 use crate::cloud::Operation;
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, LbListing, Listener, Listing};
 use crate::telemetry::Telemetry;
@@ -1000,105 +1002,16 @@ impl<C: CloudApi> Inventory<C> {
     }
 
     fn publish(&mut self) {
-        let mut keys: Vec<&ServiceKey> = self.services.keys().collect();
-        keys.sort();
-        let mut targets = Vec::new();
-        let mut reports = Vec::with_capacity(keys.len());
-        let mut problems: BTreeMap<Problem, usize> = BTreeMap::new();
-        let mut new_logged: HashMap<ServiceKey, Vec<String>> = HashMap::new();
         let now = Instant::now();
         self.new_services
             .retain(|_, at| now.duration_since(*at) < NEW_SERVICE_WINDOW);
-        let mut port_retries: Vec<Arc<str>> = Vec::new();
-        for key in keys {
-            let mut report = ServiceReport {
-                namespace: key.0.clone(),
-                name: key.1.clone(),
-                elb_id: None,
-                api: None,
-                problems: Vec::new(),
-                listeners: 0,
-            };
-            match &self.services[key] {
-                Observed::Ignored(..) => continue,
-                Observed::Invalid { problem, .. } => {
-                    *problems.entry(*problem).or_default() += 1;
-                    report.problems.push(problem.describe().to_string());
-                }
-                Observed::Target(t) => {
-                    report.elb_id = Some(t.elb_id.clone());
-                    if let Some(st) = self.elbs.get(&t.elb_id) {
-                        report.api = st.version;
-                        match &st.status {
-                            ElbStatus::NotFound => {
-                                *problems.entry(Problem::UnknownElb).or_default() += 1;
-                                report.problems.push(format!(
-                                    "ELB {} has no listener on the {} API (unknown id?)",
-                                    t.elb_id,
-                                    match t.class {
-                                        ElbClass::Shared => "v2",
-                                        ElbClass::Dedicated => "v3",
-                                        ElbClass::Unspecified => "v3 or v2",
-                                    }
-                                ));
-                            }
-                            ElbStatus::Failed(e) => {
-                                *problems.entry(Problem::ElbLookupFailed).or_default() += 1;
-                                report.problems.push(format!("listener lookup failed: {e}"));
-                            }
-                            ElbStatus::Pending | ElbStatus::Ok => {}
-                        }
-                        let before = targets.len();
-                        for &port in &t.ports {
-                            let mut found = false;
-                            for l in st.listeners.iter().filter(|l| l.port == port) {
-                                found = true;
-                                targets.push(Target {
-                                    owner: Owner::Service,
-                                    namespace: t.namespace.clone(),
-                                    service: t.name.clone(),
-                                    elb_id: t.elb_id.clone(),
-                                    listener_id: l.id.as_str().into(),
-                                    listener_name: l.name.as_str().into(),
-                                    port: l.port,
-                                    protocol: l.protocol.as_str().into(),
-                                    uid: t.uid.clone(),
-                                    elb_name: self.names.name(&t.elb_id),
-                                });
-                            }
-                            if !found && st.status == ElbStatus::Ok {
-                                if self.new_services.contains_key(key) {
-                                    port_retries.push(t.elb_id.clone());
-                                }
-                                *problems.entry(Problem::PortWithoutListener).or_default() += 1;
-                                report.problems.push(format!(
-                                    "port {port} has no listener on ELB {}",
-                                    t.elb_id
-                                ));
-                            }
-                        }
-                        report.listeners = targets.len() - before;
-                    }
-                }
-            }
-            if !report.problems.is_empty() {
-                new_logged.insert(key.clone(), report.problems.clone());
-            }
-            reports.push(report);
-        }
-        // Log each Service's problems once per change, not on every publication.
-        for (key, probs) in &new_logged {
-            if self.logged.get(key) != Some(probs) {
-                warn!(namespace = %key.0, service = %key.1, problems = %probs.join("; "), "service cannot be fully exported");
-            }
-        }
-        for key in self.logged.keys() {
-            if !new_logged.contains_key(key) && self.services.contains_key(key) {
-                info!(namespace = %key.0, service = %key.1, "service problems resolved");
-            }
-        }
-        self.logged = new_logged;
-
+        let ServiceScan {
+            mut targets,
+            reports,
+            mut problems,
+            port_retries,
+        } = self.scan_services();
+        self.log_problem_changes(&reports);
         if !self.scopes_forbidden.is_empty() {
             problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
         }
@@ -1106,20 +1019,7 @@ impl<C: CloudApi> Inventory<C> {
         let synced = self.all_answered()
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty())
             && !self.names_pending();
-        let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
-        let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
-        self.telemetry
-            .planned_calls
-            .with_label_values(&[Operation::ElbListListeners.as_str()])
-            .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
-        let names_per_refresh: usize = [ElbVersion::V2, ElbVersion::V3]
-            .into_iter()
-            .map(|v| self.names.planned_calls(v, self.listed_elbs(v).len()))
-            .sum();
-        self.telemetry
-            .planned_calls
-            .with_label_values(&[Operation::ElbListLoadbalancers.as_str()])
-            .set((names_per_refresh as f64 * refresh_per_min).ceil() as i64);
+        self.set_planned_calls();
         self.update_calls_gauge(now);
         self.schedule_port_retries(port_retries);
         let t = Targets {
@@ -1148,6 +1048,151 @@ impl<C: CloudApi> Inventory<C> {
         self.generation += 1;
         self.tx.send_replace(Arc::new(t));
     }
+
+    /// Every watched Service in key order: its report, its listeners as targets, its problems counted.
+    fn scan_services(&self) -> ServiceScan {
+        let mut keys: Vec<&ServiceKey> = self.services.keys().collect();
+        keys.sort();
+        let mut scan = ServiceScan {
+            targets: Vec::new(),
+            reports: Vec::with_capacity(keys.len()),
+            problems: BTreeMap::new(),
+            port_retries: Vec::new(),
+        };
+        for key in keys {
+            let mut report = ServiceReport {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                elb_id: None,
+                api: None,
+                problems: Vec::new(),
+                listeners: 0,
+            };
+            match &self.services[key] {
+                Observed::Ignored(..) => continue,
+                Observed::Invalid { problem, .. } => {
+                    *scan.problems.entry(*problem).or_default() += 1;
+                    report.problems.push(problem.describe().to_string());
+                }
+                Observed::Target(t) => self.scan_target(key, t, &mut report, &mut scan),
+            }
+            scan.reports.push(report);
+        }
+        scan
+    }
+
+    /// The listeners of one annotated Service on its ELB, and what keeps any port from being exported.
+    fn scan_target(
+        &self,
+        key: &ServiceKey,
+        t: &ServiceTarget,
+        report: &mut ServiceReport,
+        scan: &mut ServiceScan,
+    ) {
+        report.elb_id = Some(t.elb_id.clone());
+        let Some(st) = self.elbs.get(&t.elb_id) else {
+            return;
+        };
+        report.api = st.version;
+        match &st.status {
+            ElbStatus::NotFound => {
+                *scan.problems.entry(Problem::UnknownElb).or_default() += 1;
+                report.problems.push(format!(
+                    "ELB {} has no listener on the {} API (unknown id?)",
+                    t.elb_id,
+                    match t.class {
+                        ElbClass::Shared => "v2",
+                        ElbClass::Dedicated => "v3",
+                        ElbClass::Unspecified => "v3 or v2",
+                    }
+                ));
+            }
+            ElbStatus::Failed(e) => {
+                *scan.problems.entry(Problem::ElbLookupFailed).or_default() += 1;
+                report.problems.push(format!("listener lookup failed: {e}"));
+            }
+            ElbStatus::Pending | ElbStatus::Ok => {}
+        }
+        let before = scan.targets.len();
+        for &port in &t.ports {
+            let mut found = false;
+            for l in st.listeners.iter().filter(|l| l.port == port) {
+                found = true;
+                scan.targets.push(Target {
+                    owner: Owner::Service,
+                    namespace: t.namespace.clone(),
+                    service: t.name.clone(),
+                    elb_id: t.elb_id.clone(),
+                    listener_id: l.id.as_str().into(),
+                    listener_name: l.name.as_str().into(),
+                    port: l.port,
+                    protocol: l.protocol.as_str().into(),
+                    uid: t.uid.clone(),
+                    elb_name: self.names.name(&t.elb_id),
+                });
+            }
+            if !found && st.status == ElbStatus::Ok {
+                if self.new_services.contains_key(key) {
+                    scan.port_retries.push(t.elb_id.clone());
+                }
+                *scan
+                    .problems
+                    .entry(Problem::PortWithoutListener)
+                    .or_default() += 1;
+                report
+                    .problems
+                    .push(format!("port {port} has no listener on ELB {}", t.elb_id));
+            }
+        }
+        report.listeners = scan.targets.len() - before;
+    }
+
+    /// Logs each Service's problems once per change, not on every publication.
+    fn log_problem_changes(&mut self, reports: &[ServiceReport]) {
+        let new_logged: HashMap<ServiceKey, Vec<String>> = reports
+            .iter()
+            .filter(|r| !r.problems.is_empty())
+            .map(|r| ((r.namespace.clone(), r.name.clone()), r.problems.clone()))
+            .collect();
+        for (key, probs) in &new_logged {
+            if self.logged.get(key) != Some(probs) {
+                warn!(namespace = %key.0, service = %key.1, problems = %probs.join("; "), "service cannot be fully exported");
+            }
+        }
+        for key in self.logged.keys() {
+            if !new_logged.contains_key(key) && self.services.contains_key(key) {
+                info!(namespace = %key.0, service = %key.1, "service problems resolved");
+            }
+        }
+        self.logged = new_logged;
+    }
+
+    /// The listing calls a minute that the current plans take (listeners, and ELB names).
+    fn set_planned_calls(&self) {
+        let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
+        let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Operation::ElbListListeners.as_str()])
+            .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
+        let names_per_refresh: usize = [ElbVersion::V2, ElbVersion::V3]
+            .into_iter()
+            .map(|v| self.names.planned_calls(v, self.listed_elbs(v).len()))
+            .sum();
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Operation::ElbListLoadbalancers.as_str()])
+            .set((names_per_refresh as f64 * refresh_per_min).ceil() as i64);
+    }
+}
+
+/// What [`Inventory::scan_services`] found: targets, reports and problems of the Services, and the
+/// ELBs to look at again soon for a new Service whose port has no listener yet.
+struct ServiceScan {
+    targets: Vec<Target>,
+    reports: Vec<ServiceReport>,
+    problems: BTreeMap<Problem, usize>,
+    port_retries: Vec<Arc<str>>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
