@@ -6,6 +6,7 @@
 pub mod ingress;
 pub mod inventory;
 pub mod names;
+pub mod plan;
 pub mod pools;
 
 use crate::annotations;
