@@ -114,9 +114,9 @@ pub struct Targets {
     /// Ingress problems for `check` and logs: the reason, and `ingress namespace/name: problem`.
     pub ingress_problems: Vec<(Problem, String)>,
     /// Every Ingress listener with the Ingresses routed through it (input of the pool stage).
-    pub routes: Vec<super::pools::IngressRoute>,
+    pub routes: Vec<IngressRoute>,
     /// Pools attributed to backend Services (filled by the pool stage).
-    pub pools: Vec<super::pools::PoolTarget>,
+    pub pools: Vec<PoolTarget>,
     /// Current problem counts by reason (`elb_exporter_discovery_problems`).
     pub problems: BTreeMap<Problem, usize>,
     /// Watch scopes the apiserver refuses to list (RBAC), with its message, for `check` and logs.
@@ -165,6 +165,60 @@ impl ElbState {
             (ElbClass::Unspecified, None) => ElbVersion::V3,
         }
     }
+}
+
+/// One Ingress on a listener, as pool attribution needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteIngress {
+    /// The Ingress's namespace.
+    pub namespace: Arc<str>,
+    /// The Ingress's name.
+    pub name: Arc<str>,
+    /// The Ingress's uid.
+    pub uid: Arc<str>,
+    /// (Service, numeric port), sorted: named ports resolved through the Service's `spec.ports[]`.
+    pub backends: Vec<(Arc<str>, u16)>,
+    /// (Service, port name) of backends whose named port could not be resolved (the Service is not
+    /// watched, or has no port of that name): its pool is `pool_unmatched`, with this as the reason.
+    pub unresolved: Vec<(Arc<str>, Arc<str>)>,
+}
+
+/// An Ingress listener and the Ingresses routed through it, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IngressRoute {
+    /// The ELB of the listener.
+    pub elb_id: Arc<str>,
+    /// The API that knows the ELB (its pools are listed there).
+    pub version: Option<ElbVersion>,
+    /// The Ingress listener.
+    pub listener_id: Arc<str>,
+    /// Its port.
+    pub port: u16,
+    /// Every Ingress routed through it, oldest first.
+    pub ingresses: Vec<RouteIngress>,
+}
+
+/// One exported pool: labels of `<prefix>_sys_elb_pool_<metric>` and `elb_exporter_pool_info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolTarget {
+    /// The namespace of the backend Service and its Ingress.
+    pub namespace: Arc<str>,
+    /// The backend Service the pool serves.
+    pub service: Arc<str>,
+    /// The oldest Ingress routing to that backend on that listener.
+    pub ingress: Arc<str>,
+    /// That Ingress's uid (`elb_exporter_pool_info` only).
+    pub uid: Arc<str>,
+    /// The ELB's name, empty while unknown (`elb_exporter_pool_info` only).
+    pub elb_name: Arc<str>,
+    /// The ELB of the pool.
+    pub elb_id: Arc<str>,
+    /// CES dimension `lbaas_pool_id`.
+    pub pool_id: Arc<str>,
+    /// CCE's name for it, `k8s_<namespace>_<service>-<port>_<protocol>-<port>`.
+    pub pool_name: Arc<str>,
+    /// The listener port the pool serves.
+    pub port: u16,
 }
 
 /// Per ELB API state of the inventory.
@@ -1166,7 +1220,7 @@ impl<C: CloudApi> Inventory<C> {
         &self,
         targets: &mut Vec<Target>,
         problems: &mut BTreeMap<Problem, usize>,
-    ) -> (Vec<(Problem, String)>, Vec<super::pools::IngressRoute>) {
+    ) -> (Vec<(Problem, String)>, Vec<IngressRoute>) {
         let a = super::ingress::attribute(&self.ingresses, |id| match self.elbs.get(id) {
             Some(st) if st.status == ElbStatus::Ok => Ok(st.listeners.as_slice()),
             Some(st) if st.status == ElbStatus::NotFound => Err(Some(Problem::UnknownElb)),
@@ -1222,7 +1276,7 @@ impl<C: CloudApi> Inventory<C> {
             .iter()
             .filter_map(|r| {
                 let elb = &r.ingresses.first()?.elb_id;
-                Some(super::pools::IngressRoute {
+                Some(IngressRoute {
                     elb_id: elb.clone(),
                     version: self.elbs.get(elb).and_then(|st| st.version),
                     listener_id: r.listener.id.as_str().into(),
@@ -1238,7 +1292,7 @@ impl<C: CloudApi> Inventory<C> {
 impl<C: CloudApi> Inventory<C> {
     /// An Ingress as pool attribution needs it: backends naming their Service port resolved to its
     /// number through that Service's `spec.ports[]` (CCE's pool name holds the number).
-    fn route_ingress(&self, i: &super::ingress::IngressTarget) -> super::pools::RouteIngress {
+    fn route_ingress(&self, i: &super::ingress::IngressTarget) -> RouteIngress {
         let mut backends = i.backends.clone();
         let mut unresolved = Vec::new();
         for (svc, port) in &i.named_backends {
@@ -1250,7 +1304,7 @@ impl<C: CloudApi> Inventory<C> {
         }
         backends.sort();
         backends.dedup();
-        super::pools::RouteIngress {
+        RouteIngress {
             namespace: i.namespace.clone(),
             name: i.name.clone(),
             uid: i.uid.clone(),
