@@ -480,7 +480,7 @@ mod tests {
     use super::*;
 
     fn svc(annotations: &[(&str, &str)], ports: &[i32]) -> Service {
-        crate::demo::service("shop", "web", annotations, ports)
+        crate::sim::fixtures::service("shop", "web", annotations, ports)
     }
 
     const A: &str = annotations::ELB_ID;
