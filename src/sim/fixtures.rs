@@ -83,3 +83,17 @@ pub fn ingress(
     });
     ing
 }
+
+/// A bare Service with `metadata.labels` (no spec): what label and field selectors look at.
+pub fn labelled_service(ns: &str, name: &str, labels: &[(&str, &str)]) -> Service {
+    let mut s = Service::default();
+    s.metadata.namespace = Some(ns.to_owned());
+    s.metadata.name = Some(name.to_owned());
+    s.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    s
+}
