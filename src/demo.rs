@@ -5,9 +5,11 @@ use crate::annotations;
 use crate::app;
 use crate::config::Config;
 use crate::sim::cloud::{CloudSim, LbKind, SimListener, SimProfile};
+/// The Kubernetes object builders live with the other test doubles; the demo and the tests use them
+/// under these names.
+pub use crate::sim::fixtures::{ingress, service};
 use crate::sim::kube::FakeApiServer;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use std::collections::BTreeMap;
+use k8s_openapi::api::core::v1::Service;
 use std::net::SocketAddr;
 
 /// A load balancer of the fixture: id, kind, listeners (id, name, protocol, port).
@@ -75,86 +77,6 @@ pub const ELBS: &[FixtureElb] = &[
         )],
     },
 ];
-
-/// A Service of the fixture: namespace, name, annotations, ports.
-pub fn service(ns: &str, name: &str, annotations: &[(&str, &str)], ports: &[i32]) -> Service {
-    let mut s = Service::default();
-    s.metadata.namespace = Some(ns.into());
-    s.metadata.name = Some(name.into());
-    if !annotations.is_empty() {
-        s.metadata.annotations = Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        );
-    }
-    s.spec = Some(ServiceSpec {
-        type_: Some("LoadBalancer".into()),
-        ports: Some(
-            ports
-                .iter()
-                .map(|p| ServicePort {
-                    name: Some(format!("p{p}")),
-                    port: *p,
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
-        ..Default::default()
-    });
-    s
-}
-
-/// A CCE ELB Ingress (`spec.ingressClassName: cce`) routing `/<service>` to each backend
-/// (Service name, Service port).
-pub fn ingress(
-    ns: &str,
-    name: &str,
-    annotations: &[(&str, &str)],
-    backends: &[(&str, i32)],
-) -> k8s_openapi::api::networking::v1::Ingress {
-    use k8s_openapi::api::networking::v1::{
-        HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
-        IngressServiceBackend, IngressSpec, ServiceBackendPort,
-    };
-    let mut ing = Ingress::default();
-    ing.metadata.namespace = Some(ns.into());
-    ing.metadata.name = Some(name.into());
-    ing.metadata.annotations = Some(
-        annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-    );
-    let paths = backends
-        .iter()
-        .map(|(svc, port)| HTTPIngressPath {
-            path: Some(format!("/{svc}")),
-            path_type: "Prefix".into(),
-            backend: IngressBackend {
-                service: Some(IngressServiceBackend {
-                    name: svc.to_string(),
-                    port: Some(ServiceBackendPort {
-                        number: Some(*port),
-                        ..Default::default()
-                    }),
-                }),
-                ..Default::default()
-            },
-        })
-        .collect();
-    ing.spec = Some(IngressSpec {
-        ingress_class_name: Some("cce".into()),
-        rules: Some(vec![IngressRule {
-            host: None,
-            http: Some(HTTPIngressRuleValue { paths }),
-        }]),
-        ..Default::default()
-    });
-    ing
-}
 
 /// The demo's Services in two namespaces: dedicated and shared ELBs, a two-port Service, a Service
 /// without the class annotation (v3 then v2), and one without the ELB annotation.

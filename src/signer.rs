@@ -150,12 +150,43 @@ fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
 
 /// Signs `req`. The `X-Sdk-Date` header must be present (it is the time input); see [`sdk_date`].
 pub fn sign(req: &SignRequest<'_>, ak: &str, sk: &str, algorithm: &Algorithm) -> Signed {
+    let mut headers = headers_to_sign(req);
+    let date = header(&headers, "X-Sdk-Date").unwrap_or("").to_string();
+    let (signed_headers, canonical_headers) = canonical_headers(&headers);
+    let query_string = canonical_query(req.query);
+    let canonical_request = format!(
+        "{}\n{}\n{}\n{}\n{}\n{}",
+        req.method.to_ascii_uppercase(),
+        canonical_uri(req.path),
+        query_string,
+        canonical_headers,
+        signed_headers,
+        payload_hash(&headers, req.body)
+    );
+    let hashed = sha256_hex(canonical_request.as_bytes());
+    let (string_to_sign, signature, authorization) =
+        signature(algorithm, ak, sk, &date, &hashed, &signed_headers);
+    headers.push(("Authorization".to_string(), authorization.clone()));
+
+    Signed {
+        canonical_request,
+        string_to_sign,
+        signature,
+        signed_headers,
+        authorization,
+        query_string,
+        headers,
+    }
+}
+
+/// The request's headers, trimmed, plus the ones the SDK adds before signing (`Host`, and
+/// `X-Sdk-Content-Sha256: UNSIGNED-PAYLOAD` for a body that is neither JSON nor BSON).
+fn headers_to_sign(req: &SignRequest<'_>) -> Vec<(String, String)> {
     let mut headers: Vec<(String, String)> = req
         .headers
         .iter()
         .map(|(k, v)| (k.clone(), v.trim().to_string()))
         .collect();
-    let date = header(&headers, "X-Sdk-Date").unwrap_or("").to_string();
     if header(&headers, "Host").is_none() {
         headers.push(("Host".to_string(), req.host.to_string()));
     }
@@ -169,7 +200,11 @@ pub fn sign(req: &SignRequest<'_>, ak: &str, sk: &str, algorithm: &Algorithm) ->
             "UNSIGNED-PAYLOAD".to_string(),
         ));
     }
+    headers
+}
 
+/// `(signed header names joined by ';', canonical header lines)`; names with '_' are not signed.
+fn canonical_headers(headers: &[(String, String)]) -> (String, String) {
     let mut signed: Vec<(String, &str)> = headers
         .iter()
         .filter(|(k, _)| !k.contains('_'))
@@ -188,60 +223,51 @@ pub fn sign(req: &SignRequest<'_>, ak: &str, sk: &str, algorithm: &Algorithm) ->
         canonical_headers.push_str(v);
         canonical_headers.push('\n');
     }
+    (signed_headers, canonical_headers)
+}
 
-    let payload_hash = if req.body.is_empty() {
+fn payload_hash(headers: &[(String, String)], body: &[u8]) -> String {
+    if body.is_empty() {
         EMPTY_SHA256.to_string()
-    } else if let Some(v) = header(&headers, "X-Sdk-Content-Sha256") {
+    } else if let Some(v) = header(headers, "X-Sdk-Content-Sha256") {
         v.to_string()
     } else {
-        sha256_hex(req.body)
-    };
+        sha256_hex(body)
+    }
+}
 
-    let query_string = canonical_query(req.query);
-    let canonical_request = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}",
-        req.method.to_ascii_uppercase(),
-        canonical_uri(req.path),
-        query_string,
-        canonical_headers,
-        signed_headers,
-        payload_hash
-    );
-    let hashed = sha256_hex(canonical_request.as_bytes());
-
-    let (string_to_sign, signature, authorization);
+/// `(string_to_sign, signature, authorization)` for the hashed canonical request.
+fn signature(
+    algorithm: &Algorithm,
+    ak: &str,
+    sk: &str,
+    date: &str,
+    hashed: &str,
+    signed_headers: &str,
+) -> (String, String, String) {
     match algorithm {
         Algorithm::SdkHmacSha256 => {
-            string_to_sign = format!("SDK-HMAC-SHA256\n{date}\n{hashed}");
-            signature = hex::encode(hmac_sha256(sk.as_bytes(), string_to_sign.as_bytes()));
-            authorization = format!(
+            let string_to_sign = format!("SDK-HMAC-SHA256\n{date}\n{hashed}");
+            let signature = hex::encode(hmac_sha256(sk.as_bytes(), string_to_sign.as_bytes()));
+            let authorization = format!(
                 "SDK-HMAC-SHA256 Access={ak}, SignedHeaders={signed_headers}, Signature={signature}"
             );
+            (string_to_sign, signature, authorization)
         }
         Algorithm::V11HmacSha256 { region, service } => {
-            let day = date.get(..8).unwrap_or(&date);
+            let day = date.get(..8).unwrap_or(date);
             let info = format!("{day}/{region}/{service}");
-            string_to_sign = format!("V11-HMAC-SHA256\n{date}\n{info}\n{hashed}");
+            let string_to_sign = format!("V11-HMAC-SHA256\n{date}\n{info}\n{hashed}");
             let prk = hmac_sha256(ak.as_bytes(), sk.as_bytes());
             let mut msg = info.clone().into_bytes();
             msg.push(0x01);
             let key = hex::encode(hmac_sha256(&prk, &msg));
-            signature = hex::encode(hmac_sha256(key.as_bytes(), string_to_sign.as_bytes()));
-            authorization = format!(
+            let signature = hex::encode(hmac_sha256(key.as_bytes(), string_to_sign.as_bytes()));
+            let authorization = format!(
                 "V11-HMAC-SHA256 Credential={ak}/{info}, SignedHeaders={signed_headers}, Signature={signature}"
             );
+            (string_to_sign, signature, authorization)
         }
-    }
-    headers.push(("Authorization".to_string(), authorization.clone()));
-
-    Signed {
-        canonical_request,
-        string_to_sign,
-        signature,
-        signed_headers,
-        authorization,
-        query_string,
-        headers,
     }
 }
 

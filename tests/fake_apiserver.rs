@@ -1,6 +1,5 @@
 //! The fake apiserver against the real kube client and `kube::runtime::watcher`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -21,18 +20,7 @@ const STEP: Duration = Duration::from_secs(10);
 
 type Watch = BoxStream<'static, watcher::Result<Event<Service>>>;
 
-fn svc(ns: &str, name: &str, labels: &[(&str, &str)]) -> Service {
-    let mut s = Service::default();
-    s.metadata.namespace = Some(ns.to_owned());
-    s.metadata.name = Some(name.to_owned());
-    s.metadata.labels = Some(
-        labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect::<BTreeMap<_, _>>(),
-    );
-    s
-}
+use elb_exporter::sim::fixtures::labelled_service as svc;
 
 fn name(s: &Service) -> String {
     format!(

@@ -67,6 +67,15 @@ fn calls_to(reqs: &[SimRequest], path: &str, filter: &str) -> Vec<(SimApi, bool,
         .collect()
 }
 
+/// (v2 calls, v3 calls) that are `filtered` (or not), and all calls.
+fn per_api(calls: &[(SimApi, bool, String)], filtered: bool) -> (usize, usize, usize) {
+    (
+        count(calls, SimApi::ElbV2, filtered),
+        count(calls, SimApi::ElbV3, filtered),
+        calls.len(),
+    )
+}
+
 fn count(calls: &[(SimApi, bool, String)], api: SimApi, filtered: bool) -> usize {
     calls
         .iter()
@@ -110,26 +119,14 @@ async fn cold_start_and_refresh_page_through_the_project() {
     e.wait_ready().await;
     let calls = elb_calls(&w.sim.requests());
     assert_eq!(
-        (
-            count(&calls, SimApi::ElbV2, false),
-            count(&calls, SimApi::ElbV3, false),
-            calls.len()
-        ),
+        per_api(&calls, false),
         (2, 1, 3),
         "cold start: 2 v2 pages + 1 v3 page, nothing filtered: {calls:?}"
     );
     // The ELB names: one project-wide load balancer page per API (150 shared, 75 dedicated), after
     // the listener listings, before readiness.
     let lbs = lb_calls(&w.sim.requests());
-    assert_eq!(
-        (
-            count(&lbs, SimApi::ElbV2, false),
-            count(&lbs, SimApi::ElbV3, false),
-            lbs.len()
-        ),
-        (1, 1, 2),
-        "cold start names: {lbs:?}"
-    );
+    assert_eq!(per_api(&lbs, false), (1, 1, 2), "cold start names: {lbs:?}");
     assert!(
         calls.iter().all(|(_, _, q)| q.contains("limit=")),
         "{calls:?}"
@@ -192,21 +189,13 @@ async fn cold_start_and_refresh_page_through_the_project() {
     w.sim.clear_requests();
     let calls = elb_calls_after(&w, 3, Duration::from_secs(15), Duration::from_secs(3)).await;
     assert_eq!(
-        (
-            count(&calls, SimApi::ElbV2, false),
-            count(&calls, SimApi::ElbV3, false),
-            calls.len()
-        ),
+        per_api(&calls, false),
         (2, 1, 3),
         "refresh: 2 v2 pages + 1 v3 page: {calls:?}"
     );
     let lbs = lb_calls(&w.sim.requests());
     assert_eq!(
-        (
-            count(&lbs, SimApi::ElbV2, false),
-            count(&lbs, SimApi::ElbV3, false),
-            lbs.len()
-        ),
+        per_api(&lbs, false),
         (1, 1, 2),
         "refresh names: one project-wide page per API: {lbs:?}"
     );
@@ -256,11 +245,7 @@ async fn a_large_project_with_few_annotated_elbs_is_not_paged_through() {
     w.sim.clear_requests();
     let calls = elb_calls_after(&w, 3, Duration::from_secs(20), Duration::from_secs(2)).await;
     assert_eq!(
-        (
-            count(&calls, SimApi::ElbV2, true),
-            count(&calls, SimApi::ElbV3, true),
-            calls.len()
-        ),
+        per_api(&calls, true),
         (2, 1, 3),
         "refresh: filtered only: {calls:?}"
     );

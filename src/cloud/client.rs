@@ -219,29 +219,7 @@ impl HttpCloud {
                     }
                 }
             };
-            let sent = {
-                // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
-                let _permit = self.in_flight.acquire().await.ok();
-                self.attempt(call, &ticket.credentials).await
-            };
-            let probe = ticket.probe;
-            let verdict = match (call.api, &sent) {
-                // The fallback is sent only after IAM accepted the key (a 403): its 401 means this
-                // API takes no AK/SK here (documented for tokens only), not a bad key, so it must not
-                // close the gate for every API.
-                (Operation::IamListAuthProjects, Err(CloudError::Unauthorized(..))) => {
-                    Verdict::Unknown
-                }
-                _ => Verdict::of(&sent),
-            };
-            if let Some(cooldown) = ticket.finish(verdict) {
-                warn!(
-                    api = call.api.as_str(),
-                    cooldown_s = cooldown.as_secs(),
-                    probe,
-                    "credentials rejected (401); pausing cloud calls so the AK is not locked"
-                );
-            }
+            let sent = self.send_admitted(call, ticket).await;
             // The body's share of the budget is held until it is parsed.
             let result = sent.and_then(|(body, _held)| {
                 parse(&body).map_err(|e| CloudError::Malformed(call.api, e))
@@ -255,30 +233,75 @@ impl HttpCloud {
                 .with_label_values(&[call.api.as_str(), err.metric_code()])
                 .inc();
             attempt += 1;
-            if !err.is_retryable() || attempt >= self.retry.max_attempts {
+            let Some(delay) = self.retry_delay(call, &err, attempt, start) else {
                 return Err(err);
-            }
-            let delay = backoff(
-                &self.retry,
-                attempt - 1,
-                err.retry_after(),
-                rand::random::<f64>(),
-            );
-            if start.elapsed() + delay > self.retry.max_elapsed {
-                return Err(err);
-            }
-            warn!(
-                api = call.api.as_str(),
-                attempt,
-                code = err.metric_code(),
-                cloud_code = err.cloud_code().unwrap_or(""),
-                delay_ms = delay.as_millis() as u64,
-                error = %err,
-                "cloud call failed, retrying"
-            );
+            };
             tokio::time::sleep(delay).await;
             last = Some(err);
         }
+    }
+
+    /// Sends one admitted attempt within the in-flight cap and hands its outcome to the auth gate.
+    async fn send_admitted(
+        &self,
+        call: &Call<'_>,
+        ticket: Ticket<'_>,
+    ) -> Result<(Vec<u8>, SemaphorePermit<'_>), CloudError> {
+        let sent = {
+            // The semaphore is never closed, so acquire cannot fail; treat it as "no cap" if it did.
+            let _permit = self.in_flight.acquire().await.ok();
+            self.attempt(call, &ticket.credentials).await
+        };
+        let probe = ticket.probe;
+        let verdict = match (call.api, &sent) {
+            // The fallback is sent only after IAM accepted the key (a 403): its 401 means this
+            // API takes no AK/SK here (documented for tokens only), not a bad key, so it must not
+            // close the gate for every API.
+            (Operation::IamListAuthProjects, Err(CloudError::Unauthorized(..))) => Verdict::Unknown,
+            _ => Verdict::of(&sent),
+        };
+        if let Some(cooldown) = ticket.finish(verdict) {
+            warn!(
+                api = call.api.as_str(),
+                cooldown_s = cooldown.as_secs(),
+                probe,
+                "credentials rejected (401); pausing cloud calls so the AK is not locked"
+            );
+        }
+        sent
+    }
+
+    /// How long to wait before retrying after failed attempt number `attempt` (1-based), or `None`
+    /// when the failure is final: not retryable, attempts used up, or the wait would pass max_elapsed.
+    fn retry_delay(
+        &self,
+        call: &Call<'_>,
+        err: &CloudError,
+        attempt: u32,
+        start: Instant,
+    ) -> Option<Duration> {
+        if !err.is_retryable() || attempt >= self.retry.max_attempts {
+            return None;
+        }
+        let delay = backoff(
+            &self.retry,
+            attempt - 1,
+            err.retry_after(),
+            rand::random::<f64>(),
+        );
+        if start.elapsed() + delay > self.retry.max_elapsed {
+            return None;
+        }
+        warn!(
+            api = call.api.as_str(),
+            attempt,
+            code = err.metric_code(),
+            cloud_code = err.cloud_code().unwrap_or(""),
+            delay_ms = delay.as_millis() as u64,
+            error = %err,
+            "cloud call failed, retrying"
+        );
+        Some(delay)
     }
 
     /// Permission from the auth gate to send one request. Refused calls are refused before they take
@@ -622,32 +645,19 @@ impl HttpCloud {
         let limit = version.page_size();
         let mut out = Listing::default();
         let mut seen: HashSet<String> = HashSet::new();
-        let mut markers: HashSet<String> = HashSet::new();
-        let mut marker: Option<String> = None;
+        let mut pager = Pager::default();
         for page_no in 0..max_pages.min(MAX_PAGES as u32) {
             if page_no > 0 && !page_gap.is_zero() {
                 tokio::time::sleep(page_gap).await;
             }
-            let mut query: Vec<(String, String)> = ids
+            let filters = ids
                 .unwrap_or_default()
                 .iter()
                 .map(|id| ("loadbalancer_id".to_string(), id.to_string()))
                 .collect();
-            query.push(("limit".to_string(), limit.to_string()));
-            if let Some(m) = &marker {
-                query.push(("marker".to_string(), m.clone()));
-            }
-            let call = Call {
-                api,
-                endpoint: &self.elb,
-                method: reqwest::Method::GET,
-                path: path.clone(),
-                query,
-                body: Vec::new(),
-                project: Some(project),
-                max_body: limit * LISTENER_BYTES + BODY_SLACK,
-                lane,
-            };
+            let query = pager.query(filters, limit);
+            let max_body = limit * LISTENER_BYTES + BODY_SLACK;
+            let call = self.elb_page_call(api, &path, query, project, max_body, lane);
             let page = self
                 .call(&call, |body| match ids {
                     Some(ids) => parse::listener_page_limited(body, ids, limit),
@@ -656,17 +666,8 @@ impl HttpCloud {
                 .await?;
             out.calls += 1;
             out.seen += page.raw_count;
-            for (reason, n) in [
-                ("invalid_listener", page.skipped - page.unattributable),
-                ("unattributable_listener", page.unattributable),
-            ] {
-                if n > 0 {
-                    self.telemetry
-                        .skipped
-                        .with_label_values(&[reason])
-                        .inc_by(n as u64);
-                }
-            }
+            self.count_skipped("invalid_listener", page.skipped - page.unattributable);
+            self.count_skipped("unattributable_listener", page.unattributable);
             for (lb, l) in page.listeners {
                 if seen.insert(l.id.clone()) {
                     out.by_lb.entry(lb).or_default().push(l);
@@ -676,17 +677,8 @@ impl HttpCloud {
                 out.complete = true;
                 return Ok(out);
             }
-            let next = page.next_marker.or(page.last_id).ok_or_else(|| {
-                CloudError::Malformed(api, "a full page without listener ids".into())
-            })?;
-            // A marker seen before (A→B→A) would page in a circle.
-            if !markers.insert(next.clone()) {
-                return Err(CloudError::Malformed(
-                    api,
-                    format!("paging marker {next:?} came back"),
-                ));
-            }
-            marker = Some(next);
+            let next = page.next_marker.or(page.last_id);
+            pager.advance(api, next, || "a full page without listener ids".into())?;
         }
         if ids.is_none() && max_pages < MAX_PAGES as u32 {
             // The caller's budget, not a paging bug: it falls back to filtered listings.
@@ -696,6 +688,39 @@ impl HttpCloud {
             api,
             format!("more than {MAX_PAGES} pages of listeners"),
         ))
+    }
+
+    /// A GET of one page of an ELB listing at `path`.
+    fn elb_page_call<'a>(
+        &'a self,
+        api: Operation,
+        path: &str,
+        query: Vec<(String, String)>,
+        project: &'a str,
+        max_body: usize,
+        lane: Lane,
+    ) -> Call<'a> {
+        Call {
+            api,
+            endpoint: &self.elb,
+            method: reqwest::Method::GET,
+            path: path.to_string(),
+            query,
+            body: Vec::new(),
+            project: Some(project),
+            max_body,
+            lane,
+        }
+    }
+
+    /// Counts `n` listed items left out for `reason` (nothing when `n` is 0).
+    fn count_skipped(&self, reason: &'static str, n: usize) {
+        if n > 0 {
+            self.telemetry
+                .skipped
+                .with_label_values(&[reason])
+                .inc_by(n as u64);
+        }
     }
 
     /// Lists every item of an ELB collection matching `filters` (v2 at the OpenStack path where the
@@ -740,56 +765,31 @@ impl HttpCloud {
             complete: false,
             calls: 0,
         };
-        let mut markers: HashSet<String> = HashSet::new();
-        let mut marker: Option<String> = None;
+        let mut pager = Pager::default();
         for _ in 0..max_pages.min(MAX_PAGES) {
-            let mut query: Vec<(String, String)> = filters
+            let filters = filters
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            query.push(("limit".to_string(), limit.to_string()));
-            if let Some(m) = &marker {
-                query.push(("marker".to_string(), m.clone()));
-            }
-            let call = Call {
-                api,
-                endpoint: &self.elb,
-                method: reqwest::Method::GET,
-                path: path.clone(),
-                query,
-                body: Vec::new(),
-                project: Some(project),
-                max_body: limit * item_bytes + BODY_SLACK,
-                lane,
-            };
+            let query = pager.query(filters, limit);
+            let max_body = limit * item_bytes + BODY_SLACK;
+            let call = self.elb_page_call(api, &path, query, project, max_body, lane);
             let page = self
                 .call(&call, |body| {
                     parse::item_page(body, collection, limit, parse)
                 })
                 .await?;
             out.calls += 1;
-            if page.skipped > 0 {
-                self.telemetry
-                    .skipped
-                    .with_label_values(&["invalid_elb_item"])
-                    .inc_by(page.skipped as u64);
-            }
+            self.count_skipped("invalid_elb_item", page.skipped);
             out.items.extend(page.items);
             if page.raw_count < limit {
                 out.complete = true;
                 return Ok(out);
             }
-            let next = page.next_marker.or(page.last_id).ok_or_else(|| {
-                CloudError::Malformed(api, format!("a full page of {collection} without ids"))
+            let next = page.next_marker.or(page.last_id);
+            pager.advance(api, next, || {
+                format!("a full page of {collection} without ids")
             })?;
-            // A marker seen before (A→B→A) would page in a circle.
-            if !markers.insert(next.clone()) {
-                return Err(CloudError::Malformed(
-                    api,
-                    format!("paging marker {next:?} came back"),
-                ));
-            }
-            marker = Some(next);
         }
         if max_pages < MAX_PAGES {
             // The caller's budget, not a paging bug.
@@ -987,6 +987,44 @@ const L7POLICIES: Collection<L7Policy> = Collection {
     item_bytes: 4 * 1024,
     parse: parse::l7policy,
 };
+
+/// The paging state of one ELB listing: the marker for the next page and every marker seen.
+#[derive(Default)]
+struct Pager {
+    marker: Option<String>,
+    markers: HashSet<String>,
+}
+
+impl Pager {
+    /// `filters`, then the page `limit` and the marker of the next page, if any.
+    fn query(&self, mut filters: Vec<(String, String)>, limit: usize) -> Vec<(String, String)> {
+        filters.push(("limit".to_string(), limit.to_string()));
+        if let Some(m) = &self.marker {
+            filters.push(("marker".to_string(), m.clone()));
+        }
+        filters
+    }
+
+    /// Moves to the page after a full one; `next` is its marker (`missing` names the fault when
+    /// there is none).
+    fn advance(
+        &mut self,
+        api: Operation,
+        next: Option<String>,
+        missing: impl FnOnce() -> String,
+    ) -> Result<(), CloudError> {
+        let next = next.ok_or_else(|| CloudError::Malformed(api, missing()))?;
+        // A marker seen before (A→B→A) would page in a circle.
+        if !self.markers.insert(next.clone()) {
+            return Err(CloudError::Malformed(
+                api,
+                format!("paging marker {next:?} came back"),
+            ));
+        }
+        self.marker = Some(next);
+        Ok(())
+    }
+}
 
 struct Call<'a> {
     api: Operation,

@@ -18,7 +18,10 @@
 
 use super::ingress::{IngressBook, IngressEvent};
 use super::names::{NameJob, NameQuery, Names};
-use super::{DiscoveryEvent, ElbClass, Observed, Owner, PortNames, Problem, Scope, ServiceKey};
+use super::plan::{Plan, ProjectSize, plan};
+use super::{
+    DiscoveryEvent, ElbClass, Observed, Owner, PortNames, Problem, Scope, ServiceKey, ServiceTarget,
+};
 use crate::cloud::Operation;
 use crate::cloud::{CloudApi, CloudError, ElbVersion, Lane, LbListing, Listener, Listing};
 use crate::telemetry::Telemetry;
@@ -111,9 +114,9 @@ pub struct Targets {
     /// Ingress problems for `check` and logs: the reason, and `ingress namespace/name: problem`.
     pub ingress_problems: Vec<(Problem, String)>,
     /// Every Ingress listener with the Ingresses routed through it (input of the pool stage).
-    pub routes: Vec<super::pools::IngressRoute>,
+    pub routes: Vec<IngressRoute>,
     /// Pools attributed to backend Services (filled by the pool stage).
-    pub pools: Vec<super::pools::PoolTarget>,
+    pub pools: Vec<PoolTarget>,
     /// Current problem counts by reason (`elb_exporter_discovery_problems`).
     pub problems: BTreeMap<Problem, usize>,
     /// Watch scopes the apiserver refuses to list (RBAC), with its message, for `check` and logs.
@@ -164,68 +167,58 @@ impl ElbState {
     }
 }
 
-/// What the inventory knows of the number of listeners a project has on one API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProjectSize {
-    /// No project-wide listing finished yet.
-    Unknown,
-    /// From the last complete project-wide listing.
-    Exactly(usize),
-    /// A project-wide listing stopped at its page budget after this many.
-    AtLeast(usize),
+/// One Ingress on a listener, as pool attribution needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteIngress {
+    /// The Ingress's namespace.
+    pub namespace: Arc<str>,
+    /// The Ingress's name.
+    pub name: Arc<str>,
+    /// The Ingress's uid.
+    pub uid: Arc<str>,
+    /// (Service, numeric port), sorted: named ports resolved through the Service's `spec.ports[]`.
+    pub backends: Vec<(Arc<str>, u16)>,
+    /// (Service, port name) of backends whose named port could not be resolved (the Service is not
+    /// watched, or has no port of that name): its pool is `pool_unmatched`, with this as the reason.
+    pub unresolved: Vec<(Arc<str>, Arc<str>)>,
 }
 
-/// How one API's ELBs are listed, and what it costs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plan {
-    /// Nothing to list.
-    Idle,
-    /// Listings filtered by load balancer id: `calls` of them.
-    Filtered {
-        /// One per ELB id batch ([`ElbVersion::ids_per_listing`]).
-        calls: usize,
-    },
-    /// One paged listing of every listener of the project: `calls` pages expected, abandoned after
-    /// `budget` pages (what the filtered listings would cost).
-    ProjectWide {
-        /// Pages expected from the project's size.
-        calls: usize,
-        /// Pages after which the listing is abandoned.
-        budget: usize,
-    },
+/// An Ingress listener and the Ingresses routed through it, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IngressRoute {
+    /// The ELB of the listener.
+    pub elb_id: Arc<str>,
+    /// The API that knows the ELB (its pools are listed there).
+    pub version: Option<ElbVersion>,
+    /// The Ingress listener.
+    pub listener_id: Arc<str>,
+    /// Its port.
+    pub port: u16,
+    /// Every Ingress routed through it, oldest first.
+    pub ingresses: Vec<RouteIngress>,
 }
 
-impl Plan {
-    /// Listing calls the plan expects.
-    pub fn calls(self) -> usize {
-        match self {
-            Plan::Idle => 0,
-            Plan::Filtered { calls } | Plan::ProjectWide { calls, .. } => calls,
-        }
-    }
-}
-
-/// The listing rule: filtered listings cost ceil(ELBs / ids per listing) calls; a project-wide listing
-/// floor(listeners / page size) + 1 (paging stops at the first short page). The project-wide listing is
-/// chosen only when strictly cheaper; with the size unknown it is tried (its cost is at least one call),
-/// bounded by the filtered cost, so the worst case is one wasted round of filtered size.
-pub fn plan(version: ElbVersion, elbs: usize, size: ProjectSize) -> Plan {
-    if elbs == 0 {
-        return Plan::Idle;
-    }
-    let filtered = elbs.div_ceil(version.ids_per_listing());
-    let project_wide = match size {
-        ProjectSize::Unknown => 1,
-        ProjectSize::Exactly(n) | ProjectSize::AtLeast(n) => n / version.page_size() + 1,
-    };
-    if project_wide < filtered {
-        Plan::ProjectWide {
-            calls: project_wide,
-            budget: filtered,
-        }
-    } else {
-        Plan::Filtered { calls: filtered }
-    }
+/// One exported pool: labels of `<prefix>_sys_elb_pool_<metric>` and `elb_exporter_pool_info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolTarget {
+    /// The namespace of the backend Service and its Ingress.
+    pub namespace: Arc<str>,
+    /// The backend Service the pool serves.
+    pub service: Arc<str>,
+    /// The oldest Ingress routing to that backend on that listener.
+    pub ingress: Arc<str>,
+    /// That Ingress's uid (`elb_exporter_pool_info` only).
+    pub uid: Arc<str>,
+    /// The ELB's name, empty while unknown (`elb_exporter_pool_info` only).
+    pub elb_name: Arc<str>,
+    /// The ELB of the pool.
+    pub elb_id: Arc<str>,
+    /// CES dimension `lbaas_pool_id`.
+    pub pool_id: Arc<str>,
+    /// CCE's name for it, `k8s_<namespace>_<service>-<port>_<protocol>-<port>`.
+    pub pool_name: Arc<str>,
+    /// The listener port the pool serves.
+    pub port: u16,
 }
 
 /// Per ELB API state of the inventory.
@@ -1000,105 +993,16 @@ impl<C: CloudApi> Inventory<C> {
     }
 
     fn publish(&mut self) {
-        let mut keys: Vec<&ServiceKey> = self.services.keys().collect();
-        keys.sort();
-        let mut targets = Vec::new();
-        let mut reports = Vec::with_capacity(keys.len());
-        let mut problems: BTreeMap<Problem, usize> = BTreeMap::new();
-        let mut new_logged: HashMap<ServiceKey, Vec<String>> = HashMap::new();
         let now = Instant::now();
         self.new_services
             .retain(|_, at| now.duration_since(*at) < NEW_SERVICE_WINDOW);
-        let mut port_retries: Vec<Arc<str>> = Vec::new();
-        for key in keys {
-            let mut report = ServiceReport {
-                namespace: key.0.clone(),
-                name: key.1.clone(),
-                elb_id: None,
-                api: None,
-                problems: Vec::new(),
-                listeners: 0,
-            };
-            match &self.services[key] {
-                Observed::Ignored(..) => continue,
-                Observed::Invalid { problem, .. } => {
-                    *problems.entry(*problem).or_default() += 1;
-                    report.problems.push(problem.describe().to_string());
-                }
-                Observed::Target(t) => {
-                    report.elb_id = Some(t.elb_id.clone());
-                    if let Some(st) = self.elbs.get(&t.elb_id) {
-                        report.api = st.version;
-                        match &st.status {
-                            ElbStatus::NotFound => {
-                                *problems.entry(Problem::UnknownElb).or_default() += 1;
-                                report.problems.push(format!(
-                                    "ELB {} has no listener on the {} API (unknown id?)",
-                                    t.elb_id,
-                                    match t.class {
-                                        ElbClass::Shared => "v2",
-                                        ElbClass::Dedicated => "v3",
-                                        ElbClass::Unspecified => "v3 or v2",
-                                    }
-                                ));
-                            }
-                            ElbStatus::Failed(e) => {
-                                *problems.entry(Problem::ElbLookupFailed).or_default() += 1;
-                                report.problems.push(format!("listener lookup failed: {e}"));
-                            }
-                            ElbStatus::Pending | ElbStatus::Ok => {}
-                        }
-                        let before = targets.len();
-                        for &port in &t.ports {
-                            let mut found = false;
-                            for l in st.listeners.iter().filter(|l| l.port == port) {
-                                found = true;
-                                targets.push(Target {
-                                    owner: Owner::Service,
-                                    namespace: t.namespace.clone(),
-                                    service: t.name.clone(),
-                                    elb_id: t.elb_id.clone(),
-                                    listener_id: l.id.as_str().into(),
-                                    listener_name: l.name.as_str().into(),
-                                    port: l.port,
-                                    protocol: l.protocol.as_str().into(),
-                                    uid: t.uid.clone(),
-                                    elb_name: self.names.name(&t.elb_id),
-                                });
-                            }
-                            if !found && st.status == ElbStatus::Ok {
-                                if self.new_services.contains_key(key) {
-                                    port_retries.push(t.elb_id.clone());
-                                }
-                                *problems.entry(Problem::PortWithoutListener).or_default() += 1;
-                                report.problems.push(format!(
-                                    "port {port} has no listener on ELB {}",
-                                    t.elb_id
-                                ));
-                            }
-                        }
-                        report.listeners = targets.len() - before;
-                    }
-                }
-            }
-            if !report.problems.is_empty() {
-                new_logged.insert(key.clone(), report.problems.clone());
-            }
-            reports.push(report);
-        }
-        // Log each Service's problems once per change, not on every publication.
-        for (key, probs) in &new_logged {
-            if self.logged.get(key) != Some(probs) {
-                warn!(namespace = %key.0, service = %key.1, problems = %probs.join("; "), "service cannot be fully exported");
-            }
-        }
-        for key in self.logged.keys() {
-            if !new_logged.contains_key(key) && self.services.contains_key(key) {
-                info!(namespace = %key.0, service = %key.1, "service problems resolved");
-            }
-        }
-        self.logged = new_logged;
-
+        let ServiceScan {
+            mut targets,
+            reports,
+            mut problems,
+            port_retries,
+        } = self.scan_services();
+        self.log_problem_changes(&reports);
         if !self.scopes_forbidden.is_empty() {
             problems.insert(Problem::NamespaceForbidden, self.scopes_forbidden.len());
         }
@@ -1106,20 +1010,7 @@ impl<C: CloudApi> Inventory<C> {
         let synced = self.all_answered()
             && self.initial_pending.as_ref().is_some_and(|p| p.is_empty())
             && !self.names_pending();
-        let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
-        let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
-        self.telemetry
-            .planned_calls
-            .with_label_values(&[Operation::ElbListListeners.as_str()])
-            .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
-        let names_per_refresh: usize = [ElbVersion::V2, ElbVersion::V3]
-            .into_iter()
-            .map(|v| self.names.planned_calls(v, self.listed_elbs(v).len()))
-            .sum();
-        self.telemetry
-            .planned_calls
-            .with_label_values(&[Operation::ElbListLoadbalancers.as_str()])
-            .set((names_per_refresh as f64 * refresh_per_min).ceil() as i64);
+        self.set_planned_calls();
         self.update_calls_gauge(now);
         self.schedule_port_retries(port_retries);
         let t = Targets {
@@ -1148,6 +1039,151 @@ impl<C: CloudApi> Inventory<C> {
         self.generation += 1;
         self.tx.send_replace(Arc::new(t));
     }
+
+    /// Every watched Service in key order: its report, its listeners as targets, its problems counted.
+    fn scan_services(&self) -> ServiceScan {
+        let mut keys: Vec<&ServiceKey> = self.services.keys().collect();
+        keys.sort();
+        let mut scan = ServiceScan {
+            targets: Vec::new(),
+            reports: Vec::with_capacity(keys.len()),
+            problems: BTreeMap::new(),
+            port_retries: Vec::new(),
+        };
+        for key in keys {
+            let mut report = ServiceReport {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                elb_id: None,
+                api: None,
+                problems: Vec::new(),
+                listeners: 0,
+            };
+            match &self.services[key] {
+                Observed::Ignored(..) => continue,
+                Observed::Invalid { problem, .. } => {
+                    *scan.problems.entry(*problem).or_default() += 1;
+                    report.problems.push(problem.describe().to_string());
+                }
+                Observed::Target(t) => self.scan_target(key, t, &mut report, &mut scan),
+            }
+            scan.reports.push(report);
+        }
+        scan
+    }
+
+    /// The listeners of one annotated Service on its ELB, and what keeps any port from being exported.
+    fn scan_target(
+        &self,
+        key: &ServiceKey,
+        t: &ServiceTarget,
+        report: &mut ServiceReport,
+        scan: &mut ServiceScan,
+    ) {
+        report.elb_id = Some(t.elb_id.clone());
+        let Some(st) = self.elbs.get(&t.elb_id) else {
+            return;
+        };
+        report.api = st.version;
+        match &st.status {
+            ElbStatus::NotFound => {
+                *scan.problems.entry(Problem::UnknownElb).or_default() += 1;
+                report.problems.push(format!(
+                    "ELB {} has no listener on the {} API (unknown id?)",
+                    t.elb_id,
+                    match t.class {
+                        ElbClass::Shared => "v2",
+                        ElbClass::Dedicated => "v3",
+                        ElbClass::Unspecified => "v3 or v2",
+                    }
+                ));
+            }
+            ElbStatus::Failed(e) => {
+                *scan.problems.entry(Problem::ElbLookupFailed).or_default() += 1;
+                report.problems.push(format!("listener lookup failed: {e}"));
+            }
+            ElbStatus::Pending | ElbStatus::Ok => {}
+        }
+        let before = scan.targets.len();
+        for &port in &t.ports {
+            let mut found = false;
+            for l in st.listeners.iter().filter(|l| l.port == port) {
+                found = true;
+                scan.targets.push(Target {
+                    owner: Owner::Service,
+                    namespace: t.namespace.clone(),
+                    service: t.name.clone(),
+                    elb_id: t.elb_id.clone(),
+                    listener_id: l.id.as_str().into(),
+                    listener_name: l.name.as_str().into(),
+                    port: l.port,
+                    protocol: l.protocol.as_str().into(),
+                    uid: t.uid.clone(),
+                    elb_name: self.names.name(&t.elb_id),
+                });
+            }
+            if !found && st.status == ElbStatus::Ok {
+                if self.new_services.contains_key(key) {
+                    scan.port_retries.push(t.elb_id.clone());
+                }
+                *scan
+                    .problems
+                    .entry(Problem::PortWithoutListener)
+                    .or_default() += 1;
+                report
+                    .problems
+                    .push(format!("port {port} has no listener on ELB {}", t.elb_id));
+            }
+        }
+        report.listeners = scan.targets.len() - before;
+    }
+
+    /// Logs each Service's problems once per change, not on every publication.
+    fn log_problem_changes(&mut self, reports: &[ServiceReport]) {
+        let new_logged: HashMap<ServiceKey, Vec<String>> = reports
+            .iter()
+            .filter(|r| !r.problems.is_empty())
+            .map(|r| ((r.namespace.clone(), r.name.clone()), r.problems.clone()))
+            .collect();
+        for (key, probs) in &new_logged {
+            if self.logged.get(key) != Some(probs) {
+                warn!(namespace = %key.0, service = %key.1, problems = %probs.join("; "), "service cannot be fully exported");
+            }
+        }
+        for key in self.logged.keys() {
+            if !new_logged.contains_key(key) && self.services.contains_key(key) {
+                info!(namespace = %key.0, service = %key.1, "service problems resolved");
+            }
+        }
+        self.logged = new_logged;
+    }
+
+    /// The listing calls a minute that the current plans take (listeners, and ELB names).
+    fn set_planned_calls(&self) {
+        let refresh_per_min = 60.0 / self.settings.listener_refresh.as_secs_f64().max(1.0);
+        let per_refresh: usize = self.apis.iter().map(|a| a.plan.calls()).sum();
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Operation::ElbListListeners.as_str()])
+            .set((per_refresh as f64 * refresh_per_min).ceil() as i64);
+        let names_per_refresh: usize = [ElbVersion::V2, ElbVersion::V3]
+            .into_iter()
+            .map(|v| self.names.planned_calls(v, self.listed_elbs(v).len()))
+            .sum();
+        self.telemetry
+            .planned_calls
+            .with_label_values(&[Operation::ElbListLoadbalancers.as_str()])
+            .set((names_per_refresh as f64 * refresh_per_min).ceil() as i64);
+    }
+}
+
+/// What [`Inventory::scan_services`] found: targets, reports and problems of the Services, and the
+/// ELBs to look at again soon for a new Service whose port has no listener yet.
+struct ServiceScan {
+    targets: Vec<Target>,
+    reports: Vec<ServiceReport>,
+    problems: BTreeMap<Problem, usize>,
+    port_retries: Vec<Arc<str>>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1184,7 +1220,7 @@ impl<C: CloudApi> Inventory<C> {
         &self,
         targets: &mut Vec<Target>,
         problems: &mut BTreeMap<Problem, usize>,
-    ) -> (Vec<(Problem, String)>, Vec<super::pools::IngressRoute>) {
+    ) -> (Vec<(Problem, String)>, Vec<IngressRoute>) {
         let a = super::ingress::attribute(&self.ingresses, |id| match self.elbs.get(id) {
             Some(st) if st.status == ElbStatus::Ok => Ok(st.listeners.as_slice()),
             Some(st) if st.status == ElbStatus::NotFound => Err(Some(Problem::UnknownElb)),
@@ -1240,7 +1276,7 @@ impl<C: CloudApi> Inventory<C> {
             .iter()
             .filter_map(|r| {
                 let elb = &r.ingresses.first()?.elb_id;
-                Some(super::pools::IngressRoute {
+                Some(IngressRoute {
                     elb_id: elb.clone(),
                     version: self.elbs.get(elb).and_then(|st| st.version),
                     listener_id: r.listener.id.as_str().into(),
@@ -1256,7 +1292,7 @@ impl<C: CloudApi> Inventory<C> {
 impl<C: CloudApi> Inventory<C> {
     /// An Ingress as pool attribution needs it: backends naming their Service port resolved to its
     /// number through that Service's `spec.ports[]` (CCE's pool name holds the number).
-    fn route_ingress(&self, i: &super::ingress::IngressTarget) -> super::pools::RouteIngress {
+    fn route_ingress(&self, i: &super::ingress::IngressTarget) -> RouteIngress {
         let mut backends = i.backends.clone();
         let mut unresolved = Vec::new();
         for (svc, port) in &i.named_backends {
@@ -1268,7 +1304,7 @@ impl<C: CloudApi> Inventory<C> {
         }
         backends.sort();
         backends.dedup();
-        super::pools::RouteIngress {
+        RouteIngress {
             namespace: i.namespace.clone(),
             name: i.name.clone(),
             uid: i.uid.clone(),

@@ -6,6 +6,7 @@
 pub mod ingress;
 pub mod inventory;
 pub mod names;
+pub mod plan;
 pub mod pools;
 
 use crate::annotations;
@@ -479,7 +480,7 @@ mod tests {
     use super::*;
 
     fn svc(annotations: &[(&str, &str)], ports: &[i32]) -> Service {
-        crate::demo::service("shop", "web", annotations, ports)
+        crate::sim::fixtures::service("shop", "web", annotations, ports)
     }
 
     const A: &str = annotations::ELB_ID;

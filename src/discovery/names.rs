@@ -2,7 +2,7 @@
 //!
 //! Listener listings do not carry the load balancer's name, so names come from the load balancer
 //! listings (`GET /v2|v3/{project_id}/elb/loadbalancers`), planned like listener listings (see
-//! [`super::inventory::plan`]): one paged project-wide listing per API, or listings filtered by id
+//! [`super::plan::plan`]): one paged project-wide listing per API, or listings filtered by id
 //! (v3: 50 ids per call, v2: one) when that takes fewer calls. The ELBs whose listeners were found are
 //! named once as soon as no listener lookup of their API is pending (so a cold start or a burst of new
 //! Services costs one listing), and every ELB is named again every `listener_refresh` on the
@@ -10,7 +10,7 @@
 //! is empty: the info series never waits for it. A failed listing keeps the last known names and is
 //! retried with backoff.
 
-use super::inventory::{Plan, ProjectSize, plan};
+use super::plan::{Plan, ProjectSize, plan};
 use crate::cloud::{CloudError, ElbVersion, Lane, LbListing};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -14,6 +14,7 @@
 
 use super::Problem;
 use super::inventory::Targets;
+pub use super::inventory::{IngressRoute, PoolTarget, RouteIngress};
 use crate::cloud::{CloudApi, CloudError, ElbVersion, L7Policy, Lane, Pool};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,60 +31,6 @@ const CONCURRENCY: usize = 4;
 /// An ELB where some Ingress backend has no pool yet (CCE creates it after the Ingress changes) is listed
 /// again after this (or half the refresh period, when shorter), not only at the next refresh.
 const MISSING_RETRY: Duration = Duration::from_secs(15);
-
-/// One Ingress on a listener, as pool attribution needs it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RouteIngress {
-    /// The Ingress's namespace.
-    pub namespace: Arc<str>,
-    /// The Ingress's name.
-    pub name: Arc<str>,
-    /// The Ingress's uid.
-    pub uid: Arc<str>,
-    /// (Service, numeric port), sorted: named ports resolved through the Service's `spec.ports[]`.
-    pub backends: Vec<(Arc<str>, u16)>,
-    /// (Service, port name) of backends whose named port could not be resolved (the Service is not
-    /// watched, or has no port of that name): its pool is `pool_unmatched`, with this as the reason.
-    pub unresolved: Vec<(Arc<str>, Arc<str>)>,
-}
-
-/// An Ingress listener and the Ingresses routed through it, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct IngressRoute {
-    /// The ELB of the listener.
-    pub elb_id: Arc<str>,
-    /// The API that knows the ELB (its pools are listed there).
-    pub version: Option<ElbVersion>,
-    /// The Ingress listener.
-    pub listener_id: Arc<str>,
-    /// Its port.
-    pub port: u16,
-    /// Every Ingress routed through it, oldest first.
-    pub ingresses: Vec<RouteIngress>,
-}
-
-/// One exported pool: labels of `<prefix>_sys_elb_pool_<metric>` and `elb_exporter_pool_info`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolTarget {
-    /// The namespace of the backend Service and its Ingress.
-    pub namespace: Arc<str>,
-    /// The backend Service the pool serves.
-    pub service: Arc<str>,
-    /// The oldest Ingress routing to that backend on that listener.
-    pub ingress: Arc<str>,
-    /// That Ingress's uid (`elb_exporter_pool_info` only).
-    pub uid: Arc<str>,
-    /// The ELB's name, empty while unknown (`elb_exporter_pool_info` only).
-    pub elb_name: Arc<str>,
-    /// The ELB of the pool.
-    pub elb_id: Arc<str>,
-    /// CES dimension `lbaas_pool_id`.
-    pub pool_id: Arc<str>,
-    /// CCE's name for it, `k8s_<namespace>_<service>-<port>_<protocol>-<port>`.
-    pub pool_name: Arc<str>,
-    /// The listener port the pool serves.
-    pub port: u16,
-}
 
 /// CCE's pool name, split: (namespace, service, service port, protocol, listener port). `None` for a
 /// name that is not exactly that shape (namespaces have no `_`, ports are decimal).

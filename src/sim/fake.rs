@@ -147,6 +147,20 @@ fn failure(status: u16) -> CloudError {
     )
 }
 
+/// A complete listing in one call of the listeners of each `(load balancer, listeners)`.
+fn one_page<'a>(found: impl Iterator<Item = (String, &'a Vec<Listener>)>) -> Listing {
+    let mut out = Listing {
+        calls: 1,
+        complete: true,
+        ..Listing::default()
+    };
+    for (id, l) in found {
+        out.seen += l.len();
+        out.by_lb.insert(id, l.clone());
+    }
+    out
+}
+
 #[async_trait::async_trait]
 impl CloudApi for FakeCloud {
     async fn project_id(&self) -> Result<String, CloudError> {
@@ -161,18 +175,10 @@ impl CloudApi for FakeCloud {
     ) -> Result<Listing, CloudError> {
         let mut st = self.state();
         st.listings += 1;
-        let mut out = Listing {
-            calls: 1,
-            complete: true,
-            ..Listing::default()
-        };
-        for id in loadbalancer_ids {
-            if let Some(l) = st.listeners.get(&(version, id.to_string())) {
-                out.seen += l.len();
-                out.by_lb.insert(id.to_string(), l.clone());
-            }
-        }
-        Ok(out)
+        Ok(one_page(loadbalancer_ids.iter().filter_map(|id| {
+            let l = st.listeners.get(&(version, id.to_string()))?;
+            Some((id.to_string(), l))
+        })))
     }
 
     /// One page holds the whole project.
@@ -185,18 +191,12 @@ impl CloudApi for FakeCloud {
     ) -> Result<Listing, CloudError> {
         let mut st = self.state();
         st.listings += 1;
-        let mut out = Listing {
-            calls: 1,
-            complete: true,
-            ..Listing::default()
-        };
-        for ((v, id), l) in &st.listeners {
-            if *v == version {
-                out.seen += l.len();
-                out.by_lb.insert(id.clone(), l.clone());
-            }
-        }
-        Ok(out)
+        Ok(one_page(
+            st.listeners
+                .iter()
+                .filter(|((v, _), _)| *v == version)
+                .map(|((_, id), l)| (id.clone(), l)),
+        ))
     }
 
     async fn list_pools(

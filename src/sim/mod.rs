@@ -3,5 +3,6 @@
 
 pub mod cloud;
 pub mod fake;
+pub mod fixtures;
 pub mod kube;
 pub mod publication;

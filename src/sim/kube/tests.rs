@@ -4,18 +4,7 @@ use super::{
     selectors::{Filter, parse_field_selector, parse_label_selector},
 };
 
-fn svc(ns: &str, name: &str, labels: &[(&str, &str)]) -> Service {
-    let mut s = Service::default();
-    s.metadata.namespace = Some(ns.to_owned());
-    s.metadata.name = Some(name.to_owned());
-    s.metadata.labels = Some(
-        labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-    );
-    s
-}
+use crate::sim::fixtures::labelled_service as svc;
 
 #[test]
 fn label_selectors() {
