@@ -214,6 +214,9 @@ async fn soak() {
     let mut live: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut gone: HashMap<(String, String), Instant> = HashMap::new();
     let mut confirmed_gone: BTreeSet<(String, String)> = BTreeSet::new();
+    // Services seen exported: only their absence shows that the exporter saw them go. One never exported
+    // (its ELB lookup failed) may still appear until the exporter sees its deletion, within the grace.
+    let mut ever_exported: BTreeSet<(String, String)> = BTreeSet::new();
     let mut next_name = 0u64;
     let mut add = |rng: &mut Rng,
                    elbs: &Vec<Elb>,
@@ -357,6 +360,7 @@ async fn soak() {
                 stats.up_scrapes += 1;
             }
             let exported = exported_services(&body, true);
+            ever_exported.extend(exported.iter().cloned());
             let now = Instant::now();
             for (key, at) in &gone {
                 if exported.contains(key) {
@@ -368,7 +372,7 @@ async fn soak() {
                         now.duration_since(*at),
                         tail(&e.logs())
                     );
-                } else if confirmed_gone.insert(key.clone()) {
+                } else if ever_exported.contains(key) && confirmed_gone.insert(key.clone()) {
                     stats.max_deletion_lag = stats.max_deletion_lag.max(now.duration_since(*at));
                 }
             }
