@@ -552,6 +552,11 @@ impl CloudSim {
             .push_back(fault);
     }
 
+    /// Drops every fault still queued for `api`, so an outage injected with a large count ends now.
+    pub fn clear_faults(&self, api: SimApi) {
+        self.inner.state().faults.remove(&api);
+    }
+
     pub fn requests(&self) -> Vec<SimRequest> {
         self.inner.state().log.iter().cloned().collect()
     }

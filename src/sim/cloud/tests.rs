@@ -1050,6 +1050,37 @@ async fn faults_apply_to_well_signed_calls_in_order() {
     assert!(sim.requests().is_empty());
 }
 
+#[tokio::test]
+async fn cleared_faults_end_an_outage_of_one_api_only() {
+    let (sim, addr) = start(SimConfig::default()).await;
+    with_listeners(&sim);
+    let outage = || Fault::Throttle {
+        retry_after_secs: None,
+        count: u32::MAX,
+    };
+    sim.inject(SimApi::Ces, outage());
+    sim.inject(SimApi::ElbV2, outage());
+    let ces = || {
+        let body = ces_body(
+            vec![metric("lb", "l", "m1_cps")],
+            1_705_306_800_000,
+            1_705_307_400_000,
+        );
+        Call::post(ces_path(), body)
+    };
+    let v2 = || Call::get(format!("/v2/{}/elb/listeners", pid()));
+    for _ in 0..3 {
+        assert_eq!(send(&sim, addr, ces()).await.status, 429);
+    }
+    sim.clear_faults(SimApi::Ces);
+    assert_eq!(send(&sim, addr, ces()).await.status, 200);
+    assert_eq!(
+        send(&sim, addr, v2()).await.status,
+        429,
+        "ELB's outage goes on"
+    );
+}
+
 #[test]
 fn values_are_deterministic_and_realistic() {
     let day = 1_705_276_800_000_i64;
