@@ -420,43 +420,58 @@ async fn new_services_are_looked_up_once_on_the_priority_lane() {
             ),
         ]
     );
-    // A new Service on a known ELB re-lists it at once (CCE may have just added its listener).
+    // A new Service on a known ELB: attributed from the known listeners at once, and the ELB re-listed
+    // at once on the priority lane (CCE may have just added a listener for it), not at a port retry.
     w.cloud.set_listeners(
         ElbVersion::V3,
         ELB_A,
         vec![listener("a-80", 80), listener("a-81", 81)],
     );
     let seen = w.cloud.listener_listings().len();
+    let sent = Instant::now();
     w.send(DiscoveryEvent::Upsert(service(
         "web2",
         Some(ELB_A),
         None,
-        &[81],
+        &[80, 81],
     )))
     .await;
-    let t = w.until(|t| !targets_of(t, "web2").is_empty()).await;
-    assert_eq!(&*targets_of(&t, "web2")[0].listener_id, "a-81");
+    let t = w.until(|t| targets_of(t, "web2").len() == 2).await;
+    let ids: Vec<&str> = targets_of(&t, "web2")
+        .iter()
+        .map(|x| &*x.listener_id)
+        .collect();
+    assert_eq!(ids, ["a-80", "a-81"]);
     w.settle().await;
+    let relisted = &w.cloud.listener_listings()[seen..];
     assert_eq!(
-        shape(&w.cloud.listener_listings()[seen..]),
+        shape(relisted),
         vec![(
             ElbVersion::V3,
             Some(vec![ELB_A.to_string()]),
             Lane::Priority
         )]
     );
+    assert!(
+        relisted[0].at - sent < Duration::from_secs(1),
+        "re-listed {:?} after the new Service",
+        relisted[0].at - sent
+    );
 }
+
+/// `kubernetes.io/elb.class`, the API that knows the ELB, the APIs asked in order, and the words
+/// naming the API(s) in the problem when none knows it.
+type ClassCase = (
+    Option<&'static str>,
+    Option<ElbVersion>,
+    &'static [ElbVersion],
+    Option<&'static str>,
+);
 
 #[tokio::test(start_paused = true)]
 async fn the_class_hint_picks_the_listener_api() {
     use ElbVersion::{V2, V3};
-    // (elb.class, the API that knows the ELB, APIs asked in order, problem text if unknown).
-    let cases: [(
-        Option<&str>,
-        Option<ElbVersion>,
-        &[ElbVersion],
-        Option<&str>,
-    ); 8] = [
+    let cases: [ClassCase; 8] = [
         (Some("union"), Some(V2), &[V2], None),
         (Some("performance"), Some(V3), &[V3], None),
         (None, Some(V3), &[V3], None),
