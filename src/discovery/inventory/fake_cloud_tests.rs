@@ -5,7 +5,7 @@ use super::*;
 use crate::annotations;
 use crate::discovery::observe;
 use crate::sim::fake::{FakeCloud, FakeListing, Script};
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use crate::sim::fixtures;
 
 const NS: &str = "shop";
 const ELB_A: &str = "0a0a0a0a-0000-4000-8000-00000000000a";
@@ -26,30 +26,12 @@ fn listener(id: &str, port: u16) -> Listener {
 
 /// A Service as the watch sees it, read by the real annotation parser (`class`: `elb.class`).
 fn service(name: &str, elb: Option<&str>, class: Option<&str>, ports: &[i32]) -> Observed {
-    let mut s = Service::default();
-    s.metadata.namespace = Some(NS.into());
-    s.metadata.name = Some(name.into());
+    let a: Vec<(&str, &str)> = [(annotations::ELB_ID, elb), (annotations::ELB_CLASS, class)]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+    let mut s = fixtures::service(NS, name, &a, ports);
     s.metadata.uid = Some(format!("uid-{name}"));
-    let mut a = BTreeMap::new();
-    if let Some(elb) = elb {
-        a.insert(annotations::ELB_ID.to_string(), elb.to_string());
-    }
-    if let Some(class) = class {
-        a.insert(annotations::ELB_CLASS.to_string(), class.to_string());
-    }
-    s.metadata.annotations = Some(a);
-    s.spec = Some(ServiceSpec {
-        ports: Some(
-            ports
-                .iter()
-                .map(|p| ServicePort {
-                    port: *p,
-                    ..Default::default()
-                })
-                .collect(),
-        ),
-        ..Default::default()
-    });
     observe(&s, annotations::ELB_ID)
 }
 
