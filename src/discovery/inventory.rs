@@ -1547,3 +1547,6 @@ mod tests {
         task.abort();
     }
 }
+
+#[cfg(all(test, feature = "sim"))]
+mod fake_cloud_tests;

@@ -5,7 +5,7 @@
 use crate::cloud::Operation;
 use crate::cloud::{
     BatchQuery, BatchResult, CloudApi, CloudError, Datapoint, ElbVersion, ErrorBody, Lane,
-    Listener, Listing, MetricQuery, Pool,
+    LbListing, Listener, Listing, LoadBalancer, MetricQuery, Pool,
 };
 use crate::sim::publication::Publication;
 use std::collections::{HashMap, VecDeque};
@@ -32,14 +32,30 @@ pub struct FakeCall {
     pub lane: Lane,
 }
 
+/// One recorded ELB listing: of listeners (`ElbListListeners`) or of load balancers, for names
+/// (`ElbListLoadbalancers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeListing {
+    pub op: Operation,
+    pub version: ElbVersion,
+    /// The load balancer ids asked for; `None` for a project-wide listing.
+    pub ids: Option<Vec<String>>,
+    pub lane: Lane,
+    pub at: tokio::time::Instant,
+}
+
 #[derive(Default)]
 struct State {
     listeners: HashMap<(ElbVersion, String), Vec<Listener>>,
+    /// Load balancer names by (API, id), for the load balancer listings.
+    lb_names: HashMap<(ElbVersion, String), String>,
+    /// What the next listener listings do (`Delay`, `Fail`); later ones answer at once.
+    listing_scripts: VecDeque<Script>,
+    elb_listings: Vec<FakeListing>,
     /// Value of (listener id, metric); a pair not set has no datapoint in the window.
     values: HashMap<(String, String), f64>,
     scripts: VecDeque<Script>,
     calls: Vec<FakeCall>,
-    listings: usize,
     /// (load balancer, lane) of each pool listing; every load balancer has no pool.
     pool_listings: Vec<(String, Lane)>,
     /// When set, the newest datapoint is the newest minute published at the asked time.
@@ -71,6 +87,43 @@ impl FakeCloud {
             .entry((version, elb.to_string()))
             .or_default()
             .push(l);
+    }
+
+    /// `elb`'s listeners on `version` are `ls` from now on (none: the API does not know it).
+    pub fn set_listeners(&self, version: ElbVersion, elb: &str, ls: Vec<Listener>) {
+        let mut st = self.state();
+        if ls.is_empty() {
+            st.listeners.remove(&(version, elb.to_string()));
+        } else {
+            st.listeners.insert((version, elb.to_string()), ls);
+        }
+    }
+
+    /// The load balancer listings of `version` know `elb` by `name`.
+    pub fn add_loadbalancer(&self, version: ElbVersion, elb: &str, name: &str) {
+        self.state()
+            .lb_names
+            .insert((version, elb.to_string()), name.to_string());
+    }
+
+    /// The next listener listings (filtered or project-wide) follow `scripts` in order.
+    pub fn script_listings(&self, scripts: impl IntoIterator<Item = Script>) {
+        self.state().listing_scripts.extend(scripts);
+    }
+
+    /// Every ELB listing so far (listeners and load balancers), in the order they were asked.
+    pub fn elb_listings(&self) -> Vec<FakeListing> {
+        self.state().elb_listings.clone()
+    }
+
+    /// The listener listings so far.
+    pub fn listener_listings(&self) -> Vec<FakeListing> {
+        let st = self.state();
+        st.elb_listings
+            .iter()
+            .filter(|l| l.op == Operation::ElbListListeners)
+            .cloned()
+            .collect()
     }
 
     /// Every metric of `listener` answers `value` from now on.
@@ -122,7 +175,37 @@ impl FakeCloud {
     }
 
     pub fn listings(&self) -> usize {
-        self.state().listings
+        self.listener_listings().len()
+    }
+
+    /// Records a listener listing and takes its script.
+    fn listener_listing(
+        &self,
+        version: ElbVersion,
+        ids: Option<Vec<String>>,
+        lane: Lane,
+    ) -> Option<Script> {
+        let mut st = self.state();
+        st.elb_listings.push(FakeListing {
+            op: Operation::ElbListListeners,
+            version,
+            ids,
+            lane,
+            at: tokio::time::Instant::now(),
+        });
+        st.listing_scripts.pop_front()
+    }
+}
+
+/// Plays a listing's script: waits, or fails as the ELB API would.
+async fn play(script: Option<Script>) -> Result<(), CloudError> {
+    match script {
+        Some(Script::Delay(d)) => {
+            tokio::time::sleep(d).await;
+            Ok(())
+        }
+        Some(Script::Fail(status)) => Err(failure(Operation::ElbListListeners, status)),
+        None => Ok(()),
     }
 }
 
@@ -134,9 +217,9 @@ fn listener_of(m: &MetricQuery) -> &str {
         .map_or("", |(_, v)| v.as_str())
 }
 
-fn failure(status: u16) -> CloudError {
+fn failure(op: Operation, status: u16) -> CloudError {
     CloudError::from_status(
-        Operation::CesBatchQuery,
+        op,
         ErrorBody {
             status,
             code: None,
@@ -171,10 +254,11 @@ impl CloudApi for FakeCloud {
         &self,
         version: ElbVersion,
         loadbalancer_ids: &[&str],
-        _lane: Lane,
+        lane: Lane,
     ) -> Result<Listing, CloudError> {
-        let mut st = self.state();
-        st.listings += 1;
+        let ids = loadbalancer_ids.iter().map(|id| id.to_string()).collect();
+        play(self.listener_listing(version, Some(ids), lane)).await?;
+        let st = self.state();
         Ok(one_page(loadbalancer_ids.iter().filter_map(|id| {
             let l = st.listeners.get(&(version, id.to_string()))?;
             Some((id.to_string(), l))
@@ -185,12 +269,12 @@ impl CloudApi for FakeCloud {
     async fn list_all_listeners(
         &self,
         version: ElbVersion,
-        _lane: Lane,
+        lane: Lane,
         _max_pages: u32,
         _page_gap: Duration,
     ) -> Result<Listing, CloudError> {
-        let mut st = self.state();
-        st.listings += 1;
+        play(self.listener_listing(version, None, lane)).await?;
+        let st = self.state();
         Ok(one_page(
             st.listeners
                 .iter()
@@ -209,6 +293,42 @@ impl CloudApi for FakeCloud {
             .pool_listings
             .push((loadbalancer_id.to_string(), lane));
         Ok(Vec::new())
+    }
+
+    /// One page holds every asked (or, project-wide, every) load balancer.
+    async fn list_loadbalancers(
+        &self,
+        version: ElbVersion,
+        ids: Option<&[&str]>,
+        lane: Lane,
+        _max_pages: u32,
+    ) -> Result<LbListing, CloudError> {
+        let mut st = self.state();
+        st.elb_listings.push(FakeListing {
+            op: Operation::ElbListLoadbalancers,
+            version,
+            ids: ids.map(|ids| ids.iter().map(|id| id.to_string()).collect()),
+            lane,
+            at: tokio::time::Instant::now(),
+        });
+        let lbs = st
+            .lb_names
+            .iter()
+            .filter(|((v, id), _)| {
+                *v == version && ids.is_none_or(|ids| ids.contains(&id.as_str()))
+            })
+            .map(|((_, id), name)| LoadBalancer {
+                id: id.clone(),
+                name: name.clone(),
+                vip_address: String::new(),
+                guaranteed: Some(version == ElbVersion::V3),
+            })
+            .collect();
+        Ok(LbListing {
+            lbs,
+            complete: true,
+            calls: 1,
+        })
     }
 
     async fn batch_query(&self, query: &BatchQuery) -> Result<BatchResult, CloudError> {
@@ -232,7 +352,7 @@ impl CloudApi for FakeCloud {
         }
         match script {
             Some(Script::Delay(d)) => tokio::time::sleep(d).await,
-            Some(Script::Fail(status)) => return Err(failure(status)),
+            Some(Script::Fail(status)) => return Err(failure(Operation::CesBatchQuery, status)),
             None => {}
         }
         let st = self.state();
