@@ -355,16 +355,34 @@ fn seed(
 /// A lookup of new Services' ELBs only: every `loadbalancer_id` it names is one of `skip`. (A refresh
 /// listing may also name them, batched with others: it counts as refresh.)
 fn only_names(r: &SimRequest, skip: &[&str]) -> bool {
-    let named = r.query.matches("loadbalancer_id=").count();
+    only_ids(r, "loadbalancer_id=", skip)
+}
+
+/// Does the query name ELBs (`key` parameters), every one of them in `skip`?
+fn only_ids(r: &SimRequest, key: &str, skip: &[&str]) -> bool {
+    let named = r.query.matches(key).count();
     named > 0 && named == skip.iter().filter(|s| r.query.contains(*s)).count()
 }
 
 /// ELB listener listing calls in the log: (v2, v3), leaving out lookups of only the `skip` ELBs (new
 /// Services'). Load balancer listings (the ELB names) are not listener listings: not counted here.
 fn elb_calls(reqs: &[SimRequest], skip: &[&str]) -> (usize, usize) {
+    elb_listings(reqs, "/listeners", "loadbalancer_id=", skip)
+}
+
+/// ELB load balancer listings (the ELB names, `discovery::names`) in the log: (v2, v3), leaving out
+/// listings by `id` of only the `skip` ELBs (new Services'). Counted apart from the listener listings:
+/// their bound is their own (floor(load balancers of the API / page size) + 1 per refresh).
+fn name_calls(reqs: &[SimRequest], skip: &[&str]) -> (usize, usize) {
+    elb_listings(reqs, "/loadbalancers", "id=", skip)
+}
+
+/// ELB requests whose path ends with `resource`: (v2, v3), leaving out those whose `key` parameters
+/// name only `skip` ELBs.
+fn elb_listings(reqs: &[SimRequest], resource: &str, key: &str, skip: &[&str]) -> (usize, usize) {
     let mut n = (0, 0);
     for r in reqs {
-        if only_names(r, skip) || !r.path.ends_with("/listeners") {
+        if only_ids(r, key, skip) || !r.path.ends_with(resource) {
             continue;
         }
         match r.api {
@@ -420,8 +438,14 @@ struct Row {
     all_series_s: Option<f64>,
     /// ELB listing calls to ready, (v2, v3).
     elb_ready: (usize, usize),
+    /// Load balancer (name) listings to ready, (v2, v3).
+    names_ready: (usize, usize),
     /// The first periodic refresh: calls (v2, v3) and first → last call.
     elb_refresh: Option<(usize, usize)>,
+    /// Load balancer (name) listings from the refresh's start until ELB calls are quiet, (v2, v3), and
+    /// those naming only the new Services' ELBs over the whole run.
+    names_refresh: Option<(usize, usize)>,
+    names_new: Option<usize>,
     refresh_s: Option<f64>,
     /// A new Service applied as the refresh started: listener_info / first series, and whether the
     /// refresh still had calls to make when the Service's lookup was sent.
@@ -653,6 +677,7 @@ fn first_cycle(
     row.series = body.lines().filter(|l| l.starts_with(PREFIX)).count();
     let reqs = sim.requests();
     row.elb_ready = elb_calls(&reqs, &[]);
+    row.names_ready = name_calls(&reqs, &[]);
     row.elb_calls = row.elb_ready.0 + row.elb_ready.1;
     let ces: Vec<&SimRequest> = reqs.iter().filter(|r| r.api == SimApi::Ces).collect();
     row.ces_first = ces.len();
@@ -667,8 +692,8 @@ fn first_cycle(
         );
     }
     eprintln!(
-        "{tag} ready in {:.2}s; first cycle {:?}s, {} CES calls (min {}), {} ELB calls",
-        row.ready_s, row.cycle_first_s, row.ces_first, row.ces_min, row.elb_calls
+        "{tag} ready in {:.2}s; first cycle {:?}s, {} CES calls (min {}), {} ELB listener calls, {:?} ELB name listings (v2, v3)",
+        row.ready_s, row.cycle_first_s, row.ces_first, row.ces_min, row.elb_calls, row.names_ready
     );
     Ok(first_ces_ms)
 }
@@ -794,15 +819,16 @@ fn time_new_service(
     (info, series)
 }
 
-/// Waits until no ELB listing call (but lookups of the `skip` ELBs) arrived for 5 s (120 s at most):
-/// the refresh is over.
+/// Waits until no ELB listing call, listeners or names (but lookups of the `skip` ELBs), arrived for 5 s
+/// (120 s at most): the refresh is over.
 fn wait_quiet(sim: &CloudSim, skip: &[&str]) {
-    let mut last = elb_calls(&sim.requests(), skip);
+    let count = |reqs: &[SimRequest]| (elb_calls(reqs, skip), name_calls(reqs, skip));
+    let mut last = count(&sim.requests());
     let mut quiet_since = Instant::now();
     let quiet_deadline = Instant::now() + Duration::from_secs(120);
     while quiet_since.elapsed() < Duration::from_secs(5) && Instant::now() < quiet_deadline {
         std::thread::sleep(Duration::from_millis(200));
-        let now = elb_calls(&sim.requests(), skip);
+        let now = count(&sim.requests());
         if now != last {
             last = now;
             quiet_since = Instant::now();
@@ -962,15 +988,20 @@ fn refresh_phase(
         refresh.iter().filter(|r| r.api == SimApi::ElbV2).count(),
         refresh.iter().filter(|r| r.api == SimApi::ElbV3).count(),
     ));
+    row.names_refresh = Some(name_calls(&reqs[base..], &skip));
+    let all_names = name_calls(&reqs, &[]);
+    let named = name_calls(&reqs, &skip);
+    row.names_new = Some(all_names.0 + all_names.1 - named.0 - named.1);
     row.refresh_s = last_ms.map(|l| (l - refresh_started) as f64 / 1000.0);
     row.refresh_running = match (lookup_ms, last_ms) {
         (Some(a), Some(b)) => Some(a < b),
         _ => None,
     };
     eprintln!(
-        "{tag} refresh: {:?} ELB calls (v2, v3) over {:?}s; new Service during it: listener_info {:?}s, first series {:?}s (lookup before the refresh's last call: {:?})",
+        "{tag} refresh: {:?} ELB listener calls (v2, v3) over {:?}s, {:?} name listings; new Service during it: listener_info {:?}s, first series {:?}s (lookup before the refresh's last call: {:?})",
         row.elb_refresh,
         row.refresh_s,
+        row.names_refresh,
         row.refresh_new_info_s,
         row.refresh_new_series_s,
         row.refresh_running

@@ -76,6 +76,13 @@ fn refresh_bound(r: &Row) -> (usize, usize) {
     (bound(v2, 500), bound(v3, 2000))
 }
 
+/// floor(ELBs of the API / page size) + 1 per API: the load balancer (name) listings of a refresh when the
+/// project holds only the fixture's ELBs (pages of 500 on v2, 2000 on v3).
+fn names_bound(r: &Row) -> (usize, usize) {
+    let bound = |n: usize, page: usize| if n == 0 { 0 } else { n / page + 1 };
+    (bound(r.shared, 500), bound(r.elbs - r.shared, 2000))
+}
+
 fn inventory_table(t: &mut String, rows: &[Row]) {
     let _ = writeln!(
         t,
@@ -83,17 +90,18 @@ fn inventory_table(t: &mut String, rows: &[Row]) {
     );
     let _ = writeln!(
         t,
-        "| listeners (ELBs: shared / dedicated) | start → ready | start → all series | ELB calls to ready: v2 / v3 | ELB calls per refresh: v2 / v3 (bound) | refresh: first → last call | new Service during the refresh → listener_info / first series |"
+        "| listeners (ELBs: shared / dedicated) | start → ready | start → all series | ELB calls to ready: v2 / v3 | ELB calls per refresh: v2 / v3 (bound) | refresh: first → last call | new Service during the refresh → listener_info / first series | ELB name listings (load balancers): to ready v2 / v3, per refresh v2 / v3 (bound), new Services' |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
     for r in rows
         .iter()
         .filter(|r| r.fixture == Some(Fixture::Realistic))
     {
         let (b2, b3) = refresh_bound(r);
+        let (n2, n3) = names_bound(r);
         let _ = writeln!(
             t,
-            "| {} ({} / {}) | {:.2} s | {} | {} / {} | {} ({b2} / {b3}) | {} | {} / {}{} |",
+            "| {} ({} / {}) | {:.2} s | {} | {} / {} | {} ({b2} / {b3}) | {} | {} / {}{} | {} / {}, {} ({n2} / {n3}), {} |",
             r.listeners,
             r.shared,
             r.elbs - r.shared,
@@ -111,6 +119,11 @@ fn inventory_table(t: &mut String, rows: &[Row]) {
                 Some(false) => " (the refresh had ended)",
                 None => " (n/a)",
             },
+            r.names_ready.0,
+            r.names_ready.1,
+            r.names_refresh
+                .map_or("n/a".into(), |(a, b)| format!("{a} / {b}")),
+            r.names_new.map_or("n/a".into(), |n| n.to_string()),
         );
     }
     t.push('\n');
