@@ -43,8 +43,8 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
- && mkdir -p benches \
- && echo 'fn main() {}' > benches/scale.rs \
+ && mkdir -p benches/scale \
+ && echo 'fn main() {}' > benches/scale/main.rs \
  && echo 'fn main() {}' > benches/align.rs \
  && cargo build --release --locked \
  && rm -rf src
