@@ -580,6 +580,7 @@ mod tests {
     }
 
     /// Issue 16's jittered lag: 68–98 s drawn per minute, about one minute in ten 60 s later still.
+    #[cfg(feature = "sim")]
     fn jittered(seed: u64) -> crate::sim::publication::Publication {
         crate::sim::publication::Publication {
             base: Duration::from_secs(68),
@@ -590,6 +591,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "sim")]
     #[test]
     fn a_jittered_lag_is_met_by_budgeted_re_asks() {
         for seed in [16, 17, 18] {
@@ -617,6 +619,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "sim")]
     #[test]
     fn re_asks_never_exceed_the_budget() {
         for (calls, seed) in [(3.0, 16), (3.0, 17), (10.0, 18), (26.0, 19)] {
