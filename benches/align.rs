@@ -3,7 +3,7 @@
 //!
 //! Time is virtual: each run is one in-process tokio runtime on a paused clock (auto-advancing when idle),
 //! so 25 simulated minutes take seconds. The real `Collector` (default config: 60 s interval, 13 metrics,
-//! 500 per batch, max_concurrency 8) talks to `sim::fake::FakeCloud`, which answers after 50 ms of virtual
+//! 500 per batch, max_concurrency 4) talks to `sim::fake::FakeCloud`, which answers after 50 ms of virtual
 //! latency with the newest minute published by the call's time under `sim::publication::Publication`, and
 //! each datapoint's value is its minute number. After every snapshot the real `exposition::Renderer`
 //! renders the body; each series' value in it says which minute it shows, and the first virtual time a
