@@ -9,9 +9,11 @@ use crate::discovery::inventory::{Inventory, InventorySettings, Targets};
 use crate::discovery::pools::PoolStage;
 use crate::discovery::{self, DiscoveryEvent};
 use crate::exposition::Renderer;
-use crate::leader::{Election, Lead, Leadership};
+use crate::handover::{self, Layout, Mirror, Source};
+use crate::leader::{Election, Holder, Lead, Leadership};
 use crate::server::{self, AppState};
 use crate::telemetry::Telemetry;
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -40,6 +42,9 @@ pub enum AppError {
     /// The HTTP server failed (TLS files, accept loop).
     #[error(transparent)]
     Serve(#[from] server::ServeError),
+    /// The warm-copy client could not be built (the served certificate to trust).
+    #[error(transparent)]
+    Handover(#[from] handover::HandoverError),
 }
 
 /// Binds the configured (or given) address.
@@ -83,6 +88,8 @@ pub enum Task {
     CredentialReload,
     /// Holds or watches the Lease.
     Leader,
+    /// Numbers the leader's snapshots for followers, or mirrors the leader's.
+    Handover,
 }
 
 impl Task {
@@ -98,6 +105,7 @@ impl Task {
             Task::Renderer => "renderer",
             Task::CredentialReload => "credential_reload",
             Task::Leader => "leader_election",
+            Task::Handover => "handover",
         }
     }
 }
@@ -145,6 +153,7 @@ pub fn start_pipeline<C: CloudApi>(
     telemetry: &Telemetry,
     tasks: &mut Supervisor,
     lead: Option<Lead>,
+    warm: Option<watch::Receiver<Option<Arc<Snapshot>>>>,
 ) -> Pipeline {
     let (tx, rx) = mpsc::channel::<DiscoveryEvent>(1024);
     if cfg.discovery.ingresses {
@@ -193,6 +202,10 @@ pub fn start_pipeline<C: CloudApi>(
     let leadership = lead.as_ref().map(|l| l.leadership.clone());
     let collector = match lead {
         Some(l) => collector.with_leadership(l),
+        None => collector,
+    };
+    let collector = match warm {
+        Some(w) => collector.with_warm_copy(w),
         None => collector,
     };
     tasks.spawn(Task::Collector, collector.run(targets.clone()));
@@ -278,19 +291,39 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let telemetry = Telemetry::new();
     let cloud = Arc::new(HttpCloud::new(&cfg, telemetry.clone())?);
-    let mut tasks = Supervisor::default();
+    let mut shared = Shared::new(&cfg, telemetry);
     if let Some(path) = config_path {
-        tasks.spawn(
+        shared.tasks.spawn(
             Task::CredentialReload,
             reload_credentials(
                 path,
                 cfg.auth.credentials_reload,
                 cfg.auth.credentials.clone(),
                 cloud.clone(),
+                shared.credentials.clone(),
             ),
         );
     }
-    serve_supervised(cfg, cloud, kube, listener, telemetry, tasks, shutdown).await
+    serve_supervised(cfg, cloud, kube, listener, shared, shutdown).await
+}
+
+/// What the serving exporter shares with the tasks started before it.
+struct Shared {
+    telemetry: Telemetry,
+    /// The running AK/SK (reloaded ones included): the warm copy's requests and answers are signed
+    /// with them.
+    credentials: Arc<ArcSwap<Credentials>>,
+    tasks: Supervisor,
+}
+
+impl Shared {
+    fn new(cfg: &Config, telemetry: Telemetry) -> Self {
+        Shared {
+            telemetry,
+            credentials: Arc::new(ArcSwap::from_pointee(cfg.auth.credentials.clone())),
+            tasks: Supervisor::default(),
+        }
+    }
 }
 
 /// Re-reads the config file when its content changes; new valid credentials replace the old ones.
@@ -300,6 +333,7 @@ async fn reload_credentials(
     every: Duration,
     mut current: Credentials,
     cloud: Arc<HttpCloud>,
+    shared: Arc<ArcSwap<Credentials>>,
 ) {
     let mut last = std::fs::read(&path).ok();
     let mut tick = tokio::time::interval(every);
@@ -321,6 +355,7 @@ async fn reload_credentials(
         match loaded {
             Ok(cfg) if cfg.auth.credentials != current => {
                 current = cfg.auth.credentials.clone();
+                shared.store(Arc::new(cfg.auth.credentials.clone()));
                 cloud.set_credentials(cfg.auth.credentials);
                 info!(path = %path.display(), "credentials reloaded");
             }
@@ -343,8 +378,8 @@ pub async fn serve_with<C: CloudApi>(
     telemetry: Telemetry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
-    let tasks = Supervisor::default();
-    serve_supervised(cfg, cloud, kube, listener, telemetry, tasks, shutdown).await
+    let shared = Shared::new(&cfg, telemetry);
+    serve_supervised(cfg, cloud, kube, listener, shared, shutdown).await
 }
 
 async fn serve_supervised<C: CloudApi>(
@@ -352,10 +387,14 @@ async fn serve_supervised<C: CloudApi>(
     cloud: Arc<C>,
     kube: kube::Client,
     listener: TcpListener,
-    telemetry: Telemetry,
-    mut tasks: Supervisor,
+    shared: Shared,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
+    let Shared {
+        telemetry,
+        credentials,
+        mut tasks,
+    } = shared;
     for key in &cfg.ignored_keys {
         warn!(key = %key, "cloudeye-exporter key has no effect here; ignored");
     }
@@ -370,9 +409,27 @@ async fn serve_supervised<C: CloudApi>(
         }
     });
     let (stop, stopped) = watch::channel(false);
-    let (lead, released) = start_election(&cfg, &kube, &telemetry, &mut tasks, stopped);
-    let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry, &mut tasks, lead);
-    let state = AppState::new(telemetry.clone(), &cfg.metric_path);
+    let peer_url = match (&cfg.leader_election, listener.local_addr()) {
+        (Some(le), Ok(bound)) => handover::advertised_url(le.pod_ip, bound, cfg.web.tls.is_some()),
+        _ => None,
+    };
+    let elected = start_election(&cfg, &kube, &telemetry, &mut tasks, stopped, peer_url);
+    let (lead, released, warm) = match elected {
+        Some(e) => {
+            let warm = start_mirror(&cfg, &e, &credentials, &telemetry, &mut tasks)?;
+            (Some(e.lead), Some(e.released), Some(warm))
+        }
+        None => (None, None, None),
+    };
+    let pipeline = start_pipeline(&cfg, cloud, kube, &telemetry, &mut tasks, lead, warm);
+    let mut state = AppState::new(telemetry.clone(), &cfg.metric_path);
+    if let Some(leadership) = pipeline.leadership.clone() {
+        let layout = Layout::of(&cfg);
+        let snapshots = pipeline.snapshots.clone();
+        let (source, numbering) = Source::new(snapshots, leadership, credentials, layout);
+        tasks.spawn(Task::Handover, numbering);
+        state.peer = Some(Arc::new(source));
+    }
     tasks.spawn(
         Task::Renderer,
         run_renderer(Renderer::from_config(&cfg), pipeline, state.clone()),
@@ -400,23 +457,33 @@ async fn serve_supervised<C: CloudApi>(
     Ok(())
 }
 
-/// Starts leader election when configured; returns the collector's side of it and a signal that the
-/// Lease was released after `stop`. Without it this replica leads alone.
+/// A running election: the collector's side, the Lease's holder as followers see it, and a signal that
+/// the Lease was released after `stop`.
+struct Elected {
+    lead: Lead,
+    holder: watch::Receiver<Option<Holder>>,
+    released: oneshot::Receiver<()>,
+}
+
+/// Starts leader election when configured, advertising `peer_url` while leading. Without it this
+/// replica leads alone.
 fn start_election(
     cfg: &Config,
     kube: &kube::Client,
     telemetry: &Telemetry,
     tasks: &mut Supervisor,
     stop: watch::Receiver<bool>,
-) -> (Option<Lead>, Option<oneshot::Receiver<()>>) {
+    peer_url: Option<String>,
+) -> Option<Elected> {
     let Some(le) = cfg.leader_election.clone() else {
         telemetry.leader.set(1);
-        return (None, None);
+        return None;
     };
     let (leadership, lead_rx) = watch::channel(Leadership::default());
     let (started, cycles) = watch::channel(None);
     let (recorded_tx, recorded) = watch::channel(None);
     let (released, released_rx) = oneshot::channel();
+    let (holder, holder_rx) = watch::channel(None);
     let election = Election {
         api: kube::Api::namespaced(kube.clone(), &le.lease_namespace),
         config: le,
@@ -427,6 +494,8 @@ fn start_election(
         recorded: recorded_tx,
         stop,
         released,
+        peer_url,
+        holder,
     };
     tasks.spawn(Task::Leader, election.run());
     let lead = Lead {
@@ -434,7 +503,37 @@ fn start_election(
         started,
         recorded,
     };
-    (Some(lead), Some(released_rx))
+    Some(Elected {
+        lead,
+        holder: holder_rx,
+        released: released_rx,
+    })
+}
+
+/// Mirrors the leader's series while following; returns the copy the collector adopts on taking over.
+fn start_mirror(
+    cfg: &Config,
+    e: &Elected,
+    credentials: &Arc<ArcSwap<Credentials>>,
+    telemetry: &Telemetry,
+    tasks: &mut Supervisor,
+) -> Result<watch::Receiver<Option<Arc<Snapshot>>>, AppError> {
+    let (copy, warm) = watch::channel(None);
+    let mirror = Mirror {
+        client: handover::client(cfg)?,
+        holder: e.holder.clone(),
+        leadership: e.lead.leadership.clone(),
+        credentials: credentials.clone(),
+        layout: Layout::of(cfg),
+        copy,
+        telemetry: telemetry.clone(),
+        retry: cfg
+            .leader_election
+            .as_ref()
+            .map_or(Duration::from_secs(2), |le| le.retry_period),
+    };
+    tasks.spawn(Task::Handover, mirror.run());
+    Ok(warm)
 }
 
 /// Aborts the task when dropped, so a returning caller takes its background work with it.

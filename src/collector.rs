@@ -457,6 +457,8 @@ pub struct Collector<C: CloudApi> {
     zeros: Mutex<ZeroGuard>,
     /// Under leader election: collect only while leading; each cycle's start is recorded first.
     lead: Option<Lead>,
+    /// Under leader election: the leader's series as this replica mirrored them while following.
+    warm: Option<watch::Receiver<Option<Arc<Snapshot>>>>,
     align: Mutex<Alignment>,
     /// CES calls sent in the last minute: aligned cycles and re-asks start only when they fit the limit.
     sent: Mutex<RateWindow>,
@@ -544,6 +546,7 @@ impl<C: CloudApi> Collector<C> {
                 attempted: HashSet::new(),
                 over_budget: false,
                 lead: None,
+                warm: None,
                 align: Mutex::default(),
                 sent: Mutex::default(),
             },
@@ -555,6 +558,39 @@ impl<C: CloudApi> Collector<C> {
     pub fn with_leadership(mut self, lead: Lead) -> Self {
         self.lead = Some(lead);
         self
+    }
+
+    /// At the start of each term, serves `warm` (the previous leader's series, mirrored) until the
+    /// term's first cycle replaces them.
+    pub fn with_warm_copy(mut self, warm: watch::Receiver<Option<Arc<Snapshot>>>) -> Self {
+        self.warm = Some(warm);
+        self
+    }
+
+    /// A new term: serve the previous leader's series as mirrored, rather than none until this term's
+    /// first cycle (which waits for the previous leader's interval to end). The values keep their age,
+    /// so they go stale when the leader's would have.
+    fn adopt_warm_copy(&mut self) {
+        let Some(copy) = self.warm.as_ref().and_then(|w| w.borrow().clone()) else {
+            return;
+        };
+        let prev = self.tx.borrow().clone();
+        if !prev.values.is_empty() || copy.is_empty() {
+            return;
+        }
+        info!(
+            series = copy.len(),
+            "serving the previous leader's series until this term's first cycle"
+        );
+        self.telemetry.up.set(i64::from(copy.up));
+        self.tx.send_replace(Arc::new(Snapshot {
+            cycle: prev.cycle,
+            values: copy.values.clone(),
+            extra: copy.extra.clone(),
+            first_cycle_done: prev.first_cycle_done,
+            up: copy.up,
+            stale_after: copy.stale_after,
+        }));
     }
 
     /// Not leading any more: drop the cloud values at once (the successor exports its own).
@@ -601,6 +637,7 @@ impl<C: CloudApi> Collector<C> {
                     Err(_) => return,
                 }
                 if self.attempted.is_empty() {
+                    self.adopt_warm_copy();
                     // The term's first full cycle collects every listener known now; collecting them
                     // promptly before it would collect the previous leader's interval again.
                     let t = targets.borrow_and_update().clone();
@@ -1442,6 +1479,91 @@ mod tests {
         assert!(!dropped.up);
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert_eq!(cloud.calls().len(), 1, "called CES after losing the lead");
+    }
+
+    /// A follower that mirrored the leader's series serves them from the moment its term begins, with
+    /// the leader's `up` and their ages, without a CES call, until its first cycle (which still waits for
+    /// `not_before`) replaces them; a later term without a copy serves nothing until its cycle.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_term_serves_the_mirrored_copy_until_its_first_cycle() {
+        let (cloud, targets) = world(4, 1.0);
+        let telemetry = Telemetry::new();
+        let (collector, mut rx) =
+            Collector::new(cloud.clone(), settings(100, 1), telemetry.clone());
+        let (lead, leadership) = watch::channel(Leadership::default());
+        let (started, mut starts) = watch::channel(None);
+        let (record, recorded) = watch::channel(None);
+        let (copy_tx, copy_rx) = watch::channel(None);
+        let collector = collector
+            .with_leadership(Lead {
+                leadership,
+                started,
+                recorded,
+            })
+            .with_warm_copy(copy_rx);
+        let (_targets, trx) = watch::channel(targets);
+        tokio::spawn(collector.run(trx));
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let fetched = Instant::now() - Duration::from_secs(20);
+        let copied: HashMap<SeriesKey, Sample> = (0..5)
+            .map(|i| {
+                let key = SeriesKey::new(Arc::from(format!("copied-{i}")), 0);
+                (
+                    key,
+                    Sample {
+                        value: f64::from(i),
+                        timestamp_ms: 60_000,
+                        fetched,
+                    },
+                )
+            })
+            .collect();
+        copy_tx.send_replace(Some(Arc::new(Snapshot {
+            values: Arc::new(copied.clone()),
+            up: true,
+            ..Snapshot::default()
+        })));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(rx.borrow().is_empty(), "a follower serves its copy");
+        let t0 = Instant::now();
+        lead.send_replace(Leadership {
+            leading: true,
+            not_before: Some(t0 + Duration::from_secs(30)),
+        });
+        let adopted = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|s| !s.is_empty()))
+            .await
+            .expect("the copy is served at the start of the term")
+            .unwrap()
+            .clone();
+        assert_eq!(*adopted.values, copied, "values and ages as mirrored");
+        assert!(adopted.up && telemetry.up.get() == 1);
+        assert!(cloud.calls().is_empty());
+        starts.changed().await.unwrap();
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_secs(30),
+            "the first cycle still waits"
+        );
+        record.send_replace(*starts.borrow());
+        let own = next_full(&mut rx, 0).await;
+        assert_eq!(own.len(), 12);
+        assert!(
+            own.values.keys().all(|k| !k.id.starts_with("copied")),
+            "the cycle replaces the copy"
+        );
+
+        lead.send_replace(Leadership::default());
+        rx.wait_for(|s| s.is_empty()).await.unwrap();
+        copy_tx.send_replace(None);
+        lead.send_replace(Leadership {
+            leading: true,
+            not_before: Some(Instant::now() + Duration::from_secs(30)),
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            rx.borrow().is_empty(),
+            "no copy, nothing to serve before the cycle"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,6 +29,9 @@ use tracing::{debug, info, warn};
 
 /// Unix milliseconds at which the holder's last collection cycle started.
 pub const LAST_CYCLE_ANNOTATION: &str = "elb-exporter.huaweicloud.com/last-cycle-start-ms";
+/// Where the holder serves its warm copy (`scheme://ip:port`), so followers can mirror its cloud series
+/// and serve them from the moment they take over.
+pub const PEER_URL_ANNOTATION: &str = "elb-exporter.huaweicloud.com/peer-url";
 /// How long a release on shutdown may take before the process exits anyway (the Lease then expires).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Failed lease requests in a row are logged at warn once, then every this many.
@@ -94,8 +97,19 @@ pub struct Record {
     /// The last cycle start recorded by a leader (annotation), so a successor does not collect the
     /// same interval again.
     pub last_cycle_ms: Option<i64>,
+    /// The holder's warm-copy address (annotation); cleared on release.
+    pub peer_url: Option<String>,
     /// For the replace under optimistic concurrency.
     pub resource_version: Option<String>,
+}
+
+/// Another replica holding the Lease, as a follower last read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// Its identity.
+    pub identity: String,
+    /// Its warm-copy address, if it advertises one.
+    pub peer_url: Option<String>,
 }
 
 /// What to write after reading the Lease.
@@ -139,6 +153,8 @@ pub struct Elector {
     renewed: Option<Instant>,
     /// The newest cycle start of ours, recorded on the next write.
     last_cycle_ms: Option<i64>,
+    /// Our warm-copy address, written with every claim and renewal.
+    peer_url: Option<String>,
 }
 
 impl Elector {
@@ -150,7 +166,24 @@ impl Elector {
             observed: None,
             renewed: None,
             last_cycle_ms: None,
+            peer_url: None,
         }
+    }
+
+    /// Advertises `url` on the Lease while leading.
+    pub fn with_peer_url(mut self, url: Option<String>) -> Self {
+        self.peer_url = url;
+        self
+    }
+
+    /// The Lease's holder when it is another replica, as last seen.
+    pub fn other_holder(&self) -> Option<Holder> {
+        let (r, _) = self.observed.as_ref()?;
+        let identity = r.holder.clone().filter(|h| *h != self.identity)?;
+        Some(Holder {
+            identity,
+            peer_url: r.peer_url.clone(),
+        })
     }
 
     /// The holder name this replica writes (`leader_election.identity`, else the pod name or hostname).
@@ -207,6 +240,7 @@ impl Elector {
                 renew_ms: Some(wall_ms),
                 lease_duration_s: self.lease_seconds(),
                 last_cycle_ms: cur.last_cycle_ms.max(self.last_cycle_ms),
+                peer_url: self.peer_url.clone(),
                 ..cur
             }));
         }
@@ -248,6 +282,7 @@ impl Elector {
             acquire_ms: Some(wall_ms),
             renew_ms: Some(wall_ms),
             last_cycle_ms: cur.last_cycle_ms.max(self.last_cycle_ms),
+            peer_url: None,
             ..cur.clone()
         })
     }
@@ -276,6 +311,7 @@ impl Elector {
             renew_ms: Some(wall_ms),
             transitions,
             last_cycle_ms: prev.and_then(|p| p.last_cycle_ms).max(self.last_cycle_ms),
+            peer_url: self.peer_url.clone(),
             resource_version: prev.and_then(|p| p.resource_version.clone()),
         }
     }
@@ -315,6 +351,12 @@ pub fn record_of(lease: &Lease) -> Record {
             .as_ref()
             .and_then(|a| a.get(LAST_CYCLE_ANNOTATION))
             .and_then(|v| v.parse().ok()),
+        peer_url: lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PEER_URL_ANNOTATION))
+            .cloned(),
         resource_version: lease.metadata.resource_version.clone(),
     }
 }
@@ -333,6 +375,14 @@ pub fn lease_of(mut base: Lease, r: &Record) -> Lease {
             .get_or_insert_with(Default::default)
             .insert(LAST_CYCLE_ANNOTATION.to_string(), ms.to_string());
     }
+    let annotations = base
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    match &r.peer_url {
+        Some(url) => annotations.insert(PEER_URL_ANNOTATION.to_string(), url.clone()),
+        None => annotations.remove(PEER_URL_ANNOTATION),
+    };
     base.metadata.resource_version = r.resource_version.clone();
     base
 }
@@ -365,6 +415,10 @@ pub struct Election {
     pub stop: watch::Receiver<bool>,
     /// Fired once the Lease is released on shutdown.
     pub released: oneshot::Sender<()>,
+    /// Our warm-copy address, advertised on the Lease while leading.
+    pub peer_url: Option<String>,
+    /// The other replica holding the Lease, for the warm copy.
+    pub holder: watch::Sender<Option<Holder>>,
 }
 
 impl Election {
@@ -372,7 +426,8 @@ impl Election {
     /// process serves).
     pub async fn run(mut self) {
         let timing = Timing::from(&self.config);
-        let mut elector = Elector::new(self.config.identity.clone(), timing);
+        let mut elector =
+            Elector::new(self.config.identity.clone(), timing).with_peer_url(self.peer_url.clone());
         // Our own last write: while leading, renewals replace it without reading first.
         let mut cached: Option<Lease> = None;
         let mut failures: u32 = 0;
@@ -418,6 +473,12 @@ impl Election {
                 }
             }
             self.publish(&mut elector);
+            let holder = elector.other_holder();
+            self.holder.send_if_modified(|h| {
+                let changed = *h != holder;
+                *h = holder;
+                changed
+            });
             let next = started + timing.retry_period;
             let wake = elector.step_down_at().map_or(next, |d| d.min(next));
             tokio::select! {
@@ -573,6 +634,7 @@ mod tests {
             renew_ms: Some(1),
             transitions: 3,
             last_cycle_ms: Some(500),
+            peer_url: Some(format!("http://{holder}:8087")),
             resource_version: Some(rv.to_string()),
         }
     }
@@ -756,13 +818,15 @@ mod tests {
             renew_ms: Some(1_700_000_001_456),
             transitions: 2,
             last_cycle_ms: Some(1_700_000_000_999),
+            peer_url: Some("https://10.0.0.7:8087".into()),
             resource_version: Some("42".into()),
         };
         assert_eq!(record_of(&lease_of(Lease::default(), &r)), r);
         let freed = Record {
             holder: None,
             last_cycle_ms: None,
-            ..r
+            peer_url: None,
+            ..r.clone()
         };
         let lease = lease_of(Lease::default(), &freed);
         assert_eq!(
@@ -771,5 +835,45 @@ mod tests {
             "client-go clears the holder to the empty string"
         );
         assert_eq!(record_of(&lease), freed);
+        // Freeing a Lease written with a peer URL removes the annotation.
+        let freed_again = lease_of(lease_of(Lease::default(), &r), &freed);
+        assert_eq!(record_of(&freed_again).peer_url, None);
+    }
+
+    /// The holder's warm-copy address travels on the Lease: a follower sees the holder's, a claim or a
+    /// renewal writes ours, a release removes it.
+    #[test]
+    fn the_peer_url_is_advertised_while_leading_and_seen_by_followers() {
+        let t0 = Instant::now();
+        let ours = Some("http://10.0.0.2:8087".to_string());
+        let mut e = Elector::new("b", timing()).with_peer_url(ours.clone());
+        assert_eq!(e.plan(t0, 0, Some(held_by("a", 5))), None);
+        assert_eq!(
+            e.other_holder(),
+            Some(Holder {
+                identity: "a".into(),
+                peer_url: Some("http://a:8087".into())
+            })
+        );
+        let w = e
+            .plan(t0 + 15 * S, 9, Some(held_by("a", 5)))
+            .expect("claim");
+        let Write::Update(r) = &w else {
+            panic!("{w:?}")
+        };
+        assert_eq!(r.peer_url, ours, "a claim advertises our address");
+        assert!(e.written(t0 + 15 * S, stored(w, 6)));
+        assert_eq!(e.other_holder(), None, "we hold it");
+        let cur = record_of(&lease_of(
+            Lease::default(),
+            &stored(Write::Update(held_by("b", 6)), 6),
+        ));
+        let Some(Write::Update(renewal)) = e.plan(t0 + 16 * S, 10, Some(cur)) else {
+            panic!("renews")
+        };
+        assert_eq!(renewal.peer_url, ours, "a renewal keeps it current");
+        assert!(!e.written(t0 + 16 * S, renewal), "a renewal, not a new term");
+        let released = e.release(11).expect("ours to release");
+        assert_eq!((released.holder, released.peer_url), (None, None));
     }
 }

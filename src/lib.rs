@@ -22,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod exposition;
+pub mod handover;
 pub mod leader;
 pub mod logging;
 pub mod memory;

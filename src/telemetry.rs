@@ -155,6 +155,10 @@ telemetry! {
         "Metrics per CES batch call: global.scrape_batch_size, or 10 once CES refused a larger batch and accepted 10.";
     leader: IntGauge = "elb_exporter_leader" [],
         "1 while this replica collects from Cloud Eye and exports cloud series (leader of the Lease, or leader_election off), else 0.";
+    warm_copy_series: IntGauge = "elb_exporter_warm_copy_series" [],
+        "Cloud series in this follower's copy of the leader's, served from the moment it takes over until its first cycle; 0 on the leader and while no copy is held.";
+    warm_copy_failures: IntCounterVec = "elb_exporter_warm_copy_failures_total" ["reason"],
+        "Failed requests for the leader's warm copy, by reason (unreachable, refused, not_leading, layout, format, status).";
     http_dropped: IntCounterVec = "elb_exporter_http_connections_dropped_total" ["reason"],
         "Connections to /metrics closed by the exporter, by reason (timeouts, limit, TLS).";
 }
@@ -215,7 +219,7 @@ mod tests {
         ] {
             v.with_label_values(&["x"]).inc();
         }
-        for v in [&t.task_failures, &t.http_dropped] {
+        for v in [&t.task_failures, &t.http_dropped, &t.warm_copy_failures] {
             v.with_label_values(&["x"]).inc();
         }
         t.cloud_failures.with_label_values(&["x", "y"]).inc();
@@ -261,6 +265,8 @@ mod tests {
             "elb_exporter_skipped_items_total COUNTER reason",
             "elb_exporter_task_failures_total COUNTER task",
             "elb_exporter_up GAUGE ",
+            "elb_exporter_warm_copy_failures_total COUNTER reason",
+            "elb_exporter_warm_copy_series GAUGE ",
         ];
         assert_eq!(got, want);
     }

@@ -496,10 +496,125 @@ async fn two_replicas_collect_once_and_fail_over_fast() {
     check_says_leader(&w, shape, &rs[f].name);
 }
 
+/// The warm handover at an interval long enough to matter (20 s; lease 3 s): the follower mirrors the
+/// leader's series, so a successor serves them from its takeover, while its own first cycle still waits
+/// for the old leader's last cycle start + interval. Signals go right after a cycle start, the worst
+/// case without the copy (a gap of almost an interval).
+const WARM: Shape = Shape {
+    elbs: 4,
+    per_elb: 5,
+    batch: 100,
+    extra: "collection:\n  interval: \"10s\"\nleader_election:\n  enabled: true\n  lease_namespace: \"monitoring\"\n  lease_duration: \"3s\"\n  renew_deadline: \"2s\"\n  retry_period: \"200ms\"\n",
+};
+const WARM_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Kills (or stops) the leader right after a cycle start and times the successor: Lease taken, series
+/// complete from the copy, first own CES call. Returns the time to complete series.
+async fn warm_handover(
+    w: &World,
+    rs: &mut [Replica; 2],
+    sig: i32,
+    state: &Mutex<Scrapes>,
+) -> Duration {
+    let shape = &WARM;
+    let series = shape.series();
+    let (l, f) = roles(w, rs).await;
+    // The follower holds the leader's series before the signal.
+    let mirrored = wait_for(Duration::from_secs(10), || async {
+        let b = rs[f].exporter.metrics().await;
+        sample(&b, "elb_exporter_warm_copy_series ") == Some(series as f64)
+    })
+    .await;
+    assert!(
+        mirrored,
+        "no warm copy on the follower:\n{}",
+        rs[f].exporter.logs()
+    );
+    let tc = cycle_ahead_by(w, Duration::from_millis(500), WARM_INTERVAL).await;
+    let wait = tc + 500 - now_ms();
+    tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+    let (t0, t0_ms) = (Instant::now(), now_ms());
+    signal(&rs[l].exporter, sig);
+    let took = takeover(w, &rs[f].name, t0, Duration::from_secs(10)).await;
+    let done = complete(&rs[f], series, t0, Duration::from_secs(10)).await;
+    let b = rs[f].exporter.metrics().await;
+    assert_eq!(sample(&b, "elb_exporter_up "), Some(1.0), "{b}");
+    let due = tc + WARM_INTERVAL.as_millis() as i64;
+    let ok = wait_for(WARM_INTERVAL, || async {
+        first_ces_call(w, t0_ms).is_some()
+    })
+    .await;
+    assert!(ok, "the successor never called CES");
+    let first = first_ces_call(w, t0_ms).unwrap();
+    println!(
+        "warm handover, signal {sig} {} ms after a cycle start: Lease taken {took:?}, {series} series complete {done:?} (from the copy), first own CES call {:.2} s (old start + interval {:.2} s)",
+        t0_ms - tc,
+        (first - t0_ms) as f64 / 1000.0,
+        (due - t0_ms) as f64 / 1000.0
+    );
+    assert!(
+        first >= due - 50,
+        "collected the old leader's interval again"
+    );
+    if sig == libc::SIGKILL {
+        assert!(rs[l].exporter.child.wait().is_ok());
+    } else {
+        assert!(rs[l].exporter.child.wait().expect("wait").success());
+    }
+    replace(w, shape, rs, l, state).await;
+    done
+}
+
+/// Both handovers right after a cycle start: without the copy the successor would serve nothing until
+/// the old leader's start + 10 s; with it, series are complete once the Lease is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_serves_the_mirrored_series_from_its_takeover() {
+    let shape = &WARM;
+    let w = fixture(SimConfig::default(), shape).await;
+    let mut rs = [spawn(&w, shape, "warm-a"), spawn(&w, shape, "warm-b")];
+    for r in &rs {
+        r.exporter.wait_ready().await;
+    }
+    let (l, _) = roles(&w, &rs).await;
+    complete(
+        &rs[l],
+        shape.series(),
+        Instant::now(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let (state, stop, scraping) = start_scraping(&rs);
+    let sigterm = warm_handover(&w, &mut rs, libc::SIGTERM, &state).await;
+    assert!(sigterm <= Duration::from_secs(3), "SIGTERM: {sigterm:?}");
+    let sigkill = warm_handover(&w, &mut rs, libc::SIGKILL, &state).await;
+    assert!(
+        sigkill <= LEASE + 2 * RETRY + Duration::from_secs(1),
+        "SIGKILL: {sigkill:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    scraping.await.expect("scraper");
+    let s = state.lock().unwrap();
+    println!(
+        "scrapes every 200 ms: {} ticks, {} with both exporting",
+        s.ticks,
+        s.both.len()
+    );
+    assert!(
+        s.both.is_empty(),
+        "both replicas exported cloud series: {:?}",
+        s.both
+    );
+}
+
 /// A recorded cycle start `tc` (Unix ms) with `tc + phase` still at least 200 ms ahead: the current one
 /// if there is time, else the next.
 async fn cycle_ahead(w: &World, phase: Duration) -> i64 {
-    let deadline = Instant::now() + 3 * DEFAULT_INTERVAL;
+    cycle_ahead_by(w, phase, DEFAULT_INTERVAL).await
+}
+
+/// [`cycle_ahead`] at `interval`.
+async fn cycle_ahead_by(w: &World, phase: Duration, interval: Duration) -> i64 {
+    let deadline = Instant::now() + 3 * interval;
     let phase_ms = phase.as_millis() as i64;
     while Instant::now() < deadline {
         match recorded_cycle(w) {
@@ -507,10 +622,7 @@ async fn cycle_ahead(w: &World, phase: Duration) -> i64 {
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    panic!(
-        "no cycle start recorded on the Lease in {:?}",
-        3 * DEFAULT_INTERVAL
-    );
+    panic!("no cycle start recorded on the Lease in {:?}", 3 * interval);
 }
 
 /// One handover of the measurement, in seconds from the signal.

@@ -1,7 +1,7 @@
 //! Data flows one way: watch -> targets -> batches -> snapshot -> body. A module of the library never
 //! refers (`crate::…`, or `super::…` between the files of `discovery`) to one later in that flow:
 //! discovery (watch, names, plan, ingress) -> discovery::inventory (targets) -> discovery::pools ->
-//! collector (batches, snapshot) -> exposition (body) -> server -> app -> demo -> cli. The leaves (config, cloud, signer, telemetry, clock,
+//! collector (batches, snapshot) -> handover (the leader's snapshot, mirrored by followers) -> exposition (body) -> server -> app -> demo -> cli. The leaves (config, cloud, signer, telemetry, clock,
 //! annotations, memory, logging, leader, schedule, sim) are usable by every module and refer to no
 //! flow module. Test modules inside `src/` count too: a test that reaches up ties the layers as much
 //! as the code does.
@@ -14,11 +14,12 @@ const FLOW: &[(&str, u32)] = &[
     ("discovery::inventory", 2),
     ("discovery::pools", 3),
     ("collector", 4),
-    ("exposition", 5),
-    ("server", 6),
-    ("app", 7),
-    ("demo", 8),
-    ("cli", 9),
+    ("handover", 5),
+    ("exposition", 6),
+    ("server", 7),
+    ("app", 8),
+    ("demo", 9),
+    ("cli", 10),
 ];
 
 /// The files of `discovery` that are stages of their own; the others are part of `discovery`.

@@ -762,6 +762,16 @@ fn build_leader_election(
             "must be 1 to 253 printable ASCII characters without spaces",
         ));
     }
+    let pod_ip = match non_empty(env(ENV_POD_IP)) {
+        Some(ip) => Some(ip.parse().map_err(|_| {
+            ConfigError::invalid(
+                ENV_POD_IP,
+                &ip,
+                "must be an IP address (the downward API's status.podIP)",
+            )
+        })?),
+        None => None,
+    };
     Ok(Some(LeaderElection {
         lease_name,
         lease_namespace,
@@ -769,6 +779,7 @@ fn build_leader_election(
         lease_duration,
         renew_deadline,
         retry_period,
+        pod_ip,
     }))
 }
 
@@ -822,7 +833,25 @@ mod tests {
                 lease_duration: Duration::from_secs(15),
                 renew_deadline: Duration::from_secs(10),
                 retry_period: Duration::from_secs(2),
+                pod_ip: None,
             }
+        );
+        let with_ip = [
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "n"),
+            ("POD_IP", "10.0.3.7"),
+        ];
+        let l = leader_election("enabled: true", &with_ip, None).expect("loads");
+        assert_eq!(l.and_then(|l| l.pod_ip), Some([10, 0, 3, 7].into()));
+        let bad_ip = [
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "n"),
+            ("POD_IP", "pod-a"),
+        ];
+        let e = leader_election("enabled: true", &bad_ip, None).expect_err("not an IP");
+        assert!(
+            e.to_string().contains("POD_IP") && e.to_string().contains("pod-a"),
+            "{e}"
         );
         // Without POD_NAMESPACE the service account's namespace file; without POD_NAME the hostname.
         let l = leader_election("enabled: true", &[], Some("kube-system\n"))

@@ -367,6 +367,10 @@ pub struct LeaderElection {
     pub renew_deadline: Duration,
     /// How often every replica tries to acquire or renew.
     pub retry_period: Duration,
+    /// This pod's IP (`POD_IP`, the downward API's `status.podIP`): the leader advertises it on the
+    /// Lease so followers can keep a warm copy of its cloud series. `None`: the listen address, when
+    /// it names one host.
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 /// Where a pod's namespace is mounted (the service account token volume).
@@ -376,6 +380,8 @@ pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
 pub const ENV_POD_NAME: &str = "POD_NAME";
 /// Default `leader_election.lease_namespace`.
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// The address the leader advertises to followers for the warm copy (downward API `status.podIP`).
+pub const ENV_POD_IP: &str = "POD_IP";
 
 /// `log`.
 #[derive(Debug, Clone)]

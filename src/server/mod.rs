@@ -2,6 +2,7 @@
 //! small registry, never waiting on a cloud call.
 
 use crate::exposition::{self, Body};
+use crate::handover::{self, HandoverError};
 use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub healthy: Arc<AtomicBool>,
     /// The configured `web.metric_path`.
     pub metric_path: String,
+    /// Under leader election: the warm copy followers mirror (served on [`handover::PATH`]).
+    pub peer: Option<Arc<handover::Source>>,
     /// The exporter's own metrics, rendered at most once per `OWN_TTL` and per body.
     own: Arc<Mutex<Option<OwnPart>>>,
 }
@@ -66,6 +69,7 @@ impl AppState {
             first_cycle_done: Arc::new(AtomicBool::new(false)),
             healthy: Arc::new(AtomicBool::new(true)),
             metric_path: metric_path.to_string(),
+            peer: None,
             own: Arc::new(Mutex::new(None)),
         }
     }
@@ -131,11 +135,53 @@ pub fn router(state: AppState, auth: Option<Arc<WebAuth>>) -> Router {
             auth::require_auth,
         ));
     }
+    // The warm copy proves the AK/SK itself (followers cannot answer basic auth: only hashes are
+    // configured), so it stays outside the basic-auth layer.
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route(handover::PATH, get(warm_copy))
         .with_state(state)
         .merge(protected)
+}
+
+#[derive(serde::Deserialize)]
+struct Have {
+    have: Option<String>,
+}
+
+/// The leader's series for a follower (see [`handover`]); 404 without leader election.
+async fn warm_copy(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<Have>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let Some(source) = s.peer.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let token = headers.get(handover::HEADER).and_then(|v| v.to_str().ok());
+    let pq = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    match source.answer(token, pq, q.have.as_deref()).await {
+        Ok(Some(a)) => {
+            let mut resp = a.body.into_response();
+            let h = resp.headers_mut();
+            let text = |s: String| HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static(""));
+            h.insert(handover::HEADER, text(a.token));
+            h.insert(handover::VERSION_HEADER, text(a.version.to_string()));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/gzip"),
+            );
+            resp
+        }
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(e @ HandoverError::Refused(_)) => {
+            (StatusCode::UNAUTHORIZED, e.to_string()).into_response()
+        }
+        Err(e @ HandoverError::NotLeading) => (StatusCode::CONFLICT, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
