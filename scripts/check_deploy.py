@@ -270,7 +270,8 @@ class Checker:
                        <= labels.items() and (t.get("podAffinityTerm") or {}).get("labelSelector") for t in terms), w,
                    "needs a preferred pod anti-affinity on kubernetes.io/hostname selecting its own pods")
         env = {e.get("name"): e for c in pod.get("containers") or [] for e in c.get("env") or []}
-        for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+        for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
+                           ("POD_IP", "status.podIP")):
             ref = ((env.get(name) or {}).get("valueFrom") or {}).get("fieldRef") or {}
             self.check(ref.get("fieldPath") == path, w, f"env {name} must come from the downward API ({path})")
         if pdb:

@@ -520,7 +520,7 @@ fn start_mirror(
 ) -> Result<watch::Receiver<Option<Arc<Snapshot>>>, AppError> {
     let (copy, warm) = watch::channel(None);
     let mirror = Mirror {
-        client: handover::client(cfg)?,
+        client: handover::client(cfg.web.tls.as_ref().map(|(cert, _)| cert.as_path()))?,
         holder: e.holder.clone(),
         leadership: e.lead.leadership.clone(),
         credentials: credentials.clone(),

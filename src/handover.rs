@@ -590,13 +590,17 @@ pub fn advertised_url(
 /// The follower's HTTP client: plain when `/metrics` is plain; over TLS it trusts exactly the leaf
 /// certificate this replica serves itself (the replicas mount the same Secret), whatever name or IP it
 /// carries, so no CA or pod-IP SAN is needed.
-pub fn client(cfg: &Config) -> Result<reqwest::Client, HandoverError> {
+/// `tls_cert` is `web.tls`'s certificate file. Each request opens its own connection (one a minute),
+/// so a rotated certificate is checked on the next one.
+pub fn client(tls_cert: Option<&std::path::Path>) -> Result<reqwest::Client, HandoverError> {
     let builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(3))
         .timeout(LONG_POLL + Duration::from_secs(60))
+        .pool_max_idle_per_host(0)
+        .no_proxy()
         .user_agent(concat!("elb-exporter/", env!("CARGO_PKG_VERSION")));
-    let builder = match &cfg.web.tls {
-        Some((cert, _)) => builder.use_preconfigured_tls(pinned::config(cert)?),
+    let builder = match tls_cert {
+        Some(cert) => builder.use_preconfigured_tls(pinned::config(cert)?),
         None => builder,
     };
     builder
@@ -949,8 +953,14 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(1)).await;
             lead_tx.send_replace(Leadership::default());
         };
+        let t1 = Instant::now();
         let (r, ()) = tokio::join!(stepping_down, lose);
         assert!(matches!(r, Err(HandoverError::NotLeading)), "{r:?}");
+        assert_eq!(
+            t1.elapsed(),
+            Duration::from_secs(1),
+            "answered when it stopped leading"
+        );
         assert!(matches!(ask(None).await, Err(HandoverError::NotLeading)));
         let no_token = src.answer(None, PATH, None).await;
         assert!(

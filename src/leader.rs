@@ -872,7 +872,10 @@ mod tests {
             panic!("renews")
         };
         assert_eq!(renewal.peer_url, ours, "a renewal keeps it current");
-        assert!(!e.written(t0 + 16 * S, renewal), "a renewal, not a new term");
+        assert!(
+            !e.written(t0 + 16 * S, renewal),
+            "a renewal, not a new term"
+        );
         let released = e.release(11).expect("ours to release");
         assert_eq!((released.holder, released.peer_url), (None, None));
     }

@@ -606,6 +606,42 @@ async fn tls_certificate_is_reloaded_when_its_files_change() {
     assert_eq!(leaf(&third), der(&new_pem));
 }
 
+/// The follower's warm-copy client over TLS trusts exactly the certificate its own replica serves
+/// (same Secret), reached by pod IP without a matching SAN or CA; another certificate is refused, and a
+/// rotated one is followed on the next request.
+#[tokio::test]
+async fn the_warm_copy_client_trusts_exactly_the_served_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = write_cert(dir.path());
+    let mut web = settings();
+    web.tls = Some((cert.clone(), key));
+    let (addr, _stop) = start(web).await;
+    // Without leader election the route answers 404: the handshake is what is tested.
+    let url = format!("https://{addr}{}", elb_exporter::handover::PATH);
+    let pinned = elb_exporter::handover::client(Some(&cert)).unwrap();
+    assert_eq!(pinned.get(&url).send().await.unwrap().status(), 404);
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_, other, _) = write_cert(other_dir.path());
+    let stranger = elb_exporter::handover::client(Some(&other)).unwrap();
+    assert!(
+        stranger.get(&url).send().await.is_err(),
+        "trusted another certificate"
+    );
+
+    write_cert(dir.path());
+    assert_eq!(
+        pinned.get(&url).send().await.unwrap().status(),
+        404,
+        "rotation"
+    );
+    let plain = elb_exporter::handover::client(None).unwrap();
+    assert!(
+        plain.get(&url).send().await.is_err(),
+        "no TLS without web.tls"
+    );
+}
+
 #[tokio::test]
 async fn gzip_body_is_concatenated_members_of_the_plain_body() {
     let (addr, _stop) = start(settings()).await;
