@@ -288,6 +288,10 @@ fn check_says_leader(w: &World, shape: &Shape, name: &str) {
         out.contains(&format!("leader: {name} (lease monitoring/elb-exporter")),
         "check shows who leads ({name}; exit {code}):\n{out}\n{err}"
     );
+    assert!(
+        out.contains("warm copy for followers at http://127.0.0.1:"),
+        "check shows where followers mirror the leader:\n{out}"
+    );
 }
 
 fn signal(e: &Exporter, sig: i32) {

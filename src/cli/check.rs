@@ -303,9 +303,13 @@ async fn print_leader(cfg: &Config, kube: &kube::Client) -> Result<(), String> {
                 || "never".into(),
                 |ms| format!("{:.1}s ago", (now - ms) as f64 / 1000.0),
             );
+            let warm = r.peer_url.as_deref().map_or_else(
+                || "no warm-copy address (set POD_IP: a takeover serves nothing until its first cycle)".into(),
+                |url| format!("warm copy for followers at {url}"),
+            );
             match r.holder {
                 Some(h) => println!(
-                    "leader: {h} ({lease}, renewed {age}, lease {}s, {} transition(s)); this process would be {}",
+                    "leader: {h} ({lease}, renewed {age}, lease {}s, {} transition(s)); {warm}; this process would be {}",
                     r.lease_duration_s, r.transitions, le.identity
                 ),
                 None => println!(
