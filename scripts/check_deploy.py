@@ -56,7 +56,8 @@ OVERLAY = "overlays/example"
 IDENTITY_LABEL = {"listener": "lbaas_listener_id", "pool": "lbaas_pool_id"}
 REQUIRED_ALERTS = {"ElbExporterAbsent", "ElbExporterCollectionFailing", "ElbExporterDataTooOld", "ElbExporterCesThrottled",
                    "ElbExporterCredentialsRejected", "ElbExporterCesBudgetExceeded", "ElbExporterDiscoveryProblems",
-                   "ElbExporterServiceSeriesVanished", "ElbExporterNoLeader", "ElbExporterSeveralLeaders"}
+                   "ElbExporterServiceSeriesVanished", "ElbExporterNoLeader", "ElbExporterSeveralLeaders",
+                   "ElbExporterFollowerNotWarm"}
 
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace", "CustomResourceDefinition",
                   "PersistentVolume", "StorageClass", "PriorityClass"}
