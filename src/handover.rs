@@ -553,6 +553,11 @@ impl Mirror {
         };
         let snapshot = decode(&body, &self.layout, Instant::now())?;
         let series = snapshot.len();
+        // A leader that just took over without a copy of its own has nothing yet; the older copy's values
+        // still hold (they go stale by their own age), so they are kept rather than emptied.
+        if series == 0 && self.copy.borrow().as_ref().is_some_and(|c| !c.is_empty()) {
+            return Ok(Some(version));
+        }
         self.telemetry.warm_copy_series.set(series as i64);
         self.copy.send_replace(Some(Arc::new(snapshot)));
         debug!(series, version = %version, "warm copy of the leader's series updated");
@@ -967,6 +972,38 @@ mod tests {
             matches!(no_token, Err(HandoverError::Refused(_))),
             "{no_token:?}"
         );
+    }
+
+    /// An empty copy (a leader that took over without one and has not collected yet) does not empty the
+    /// follower's older copy, whose values still hold until they are stale.
+    #[tokio::test]
+    async fn an_empty_copy_does_not_replace_a_held_one() {
+        let (_h, holder) = watch::channel(None);
+        let (_l, leadership) = watch::channel(Leadership::default());
+        let (copy, held) = watch::channel(None);
+        let telemetry = Telemetry::new();
+        let m = Mirror {
+            client: reqwest::Client::new(),
+            holder,
+            leadership,
+            credentials: Arc::new(ArcSwap::from_pointee(creds("AK1", "sk"))),
+            layout: layout(),
+            copy,
+            telemetry: telemetry.clone(),
+            retry: Duration::from_secs(2),
+        };
+        let now = Instant::now();
+        let full = Snapshot {
+            values: Arc::new(HashMap::from([(key("l1", 0), sample(1.0, 60_000, now))])),
+            ..Snapshot::default()
+        };
+        let v = |seq| Version { epoch: 1, seq };
+        let took = m.take(Fetched::Copy(v(1), encode(&full, &layout(), now)));
+        assert_eq!(took.unwrap(), Some(v(1)));
+        let empty = encode(&Snapshot::default(), &layout(), now);
+        assert_eq!(m.take(Fetched::Copy(v(2), empty)).unwrap(), Some(v(2)));
+        assert_eq!(held.borrow().as_ref().map(|c| c.len()), Some(1), "kept");
+        assert_eq!(telemetry.warm_copy_series.get(), 1);
     }
 
     #[test]

@@ -234,8 +234,14 @@ impl Elector {
             self.observed = Some((cur.clone(), now));
         }
         let holder = cur.holder.as_deref().filter(|h| !h.is_empty());
-        if holder == Some(self.identity.as_str()) {
-            // Ours (also after a restart under the same identity): renew, keeping the acquire time.
+        // Ours and still held by this process: renew, keeping the acquire time. A Lease under our name
+        // that this process did not write (a container restarted after a crash or an OOM kill, or a term
+        // that ran past its renew deadline) is waited out like another holder's, and `renew_deadline`
+        // longer: a follower, which saw the last renewal before this process started, takes over first
+        // with its warm copy of the series; a process that just started has none and would serve nothing
+        // until its first cycle.
+        let ours = holder == Some(self.identity.as_str());
+        if ours && self.renewed.is_some() {
             return Some(Write::Update(Record {
                 renew_ms: Some(wall_ms),
                 lease_duration_s: self.lease_seconds(),
@@ -245,7 +251,12 @@ impl Elector {
             }));
         }
         self.renewed = None;
-        if holder.is_some() && !self.expired(now) {
+        let grace = if ours {
+            self.timing.renew_deadline
+        } else {
+            Duration::ZERO
+        };
+        if holder.is_some() && !self.expired(now, grace) {
             return None;
         }
         Some(Write::Update(self.claim(wall_ms, Some(&cur))))
@@ -291,11 +302,12 @@ impl Elector {
         i32::try_from(self.timing.lease_duration.as_secs()).unwrap_or(i32::MAX)
     }
 
-    /// Nobody renewed it for its lease duration, counted from when we first saw its current state.
-    fn expired(&self, now: Instant) -> bool {
+    /// Nobody renewed it for its lease duration (+ `grace`), counted from when we first saw its current
+    /// state.
+    fn expired(&self, now: Instant, grace: Duration) -> bool {
         self.observed.as_ref().is_none_or(|(r, at)| {
             let d = Duration::from_secs(u64::try_from(r.lease_duration_s).unwrap_or(0));
-            now >= *at + d
+            now >= *at + d + grace
         })
     }
 
@@ -784,16 +796,38 @@ mod tests {
         assert_eq!(taken.last_cycle_ms, Some(777));
     }
 
+    /// A process restarted under the holder's name (a container restarted after an OOM kill) does not
+    /// take the Lease back at once: it waits it out like another holder's, and `renew_deadline` longer,
+    /// so the follower, which saw the last renewal earlier and holds the warm copy, takes over first.
     #[test]
-    fn a_restarted_holder_takes_its_own_lease_back_at_once() {
+    fn a_restarted_holder_waits_out_its_old_lease() {
         let t0 = Instant::now();
         let mut e = Elector::new("a", timing());
-        let w = e.plan(t0, 1, Some(held_by("a", 3))).expect("ours");
+        assert_eq!(e.plan(t0, 1, Some(held_by("a", 3))), None, "not at once");
+        assert_eq!(
+            e.plan(t0 + 15 * S, 1, Some(held_by("a", 3))),
+            None,
+            "a follower's turn"
+        );
+        assert_eq!(e.plan(t0 + 24 * S, 1, Some(held_by("a", 3))), None);
+        let w = e
+            .plan(t0 + 25 * S, 2, Some(held_by("a", 3)))
+            .expect("nobody took it: ours again");
         let Write::Update(r) = &w else {
             panic!("{w:?}")
         };
-        assert_eq!((r.transitions, r.acquire_ms), (3, Some(1)));
-        assert!(e.written(t0, stored(w, 4)), "a new term for this process");
+        assert_eq!((r.holder.as_deref(), r.transitions), (Some("a"), 3));
+        assert_eq!(r.acquire_ms, Some(2), "a new term");
+        assert!(
+            e.written(t0 + 25 * S, stored(w, 4)),
+            "a new term for this process"
+        );
+        // From then on it renews its own Lease as usual.
+        let cur = held_by("a", 4);
+        assert!(matches!(
+            e.plan(t0 + 26 * S, 3, Some(cur)),
+            Some(Write::Update(_))
+        ));
     }
 
     #[test]

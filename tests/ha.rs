@@ -526,16 +526,7 @@ async fn warm_handover(
     let series = shape.series();
     let (l, f) = roles(w, rs).await;
     // The follower holds the leader's series before the signal.
-    let mirrored = wait_for(Duration::from_secs(10), || async {
-        let b = rs[f].exporter.metrics().await;
-        sample(&b, "elb_exporter_warm_copy_series ") == Some(series as f64)
-    })
-    .await;
-    assert!(
-        mirrored,
-        "no warm copy on the follower:\n{}",
-        rs[f].exporter.logs()
-    );
+    assert_mirrored_within(&rs[f], series, Duration::from_secs(10)).await;
     let tc = cycle_ahead_by(w, Duration::from_millis(500), WARM_INTERVAL).await;
     let wait = tc + 500 - now_ms();
     tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
@@ -571,6 +562,34 @@ async fn warm_handover(
     done
 }
 
+/// The leader's container is killed and restarted at once under the same name (an OOM kill): the
+/// restarted process waits out the Lease it no longer holds in memory, so the warm follower takes over and
+/// serves its copy; the restarted one follows. Returns the time to complete series on the follower.
+async fn restart_in_place(w: &World, rs: &mut [Replica; 2], state: &Mutex<Scrapes>) -> Duration {
+    let shape = &WARM;
+    let (l, f) = roles(w, rs).await;
+    assert_mirrored_within(&rs[f], shape.series(), Duration::from_secs(10)).await;
+    let t0 = Instant::now();
+    signal(&rs[l].exporter, libc::SIGKILL);
+    let _ = rs[l].exporter.child.wait();
+    let name = rs[l].name.clone();
+    rs[l] = spawn(w, shape, &name);
+    state.lock().unwrap().urls[l] = rs[l].exporter.metrics_url.clone();
+    let took = takeover(w, &rs[f].name, t0, Duration::from_secs(10)).await;
+    let done = complete(&rs[f], shape.series(), t0, Duration::from_secs(10)).await;
+    rs[l].exporter.wait_ready().await;
+    let b = rs[l].exporter.metrics().await;
+    assert_eq!(
+        sample(&b, "elb_exporter_leader "),
+        Some(0.0),
+        "the restarted one follows: {b}"
+    );
+    println!(
+        "leader killed and restarted as {name}: the warm follower took the Lease after {took:?}, series complete after {done:?}"
+    );
+    done
+}
+
 /// Both handovers right after a cycle start: without the copy the successor would serve nothing until
 /// the old leader's start + 10 s; with it, series are complete once the Lease is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,6 +615,11 @@ async fn a_successor_serves_the_mirrored_series_from_its_takeover() {
     assert!(
         sigkill <= LEASE + 2 * RETRY + Duration::from_secs(1),
         "SIGKILL: {sigkill:?}"
+    );
+    let restarted = restart_in_place(&w, &mut rs, &state).await;
+    assert!(
+        restarted <= LEASE + 2 * RETRY + Duration::from_secs(1),
+        "restart: {restarted:?}"
     );
     stop.store(true, Ordering::Relaxed);
     scraping.await.expect("scraper");
@@ -654,7 +678,11 @@ struct Handover {
 
 /// Waits until the follower holds a warm copy of all `series`.
 async fn assert_mirrored(r: &Replica, series: usize) {
-    let ok = wait_for(DEFAULT_INTERVAL, || async {
+    assert_mirrored_within(r, series, DEFAULT_INTERVAL).await
+}
+
+async fn assert_mirrored_within(r: &Replica, series: usize, limit: Duration) {
+    let ok = wait_for(limit, || async {
         let b = r.exporter.metrics().await;
         sample(&b, "elb_exporter_warm_copy_series ") == Some(series as f64)
     })
