@@ -81,6 +81,8 @@ pub struct Snapshot {
     /// How long a value is served after CES returned it: `stale_intervals` × the cycle period (the
     /// interval, or the longer period cycles are paced to); `None` leaves it to the renderer.
     pub stale_after: Option<Duration>,
+    /// The aligned schedule as the last full cycle left it, handed to a successor with the warm copy.
+    pub schedule: Option<Arc<Aligner>>,
 }
 
 impl Snapshot {
@@ -583,6 +585,11 @@ impl<C: CloudApi> Collector<C> {
             "serving the previous leader's series until this term's first cycle"
         );
         self.telemetry.up.set(i64::from(copy.up));
+        // The schedule continues where the previous leader left it: aligned from the next cycle, on
+        // the re-ask budget it had left.
+        if let Some(aligner) = &copy.schedule {
+            self.alignment().aligner = (**aligner).clone();
+        }
         self.tx.send_replace(Arc::new(Snapshot {
             cycle: prev.cycle,
             values: copy.values.clone(),
@@ -590,6 +597,7 @@ impl<C: CloudApi> Collector<C> {
             first_cycle_done: prev.first_cycle_done,
             up: copy.up,
             stale_after: copy.stale_after,
+            schedule: copy.schedule.clone(),
         }));
     }
 
@@ -966,6 +974,7 @@ impl<C: CloudApi> Collector<C> {
                 first_cycle_done: prev.first_cycle_done,
                 up: prev.up,
                 stale_after: prev.stale_after,
+                schedule: prev.schedule.clone(),
             }));
             behind = still;
         }
@@ -1204,6 +1213,7 @@ impl<C: CloudApi> Collector<C> {
             first_cycle_done: true,
             up,
             stale_after: Some(stale_after),
+            schedule: Some(Arc::new(self.alignment().aligner.clone())),
         }));
         // The cycle's answers are garbage now: return them before the new body is rendered on top.
         crate::memory::release_memory();
@@ -1271,6 +1281,7 @@ impl<C: CloudApi> Collector<C> {
             first_cycle_done: prev.first_cycle_done,
             up: prev.up,
             stale_after: prev.stale_after,
+            schedule: prev.schedule.clone(),
         };
         self.tx.send_replace(Arc::new(snapshot));
     }
@@ -1744,6 +1755,73 @@ mod tests {
             calls.len()
         );
         assert!(busiest_minute(&calls) <= 300);
+    }
+
+    /// A successor continues the aligned schedule it adopts with the previous leader's copy: after a
+    /// takeover off the minute's phase (a kill late in the interval), its first cycle runs then and the
+    /// next ones are aligned again at once, with no minutes of relearning.
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_continues_the_aligned_schedule() {
+        use crate::sim::publication::Publication;
+        let (cloud, targets) = world(40, 1.0);
+        let model = Publication::constant(Duration::from_secs(83));
+        cloud.set_publication(model);
+        let clock = WallClock::virtual_from(T0 + 35_000);
+        let s = CollectorSettings {
+            align: true,
+            clock,
+            ..settings(12, 4)
+        };
+        let (a, a_rx) = Collector::new(cloud.clone(), s.clone(), Telemetry::new());
+        let (_ta, trx) = watch::channel(targets.clone());
+        let a_task = tokio::spawn(a.run(trx));
+        tokio::time::sleep(Duration::from_secs(12 * 60)).await;
+        let copy = a_rx.borrow().clone();
+        a_task.abort();
+        assert!(copy.schedule.is_some(), "the snapshot carries the schedule");
+        let (b, mut b_rx) = Collector::new(cloud.clone(), s, Telemetry::new());
+        let (lead, leadership) = watch::channel(Leadership::default());
+        let (started, mut starts) = watch::channel(None);
+        let (record, recorded) = watch::channel(None);
+        let (_copy_tx, copy_rx) = watch::channel(Some(copy));
+        let b = b.with_leadership(Lead {
+            leadership,
+            started,
+            recorded,
+        });
+        let (_tb, trx) = watch::channel(targets);
+        tokio::spawn(b.with_warm_copy(copy_rx).run(trx));
+        tokio::spawn(async move {
+            while starts.changed().await.is_ok() {
+                let at = *starts.borrow_and_update();
+                record.send_replace(at);
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        lead.send_replace(Leadership {
+            leading: true,
+            not_before: None,
+        });
+        let mut exposed: Vec<(i64, i64)> = Vec::new();
+        let end = clock.now_ms() + 5 * MIN;
+        loop {
+            let snap = tokio::select! {
+                r = b_rx.changed() => { r.expect("collector runs"); b_rx.borrow_and_update().clone() }
+                _ = tokio::time::sleep_until(clock.instant_at(end)) => break,
+            };
+            let Some(oldest) = snap.values.values().map(|v| v.timestamp_ms).min() else {
+                continue;
+            };
+            if exposed.last().is_none_or(|(m, _)| *m < oldest) {
+                exposed.push((oldest, clock.now_ms() - model.published_at(oldest)));
+            }
+        }
+        // The adopted copy, the first cycle at the takeover, then aligned cycles.
+        let aligned: Vec<i64> = exposed.iter().skip(2).map(|(_, d)| *d).collect();
+        assert!(
+            aligned.len() >= 3 && aligned.iter().all(|d| (0..=3_000).contains(d)),
+            "{exposed:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

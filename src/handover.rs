@@ -14,6 +14,7 @@ use crate::clock::now_ms;
 use crate::collector::{MetricIndex, Sample, SeriesKey, Snapshot};
 use crate::config::{Config, Credentials};
 use crate::leader::{Holder, Leadership};
+use crate::schedule::Aligner;
 use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
 use flate2::Compression;
@@ -182,9 +183,13 @@ pub fn encode(s: &Snapshot, layout: &Layout, now: Instant) -> Vec<u8> {
         .stale_after
         .map_or_else(|| "-".to_string(), |d| d.as_millis().to_string());
     let up = u8::from(s.up);
+    let schedule = s
+        .schedule
+        .as_ref()
+        .map_or_else(|| "-".into(), |a| a.to_line());
     let _ = write!(
         text,
-        "{FORMAT}\nlayout {}\nup {up}\nstale_after_ms {stale}\n",
+        "{FORMAT}\nlayout {}\nup {up}\nstale_after_ms {stale}\nschedule {schedule}\n",
         layout.0
     );
     // A prompt value overrides the cycle's, as in `Snapshot::get`: it comes later and wins on decode.
@@ -242,6 +247,15 @@ pub fn decode(gz: &[u8], layout: &Layout, now: Instant) -> Result<Snapshot, Hand
         .parse()
         .ok()
         .map(Duration::from_millis);
+    let schedule = match header_value(&mut lines, "schedule")? {
+        "-" => None,
+        line => Some(Arc::new(Aligner::from_line(line).ok_or(
+            HandoverError::Format {
+                line: 5,
+                what: "schedule",
+            },
+        )?)),
+    };
     let metrics = layout.metrics();
     let mut values = HashMap::new();
     for (i, line) in lines {
@@ -263,6 +277,7 @@ pub fn decode(gz: &[u8], layout: &Layout, now: Instant) -> Result<Snapshot, Hand
         values: Arc::new(values),
         up,
         stale_after,
+        schedule,
         first_cycle_done: true,
         ..Snapshot::default()
     })
@@ -760,6 +775,15 @@ mod tests {
             (key("p1", 2), sample(-0.25, 1_700_000_000_000, t0)),
         ]);
         let extra = HashMap::from([(key("l1", 0), sample(7.0, 1_700_000_100_000, now))]);
+        let mut aligner = Aligner::default();
+        aligner.set_budget(26.0, 300.0);
+        for m in 0..4 {
+            let minute = 1_700_000_000_000 + m * 60_000;
+            aligner.observe(minute + 80_000, minute - 60_000);
+            aligner.observe(minute + 85_000, minute);
+            aligner.settle(minute, minute + 80_000, Some(minute + 85_000));
+        }
+        assert!(aligner.spend(1));
         let s = Snapshot {
             cycle: 9,
             values: Arc::new(values),
@@ -767,6 +791,7 @@ mod tests {
             first_cycle_done: true,
             up: true,
             stale_after: Some(Duration::from_secs(180)),
+            schedule: Some(Arc::new(aligner.clone())),
         };
         let gz = encode(&s, &layout(), now);
         // Received 3 s later: every value is as old as it was, plus the 3 s.
@@ -784,6 +809,18 @@ mod tests {
         assert_eq!(*got.values, want, "the prompt value wins, ages kept");
         assert!(got.up && got.extra.is_empty());
         assert_eq!(got.stale_after, Some(Duration::from_secs(180)));
+        let schedule = got.schedule.expect("the schedule travels with the copy");
+        assert_eq!(schedule.to_line(), aligner.to_line());
+        assert_eq!(schedule.tokens(), aligner.tokens(), "the bucket as left");
+        assert_eq!(
+            schedule.first_attempt(1_700_000_300_000),
+            aligner.first_attempt(1_700_000_300_000)
+        );
+        assert!(
+            aligner.to_line().split(' ').count() > 6,
+            "{}",
+            aligner.to_line()
+        );
     }
 
     #[test]
@@ -811,8 +848,9 @@ mod tests {
             e.finish().unwrap()
         };
         for (bad, line) in [
-            (text.replace("\t1\t1\t", "\t1\tx\t"), 5),
-            (text.replace("\t1\t1\t", "\t3\t1\t"), 5),
+            (text.replace("\t1\t1\t", "\t1\tx\t"), 6),
+            (text.replace("\t1\t1\t", "\t3\t1\t"), 6),
+            (text.replace("schedule -", "schedule 1 2"), 5),
             (text.replace("up 0", "up"), 3),
         ] {
             match decode(&gzip(&bad), &layout(), Instant::now()) {

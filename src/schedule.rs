@@ -449,6 +449,78 @@ impl Aligner {
     }
 }
 
+fn opt(v: Option<i64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn parse_opt(s: &str) -> Option<Option<i64>> {
+    match s {
+        "-" => Some(None),
+        v => v.parse().ok().map(Some),
+    }
+}
+
+impl Aligner {
+    /// The schedule's state on one line, so a successor continues it where the previous leader left it
+    /// (the warm copy): the lag evidence of the recent minutes, the first attempt's offset and the
+    /// re-ask bucket (a new leader with a full bucket would spend the budget twice).
+    pub fn to_line(&self) -> String {
+        let mut line = format!(
+            "{} {} {} {} {} {}",
+            opt(self.offset_ms),
+            self.down_ms,
+            opt(self.last_seen_ms),
+            self.tokens,
+            self.budget,
+            opt(self.est.newest_seen)
+        );
+        for b in &self.est.minutes {
+            line.push_str(&format!(
+                " {},{},{}",
+                b.minute_ms,
+                opt(b.above),
+                opt(b.upto)
+            ));
+        }
+        line
+    }
+
+    /// The state [`Aligner::to_line`] wrote; `None` when the line does not parse.
+    pub fn from_line(line: &str) -> Option<Aligner> {
+        let mut f = line.split(' ');
+        let mut next = || f.next();
+        let offset_ms = parse_opt(next()?)?;
+        let down_ms = next()?.parse().ok()?;
+        let last_seen_ms = parse_opt(next()?)?;
+        let (tokens, budget): (f64, f64) = (next()?.parse().ok()?, next()?.parse().ok()?);
+        let newest_seen = parse_opt(next()?)?;
+        let mut minutes = VecDeque::new();
+        for m in f {
+            let mut p = m.split(',');
+            let (minute, above, upto) = (p.next()?, p.next()?, p.next()?);
+            minutes.push_back(Bounds {
+                minute_ms: minute.parse().ok()?,
+                above: parse_opt(above)?,
+                upto: parse_opt(upto)?,
+            });
+        }
+        if !(tokens.is_finite() && budget.is_finite()) {
+            return None;
+        }
+        Some(Aligner {
+            est: LagEstimator {
+                minutes,
+                newest_seen,
+            },
+            offset_ms,
+            down_ms,
+            last_seen_ms,
+            tokens,
+            budget,
+        })
+    }
+}
+
 /// Re-asks a minute of lag `lag` (`None`: never seen) needs when first asked at offset `first`, then
 /// every [`WIDE_STEP_MS`] while the last miss was before `give_up`.
 fn reasks(first: i64, lag: Option<i64>, give_up: i64) -> i64 {
