@@ -1522,6 +1522,7 @@ proptest! {
             first_cycle_done: true,
             up: true,
             stale_after: None,
+            schedule: None,
         };
         let body = renderer.render(&targets, &snap);
 
