@@ -231,6 +231,29 @@ fn start_scraping(
     (state, stop, task)
 }
 
+/// Stops the scraper; asserts that no tick found both replicas exporting cloud series (the issue's
+/// "never exported twice"); returns the ticks.
+async fn stop_scraping(
+    state: &Mutex<Scrapes>,
+    stop: &AtomicBool,
+    scraping: tokio::task::JoinHandle<()>,
+) -> usize {
+    stop.store(true, Ordering::Relaxed);
+    scraping.await.expect("scraper");
+    let s = state.lock().unwrap();
+    println!(
+        "scrapes of both replicas every 200 ms: {} ticks, {} with both exporting",
+        s.ticks,
+        s.both.len()
+    );
+    assert!(
+        s.both.is_empty(),
+        "both replicas exported cloud series: {:?}",
+        s.both
+    );
+    s.ticks
+}
+
 /// Waits until `r` leads with all `series`; returns the time that took from `since`.
 async fn complete(r: &Replica, series: usize, since: Instant, limit: Duration) -> Duration {
     let ok = wait_for_fast(limit, || async {
@@ -446,22 +469,8 @@ async fn two_replicas_collect_once_and_fail_over_fast() {
     assert_eq!(sample(&b, "elb_exporter_leader "), Some(0.0), "{b}");
     w.cluster.set_refused(&rs[l].name, false);
     tokio::time::sleep(3 * INTERVAL).await;
-    stop.store(true, Ordering::Relaxed);
-    scraping.await.expect("scraper");
-
-    // Never two exporters of cloud series at one scrape.
-    let s = state.lock().unwrap();
-    println!(
-        "scrapes of both replicas every 200 ms: {} ticks, {} with both exporting",
-        s.ticks,
-        s.both.len()
-    );
-    assert!(s.ticks > 50, "{}", s.ticks);
-    assert!(
-        s.both.is_empty(),
-        "both replicas exported cloud series: {:?}",
-        s.both
-    );
+    let ticks = stop_scraping(&state, &stop, scraping).await;
+    assert!(ticks > 50, "{ticks}");
 
     // CES calls: every whole cycle is the packed minimum, cycles are an interval apart across all three
     // handovers (a cycle cut by a kill may be partial, never doubled).
@@ -621,19 +630,7 @@ async fn a_successor_serves_the_mirrored_series_from_its_takeover() {
         restarted <= LEASE + 2 * RETRY + Duration::from_secs(1),
         "restart: {restarted:?}"
     );
-    stop.store(true, Ordering::Relaxed);
-    scraping.await.expect("scraper");
-    let s = state.lock().unwrap();
-    println!(
-        "scrapes every 200 ms: {} ticks, {} with both exporting",
-        s.ticks,
-        s.both.len()
-    );
-    assert!(
-        s.both.is_empty(),
-        "both replicas exported cloud series: {:?}",
-        s.both
-    );
+    stop_scraping(&state, &stop, scraping).await;
 }
 
 /// A recorded cycle start `tc` (Unix ms) with `tc + phase` still at least 200 ms ahead: the current one
@@ -808,22 +805,7 @@ async fn measure_1000_listeners_default_timings() {
     }
     // Whole intervals after the last handover, inside the counted span.
     tokio::time::sleep(2 * DEFAULT_INTERVAL + Duration::from_secs(5)).await;
-    stop.store(true, Ordering::Relaxed);
-    scraping.await.expect("scraper");
-
-    {
-        let s = state.lock().unwrap();
-        println!(
-            "scrapes of both replicas every 200 ms: {} ticks, {} with both exporting",
-            s.ticks,
-            s.both.len()
-        );
-        assert!(
-            s.both.is_empty(),
-            "both replicas exported cloud series: {:?}",
-            s.both
-        );
-    }
+    stop_scraping(&state, &stop, scraping).await;
 
     let per_cycle = shape.calls_per_cycle();
     let groups = cycles(&w, started_ms, interval_ms / 3);
