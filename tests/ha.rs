@@ -740,9 +740,16 @@ async fn measure_1000_listeners_default_timings() {
         ("SIGKILL late in the interval", libc::SIGKILL, 48),
         ("SIGTERM right after a cycle start", libc::SIGTERM, 1),
         ("SIGTERM late in the interval", libc::SIGTERM, 50),
+        // An OOM kill: the container restarts at once in the same pod, under the same identity.
+        (
+            "SIGKILL + restart in place right after a cycle start",
+            libc::SIGKILL,
+            1,
+        ),
     ];
     let mut rows = Vec::new();
     for (what, sig, phase_s) in plan {
+        let in_place = what.contains("in place");
         let (l, f) = roles(&w, &rs).await;
         assert_mirrored(&rs[f], series).await;
         let tc = cycle_ahead(&w, Duration::from_secs(phase_s)).await;
@@ -751,6 +758,12 @@ async fn measure_1000_listeners_default_timings() {
         let (t0, t0_ms) = (Instant::now(), now_ms());
         signal(&rs[l].exporter, sig);
         let renewed = lease_record(&w).renew_ms.expect("renewed");
+        if in_place {
+            let _ = rs[l].exporter.child.wait();
+            let name = rs[l].name.clone();
+            rs[l] = spawn(&w, shape, &name);
+            state.lock().unwrap().urls[l] = rs[l].exporter.metrics_url.clone();
+        }
         let taken = takeover(&w, &rs[f].name, t0, DEFAULT_LEASE + 4 * DEFAULT_RETRY).await;
         let acquired = lease_record(&w).acquire_ms.expect("acquired");
         let done = complete(&rs[f], series, t0, DEFAULT_INTERVAL + DEFAULT_LEASE).await;
@@ -801,7 +814,11 @@ async fn measure_1000_listeners_default_timings() {
             "{what}: first call late"
         );
         rows.push(row);
-        replace(&w, shape, &mut rs, l, &state).await;
+        if in_place {
+            rs[l].exporter.wait_ready().await;
+        } else {
+            replace(&w, shape, &mut rs, l, &state).await;
+        }
     }
     // Whole intervals after the last handover, inside the counted span.
     tokio::time::sleep(2 * DEFAULT_INTERVAL + Duration::from_secs(5)).await;
@@ -877,7 +894,7 @@ async fn measure_1000_listeners_default_timings() {
             assert!(r.complete <= 20.0, "{}: {:.2} s", r.what, r.complete);
         }
     }
-    // After four handovers `check` names the current holder (its CES probe is outside the counts).
+    // After five handovers `check` names the current holder (its CES probe is outside the counts).
     let (l, _) = roles(&w, &rs).await;
     check_says_leader(&w, shape, &rs[l].name);
 }
