@@ -831,6 +831,73 @@ mod tests {
                     p90 <= 10_000,
                     "seed {seed}, phase {phase} s: p90 {p90} ms over minutes 10..25: {runs:?}"
                 );
+                // No on-time minute is asked so early that its cycle misses it (a newer one would
+                // overtake it).
+                let missed: Vec<i64> = runs
+                    .iter()
+                    .filter(|(i, d, _)| *i >= 10 && d.is_none() && !p.is_late(minute(*i)))
+                    .map(|r| r.0)
+                    .collect();
+                assert!(
+                    missed.is_empty(),
+                    "seed {seed}, phase {phase} s: {missed:?} missed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn minutes_seen_at_once_far_above_the_lag_do_not_inflate_the_estimate() {
+        // After a start 5 s into a minute the first attempts come down from 125 s, each seen at once;
+        // then a minute is pinned between a miss at 95 s and a hit at 100 s, two more seen at once.
+        let mut e = LagEstimator::default();
+        for (i, at) in [(0, 125_000), (1, 123_000), (2, 119_000), (3, 111_000)] {
+            e.observe(minute(i) + at, minute(i));
+        }
+        e.observe(minute(4) + 95_000, minute(3));
+        e.observe(minute(4) + 100_000, minute(4));
+        e.observe(minute(5) + 100_000, minute(5));
+        e.observe(minute(6) + 98_000, minute(6));
+        // Only upper bounds above 100 s said more: the estimate is the lag seen since.
+        assert_eq!(e.estimate_ms(), Some(100_000));
+    }
+
+    #[test]
+    fn one_minute_seen_far_past_its_first_attempt_does_not_drag_the_edge() {
+        let mut a = Aligner::default();
+        a.set_budget(26.0, 500.0);
+        a.observe(minute(1) + 35_000, minute(0));
+        let (delays, _) = drive(&mut a, 83_000, 1..12);
+        assert!(delays[6..].iter().all(|d| *d <= 2_000), "{delays:?}");
+        let edge = a.first_attempt(minute(12)).expect("known") - minute(12);
+        // Minute 12 is a late one, missed until the rest of its cycle found it 40 s later.
+        let first = minute(12) + edge;
+        a.observe(first, minute(11));
+        a.settle(minute(12), first, Some(first + 40_000));
+        let next = a.first_attempt(minute(13)).expect("known") - minute(13);
+        assert!(next <= edge, "edge {edge} ms, next first attempt {next} ms");
+        // A second one in a row: the lag jumped, the edge follows.
+        a.observe(minute(13) + next, minute(12));
+        a.settle(
+            minute(13),
+            minute(13) + next,
+            Some(minute(13) + next + 40_000),
+        );
+        let after = a.first_attempt(minute(14)).expect("known") - minute(14);
+        assert_eq!(after, next + 40_000);
+    }
+
+    #[cfg(feature = "sim")]
+    #[test]
+    fn a_constant_lag_is_found_within_minutes_of_any_start() {
+        // The search halves the way between the start's bounds: within 2 s of the lag from minute 3
+        // on at 26 calls a cycle; at 3 (100 listeners) its steps are what the budget pays, minute 7.
+        let p = crate::sim::publication::Publication::constant(Duration::from_secs(83));
+        for (calls, from) in [(3.0, 7), (26.0, 3)] {
+            for phase in [0, 5, 10, 20, 30, 45, 55] {
+                let runs = started_at(phase * 1_000, &p, calls, 20);
+                let slow = runs.iter().filter(|r| r.0 >= from && r.1 > Some(2_000));
+                assert_eq!(slow.count(), 0, "{calls} calls, phase {phase} s: {runs:?}");
             }
         }
     }
