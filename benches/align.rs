@@ -10,7 +10,9 @@
 //! (series, minute) is in a body, minus the minute's publication time, is its delay. Rendering costs no
 //! virtual time (its CPU cost is in the `scale` bench).
 //!
-//! `cargo bench --bench align [-- --sizes 100,1000 --warmup 10 --minutes 15 --phase 20]`
+//! `cargo bench --bench align [-- --sizes 100,1000 --warmup 10 --minutes 15 --phase 20]`; `--phases
+//! 0,5,10,20,30,45,55` runs each start phase in turn (one row per phase), since where in a minute the
+//! exporter starts decides how its first minutes go.
 
 use elb_exporter::collector::{Collector, CollectorSettings, Snapshot, WallClock};
 use elb_exporter::config::Config;
@@ -33,7 +35,8 @@ struct Opts {
     sizes: Vec<usize>,
     warmup: i64,
     minutes: i64,
-    phase_s: i64,
+    /// Seconds into a minute the exporter starts, one run each.
+    phases_s: Vec<i64>,
 }
 
 fn opts() -> Opts {
@@ -41,7 +44,7 @@ fn opts() -> Opts {
         sizes: vec![100, 1000],
         warmup: 10,
         minutes: 15,
-        phase_s: 20,
+        phases_s: vec![20],
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -51,7 +54,8 @@ fn opts() -> Opts {
             "--sizes" => o.sizes = v.split(',').filter_map(|s| s.parse().ok()).collect(),
             "--warmup" => o.warmup = v.parse().unwrap_or(o.warmup),
             "--minutes" => o.minutes = v.parse().unwrap_or(o.minutes),
-            "--phase" => o.phase_s = v.parse().unwrap_or(o.phase_s),
+            "--phase" => o.phases_s = v.parse().map_or(o.phases_s, |p| vec![p]),
+            "--phases" => o.phases_s = v.split(',').filter_map(|s| s.parse().ok()).collect(),
             _ => {
                 i += 1;
                 continue;
@@ -151,11 +155,11 @@ fn shown<'b>(body: &'b [u8], family: &str) -> Vec<(&'b [u8], i64)> {
         .collect()
 }
 
-async fn run(o: &Opts, n: usize, case: Case, align: bool) -> Run {
+async fn run(o: &Opts, phase_s: i64, n: usize, case: Case, align: bool) -> Run {
     let cfg = config();
     let (cloud, targets) = world(n, &cfg);
     cloud.set_publication(case.model);
-    let start_ms = T0 + o.phase_s * 1000;
+    let start_ms = T0 + phase_s * 1000;
     let clock = WallClock::virtual_from(start_ms);
     let settings = CollectorSettings {
         align,
@@ -249,6 +253,43 @@ fn fmt(v: f64) -> String {
     }
 }
 
+/// One table row: a run of `case` at `n` listeners started `phase_s` into a minute.
+fn row(o: &Opts, phase_s: i64, n: usize, case: Case, align: bool) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    let mut r = rt.block_on(run(o, phase_s, n, case, align));
+    let (p50, p90, max) = (
+        pct(&mut r.delays, 0.5),
+        pct(&mut r.delays, 0.9),
+        pct(&mut r.delays, 1.0),
+    );
+    let late = if r.late.is_empty() && r.late_skipped == 0 {
+        "-".to_string()
+    } else {
+        format!(
+            "{} / {}, {} of {} pairs",
+            fmt(pct(&mut r.late, 0.5)),
+            fmt(pct(&mut r.late, 1.0)),
+            r.late_skipped,
+            r.late_skipped + r.late.len()
+        )
+    };
+    let shown = r.delays.len() + r.skipped;
+    format!(
+        "| {phase_s} | {n} | {} | {align} | {} | {} | {} | {:.1} % | {late} | {:.2} ; {:.2} |",
+        case.name,
+        fmt(p50),
+        fmt(p90),
+        fmt(max),
+        100.0 * r.skipped as f64 / shown.max(1) as f64,
+        r.calls_per_minute,
+        r.calls_per_minute_all
+    )
+}
+
 fn main() {
     let o = opts();
     println!(
@@ -256,50 +297,20 @@ fn main() {
     );
     println!(
         "Virtual time (tokio paused clock, in-process): real Collector + Renderer, FakeCloud with 50 ms \
-         per CES call; default config (60 s interval, 13 metrics, 500 per batch). Started {} s into a \
+         per CES call; default config (60 s interval, 13 metrics, 500 per batch). Started {:?} s into a \
          minute; {} minutes of warm-up, then {} measured minutes. Delays per (series, minute), seconds.\n",
-        o.phase_s, o.warmup, o.minutes
+        o.phases_s, o.warmup, o.minutes
     );
     println!(
-        "| listeners | lag | align | p50 | p90 | max | overtaken | late minutes: p50 / max, overtaken | CES calls/min (measured; whole run) |"
+        "| start phase s | listeners | lag | align | p50 | p90 | max | overtaken | late minutes: p50 / max, overtaken | CES calls/min (measured; whole run) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for &n in &o.sizes {
-        for case in cases() {
-            for align in [false, true] {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .start_paused(true)
-                    .build()
-                    .expect("a runtime");
-                let mut r = rt.block_on(run(&o, n, case, align));
-                let (p50, p90, max) = (
-                    pct(&mut r.delays, 0.5),
-                    pct(&mut r.delays, 0.9),
-                    pct(&mut r.delays, 1.0),
-                );
-                let late = if r.late.is_empty() && r.late_skipped == 0 {
-                    "-".to_string()
-                } else {
-                    format!(
-                        "{} / {}, {} of {} pairs",
-                        fmt(pct(&mut r.late, 0.5)),
-                        fmt(pct(&mut r.late, 1.0)),
-                        r.late_skipped,
-                        r.late_skipped + r.late.len()
-                    )
-                };
-                let shown = r.delays.len() + r.skipped;
-                println!(
-                    "| {n} | {} | {align} | {} | {} | {} | {:.1} % | {late} | {:.2} ; {:.2} |",
-                    case.name,
-                    fmt(p50),
-                    fmt(p90),
-                    fmt(max),
-                    100.0 * r.skipped as f64 / shown.max(1) as f64,
-                    r.calls_per_minute,
-                    r.calls_per_minute_all
-                );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for &phase_s in &o.phases_s {
+        for &n in &o.sizes {
+            for case in cases() {
+                for align in [false, true] {
+                    println!("{}", row(&o, phase_s, n, case, align));
+                }
             }
         }
     }
