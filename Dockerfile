@@ -46,6 +46,7 @@ RUN mkdir -p src \
  && mkdir -p benches/scale \
  && echo 'fn main() {}' > benches/scale/main.rs \
  && echo 'fn main() {}' > benches/align.rs \
+ && echo 'fn main() {}' > benches/handover.rs \
  && cargo build --release --locked \
  && rm -rf src
 
