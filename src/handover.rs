@@ -44,6 +44,8 @@ const LONG_POLL: Duration = Duration::from_secs(30);
 const MIN_GAP: Duration = Duration::from_secs(5);
 /// A copy larger than this, uncompressed, is refused (10,000 listeners take about 10 MiB).
 const MAX_COPY_BYTES: u64 = 512 << 20;
+/// A compressed copy larger than this is refused while it is read (10,000 listeners send about 4 MiB).
+const MAX_SENT_BYTES: usize = 256 << 20;
 const FORMAT: &str = "elb-exporter-warm-copy 1";
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
@@ -152,7 +154,8 @@ fn verify(
     let at: i64 = ms
         .parse()
         .map_err(|_| HandoverError::Refused("malformed time"))?;
-    if (now - at).abs() > MAX_SKEW_MS {
+    // Saturating: the time comes off the wire, and i64::MIN must not overflow the subtraction.
+    if now.saturating_sub(at).unsigned_abs() > MAX_SKEW_MS.unsigned_abs() {
         return Err(HandoverError::Refused(
             "signed more than 5 minutes away from now",
         ));
@@ -540,10 +543,7 @@ impl Mirror {
                 .map(str::to_string)
         };
         let (token, version) = (text(HEADER), text(VERSION_HEADER));
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| HandoverError::Http(e.without_url().to_string()))?;
+        let body = read_bounded(resp, MAX_SENT_BYTES).await?;
         let version = version.as_deref().and_then(Version::parse);
         let (Some(token), Some(v)) = (token, version) else {
             return Err(HandoverError::Refused(
@@ -558,7 +558,7 @@ impl Mirror {
             &["answer", &req, &v.to_string(), &hash],
             now_ms(),
         )?;
-        Ok(Fetched::Copy(v, body.to_vec()))
+        Ok(Fetched::Copy(v, body))
     }
 
     /// Decodes and publishes a fetched copy; returns its version.
@@ -591,6 +591,26 @@ impl Mirror {
             warn!(error = %e, peer = %url, failures, "warm copy request failed; a takeover would serve no series until its first cycle");
         }
     }
+}
+
+/// The answer's body, refused once it passes `limit` ([`MAX_SENT_BYTES`]): it is read before its HMAC is
+/// checked, from whatever address the Lease names.
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, HandoverError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| HandoverError::Http(e.without_url().to_string()))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(HandoverError::Format {
+                line: 0,
+                what: "the compressed copy is larger than its limit",
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The address this replica advertises to followers: `pod_ip` (else the listen address, when it names
@@ -909,6 +929,11 @@ mod tests {
             let e = check(&c, pq, at).expect_err(why);
             assert!(e.contains(why), "{e}");
         }
+        // A time at the edge of i64 is refused, not an overflow.
+        for edge in [i64::MIN, i64::MAX] {
+            let t = format!("{edge}:{}", "00".repeat(32));
+            assert!(verify(&c, &t, &["request", "/x"], now).is_err());
+        }
         let forged = format!("{}:{}", now, "00".repeat(32));
         assert!(verify(&c, &forged, &["request", "/internal/warm-copy"], now).is_err());
         // The answer is bound to the body: one changed byte is refused.
@@ -1042,6 +1067,33 @@ mod tests {
         assert_eq!(m.take(Fetched::Copy(v(2), empty)).unwrap(), Some(v(2)));
         assert_eq!(held.borrow().as_ref().map(|c| c.len()), Some(1), "kept");
         assert_eq!(telemetry.warm_copy_series.get(), 1);
+    }
+
+    /// An answer larger than the limit is refused while it is read, before it is all in memory.
+    #[tokio::test]
+    async fn an_oversized_answer_is_refused_while_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+                let body = vec![b'x'; 4096];
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            }
+        });
+        let c = client(None).unwrap();
+        let get = || c.get(format!("http://{addr}/")).send();
+        let small = read_bounded(get().await.unwrap(), 1000).await;
+        assert!(
+            matches!(small, Err(HandoverError::Format { .. })),
+            "{small:?}"
+        );
+        let fits = read_bounded(get().await.unwrap(), 4096).await;
+        assert_eq!(fits.unwrap().len(), 4096);
     }
 
     #[test]
