@@ -1700,9 +1700,24 @@ mod tests {
                 cloud.set_publication(model);
             }
             let next_minute = start_ms + (minute + 1) * MIN;
+            record_exposures(&mut rx, clock, model, next_minute, &mut exposed).await;
+        }
+        (exposed, cloud.calls())
+    }
+
+    /// Until `until_ms`, notes each snapshot whose oldest minute is new: (minute, ms from its publication
+    /// under `model` to the snapshot).
+    async fn record_exposures(
+        rx: &mut watch::Receiver<Arc<Snapshot>>,
+        clock: WallClock,
+        model: crate::sim::publication::Publication,
+        until_ms: i64,
+        exposed: &mut Vec<(i64, i64)>,
+    ) {
+        loop {
             let snap = tokio::select! {
                 r = rx.changed() => { r.expect("collector runs"); rx.borrow_and_update().clone() }
-                _ = tokio::time::sleep_until(clock.instant_at(next_minute)) => continue,
+                _ = tokio::time::sleep_until(clock.instant_at(until_ms)) => return,
             };
             let Some(oldest) = snap.values.values().map(|v| v.timestamp_ms).min() else {
                 continue;
@@ -1711,7 +1726,6 @@ mod tests {
                 exposed.push((oldest, clock.now_ms() - model.published_at(oldest)));
             }
         }
-        (exposed, cloud.calls())
     }
 
     /// The most calls any sliding minute saw.
@@ -1804,18 +1818,7 @@ mod tests {
         });
         let mut exposed: Vec<(i64, i64)> = Vec::new();
         let end = clock.now_ms() + 5 * MIN;
-        loop {
-            let snap = tokio::select! {
-                r = b_rx.changed() => { r.expect("collector runs"); b_rx.borrow_and_update().clone() }
-                _ = tokio::time::sleep_until(clock.instant_at(end)) => break,
-            };
-            let Some(oldest) = snap.values.values().map(|v| v.timestamp_ms).min() else {
-                continue;
-            };
-            if exposed.last().is_none_or(|(m, _)| *m < oldest) {
-                exposed.push((oldest, clock.now_ms() - model.published_at(oldest)));
-            }
-        }
+        record_exposures(&mut b_rx, clock, model, end, &mut exposed).await;
         // The adopted copy, the first cycle at the takeover, then aligned cycles.
         let aligned: Vec<i64> = exposed.iter().skip(2).map(|(_, d)| *d).collect();
         assert!(

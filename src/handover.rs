@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// Where the leader serves its warm copy.
-pub const PATH: &str = "/internal/warm-copy";
+pub const PATH: &str = crate::config::WARM_COPY_PATH;
 /// Carries `<unix ms>:<hex HMAC>` on the request and on the answer.
 pub const HEADER: &str = "x-elb-exporter-peer";
 /// The answer's snapshot number (`<epoch>.<seq>`), covered by the answer's HMAC.
@@ -465,16 +465,21 @@ impl Mirror {
             let url = self.target().await;
             let since = have.as_ref().filter(|(u, _)| *u == url).map(|(_, v)| *v);
             let started = Instant::now();
+            // A closed channel (the election ended at shutdown) is never "leading": no busy loop.
             let leads = async {
-                self.leadership
+                if self
+                    .leadership
                     .clone()
                     .wait_for(|l| l.leading)
                     .await
-                    .is_ok()
+                    .is_err()
+                {
+                    std::future::pending::<()>().await;
+                }
             };
             let result = tokio::select! {
                 r = self.fetch(&url, since) => r,
-                _ = leads => continue,
+                () = leads => continue,
             };
             match result.and_then(|f| self.take(f)) {
                 Ok(Some(v)) => {

@@ -295,6 +295,16 @@ fn each_invalid_value_names_its_field() {
             "/:m",
         ),
         (
+            "global:\n  metric_path: \"/internal/warm-copy\"\n",
+            "global.metric_path",
+            "/internal/warm-copy",
+        ),
+        (
+            "global:\n  metric_path: \"/readyz\"\n",
+            "global.metric_path",
+            "/readyz",
+        ),
+        (
             "global:\n  metric_path: \"/metrics/{x}\"\n",
             "global.metric_path",
             "/metrics/{x}",

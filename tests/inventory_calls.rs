@@ -76,6 +76,15 @@ fn per_api(calls: &[(SimApi, bool, String)], filtered: bool) -> (usize, usize, u
     )
 }
 
+/// Name listings: (unfiltered v2 pages, id-filtered v3 calls, all).
+fn names_split(lbs: &[(SimApi, bool, String)]) -> (usize, usize, usize) {
+    (
+        count(lbs, SimApi::ElbV2, false),
+        count(lbs, SimApi::ElbV3, true),
+        lbs.len(),
+    )
+}
+
 fn count(calls: &[(SimApi, bool, String)], api: SimApi, filtered: bool) -> usize {
     calls
         .iter()
@@ -230,15 +239,7 @@ async fn a_large_project_with_few_annotated_elbs_is_not_paged_through() {
     // Names: the 302 shared load balancers fit one v2 page (cheaper than 2 filtered calls); the
     // dedicated one is asked by id (1 call either way).
     let lbs = lb_calls(&w.sim.requests());
-    assert_eq!(
-        (
-            count(&lbs, SimApi::ElbV2, false),
-            count(&lbs, SimApi::ElbV3, true),
-            lbs.len()
-        ),
-        (1, 1, 2),
-        "cold start names: {lbs:?}"
-    );
+    assert_eq!(names_split(&lbs), (1, 1, 2), "cold start names: {lbs:?}");
     let body = e.metrics().await;
     assert_eq!(family_lines(&body, "elb_exporter_listener_info").len(), 12);
 
@@ -250,15 +251,7 @@ async fn a_large_project_with_few_annotated_elbs_is_not_paged_through() {
         "refresh: filtered only: {calls:?}"
     );
     let lbs = lb_calls(&w.sim.requests());
-    assert_eq!(
-        (
-            count(&lbs, SimApi::ElbV2, false),
-            count(&lbs, SimApi::ElbV3, true),
-            lbs.len()
-        ),
-        (1, 1, 2),
-        "refresh names: {lbs:?}"
-    );
+    assert_eq!(names_split(&lbs), (1, 1, 2), "refresh names: {lbs:?}");
 }
 
 /// A new Service names a port whose listener CCE has not created yet: the ELB is re-listed within

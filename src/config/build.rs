@@ -66,11 +66,14 @@ struct Global {
 fn build_global(g: &RawGlobal) -> Result<Global, ConfigError> {
     let listen = parse_listen(g.port.as_deref().unwrap_or(":8087"))?;
     let metric_path = g.metric_path.clone().unwrap_or_else(|| "/metrics".into());
-    if !is_plain_path(&metric_path) || matches!(metric_path.as_str(), "/healthz" | "/readyz") {
+    let reserved = ["/healthz", "/readyz", WARM_COPY_PATH].contains(&metric_path.as_str());
+    if !is_plain_path(&metric_path) || reserved {
         return Err(ConfigError::invalid(
             "global.metric_path",
             &metric_path,
-            "must be an absolute path of letters, digits and - . _ ~ such as /metrics, other than / /healthz /readyz",
+            format!(
+                "must be an absolute path of letters, digits and - . _ ~ such as /metrics, other than / /healthz /readyz {WARM_COPY_PATH}"
+            ),
         ));
     }
     let prefix = g.prefix.clone().unwrap_or_else(|| "huaweicloud".into());

@@ -380,6 +380,8 @@ pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
 pub const ENV_POD_NAME: &str = "POD_NAME";
 /// Default `leader_election.lease_namespace`.
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// Where a leader serves its warm copy to followers (reserved: `global.metric_path` cannot take it).
+pub const WARM_COPY_PATH: &str = "/internal/warm-copy";
 /// The address the leader advertises to followers for the warm copy (downward API `status.podIP`).
 pub const ENV_POD_IP: &str = "POD_IP";
 
