@@ -316,7 +316,12 @@ pub struct Source {
     layout: Layout,
     /// Distinguishes this process's numbering from a previous leader's.
     epoch: u64,
+    /// The last encoded copy, (seq, when, body): followers asking within [`REUSE`] share one encoding.
+    encoded: std::sync::Mutex<Option<(u64, Instant, bytes::Bytes)>>,
 }
+
+/// How long an encoded copy is reused for the same snapshot (its ages are then up to this much short).
+const REUSE: Duration = Duration::from_secs(1);
 
 /// What a follower already has: `<epoch>.<seq>` of the last copy it took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,7 +356,7 @@ pub struct Answer {
     /// [`VERSION_HEADER`].
     pub version: Version,
     /// The gzip-compressed copy.
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
 }
 
 impl Source {
@@ -380,6 +385,7 @@ impl Source {
             credentials,
             layout,
             epoch,
+            encoded: std::sync::Mutex::default(),
         };
         (source, numbering)
     }
@@ -413,10 +419,7 @@ impl Source {
             return Err(HandoverError::NotLeading);
         }
         let (seq, snapshot) = versions.borrow().clone();
-        let layout = self.layout.clone();
-        let body = tokio::task::spawn_blocking(move || encode(&snapshot, &layout, Instant::now()))
-            .await
-            .map_err(|e| HandoverError::Http(e.to_string()))?;
+        let body = self.encoded(seq, snapshot).await?;
         let version = Version {
             epoch: self.epoch,
             seq,
@@ -427,6 +430,30 @@ impl Source {
             version,
             body,
         }))
+    }
+}
+
+impl Source {
+    /// The copy of snapshot `seq`, encoded once for all the requests within [`REUSE`].
+    async fn encoded(
+        &self,
+        seq: u64,
+        snapshot: Arc<Snapshot>,
+    ) -> Result<bytes::Bytes, HandoverError> {
+        let lock = || self.encoded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, at, body)) = lock().as_ref()
+            && *s == seq
+            && at.elapsed() < REUSE
+        {
+            return Ok(body.clone());
+        }
+        let layout = self.layout.clone();
+        let body = tokio::task::spawn_blocking(move || encode(&snapshot, &layout, Instant::now()))
+            .await
+            .map_err(|e| HandoverError::Http(e.to_string()))?;
+        let body = bytes::Bytes::from(body);
+        *lock() = Some((seq, Instant::now(), body.clone()));
+        Ok(body)
     }
 }
 
@@ -505,7 +532,9 @@ impl Mirror {
                 .holder
                 .borrow()
                 .as_ref()
-                .and_then(|h| h.peer_url.clone());
+                .and_then(|h| h.peer_url.clone())
+                // The address comes off the Lease: only an http(s) base is asked.
+                .filter(|u| u.starts_with("http://") || u.starts_with("https://"));
             match url {
                 Some(url) if !leading => return url,
                 _ => {}
@@ -643,6 +672,8 @@ pub fn client(tls_cert: Option<&std::path::Path>) -> Result<reqwest::Client, Han
         .timeout(LONG_POLL + Duration::from_secs(60))
         .pool_max_idle_per_host(0)
         .no_proxy()
+        // The token is for the address on the Lease only; a redirect elsewhere is a failed request.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("elb-exporter/", env!("CARGO_PKG_VERSION")));
     let builder = match tls_cert {
         Some(cert) => builder.use_preconfigured_tls(pinned::config(cert)?),
@@ -1042,6 +1073,34 @@ mod tests {
         );
     }
 
+    /// Followers asking for the same snapshot within a second share one encoding (at 10,000 listeners an
+    /// encoding is ~80 ms of CPU); later, the copy is encoded again with its ages current.
+    #[tokio::test(start_paused = true)]
+    async fn one_encoding_serves_the_requests_of_a_second() {
+        let (src, snap_tx, _lead, numbering) = source(true);
+        tokio::spawn(numbering);
+        let values = HashMap::from([(key("l1", 0), sample(1.0, 60_000, Instant::now()))]);
+        snap_tx.send_replace(Arc::new(Snapshot {
+            values: Arc::new(values),
+            ..Snapshot::default()
+        }));
+        tokio::task::yield_now().await;
+        let c = creds("AK1", "sk");
+        let ask = || {
+            let t = request_token(&c, PATH, now_ms());
+            let src = &src;
+            async move { src.answer(Some(&t), PATH, None).await.unwrap().unwrap() }
+        };
+        let first = ask().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = ask().await;
+        assert_eq!(first.version, second.version);
+        assert_eq!(first.body, second.body, "the same encoding");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let third = ask().await;
+        assert_ne!(third.body, first.body, "encoded again, ages 2 s older");
+    }
+
     /// An empty copy (a leader that took over without one and has not collected yet) does not empty the
     /// follower's older copy, whose values still hold until they are stale.
     #[tokio::test]
@@ -1083,7 +1142,14 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
                 let mut buf = [0u8; 1024];
-                let _ = sock.read(&mut buf).await;
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                if buf[..n].starts_with(b"GET /moved") {
+                    let to = format!(
+                        "HTTP/1.1 302 Found\r\nlocation: http://{addr}/\r\ncontent-length: 0\r\n\r\n"
+                    );
+                    let _ = sock.write_all(to.as_bytes()).await;
+                    continue;
+                }
                 let body = vec![b'x'; 4096];
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
                 let _ = sock.write_all(head.as_bytes()).await;
@@ -1092,6 +1158,9 @@ mod tests {
         });
         let c = client(None).unwrap();
         let get = || c.get(format!("http://{addr}/")).send();
+        // A redirect is not followed (the token is for the Lease's address only).
+        let moved = c.get(format!("http://{addr}/moved")).send().await.unwrap();
+        assert_eq!(moved.status(), 302);
         let small = read_bounded(get().await.unwrap(), 1000).await;
         assert!(
             matches!(small, Err(HandoverError::Format { .. })),

@@ -27,6 +27,10 @@ const GIVE_UP_MS: i64 = 15_000;
 /// shorter lag is found within a few minutes.
 const DOWN_FIRST_MS: i64 = 2_000;
 const DOWN_MAX_MS: i64 = 16_000;
+/// Bounds of a schedule state taken from another replica: lags and offsets within 10 minutes, times
+/// before 2100.
+const MAX_STATE_LAG_MS: i64 = 600_000;
+const MAX_STATE_TIME_MS: i64 = 4_102_444_800_000;
 /// A miss this recent (minutes) bounds how early the first attempt moves: halfway to it (bisection).
 const FLOOR_MINUTES: i64 = 2;
 /// Extra calls allowed, as a share of the cycle's calls per minute (issue 16: ≤ 10 %).
@@ -603,7 +607,24 @@ impl Aligner {
                 _ => return None,
             }
         }
-        if !(tokens.is_finite() && budget.is_finite()) {
+        // The line comes from another process: values no schedule of ours produces are refused, so an
+        // adopted state can neither park collection (an offset of years) nor overflow the arithmetic.
+        let lag =
+            |v: Option<i64>| v.is_none_or(|v| v.unsigned_abs() <= MAX_STATE_LAG_MS.unsigned_abs());
+        let time = |v: i64| (0..=MAX_STATE_TIME_MS).contains(&v);
+        let sane = [offset_ms, last_seen_ms].into_iter().all(lag)
+            && (0..=DOWN_MAX_MS).contains(&down_ms)
+            && [tokens, budget]
+                .iter()
+                .all(|t| t.is_finite() && (0.0..=1e6).contains(t))
+            && [newest_seen, reasked_minute]
+                .into_iter()
+                .all(|t| t.is_none_or(time))
+            && minutes
+                .iter()
+                .all(|b: &Bounds| time(b.minute_ms) && lag(b.above) && lag(b.upto))
+            && misses.iter().all(|(m, o)| time(*m) && lag(Some(*o)));
+        if !sane {
             return None;
         }
         Some(Aligner {
@@ -1029,5 +1050,53 @@ mod tests {
         assert_eq!(w.fits_at(now, 5, 15), now);
         assert_eq!(w.fits_at(now, 6, 15), t + Duration::from_secs(60));
         assert_eq!(w.fits_at(now, 8, 15), t + Duration::from_secs(62));
+    }
+
+    /// A state line from another replica round-trips, and values no schedule produces are refused:
+    /// an offset of years would park the next cycle, huge ones overflow the arithmetic.
+    #[test]
+    fn a_schedule_line_from_another_process_is_checked() {
+        let mut a = Aligner::default();
+        a.set_budget(26.0, 300.0);
+        for m in 0..5 {
+            let minute = 1_800_000_000_000 + m * MINUTE_MS;
+            a.observe(minute + 80_000, minute - MINUTE_MS);
+            a.observe(minute + 86_000, minute);
+            a.settle(minute, minute + 80_000, Some(minute + 86_000));
+        }
+        let line = a.to_line();
+        let back = Aligner::from_line(&line).expect("its own line parses");
+        assert_eq!(back.to_line(), line);
+        let fields: Vec<&str> = line.split(' ').collect();
+        let with = |i: usize, v: &str| {
+            let mut f = fields.clone();
+            f[i] = v;
+            f.join(" ")
+        };
+        for (i, bad) in [
+            (0, "9223372036854775807"),
+            (1, "-1"),
+            (1, "99999999"),
+            (2, "-9223372036854775808"),
+            (3, "NaN"),
+            (3, "inf"),
+            (4, "-1"),
+            (5, "-5"),
+            (7, "9223372036854775807"),
+        ] {
+            assert!(
+                Aligner::from_line(&with(i, bad)).is_none(),
+                "field {i} = {bad}"
+            );
+        }
+        let minute = fields
+            .iter()
+            .position(|f| f.starts_with('b'))
+            .expect("bounds");
+        for bad in ["b-1,-,-", "b1800000000000,9223372036854775807,-", "bx,-,-"] {
+            assert!(Aligner::from_line(&with(minute, bad)).is_none(), "{bad}");
+        }
+        assert!(Aligner::from_line(&format!("{line} m1800000000000,-700000")).is_none());
+        assert!(Aligner::from_line(&format!("{line} m1800000000000,-7000")).is_some());
     }
 }
