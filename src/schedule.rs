@@ -932,6 +932,14 @@ mod tests {
                     switched.is_some_and(|i| i <= 12),
                     "seed {seed}, phase {phase} s: jitter found at minute {switched:?}"
                 );
+                // Every on-time minute is in the figures (none skipped or cut off by the driver).
+                let absent: Vec<i64> = (10..25)
+                    .filter(|i| !p.is_late(minute(*i)) && !runs.iter().any(|r| r.0 == *i))
+                    .collect();
+                assert!(
+                    absent.is_empty(),
+                    "seed {seed}, phase {phase} s: {absent:?} absent"
+                );
                 let p90 = p90(&runs, &p, 10, 25);
                 assert!(
                     p90 <= 10_000,
@@ -1002,8 +1010,17 @@ mod tests {
         for (calls, from) in [(3.0, 7), (26.0, 3)] {
             for phase in [0, 5, 10, 20, 30, 45, 55] {
                 let runs = started_at(phase * 1_000, &p, calls, 20);
-                let slow = runs.iter().filter(|r| r.0 >= from && r.1 > Some(2_000));
+                // A minute never seen in its cycle is as slow as any, and none may be left out.
+                let slow = runs
+                    .iter()
+                    .filter(|r| r.0 >= from && r.1.is_none_or(|d| d > 2_000));
                 assert_eq!(slow.count(), 0, "{calls} calls, phase {phase} s: {runs:?}");
+                let asked: Vec<i64> = runs.iter().map(|r| r.0).filter(|i| *i >= from).collect();
+                assert_eq!(
+                    asked,
+                    (from..20).collect::<Vec<_>>(),
+                    "{calls} calls, phase {phase} s"
+                );
             }
         }
     }
