@@ -30,6 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const NS: &str = "monitoring";
+
+/// The failover times are the figures here: the tests of this file run one at a time, so two pairs of
+/// exporters (plus simulators and apiservers) never share the 2-core machine's CPU.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const LEASE_NAME: &str = "elb-exporter";
 const CLOUD_PREFIX: &str = "huaweicloud_sys_elb_listener_";
 const METRICS: usize = 13;
@@ -370,6 +374,7 @@ fn first_ces_call(w: &World, from_ms: i64) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_collect_once_and_fail_over_fast() {
+    let _one_at_a_time = SERIAL.lock().await;
     let shape = &SMALL;
     let series = shape.series();
     let w = fixture(SimConfig::default(), shape).await;
@@ -603,6 +608,7 @@ async fn restart_in_place(w: &World, rs: &mut [Replica; 2], state: &Mutex<Scrape
 /// the old leader's start + 10 s; with it, series are complete once the Lease is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_serves_the_mirrored_series_from_its_takeover() {
+    let _one_at_a_time = SERIAL.lock().await;
     let shape = &WARM;
     let w = fixture(SimConfig::default(), shape).await;
     let mut rs = [spawn(&w, shape, "warm-a"), spawn(&w, shape, "warm-b")];
@@ -630,7 +636,9 @@ async fn a_successor_serves_the_mirrored_series_from_its_takeover() {
         restarted <= LEASE + 2 * RETRY + Duration::from_secs(1),
         "restart: {restarted:?}"
     );
-    stop_scraping(&state, &stop, scraping).await;
+    let ticks = stop_scraping(&state, &stop, scraping).await;
+    // About 30 s of scraping every 200 ms: a scraper that hardly ran proves nothing.
+    assert!(ticks > 50, "{ticks}");
 }
 
 /// A recorded cycle start `tc` (Unix ms) with `tc + phase` still at least 200 ms ahead: the current one
@@ -710,6 +718,7 @@ async fn own_cycle_done(r: &Replica, since_ms: i64, limit: Duration) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement, about 10 minutes: cargo test --release --test ha measure_1000 -- --ignored --nocapture"]
 async fn measure_1000_listeners_default_timings() {
+    let _one_at_a_time = SERIAL.lock().await;
     let shape = &LARGE;
     let series = shape.series();
     let interval_ms = DEFAULT_INTERVAL.as_millis() as i64;
@@ -822,7 +831,9 @@ async fn measure_1000_listeners_default_timings() {
     }
     // Whole intervals after the last handover, inside the counted span.
     tokio::time::sleep(2 * DEFAULT_INTERVAL + Duration::from_secs(5)).await;
-    stop_scraping(&state, &stop, scraping).await;
+    let ticks = stop_scraping(&state, &stop, scraping).await;
+    // About 11 minutes of scraping every 200 ms.
+    assert!(ticks > 1_500, "{ticks}");
 
     let per_cycle = shape.calls_per_cycle();
     let groups = cycles(&w, started_ms, interval_ms / 3);
