@@ -49,7 +49,7 @@ fn uuid(r: &mut Lcg) -> String {
     )
 }
 
-fn snapshot(listeners: usize, now: tokio::time::Instant) -> Snapshot {
+fn snapshot(cfg: &Config, listeners: usize, now: tokio::time::Instant) -> Snapshot {
     let mut r = Lcg(7);
     let mut values = HashMap::with_capacity(listeners * METRICS);
     for _ in 0..listeners {
@@ -70,7 +70,9 @@ fn snapshot(listeners: usize, now: tokio::time::Instant) -> Snapshot {
         }
     }
     let mut aligner = Aligner::default();
-    aligner.set_budget(260.0, 500.0);
+    // The default plan's calls (packed batches) under the default CES limit.
+    let calls = (listeners * METRICS).div_ceil(cfg.scrape_batch_size) as f64;
+    aligner.set_budget(calls, f64::from(cfg.cloud.rate_limit.ces_per_minute));
     for m in 0..20 {
         let minute = 1_800_000_000_000 + m * 60_000;
         aligner.observe(minute + 80_000, minute - 60_000);
@@ -93,7 +95,8 @@ fn median(mut d: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let layout = Layout::of(&config());
+    let cfg = config();
+    let layout = Layout::of(&cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -105,7 +108,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for listeners in [1_000, 10_000] {
         let now = tokio::time::Instant::now();
-        let s = snapshot(listeners, now);
+        let s = snapshot(&cfg, listeners, now);
         let (mut enc, mut dec) = (Vec::new(), Vec::new());
         let mut gz = Vec::new();
         for _ in 0..RUNS {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo bench --bench scale -- [--sizes 100,1000,10000] [--exporter PATH] [--wrk PATH] [--nginx PATH]
-//!                              [--wrk-secs 10] [--concurrency 8] [--interval SECS] [--requests 200]
+//!                              [--wrk-secs 10] [--concurrency 4] [--interval SECS] [--requests 200]
 //!                              [--out FILE] [--fixture realistic|legacy]
 //! scripts/bench.sh [sizes]     # installs wrk + nginx-light, builds, runs, writes target/bench/scale.md
 //! ```
