@@ -973,18 +973,22 @@ mod tests {
         let forged = format!("{}:{}", now, "00".repeat(32));
         assert!(verify(&c, &forged, &["request", "/internal/warm-copy"], now).is_err());
         // The answer is bound to the body: one changed byte is refused.
+        // The answer is bound to the body, the version and the request's time: any other is refused.
         let a = answer_token(&c, now, "5.6", b"body");
-        let ok = |body: &[u8]| {
+        let ok = |body: &[u8], version: &str, asked: i64| {
             let hash = crate::signer::sha256_hex(body);
             verify(
                 &c,
                 &a,
-                &["answer", &now.to_string(), "5.6", &hash],
+                &["answer", &asked.to_string(), version, &hash],
                 now_ms(),
             )
             .is_ok()
         };
-        assert!(ok(b"body") && !ok(b"bodY"));
+        assert!(ok(b"body", "5.6", now));
+        assert!(!ok(b"bodY", "5.6", now), "another body");
+        assert!(!ok(b"body", "5.7", now), "another version");
+        assert!(!ok(b"body", "5.6", now + 1), "an answer to another request");
     }
 
     fn source(
