@@ -960,13 +960,22 @@ async fn a_late_elb_name_reaches_pool_info_without_listing_pools_again() {
         .sim
         .add_cce_route(DEDICATED, L_DED_80, 80, "shop", "cart", 8080, &uid);
     let named = format!("lbaas_pool_id=\"{cart}\"");
-    let (ok, body) = scrape_until(&e, WAIT, |b| {
+    let with_name = |b: &str, name: &str| {
         family_lines(b, "elb_exporter_pool_info")
             .iter()
-            .any(|l| l.contains(&named) && l.contains(",elb_name=\"sim-elb-11111111\""))
+            .any(|l| l.contains(&named) && l.contains(&format!(",elb_name=\"{name}\"")))
+    };
+    // The late path itself: the pool is first published without the name ...
+    let nameless_first = std::cell::Cell::new(false);
+    let (ok, body) = scrape_until(&e, WAIT, |b| {
+        if with_name(b, "") {
+            nameless_first.set(true);
+        }
+        with_name(b, "sim-elb-11111111")
     })
     .await;
     assert!(ok, "{body}\n{}", e.logs());
+    assert!(nameless_first.get(), "the name came before the pool: not the late path");
     let pool_listings: Vec<_> = w
         .sim
         .requests()
