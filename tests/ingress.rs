@@ -975,7 +975,10 @@ async fn a_late_elb_name_reaches_pool_info_without_listing_pools_again() {
     })
     .await;
     assert!(ok, "{body}\n{}", e.logs());
-    assert!(nameless_first.get(), "the name came before the pool: not the late path");
+    assert!(
+        nameless_first.get(),
+        "the name came before the pool: not the late path"
+    );
     let pool_listings: Vec<_> = w
         .sim
         .requests()
